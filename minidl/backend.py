@@ -1,0 +1,176 @@
+"""The backend seam: the one place that chooses the array module.
+
+minidl computes with NumPy on the CPU or CuPy on a GPU. New arrays (parameters,
+data batches) are created with the *active* backend, chosen by ``set_backend``.
+Layers never import numpy or cupy to compute: they ask ``get_array_module(x)``
+for the module that owns their data, so a layer runs wherever its arrays live.
+
+    minidl.set_backend("cupy")          # from now on
+    with minidl.set_backend("numpy"):   # only inside the block
+        ...
+"""
+import numpy
+
+_BACKENDS = ("numpy", "cupy")
+_DEVICES = ("cpu", "gpu")
+_GPU_HELP = ("Install the GPU extra (pip install 'minidl[gpu]', which brings "
+             "cupy-cuda12x) on a machine with an NVIDIA GPU and CUDA driver.")
+
+# dtype names for layer signatures, so layers need not import numpy
+float32 = numpy.float32
+float64 = numpy.float64
+
+_active = "numpy"  # the only global mutable state in minidl besides the RNG seed
+
+
+def _import_cupy():
+    """Import cupy and prove a CUDA device exists; raise RuntimeError otherwise."""
+    try:
+        import cupy
+    except ImportError as exc:
+        raise RuntimeError(f"the cupy backend needs CuPy, which failed to import "
+                           f"({exc}). {_GPU_HELP}") from exc
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # cupy raises CUDARuntimeError and others here
+        raise RuntimeError(f"CuPy imported, but no CUDA device could be used ({exc}). "
+                           f"{_GPU_HELP}") from exc
+    if count < 1:
+        raise RuntimeError(f"CuPy imported, but no CUDA device is present. {_GPU_HELP}")
+    return cupy
+
+
+def gpu_available():
+    """True when CuPy imports and at least one CUDA device answers."""
+    try:
+        _import_cupy()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _BackendContext:
+    """Returned by set_backend: the switch has happened; `with` restores the old one."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __enter__(self):
+        return get_backend()
+
+    def __exit__(self, *exc_info):
+        global _active
+        _active = self.previous
+        return False
+
+
+def set_backend(name):
+    """Make ``name`` ("numpy" or "cupy") the active backend; usable as a context manager."""
+    global _active
+    if name not in _BACKENDS:
+        raise ValueError(f"set_backend: expected one of {_BACKENDS}, got {name!r}")
+    if name == "cupy":
+        _import_cupy()
+    previous, _active = _active, name
+    return _BackendContext(previous)
+
+
+def backend_name():
+    """The active backend's name: "numpy" or "cupy"."""
+    return _active
+
+
+def get_backend():
+    """The active array module (numpy or cupy): where new arrays are created."""
+    return _import_cupy() if _active == "cupy" else numpy
+
+
+def default_device():
+    """The device new arrays go to: "cpu" for numpy, "gpu" for cupy."""
+    return "gpu" if _active == "cupy" else "cpu"
+
+
+def is_array(a):
+    """True for a numpy or cupy ndarray."""
+    return isinstance(a, numpy.ndarray) or _is_cupy_array(a)
+
+
+def _is_cupy_array(a):
+    module = type(a).__module__
+    return module.startswith("cupy") and hasattr(a, "__cuda_array_interface__")
+
+
+def device_of(a):
+    """ "gpu" for a cupy array, "cpu" for anything else."""
+    return "gpu" if _is_cupy_array(a) else "cpu"
+
+
+def get_array_module(a):
+    """The module (numpy or cupy) that owns array ``a``: compute with this."""
+    if _is_cupy_array(a):
+        return _import_cupy()
+    return numpy
+
+
+def to_numpy(a):
+    """A numpy array with the contents of ``a`` (copied off the GPU if needed)."""
+    if _is_cupy_array(a):
+        return a.get()
+    return numpy.asarray(a)
+
+
+def to_device(a, device):
+    """``a`` as an array on ``device`` ("cpu" or "gpu"); no copy when already there."""
+    _check_device_name(device)
+    if device == "cpu":
+        return to_numpy(a)
+    cupy = _import_cupy()
+    return cupy.asarray(a)
+
+
+def as_float_dtype(dtype, owner):
+    """``dtype`` as a numpy dtype object; ValueError unless it is a float type."""
+    try:
+        dtype = numpy.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"{owner}: {dtype!r} is not a dtype") from exc
+    if dtype.kind != "f":
+        raise ValueError(f"{owner}: dtype must be a float type, got {dtype}")
+    return dtype
+
+
+def zeros(shape, dtype, device):
+    """A zero array on ``device``."""
+    return get_module(device).zeros(shape, dtype=dtype)
+
+
+def get_module(device):
+    """The array module for ``device``: numpy for "cpu", cupy for "gpu"."""
+    _check_device_name(device)
+    return _import_cupy() if device == "gpu" else numpy
+
+
+def to_backend(a):
+    """``a`` as an array of the active backend (what data loaders use)."""
+    return to_device(a, default_device())
+
+
+def _check_device_name(device):
+    if device not in _DEVICES:
+        raise ValueError(f"device must be one of {_DEVICES}, got {device!r}")
+
+
+def check_input(owner, x, device):
+    """Raise a clear TypeError unless ``x`` is an array on ``device``.
+
+    ``owner`` names the layer in the message. This is where a numpy batch fed to a
+    GPU layer (or the reverse) is caught, before cupy/numpy fail cryptically.
+    """
+    if not is_array(x):
+        raise TypeError(f"{owner}: expected a numpy or cupy array, got {type(x).__name__}")
+    where = device_of(x)
+    if where != device:
+        how = ("minidl.to_device(x, 'gpu') or build the model on the cpu"
+               if device == "gpu" else "minidl.to_numpy(x) or model.to('gpu')")
+        raise TypeError(f"{owner}: its parameters are on the {device} but the input is a "
+                        f"{where} array; move one of them ({how})")

@@ -1,0 +1,121 @@
+"""Activation functions as layers (docs/layers.md, "Activations").
+
+These are also what ``Conv2D(..., activation="relu")`` and ``Dense`` apply
+inside themselves, through ``get_activation``: one implementation, not two.
+Each caches only what its derivative needs.
+"""
+from .. import backend
+from .base import Layer
+
+
+class ReLU(Layer):
+    """y = max(x, 0);  dx = dy * [x > 0]."""
+
+    def forward(self, x, training=True):
+        x = self._as_input(x)
+        xp = backend.get_array_module(x)
+        self.mask = x > 0
+        return xp.maximum(x, 0)
+
+    def backward(self, dy):
+        return dy * self.mask
+
+
+class LeakyReLU(Layer):
+    """y = x if x > 0 else a*x;  dx = dy * (1 if x > 0 else a)."""
+
+    def __init__(self, negative_slope=0.01, dtype=backend.float32):
+        super().__init__(dtype)
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x, training=True):
+        x = self._as_input(x)
+        xp = backend.get_array_module(x)
+        self.mask = x > 0
+        return xp.where(self.mask, x, x * self.dtype.type(self.negative_slope))
+
+    def backward(self, dy):
+        xp = backend.get_array_module(dy)
+        return xp.where(self.mask, dy, dy * dy.dtype.type(self.negative_slope))
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}"
+
+
+class Sigmoid(Layer):
+    """y = 1 / (1 + exp(-x)), computed without overflow;  dx = dy * y * (1 - y)."""
+
+    def forward(self, x, training=True):
+        x = self._as_input(x)
+        xp = backend.get_array_module(x)
+        # exp of a non-positive number never overflows: use exp(-|x|) on both sides.
+        e = xp.exp(-xp.abs(x))
+        self.y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        return self.y
+
+    def backward(self, dy):
+        return dy * self.y * (1 - self.y)
+
+
+class Tanh(Layer):
+    """y = tanh(x);  dx = dy * (1 - y^2)."""
+
+    def forward(self, x, training=True):
+        x = self._as_input(x)
+        xp = backend.get_array_module(x)
+        self.y = xp.tanh(x)
+        return self.y
+
+    def backward(self, dy):
+        return dy * (1 - self.y * self.y)
+
+
+class Softmax(Layer):
+    """y = exp(x - max) / sum(exp(x - max)) along ``axis``;
+    dx = y * (dy - sum(dy * y, axis))."""
+
+    def __init__(self, axis=1, dtype=backend.float32):
+        super().__init__(dtype)
+        self.axis = axis
+
+    def forward(self, x, training=True):
+        x = self._as_input(x)
+        xp = backend.get_array_module(x)
+        if not -x.ndim <= self.axis < x.ndim:
+            raise ValueError(f"Softmax: axis {self.axis} is out of range for a "
+                             f"{x.ndim}-D input of shape {tuple(x.shape)}")
+        e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
+        self.y = e / e.sum(axis=self.axis, keepdims=True)
+        return self.y
+
+    def backward(self, dy):
+        return self.y * (dy - (dy * self.y).sum(axis=self.axis, keepdims=True))
+
+    def extra_repr(self):
+        return f"axis={self.axis}"
+
+
+class Identity(Layer):
+    """y = x: the activation of a layer built with ``activation=None``."""
+
+    def forward(self, x, training=True):
+        return self._as_input(x)
+
+    def backward(self, dy):
+        return dy
+
+
+ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid,
+               "tanh": Tanh, "softmax": Softmax, "identity": Identity, "linear": Identity}
+
+
+def get_activation(activation, owner, dtype):
+    """The activation layer for ``activation``: None, a name, or a Layer instance."""
+    if activation is None:
+        return Identity(dtype=dtype)
+    if isinstance(activation, Layer):
+        return activation
+    if isinstance(activation, str) and activation.lower() in ACTIVATIONS:
+        return ACTIVATIONS[activation.lower()](dtype=dtype)
+    raise ValueError(f"{owner}: activation must be None, a Layer or one of "
+                     f"{sorted(ACTIVATIONS)}, got {activation!r}")

@@ -1,0 +1,184 @@
+"""Parameter and Layer: the contract every layer of minidl fulfils.
+
+A layer has an explicit ``forward(x, training)`` that caches what its backward
+needs, and ``backward(dy)`` that returns dL/dx and *accumulates* dL/dparam into
+each ``Parameter.grad`` (as PyTorch does; an optimizer's ``zero_grad`` clears it).
+See docs/architecture.md for how layers, losses and optimizers fit together.
+"""
+from .. import backend
+
+
+class Parameter:
+    """A trainable array (``.data``, on the layer's device) and its gradient ``.grad``."""
+
+    def __init__(self, data, name=""):
+        self.data = data
+        self.grad = None
+        self.name = name
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def size(self):
+        return int(self.data.size)
+
+    def accumulate_grad(self, g):
+        """Add ``g`` to ``.grad`` (allocated on first use, like PyTorch)."""
+        if self.grad is None:
+            self.grad = g.copy()
+        else:
+            self.grad += g
+
+    def zero_grad(self):
+        self.grad = None
+
+    def to(self, device):
+        self.data = backend.to_device(self.data, device)
+        if self.grad is not None:
+            self.grad = backend.to_device(self.grad, device)
+        return self
+
+    def __repr__(self):
+        return f"Parameter(name={self.name!r}, shape={tuple(self.shape)}, dtype={self.data.dtype})"
+
+
+class Layer:
+    """Base class: subclasses implement ``forward`` and ``backward`` side by side.
+
+    Parameters are found as ``Parameter`` attributes (in the order they were set);
+    non-trainable state that must be saved (BatchNorm's running statistics) is
+    listed by name in the class attribute ``buffer_names``.
+    """
+
+    buffer_names = ()
+
+    def __init__(self, dtype=backend.float32):
+        self.dtype = backend.as_float_dtype(dtype, type(self).__name__)
+        self.device = backend.default_device()
+        self.training = True
+        self.forward_hooks = []
+        self.backward_hooks = []
+
+    # -- the two passes ------------------------------------------------------
+    def forward(self, x, training=True):
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x, training)")
+
+    def backward(self, dy):
+        raise NotImplementedError(f"{type(self).__name__} must implement backward(dy)")
+
+    def __call__(self, x, training=True):
+        y = self.forward(x, training=training)
+        for hook in self.forward_hooks:
+            hook(self, x, y)
+        return y
+
+    def backward_with_hooks(self, dy):
+        """``backward`` followed by the backward hooks: what a model calls."""
+        dx = self.backward(dy)
+        for hook in self.backward_hooks:
+            hook(self, dy, dx)
+        return dx
+
+    def register_hook(self, fn, kind="forward"):
+        """Call ``fn(layer, input, output)`` after each forward ("forward"), or
+        ``fn(layer, dy, dx)`` after each backward ("backward"). Returns a remover."""
+        hooks = {"forward": self.forward_hooks, "backward": self.backward_hooks}.get(kind)
+        if hooks is None:
+            raise ValueError(f"{type(self).__name__}.register_hook: kind must be "
+                             f"'forward' or 'backward', got {kind!r}")
+        hooks.append(fn)
+        return lambda: hooks.remove(fn) if fn in hooks else None
+
+    # -- inputs --------------------------------------------------------------
+    def _as_input(self, x, ndim=None):
+        """Check device (and rank), and cast ``x`` to the layer's dtype."""
+        name = type(self).__name__
+        backend.check_input(name, x, self.device)
+        if ndim is not None and x.ndim != ndim:
+            raise ValueError(f"{name}: expected a {ndim}-D input, got shape {tuple(x.shape)}")
+        return x.astype(self.dtype, copy=False)
+
+    # -- parameters and state ------------------------------------------------
+    def named_parameters(self):
+        return [(name, value) for name, value in vars(self).items()
+                if isinstance(value, Parameter)]
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self):
+        return [(name, getattr(self, name)) for name in self.buffer_names]
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.zero_grad()
+
+    def num_parameters(self):
+        return sum(p.size for p in self.parameters())
+
+    def to(self, device):
+        """Move parameters and buffers to ``device`` ("cpu" or "gpu"); returns self."""
+        for p in self.parameters():
+            p.to(device)
+        for name, value in self.named_buffers():
+            setattr(self, name, backend.to_device(value, device))
+        self.device = device
+        self._clear_cache()
+        return self
+
+    def _clear_cache(self):
+        """Drop cached forward state (it may live on the old device)."""
+
+    def train(self, mode=True):
+        self.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def state_dict(self):
+        """Parameters and buffers as numpy arrays, by name."""
+        state = {name: backend.to_numpy(p.data).copy() for name, p in self.named_parameters()}
+        for name, value in self.named_buffers():
+            state[name] = backend.to_numpy(value).copy()
+        return state
+
+    def load_state_dict(self, state):
+        """Load arrays saved by ``state_dict``; checks every name and shape first,
+        so a mismatch raises ValueError and leaves the layer untouched."""
+        name = type(self).__name__
+        targets = dict(self.named_parameters())
+        targets.update(self.named_buffers())
+        missing = sorted(set(targets) - set(state))
+        unexpected = sorted(set(state) - set(targets))
+        if missing or unexpected:
+            raise ValueError(f"{name}.load_state_dict: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        for key, target in targets.items():
+            current = target.data if isinstance(target, Parameter) else target
+            if tuple(state[key].shape) != tuple(current.shape):
+                raise ValueError(f"{name}.load_state_dict: '{key}' has shape "
+                                 f"{tuple(state[key].shape)}, expected {tuple(current.shape)}")
+        for key, target in targets.items():
+            value = backend.to_device(state[key], self.device)
+            if isinstance(target, Parameter):
+                target.data = value.astype(target.data.dtype, copy=True)
+            else:
+                setattr(self, key, value.astype(target.dtype, copy=True))
+
+    # -- description ---------------------------------------------------------
+    def extra_repr(self):
+        """The constructor arguments shown by repr; subclasses override."""
+        return ""
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def output_shape(self, input_shape):
+        """Shape of the output for an input of ``input_shape`` (batch included).
+
+        The default runs a forward pass on zeros; layers override it with arithmetic."""
+        x = backend.zeros(input_shape, self.dtype, self.device)
+        return tuple(self.forward(x, training=False).shape)

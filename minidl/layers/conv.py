@@ -1,0 +1,160 @@
+"""Conv2D: the 2-D convolution layer (docs/conv2d.md derives every line here).
+
+Forward, Eq. [1] of the seed (shared/seed/equations.md), NCHW:
+
+    Z[n, f, i, j] = b[f] + sum_{c,m,l} W[f, c, m, l] * A_pad[n, c, i*s1 + m, j*s2 + l]
+    A = g(Z)
+
+Backward, given dA:
+
+    dZ = dA * g'(Z)                                              Eq. [2]
+    dW[f, c, m, l] = sum_{n,i,j} dZ[n, f, i, j] * A_pad[n, c, i*s1 + m, j*s2 + l]
+    db[f] = sum_{n,i,j} dZ[n, f, i, j]
+    dA_pad = "full" convolution of dZ with W (Eq. [9]);  dA_prev = dA_pad cropped
+
+With the column matrix of im2col.py, cols[(c,m,l), (n,i,j)] = A_pad[n, c, i*s1+m, j*s2+l],
+and W2 = W reshaped to (F, C*k1*k2), these become three matrix products:
+
+    Z2 = W2 @ cols,   dW2 = dZ2 @ cols.T,   dcols = W2.T @ dZ2,   dA_pad = col2im(dcols)
+"""
+import math
+
+from .. import backend
+from ..random import default_rng
+from .activations import get_activation
+from .arguments import as_pair, as_positive_int, padding_pairs
+from .base import Layer, Parameter
+from .im2col import col2im_add, conv_output_size, im2col, pad_channels_first
+
+DEFAULT_IM2COL_BYTES = 256 * 2**20
+
+
+class Conv2D(Layer):
+    """2-D convolution over NCHW input with F = ``out_channels`` filters.
+
+    ``kernel_size``, ``stride``: int or (h, w). ``padding``: int, (h, w), "valid" or
+    "same" (stride 1). ``activation``: None, "relu", "sigmoid", "tanh", ... or a Layer,
+    applied inside the layer. Weights ``weight`` (F, C, k1, k2) start He-normal
+    (std sqrt(2 / (C*k1*k2))), biases ``bias`` (F,) at zero; seed with
+    ``minidl.manual_seed``. The im2col buffer is built in batch chunks of at most
+    ``max_im2col_bytes``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 activation=None, bias=True, dtype=backend.float32,
+                 max_im2col_bytes=DEFAULT_IM2COL_BYTES):
+        super().__init__(dtype)
+        name = type(self).__name__
+        self.in_channels = as_positive_int(in_channels, "in_channels", name)
+        self.out_channels = as_positive_int(out_channels, "out_channels", name)
+        self.kernel_size = as_pair(kernel_size, "kernel_size", name, minimum=1)
+        self.stride = as_pair(stride, "stride", name, minimum=1)
+        self.padding = padding
+        self.pads = padding_pairs(padding, self.kernel_size, self.stride, name)
+        self.max_im2col_bytes = as_positive_int(max_im2col_bytes, "max_im2col_bytes", name)
+        self.activation = get_activation(activation, name, self.dtype)
+        self.weight = Parameter(self._he_normal(), "weight")
+        self.bias = Parameter(backend.zeros((self.out_channels,), self.dtype, self.device),
+                              "bias") if bias else None
+        self.cache = None
+
+    def _he_normal(self):
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        shape = (self.out_channels, self.in_channels) + self.kernel_size
+        w = default_rng().standard_normal(shape) * math.sqrt(2.0 / fan_in)
+        return backend.to_device(w.astype(self.dtype), self.device)
+
+    # -- forward: Eq. [1] -----------------------------------------------------
+    def forward(self, x, training=True):
+        x = self._as_input(x, ndim=4)
+        xp = backend.get_array_module(x)
+        n = x.shape[0]
+        ho, wo = self._check_and_output_hw(x.shape)
+        f = self.out_channels
+        x_pad_t = pad_channels_first(x, self.pads)
+        w2 = self.weight.data.reshape(f, -1)
+
+        z_t = xp.empty((f, n, ho * wo), dtype=self.dtype)     # Z, channels first
+        chunks = self._batch_chunks(n, ho * wo)
+        cols = None
+        for n0, n1 in chunks:
+            cols = im2col(x_pad_t[:, n0:n1], self.kernel_size, self.stride, (ho, wo))
+            xp.matmul(w2, cols, out=z_t[:, n0:n1].reshape(f, -1))
+        if self.bias is not None:
+            z_t += self.bias.data[:, None, None]
+
+        # Keep cols for backward when it was built in one piece; else rebuild per chunk.
+        self.cache = {"x_shape": x.shape, "x_pad_t": x_pad_t,
+                      "cols": cols if len(chunks) == 1 else None}
+        z = z_t.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)   # a view in NCHW order
+        return self.activation.forward(z, training=training)
+
+    # -- backward: Eq. [2], dW, db, Eq. [9] -----------------------------------
+    def backward(self, da):
+        if self.cache is None:
+            raise RuntimeError("Conv2D.backward called before forward")
+        dz = self.activation.backward(da)                        # Eq. [2]
+        n, c, h, w = self.cache["x_shape"]
+        x_pad_t, cols = self.cache["x_pad_t"], self.cache["cols"]
+        xp = backend.get_array_module(dz)
+        f = self.out_channels
+        ho, wo = dz.shape[2:]
+        dz_t = dz.transpose(1, 0, 2, 3).reshape(f, n, ho * wo)  # copies only if needed
+        w2 = self.weight.data.reshape(f, -1)
+
+        if self.bias is not None:
+            self.bias.accumulate_grad(dz_t.sum(axis=(1, 2)))      # db
+        dw2 = None
+        dx_pad_t = xp.zeros((c,) + x_pad_t.shape[1:], dtype=self.dtype)
+        for n0, n1 in self._batch_chunks(n, ho * wo):
+            if cols is None or n1 - n0 != n:
+                cols = im2col(x_pad_t[:, n0:n1], self.kernel_size, self.stride, (ho, wo))
+            dz2 = dz_t[:, n0:n1].reshape(f, -1)
+            part = dz2 @ cols.T                                   # dW: A_pad (x) dZ
+            dw2 = part if dw2 is None else dw2 + part
+            col2im_add(w2.T @ dz2, dx_pad_t[:, n0:n1],            # Eq. [9]
+                       self.kernel_size, self.stride, (ho, wo))
+        self.weight.accumulate_grad(dw2.reshape(self.weight.shape))
+
+        (top, _), (left, _) = self.pads                           # crop the padding
+        return dx_pad_t[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
+
+    # -- shapes ---------------------------------------------------------------
+    def _check_and_output_hw(self, x_shape):
+        name = type(self).__name__
+        _, c, h, w = x_shape
+        if c != self.in_channels:
+            raise ValueError(f"{name}: expected {self.in_channels} input channels, "
+                             f"got input of shape {tuple(x_shape)}")
+        (top, bottom), (left, right) = self.pads
+        k1, k2 = self.kernel_size
+        hp, wp = h + top + bottom, w + left + right
+        if k1 > hp or k2 > wp:
+            raise ValueError(f"{name}: kernel {self.kernel_size} is larger than the padded "
+                             f"input ({hp}, {wp}) (input {h}x{w}, padding {self.pads})")
+        return (conv_output_size(h, k1, self.stride[0], top, bottom),
+                conv_output_size(w, k2, self.stride[1], left, right))
+
+    def output_shape(self, input_shape):
+        ho, wo = self._check_and_output_hw(input_shape)
+        return (input_shape[0], self.out_channels, ho, wo)
+
+    def _batch_chunks(self, n, positions):
+        """(start, stop) batch ranges whose im2col buffer fits in max_im2col_bytes."""
+        c = self.in_channels
+        per_sample = c * self.kernel_size[0] * self.kernel_size[1] * positions * self.dtype.itemsize
+        step = max(1, self.max_im2col_bytes // max(per_sample, 1))
+        return [(n0, min(n0 + step, n)) for n0 in range(0, n, step)]
+
+    def _clear_cache(self):
+        self.cache = None
+
+    def extra_repr(self):
+        act = type(self.activation).__name__
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding!r}")
+        if act != "Identity":
+            text += f", activation={act}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text

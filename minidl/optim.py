@@ -1,0 +1,442 @@
+"""Optimizers: turn each ``Parameter.grad`` into an in-place update of ``Parameter.data``.
+
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches:
+        opt.zero_grad()                 # grads accumulate, so clear them first
+        ...forward, loss, backward...   # fills p.grad
+        opt.step()                      # p.data changes in place
+
+Every update rule follows PyTorch's documented algorithm, so the same start and
+the same gradients give the same numbers as ``torch.optim`` (tests/test_optim.py
+checks this). As in PyTorch:
+
+* a parameter whose ``grad`` is None is skipped, and its step count ``t`` does not
+  advance (the count is per parameter, which matters for Adam's bias correction);
+* per-parameter state (moment buffers) is created on a parameter's first update.
+
+Updates keep the parameter's dtype and device: state is made with
+``xp.zeros_like(p.data)`` and hyper-parameters are Python floats, so float32 stays
+float32 and cupy arrays stay on the GPU.
+
+``state_dict()`` is flat and pickle-free, ready for ``numpy.savez``: hyper-parameters
+under their constructor names ("lr", "momentum", "betas", ...), "num_params", and
+per-parameter state as "state.<index>.<name>" ("state.3.t" is a step count, the
+other names are numpy arrays of the parameter's shape, named as in the update
+equations: "b" momentum buffer, "m"/"v" first/second moments, "v_max", "g_avg").
+"""
+import math
+
+from . import backend
+from .layers.base import Parameter
+
+
+class Optimizer:
+    """Base class: holds the parameters, their state and the hyper-parameters.
+
+    A subclass implements ``_update(theta, g, state)`` (one parameter's rule) and
+    ``_buffer_names(h)`` (the state arrays that rule needs), and extends
+    ``_checked(h)`` to validate its hyper-parameters.
+    """
+
+    def __init__(self, params, lr, **hyperparameters):
+        owner = type(self).__name__
+        self.params = _parameter_list(owner, params)
+        self._hyper_names = ("lr",) + tuple(hyperparameters)
+        self._set_hyperparameters(self._checked(dict(lr=lr, **hyperparameters)))
+        self.state = {}  # parameter index -> {"t": step count, buffer name: array}
+
+    # -- the learning rate: schedulers assign to it --------------------------
+    @property
+    def lr(self):
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = _number(type(self).__name__, "lr", value, low=0.0)
+
+    # -- training ------------------------------------------------------------
+    def step(self):
+        """Update every parameter that has a gradient (in place)."""
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            if p.grad.shape != p.data.shape:
+                raise ValueError(f"{type(self).__name__}.step: parameter {i} "
+                                 f"({p.name or 'unnamed'}) has shape {tuple(p.data.shape)} "
+                                 f"but its grad has shape {tuple(p.grad.shape)}")
+            state = self.state.get(i)
+            if state is None:
+                state = self.state[i] = self._new_state(p.data)
+            state["t"] += 1
+            # never write into g: it may be p.grad itself
+            self._update(p.data, p.grad.astype(p.data.dtype, copy=False), state)
+
+    def zero_grad(self):
+        """Drop every gradient (set to None), so the next backward starts afresh."""
+        for p in self.params:
+            p.zero_grad()
+
+    def _update(self, theta, g, state):
+        raise NotImplementedError(f"{type(self).__name__} must implement _update")
+
+    def _buffer_names(self, h):
+        """Names of the per-parameter state arrays under hyper-parameters ``h``."""
+        return ()
+
+    def _new_state(self, theta):
+        xp = backend.get_array_module(theta)
+        state = {"t": 0}
+        for name in self._buffer_names(self.hyperparameters()):
+            state[name] = xp.zeros_like(theta)
+        return state
+
+    # -- hyper-parameters ----------------------------------------------------
+    def hyperparameters(self):
+        """The constructor's hyper-parameters, by name (lr included)."""
+        return {name: getattr(self, name) for name in self._hyper_names}
+
+    def _checked(self, h):
+        """``h`` validated and normalised (floats, bools); ValueError when out of range."""
+        h = dict(h)
+        h["lr"] = _number(type(self).__name__, "lr", h["lr"], low=0.0)
+        return h
+
+    def _set_hyperparameters(self, h):
+        for name, value in h.items():
+            setattr(self, name, value)
+
+    # -- saving --------------------------------------------------------------
+    def state_dict(self):
+        """Hyper-parameters and per-parameter state as numpy arrays and Python scalars."""
+        out = {"num_params": len(self.params)}
+        for name, value in self.hyperparameters().items():
+            # a tuple (Adam's betas) is saved as an array so numpy.savez needs no pickle
+            out[name] = backend.to_numpy(value) if isinstance(value, tuple) else value
+        for i, state in sorted(self.state.items()):
+            for name, value in state.items():
+                out[f"state.{i}.{name}"] = (value if name == "t"
+                                            else backend.to_numpy(value).copy())
+        return out
+
+    def load_state_dict(self, state_dict):
+        """Load what ``state_dict`` saved (also after a numpy.savez/load round trip).
+
+        Everything is checked first (keys, parameter count, hyper-parameter ranges,
+        buffer shapes), so a mismatch raises ValueError and changes nothing.
+        """
+        owner = f"{type(self).__name__}.load_state_dict"
+        saved = dict(state_dict)
+        expected = set(self._hyper_names) | {"num_params"}
+        per_param_keys = {key for key in saved if key.startswith("state.")}
+        missing = sorted(expected - set(saved))
+        unexpected = sorted(set(saved) - expected - per_param_keys)
+        if missing or unexpected:
+            raise ValueError(f"{owner}: missing keys {missing}, unexpected keys {unexpected} "
+                             f"(was it saved by another optimizer?)")
+        if _saved_int(owner, "num_params", saved["num_params"]) != len(self.params):
+            raise ValueError(f"{owner}: saved for {int(saved['num_params'])} parameters, "
+                             f"this optimizer has {len(self.params)}")
+        h = self._checked({name: _like(owner, name, getattr(self, name), saved[name])
+                           for name in self._hyper_names})
+        state = self._loaded_state(owner, saved, per_param_keys, self._buffer_names(h))
+        self._set_hyperparameters(h)
+        self.state = state
+
+    def _loaded_state(self, owner, saved, keys, buffer_names):
+        """Group "state.<i>.<name>" entries by parameter, check them, move them on device."""
+        grouped = {}
+        for key in keys:
+            i, name = _split_state_key(owner, key, len(self.params))
+            grouped.setdefault(i, {})[name] = saved[key]
+        state = {}
+        for i, entries in grouped.items():
+            if set(entries) != {"t", *buffer_names}:
+                raise ValueError(f"{owner}: parameter {i} has state {sorted(entries)}, "
+                                 f"expected {sorted({'t', *buffer_names})}")
+            theta = self.params[i].data
+            state[i] = {"t": _saved_int(owner, f"state.{i}.t", entries["t"])}
+            for name in buffer_names:
+                value = backend.to_numpy(entries[name])
+                if tuple(value.shape) != tuple(theta.shape):
+                    raise ValueError(f"{owner}: 'state.{i}.{name}' has shape "
+                                     f"{tuple(value.shape)}, parameter {i} has shape "
+                                     f"{tuple(theta.shape)}")
+                on_device = backend.to_device(value, backend.device_of(theta))
+                state[i][name] = on_device.astype(theta.dtype, copy=True)
+        return state
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({len(self.params)} parameters, {args})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum (PyTorch's formulation).
+
+        g     <- g + weight_decay * theta                 (L2 penalty)
+        b     <- g                                         on the first step
+        b     <- momentum * b + (1 - dampening) * g        afterwards
+        g     <- g + momentum * b   (nesterov)   or   b   (plain momentum)
+        theta <- theta - lr * g
+    """
+
+    def __init__(self, params, lr, momentum=0.0, dampening=0.0, nesterov=False,
+                 weight_decay=0.0):
+        super().__init__(params, lr, momentum=momentum, dampening=dampening,
+                         nesterov=nesterov, weight_decay=weight_decay)
+
+    def _checked(self, h):
+        h = super()._checked(h)
+        owner = type(self).__name__
+        h["momentum"] = _number(owner, "momentum", h["momentum"], low=0.0)
+        h["dampening"] = _number(owner, "dampening", h["dampening"], low=0.0, high=1.0)
+        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"], low=0.0)
+        h["nesterov"] = bool(h["nesterov"])
+        if h["nesterov"] and (h["momentum"] == 0 or h["dampening"] != 0):
+            raise ValueError(f"{owner}: nesterov=True needs momentum > 0 and dampening == 0")
+        return h
+
+    def _buffer_names(self, h):
+        return ("b",) if h["momentum"] else ()
+
+    def _update(self, theta, g, state):
+        mu = self.momentum
+        if self.weight_decay:
+            g = g + self.weight_decay * theta
+        if mu:
+            b = state["b"]
+            b[...] = g if state["t"] == 1 else mu * b + (1 - self.dampening) * g
+            g = g + mu * b if self.nesterov else b
+        theta -= self.lr * g
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba), with PyTorch's L2 weight decay and optional AMSGrad.
+
+        g     <- g + weight_decay * theta            (L2 penalty, folded into g)
+        m     <- beta1 * m + (1 - beta1) * g         first moment
+        v     <- beta2 * v + (1 - beta2) * g^2       second moment
+        m_hat =  m / (1 - beta1^t)                   bias corrections, t = this
+        v_hat =  v / (1 - beta2^t)                   parameter's step count
+        (amsgrad: v_max <- max(v_max, v), and v_hat uses v_max instead of v)
+        theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False):
+        super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad)
+
+    def _checked(self, h):
+        h = super()._checked(h)
+        owner = type(self).__name__
+        betas = tuple(h["betas"])
+        if len(betas) != 2:
+            raise ValueError(f"{owner}: betas must be two numbers (beta1, beta2), got {betas}")
+        h["betas"] = tuple(_number(owner, name, beta, low=0.0, high=1.0, high_open=True)
+                           for name, beta in zip(("beta1", "beta2"), betas))
+        h["eps"] = _number(owner, "eps", h["eps"], low=0.0)
+        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"], low=0.0)
+        h["amsgrad"] = bool(h["amsgrad"])
+        return h
+
+    def _buffer_names(self, h):
+        return ("m", "v", "v_max") if h["amsgrad"] else ("m", "v")
+
+    def _decay(self, theta, g):
+        """Adam's weight decay: an L2 penalty added to the gradient."""
+        return g + self.weight_decay * theta if self.weight_decay else g
+
+    def _update(self, theta, g, state):
+        xp = backend.get_array_module(theta)
+        beta1, beta2 = self.betas
+        t, m, v = state["t"], state["m"], state["v"]
+        g = self._decay(theta, g)
+        m[...] = beta1 * m + (1 - beta1) * g
+        v[...] = beta2 * v + (1 - beta2) * g * g
+        if self.amsgrad:
+            v_max = state["v_max"]
+            v_max[...] = xp.maximum(v_max, v)
+            v = v_max  # only the bias-corrected estimate below sees the maximum
+        m_hat = m / (1 - beta1 ** t)
+        v_hat = v / (1 - beta2 ** t)
+        theta -= self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW.
+
+    The decay shrinks the parameter directly instead of entering the moments:
+
+        theta <- theta * (1 - lr * weight_decay)
+        then Adam's update (see Adam) with the raw gradient g.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False):
+        super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad)
+
+    def _decay(self, theta, g):
+        if self.weight_decay:
+            theta *= 1 - self.lr * self.weight_decay
+        return g
+
+
+class RMSprop(Optimizer):
+    """RMSprop (Hinton), as torch.optim.RMSprop, optionally centered and with momentum.
+
+        g     <- g + weight_decay * theta                  (L2 penalty)
+        v     <- alpha * v + (1 - alpha) * g^2             mean square of g
+        g_avg <- alpha * g_avg + (1 - alpha) * g           (centered only)
+        d     =  sqrt(v) + eps     or, centered,   sqrt(v - g_avg^2) + eps
+        b     <- momentum * b + g / d,   theta <- theta - lr * b     (momentum > 0;
+                                                                      b starts at 0)
+        theta <- theta - lr * g / d                                   (otherwise)
+    """
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
+                 momentum=0.0, centered=False):
+        super().__init__(params, lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                         momentum=momentum, centered=centered)
+
+    def _checked(self, h):
+        h = super()._checked(h)
+        owner = type(self).__name__
+        h["alpha"] = _number(owner, "alpha", h["alpha"], low=0.0, high=1.0)
+        h["eps"] = _number(owner, "eps", h["eps"], low=0.0)
+        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"], low=0.0)
+        h["momentum"] = _number(owner, "momentum", h["momentum"], low=0.0)
+        h["centered"] = bool(h["centered"])
+        return h
+
+    def _buffer_names(self, h):
+        return (("v",) + (("g_avg",) if h["centered"] else ())
+                + (("b",) if h["momentum"] else ()))
+
+    def _update(self, theta, g, state):
+        xp = backend.get_array_module(theta)
+        alpha, v = self.alpha, state["v"]
+        if self.weight_decay:
+            g = g + self.weight_decay * theta
+        v[...] = alpha * v + (1 - alpha) * g * g
+        if self.centered:
+            g_avg = state["g_avg"]
+            g_avg[...] = alpha * g_avg + (1 - alpha) * g
+            d = xp.sqrt(v - g_avg * g_avg) + self.eps
+        else:
+            d = xp.sqrt(v) + self.eps
+        if self.momentum:
+            b = state["b"]
+            b[...] = self.momentum * b + g / d
+            theta -= self.lr * b
+        else:
+            theta -= self.lr * g / d
+
+
+def clip_grad_norm_(params, max_norm, norm_type=2.0):
+    """Scale all gradients together so their joint norm is at most ``max_norm``.
+
+    The norm is taken over all grads as if concatenated into one vector (params
+    without a grad are ignored). When it exceeds ``max_norm`` every grad is
+    multiplied in place by max_norm / (total + 1e-6), as
+    torch.nn.utils.clip_grad_norm_ does (the 1e-6 guards a zero norm).
+    Returns the total norm before clipping, as a Python float.
+    """
+    params = [params] if isinstance(params, Parameter) else _parameter_list(
+        "clip_grad_norm_", params, allow_empty=True)
+    max_norm = _number("clip_grad_norm_", "max_norm", max_norm, low=0.0)
+    norm_type = _number("clip_grad_norm_", "norm_type", norm_type, low=0.0)
+    if norm_type == 0:
+        raise ValueError("clip_grad_norm_: norm_type must be > 0 (or math.inf)")
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    # the norm of the per-grad norms equals the norm of everything concatenated
+    norms = [float(backend.get_array_module(g).linalg.norm(g.ravel(), ord=norm_type))
+             for g in grads]
+    if math.isinf(norm_type):
+        total = max(norms)
+    else:
+        total = math.fsum(n ** norm_type for n in norms) ** (1.0 / norm_type)
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g *= scale
+    return total
+
+
+# -- argument checking --------------------------------------------------------
+def _parameter_list(owner, params, allow_empty=False):
+    """``params`` as a list of distinct Parameters, or a clear TypeError/ValueError."""
+    if isinstance(params, Parameter):
+        raise TypeError(f"{owner}: params must be an iterable of Parameters (e.g. "
+                        f"model.parameters() or [p]), got a single Parameter")
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError(f"{owner}: params must be an iterable of Parameters (e.g. "
+                        f"model.parameters()), got {type(params).__name__}") from None
+    if not params and not allow_empty:
+        raise ValueError(f"{owner}: got an empty parameter list; nothing to optimize")
+    for i, p in enumerate(params):
+        if not isinstance(p, Parameter):
+            raise TypeError(f"{owner}: params[{i}] is a {type(p).__name__}, expected a "
+                            f"Parameter")
+    if len({id(p) for p in params}) != len(params):
+        # state is kept per position, so one array would be updated twice per step
+        raise ValueError(f"{owner}: a Parameter appears more than once in params")
+    return params
+
+
+def _number(owner, name, value, low=None, high=None, high_open=False):
+    """``value`` as a float in [low, high] (or [low, high) when ``high_open``)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r}") from None
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if math.isnan(value) or (low is not None and value < low) or too_high:
+        bounds = f"[{low}, {high}{')' if high_open else ']'}" if high is not None else f">= {low}"
+        raise ValueError(f"{owner}: {name} must be {'in ' if high is not None else ''}"
+                         f"{bounds}, got {value}")
+    return value
+
+
+def _like(owner, name, current, saved):
+    """A saved hyper-parameter converted to the Python type of the current one."""
+    try:
+        if isinstance(current, tuple):
+            return tuple(float(x) for x in backend.to_numpy(saved).ravel())
+        if isinstance(current, bool):
+            return bool(backend.to_numpy(saved).item())
+        return float(backend.to_numpy(saved).item())
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: '{name}' = {saved!r} is not a valid value") from None
+
+
+def _saved_int(owner, key, value):
+    """A saved count (a Python int or a 0-d numpy array) as a non-negative int."""
+    try:
+        number = backend.to_numpy(value).item()
+        ok = (not isinstance(number, bool) and float(number).is_integer()
+              and number >= 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{owner}: '{key}' must be a non-negative integer, got {value!r}")
+    return int(number)
+
+
+def _split_state_key(owner, key, num_params):
+    """"state.3.m" -> (3, "m"), checking the index."""
+    parts = key.split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        raise ValueError(f"{owner}: malformed key {key!r}; expected 'state.<index>.<name>'")
+    i = int(parts[1])
+    if i >= num_params:
+        raise ValueError(f"{owner}: key {key!r} refers to parameter {i}, but there are "
+                         f"only {num_params}")
+    return i, parts[2]
