@@ -1,9 +1,24 @@
-"""minidl: a minimal, from-scratch deep learning framework on NumPy or CuPy."""
+"""minidl: a minimal, from-scratch deep learning framework on NumPy or CuPy.
+
+The public names, grouped by module (docs/api.md lists them all):
+backend seam, layers, losses, Sequential, optimizers and schedulers, data,
+the Trainer and its callbacks, gradcheck.
+"""
+from . import losses, optim, schedulers
 from .backend import (backend_name, device_of, get_array_module, get_backend, gpu_available,
                       set_backend, to_device, to_numpy)
+from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint
+from .data import DataLoader
 from .gradcheck import gradcheck
-from .layers import (Conv2D, Identity, Layer, LeakyReLU, Parameter, ReLU, Sigmoid,
-                     Softmax, Tanh)
+from .inspect import GradientRecorder
+from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                     GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, Parameter, ReLU,
+                     Sigmoid, Softmax, Tanh)
+from .losses import MSE, Loss, SoftmaxCrossEntropy
+from .model import Sequential
+from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm_
 from .random import manual_seed
+from .schedulers import CosineAnnealingLR, ExponentialLR, StepLR
+from .trainer import History, Trainer
 
 __version__ = "0.1.0"

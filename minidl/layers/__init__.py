@@ -2,3 +2,8 @@
 from .activations import Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh, get_activation
 from .base import Layer, Parameter
 from .conv import Conv2D
+from .dense import Dense
+from .dropout import Dropout
+from .normalization import BatchNorm1D, BatchNorm2D
+from .pooling import AvgPool2D, GlobalAvgPool2D, MaxPool2D
+from .reshape import Flatten

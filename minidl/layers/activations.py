@@ -8,7 +8,14 @@ from .. import backend
 from .base import Layer
 
 
-class ReLU(Layer):
+class Activation(Layer):
+    """An elementwise layer without parameters: keeps a float input's dtype."""
+
+    def __init__(self, dtype=None):
+        super().__init__(dtype)
+
+
+class ReLU(Activation):
     """y = max(x, 0);  dx = dy * [x > 0]."""
 
     def forward(self, x, training=True):
@@ -21,10 +28,10 @@ class ReLU(Layer):
         return dy * self.mask
 
 
-class LeakyReLU(Layer):
+class LeakyReLU(Activation):
     """y = x if x > 0 else a*x;  dx = dy * (1 if x > 0 else a)."""
 
-    def __init__(self, negative_slope=0.01, dtype=backend.float32):
+    def __init__(self, negative_slope=0.01, dtype=None):
         super().__init__(dtype)
         self.negative_slope = float(negative_slope)
 
@@ -32,7 +39,7 @@ class LeakyReLU(Layer):
         x = self._as_input(x)
         xp = backend.get_array_module(x)
         self.mask = x > 0
-        return xp.where(self.mask, x, x * self.dtype.type(self.negative_slope))
+        return xp.where(self.mask, x, x * x.dtype.type(self.negative_slope))
 
     def backward(self, dy):
         xp = backend.get_array_module(dy)
@@ -42,7 +49,7 @@ class LeakyReLU(Layer):
         return f"negative_slope={self.negative_slope}"
 
 
-class Sigmoid(Layer):
+class Sigmoid(Activation):
     """y = 1 / (1 + exp(-x)), computed without overflow;  dx = dy * y * (1 - y)."""
 
     def forward(self, x, training=True):
@@ -57,7 +64,7 @@ class Sigmoid(Layer):
         return dy * self.y * (1 - self.y)
 
 
-class Tanh(Layer):
+class Tanh(Activation):
     """y = tanh(x);  dx = dy * (1 - y^2)."""
 
     def forward(self, x, training=True):
@@ -70,11 +77,11 @@ class Tanh(Layer):
         return dy * (1 - self.y * self.y)
 
 
-class Softmax(Layer):
+class Softmax(Activation):
     """y = exp(x - max) / sum(exp(x - max)) along ``axis``;
     dx = y * (dy - sum(dy * y, axis))."""
 
-    def __init__(self, axis=1, dtype=backend.float32):
+    def __init__(self, axis=1, dtype=None):
         super().__init__(dtype)
         self.axis = axis
 
@@ -95,7 +102,7 @@ class Softmax(Layer):
         return f"axis={self.axis}"
 
 
-class Identity(Layer):
+class Identity(Activation):
     """y = x: the activation of a layer built with ``activation=None``."""
 
     def forward(self, x, training=True):

@@ -50,12 +50,16 @@ class Layer:
     Parameters are found as ``Parameter`` attributes (in the order they were set);
     non-trainable state that must be saved (BatchNorm's running statistics) is
     listed by name in the class attribute ``buffer_names``.
+
+    ``dtype`` is the float type of the parameters, and inputs are cast to it. A layer
+    without parameters may leave it None: it then keeps a float input's dtype (so a
+    float64 gradient check stays float64) and casts other inputs to float32.
     """
 
     buffer_names = ()
 
     def __init__(self, dtype=backend.float32):
-        self.dtype = backend.as_float_dtype(dtype, type(self).__name__)
+        self.dtype = None if dtype is None else backend.as_float_dtype(dtype, type(self).__name__)
         self.device = backend.default_device()
         self.training = True
         self.forward_hooks = []
@@ -69,6 +73,7 @@ class Layer:
         raise NotImplementedError(f"{type(self).__name__} must implement backward(dy)")
 
     def __call__(self, x, training=True):
+        self.training = training
         y = self.forward(x, training=training)
         for hook in self.forward_hooks:
             hook(self, x, y)
@@ -98,7 +103,8 @@ class Layer:
         backend.check_input(name, x, self.device)
         if ndim is not None and x.ndim != ndim:
             raise ValueError(f"{name}: expected a {ndim}-D input, got shape {tuple(x.shape)}")
-        return x.astype(self.dtype, copy=False)
+        dtype = self.dtype or (x.dtype if x.dtype.kind == "f" else backend.float32)
+        return x.astype(dtype, copy=False)
 
     # -- parameters and state ------------------------------------------------
     def named_parameters(self):
@@ -145,28 +151,27 @@ class Layer:
             state[name] = backend.to_numpy(value).copy()
         return state
 
-    def load_state_dict(self, state):
-        """Load arrays saved by ``state_dict``; checks every name and shape first,
-        so a mismatch raises ValueError and leaves the layer untouched."""
-        name = type(self).__name__
-        targets = dict(self.named_parameters())
-        targets.update(self.named_buffers())
-        missing = sorted(set(targets) - set(state))
-        unexpected = sorted(set(state) - set(targets))
+    def check_state_dict(self, state, where=None):
+        """Raise ValueError unless ``state`` has exactly this layer's names and shapes."""
+        where = where or f"{type(self).__name__}.load_state_dict"
+        expected = {key: tuple(value.shape) for key, value in self.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"{name}.load_state_dict: missing keys {missing}, "
-                             f"unexpected keys {unexpected}")
-        for key, target in targets.items():
-            current = target.data if isinstance(target, Parameter) else target
-            if tuple(state[key].shape) != tuple(current.shape):
-                raise ValueError(f"{name}.load_state_dict: '{key}' has shape "
-                                 f"{tuple(state[key].shape)}, expected {tuple(current.shape)}")
-        for key, target in targets.items():
-            value = backend.to_device(state[key], self.device)
-            if isinstance(target, Parameter):
-                target.data = value.astype(target.data.dtype, copy=True)
-            else:
-                setattr(self, key, value.astype(target.dtype, copy=True))
+            raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+        for key, shape in expected.items():
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"{where}: '{key}' has shape {tuple(state[key].shape)}, "
+                                 f"expected {shape}")
+
+    def load_state_dict(self, state):
+        """Load arrays saved by ``state_dict``; every name and shape is checked first,
+        so a mismatch raises ValueError and leaves the layer untouched."""
+        self.check_state_dict(state)
+        for key, p in self.named_parameters():
+            p.data = backend.to_device(state[key], self.device).astype(p.data.dtype, copy=True)
+        for key, value in self.named_buffers():
+            setattr(self, key, backend.to_device(state[key], self.device).astype(value.dtype, copy=True))
 
     # -- description ---------------------------------------------------------
     def extra_repr(self):
@@ -176,9 +181,13 @@ class Layer:
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
 
+    def flops(self, input_shape):
+        """Multiply-adds x 2 of one forward pass for one sample (0: not counted)."""
+        return 0
+
     def output_shape(self, input_shape):
         """Shape of the output for an input of ``input_shape`` (batch included).
 
         The default runs a forward pass on zeros; layers override it with arithmetic."""
-        x = backend.zeros(input_shape, self.dtype, self.device)
+        x = backend.zeros(input_shape, self.dtype or backend.float32, self.device)
         return tuple(self.forward(x, training=False).shape)

@@ -139,6 +139,11 @@ class Conv2D(Layer):
         ho, wo = self._check_and_output_hw(input_shape)
         return (input_shape[0], self.out_channels, ho, wo)
 
+    def flops(self, input_shape):
+        """2 * C*k1*k2 multiply-adds for each of the F*Ho*Wo outputs of one sample."""
+        _, f, ho, wo = self.output_shape(input_shape)
+        return 2 * self.in_channels * self.kernel_size[0] * self.kernel_size[1] * f * ho * wo
+
     def _batch_chunks(self, n, positions):
         """(start, stop) batch ranges whose im2col buffer fits in max_im2col_bytes."""
         c = self.in_channels

@@ -1,0 +1,115 @@
+"""Callbacks that ``Trainer.fit`` calls at the end of each epoch."""
+import csv
+import math
+import os
+
+from .layers.base import Layer
+
+
+class Callback:
+    """Override any of the three hooks; ``logs`` holds the epoch's numbers."""
+
+    def on_train_begin(self, trainer):
+        pass
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        pass
+
+    def on_train_end(self, trainer):
+        pass
+
+
+class _Monitor:
+    """Tracks the best value of one logged metric ("min" or "max" is better)."""
+
+    def __init__(self, monitor, mode, min_delta=0.0):
+        if mode == "auto":
+            mode = "max" if ("acc" in monitor) else "min"
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
+        self.monitor, self.mode, self.min_delta = monitor, mode, abs(min_delta)
+        self.best = math.inf if mode == "min" else -math.inf
+
+    def value(self, logs, owner):
+        if self.monitor not in logs:
+            raise ValueError(f"{owner}: the metric {self.monitor!r} is not logged; "
+                             f"available: {sorted(logs)} (pass val= to fit for val_*)")
+        return logs[self.monitor]
+
+    def improved(self, value):
+        if self.mode == "min":
+            better = value < self.best - self.min_delta
+        else:
+            better = value > self.best + self.min_delta
+        if better:
+            self.best = value
+        return better
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved for ``patience`` epochs; optionally put
+    back the best weights seen."""
+
+    def __init__(self, monitor="val_loss", patience=3, min_delta=0.0, mode="auto",
+                 restore_best_weights=False):
+        self.tracker = _Monitor(monitor, mode, min_delta)
+        self.patience = patience
+        self.restore_best_weights = restore_best_weights
+        self.wait = 0
+        self.best_state = None
+        self.stopped_epoch = None
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if self.tracker.improved(self.tracker.value(logs, "EarlyStopping")):
+            self.wait = 0
+            if self.restore_best_weights:
+                self.best_state = trainer.model.state_dict()
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            trainer.stop_training = True
+            self.stopped_epoch = epoch
+
+    def on_train_end(self, trainer):
+        if self.restore_best_weights and self.best_state is not None:
+            trainer.model.load_state_dict(self.best_state)
+
+
+class ModelCheckpoint(Callback):
+    """Save the model to ``path`` (.npz) after an epoch: every epoch, or only when
+    ``monitor`` reached a new best (``save_best_only``). Writes are atomic."""
+
+    def __init__(self, path, monitor="val_accuracy", mode="auto", save_best_only=True):
+        self.path = os.fspath(path)
+        self.tracker = _Monitor(monitor, mode)
+        self.save_best_only = save_best_only
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if not isinstance(trainer.model, Layer) or not hasattr(trainer.model, "save"):
+            raise TypeError("ModelCheckpoint: the model has no save(path) method")
+        improved = self.tracker.improved(self.tracker.value(logs, "ModelCheckpoint"))
+        if improved or not self.save_best_only:
+            trainer.model.save(self.path)
+
+
+class CSVLogger(Callback):
+    """Append one row per epoch (epoch, then every logged number) to ``path``."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.keys = None
+
+    def on_train_begin(self, trainer):
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        self.keys = None
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        first = self.keys is None
+        if first:
+            self.keys = list(logs)
+        with open(self.path, "w" if first else "a", newline="") as f:
+            writer = csv.writer(f)
+            if first:
+                writer.writerow(["epoch"] + self.keys)
+            writer.writerow([epoch + 1] + [logs.get(k, "") for k in self.keys])

@@ -1,0 +1,189 @@
+"""The ``minidl`` command: train a CNN on MNIST or Fashion-MNIST, evaluate a checkpoint.
+
+    minidl train [--dataset mnist] [--model cnn] [--epochs 5] [--out runs/mnist] ...
+    minidl evaluate --checkpoint runs/mnist/model.npz
+
+``train`` prints the model summary, shows a progress bar per epoch, writes the
+checkpoint, history.csv and PNG plots to --out, and ends with the line
+``test accuracy: 0.99xx``.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy
+
+from . import backend, viz
+from .callbacks import CSVLogger, ModelCheckpoint
+from .data import DataLoader, datasets
+from .inspect import GradientRecorder
+from .losses import SoftmaxCrossEntropy
+from .models import MODELS, build_model
+from .optim import SGD, Adam, AdamW, RMSprop
+from .random import manual_seed
+from .schedulers import CosineAnnealingLR
+from .trainer import Trainer
+
+DATASETS = {"mnist": datasets.mnist, "fashion-mnist": datasets.fashion_mnist}
+CLASS_NAMES = {"fashion-mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                 "Shirt", "Sneaker", "Bag", "Boot"]}
+OPTIMIZERS = {"adam": Adam, "adamw": AdamW, "sgd": SGD, "rmsprop": RMSprop}
+VALIDATION_SIZE = 5000
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minidl", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command")
+
+    train = sub.add_parser("train", help="train a CNN and write checkpoint, history and plots")
+    train.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    train.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    train.add_argument("--epochs", type=_positive_int, default=5)
+    train.add_argument("--batch-size", type=_positive_int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    train.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--limit", type=_positive_int, default=None,
+                       help="train on the first N training images only")
+    train.add_argument("--data-root", default=None,
+                       help="dataset cache folder (default: $MINIDL_DATA or ~/.cache/minidl)")
+    train.add_argument("--out", default=None, help="output folder (default: runs/DATASET)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=train_command)
+
+    evaluate = sub.add_parser("evaluate", help="reload a checkpoint and report test accuracy")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                          help="default: the one recorded in run.json beside the checkpoint")
+    evaluate.add_argument("--model", choices=sorted(MODELS), default=None)
+    evaluate.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    evaluate.add_argument("--data-root", default=None)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=500)
+    evaluate.set_defaults(func=evaluate_command)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        print(f"minidl {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+# -- train ----------------------------------------------------------------------
+def train_command(args):
+    manual_seed(args.seed)
+    out = args.out or os.path.join("runs", args.dataset)
+    os.makedirs(out, exist_ok=True)
+    with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
+        x_train, y_train = load_split(args.dataset, "train", args.data_root)
+        x_test, y_test = load_split(args.dataset, "test", args.data_root)
+        if args.limit:
+            x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+        (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train)
+
+        model = build_model(args.model)
+        model.summary(x_train.shape[1:])
+        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
+        trainer = Trainer(model, SoftmaxCrossEntropy(), optimizer,
+                          scheduler=CosineAnnealingLR(optimizer, T_max=args.epochs),
+                          verbose=0 if args.quiet else 1)
+        checkpoint = os.path.join(out, "model.npz")
+        recorder = GradientRecorder(model)
+        print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
+              f"testing on {len(x_test)} ({args.device})", flush=True)
+        history = trainer.fit(
+            DataLoader(x_train, y_train, args.batch_size, seed=args.seed, transform=to_float),
+            epochs=args.epochs,
+            val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float),
+            callbacks=[ModelCheckpoint(checkpoint, monitor="val_accuracy"),
+                       CSVLogger(os.path.join(out, "history.csv")), recorder])
+        _write_json(os.path.join(out, "run.json"), {
+            "dataset": args.dataset, "model": args.model, "epochs": history.epochs,
+            "seed": args.seed, "checkpoint": "model.npz"})
+        model.load(checkpoint)  # the best epoch by validation accuracy
+        predictions = predict_labels(model, x_test)
+        write_plots(out, args.dataset, model, history, recorder, x_test, y_test, predictions)
+    print(f"checkpoint and plots in {out}")
+    print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
+    return 0
+
+
+def split_validation(x, y):
+    """The last VALIDATION_SIZE images (10% for small sets) become the validation set."""
+    n_val = min(VALIDATION_SIZE, max(1, len(x) // 10))
+    return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
+
+
+def to_float(images):
+    """uint8 pixels -> float32 in [0, 1] (done per batch, so the set stays small)."""
+    return images.astype(numpy.float32) * numpy.float32(1 / 255)
+
+
+def load_split(dataset, split, root):
+    return DATASETS[dataset](split=split, root=root)
+
+
+def predict_labels(model, images, batch_size=500):
+    logits = [model.predict(to_float(images[i:i + batch_size]), batch_size)
+              for i in range(0, len(images), batch_size)]
+    return numpy.concatenate(logits).argmax(axis=1)
+
+
+def write_plots(out, dataset, model, history, recorder, x_test, y_test, predictions):
+    if not viz.available():
+        print("plots skipped: matplotlib is not installed (pip install 'minidl[viz]')")
+        return
+    first_conv = next(layer for layer in model.layers if hasattr(layer, "kernel_size"))
+    viz.plot_history(history, os.path.join(out, "curves.png"))
+    viz.plot_filters(first_conv.weight.data, os.path.join(out, "filters.png"))
+    viz.plot_feature_maps(model, to_float(x_test[0]), os.path.join(out, "feature_maps.png"))
+    counts = viz.confusion_matrix(y_test, predictions, 10)
+    viz.plot_confusion_matrix(counts, os.path.join(out, "confusion_matrix.png"),
+                              CLASS_NAMES.get(dataset))
+    viz.plot_gradient_norms(recorder.norms_per_epoch(), os.path.join(out, "gradients.png"))
+
+
+# -- evaluate ---------------------------------------------------------------------
+def evaluate_command(args):
+    run = _read_json(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json"))
+    dataset = args.dataset or run.get("dataset", "mnist")
+    model_name = args.model or run.get("model", "cnn")
+    with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
+        model = build_model(model_name).load(args.checkpoint)
+        x_test, y_test = load_split(dataset, "test", args.data_root)
+        predictions = predict_labels(model, x_test, args.batch_size)
+    print(f"{model_name} on {dataset} ({len(x_test)} test images)")
+    print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
+    return 0
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

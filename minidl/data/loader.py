@@ -1,0 +1,60 @@
+"""DataLoader: mini-batches of (x, y) on the active backend.
+
+The arrays stay where they are given (usually NumPy, in CPU memory); each batch
+is sliced, optionally transformed (e.g. uint8 pixels -> float32 in [0, 1]) and
+then moved to the active backend, so a GPU holds one batch at a time.
+"""
+import numpy
+
+from .. import backend
+from ..random import new_rng
+
+
+class DataLoader:
+    """Iterate ``(x_batch, y_batch)`` over ``x`` and ``y`` (same length).
+
+    ``shuffle`` reorders every epoch with a generator seeded by ``seed`` (or drawn
+    from ``minidl.manual_seed``'s); ``drop_last`` skips a final short batch;
+    ``transform`` is applied to each x batch on the CPU before it moves.
+    """
+
+    def __init__(self, x, y, batch_size=64, shuffle=True, drop_last=False, seed=None,
+                 transform=None):
+        if len(x) != len(y):
+            raise ValueError(f"DataLoader: x and y must have the same length, "
+                             f"got {len(x)} and {len(y)}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"DataLoader: batch_size must be a positive int, got {batch_size!r}")
+        if len(x) == 0:
+            raise ValueError("DataLoader: the dataset is empty")
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.transform = transform
+        self.rng = new_rng(seed)
+
+    def __len__(self):
+        """The number of batches in one epoch."""
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self):
+        """Samples seen in one epoch (less than len(x) with drop_last)."""
+        return len(self) * self.batch_size if self.drop_last else len(self.x)
+
+    def __iter__(self):
+        n = len(self.x)
+        order = self.rng.permutation(n) if self.shuffle else None
+        for b in range(len(self)):
+            start, stop = b * self.batch_size, min((b + 1) * self.batch_size, n)
+            if order is None:
+                xb, yb = self.x[start:stop], self.y[start:stop]
+            else:
+                # Sorted indices read memory in order: same batch, faster gather.
+                index = numpy.sort(order[start:stop])
+                xb, yb = self.x[index], self.y[index]
+            if self.transform is not None:
+                xb = self.transform(xb)
+            yield backend.to_backend(xb), backend.to_backend(yb)

@@ -1,0 +1,75 @@
+"""Dropout: inverted dropout (docs/layers.md, "Dropout").
+
+Training, with keep_i ~ Bernoulli(1 - p) drawn afresh on every forward:
+
+    mask_i = keep_i / (1 - p)          (scaled now, so E[y] = x and eval needs nothing)
+    y = x * mask
+    dx = dy * mask                     (the same mask: backward reuses it)
+
+Evaluation (``training=False``) and p = 0: y = x, dx = dy.
+
+Randomness: each Dropout owns a generator, ``minidl.random.new_rng(seed)``, so its
+masks do not disturb the initialisation stream and ``seed`` makes them repeatable.
+On the numpy backend masks come straight from that generator. On the cupy backend
+they are drawn on the GPU (copying a mask from the host every step would cost more
+than the layer itself), by a cupy RandomState seeded once from the layer's
+generator: a seed gives the same masks run after run on one backend, but numpy and
+cupy masks differ.
+"""
+import numbers
+
+from .. import backend
+from ..random import new_rng
+from .base import Layer
+
+
+class Dropout(Layer):
+    """Zero each element with probability ``p`` in training, scale the rest by 1/(1-p)."""
+
+    def __init__(self, p=0.5, seed=None, dtype=None):
+        super().__init__(dtype)
+        if not isinstance(p, numbers.Real) or isinstance(p, bool):
+            raise TypeError(f"Dropout: p must be a number in [0, 1), got {p!r}")
+        if not 0 <= p < 1:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.seed = seed
+        self.rng = new_rng(seed)
+        self.gpu_rng = None          # made on the first GPU forward, seeded from self.rng
+        self.cache = None
+
+    # -- forward: y = x * mask ---------------------------------------------------
+    def forward(self, x, training=True):
+        x = self._as_input(x)
+        if not training or self.p == 0:
+            self.cache = {"mask": None}
+            return x
+        keep = self._uniform(x.shape, backend.device_of(x)) >= self.p
+        mask = keep.astype(x.dtype) * (1.0 / (1.0 - self.p))
+        self.cache = {"mask": mask}
+        return x * mask
+
+    # -- backward: dx = dy * mask --------------------------------------------------
+    def backward(self, dy):
+        if self.cache is None:
+            raise RuntimeError("Dropout.backward called before forward")
+        mask = self.cache["mask"]
+        return dy if mask is None else dy * mask
+
+    def _uniform(self, shape, device):
+        """Uniform [0, 1) float32 draws on ``device`` from this layer's generators."""
+        if device == "cpu":
+            return self.rng.random(shape, dtype=backend.float32)
+        if self.gpu_rng is None:
+            cupy = backend.get_module("gpu")
+            self.gpu_rng = cupy.random.RandomState(int(self.rng.integers(2**63)))
+        return self.gpu_rng.random_sample(shape, dtype=backend.float32)
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def _clear_cache(self):
+        self.cache = None
+
+    def extra_repr(self):
+        return f"p={self.p}" + ("" if self.seed is None else f", seed={self.seed}")

@@ -1,0 +1,167 @@
+"""Batch normalisation: BatchNorm1D and BatchNorm2D (docs/layers.md, "BatchNorm").
+
+Each channel c is normalised over the m values x_i it has in the batch: the axes
+(0,) of an (N, C) input, (0, 2) of (N, C, L), (0, 2, 3) of (N, C, H, W). Per channel:
+
+    mu = 1/m sum_i x_i,   var = 1/m sum_i (x_i - mu)^2          (biased)
+    s = 1 / sqrt(var + eps),   x_hat_i = (x_i - mu) s
+    y_i = gamma x_hat_i + beta                        (gamma = weight, beta = bias)
+
+Training mode normalises with the batch's mu and var, and updates (as PyTorch)
+
+    running_mean <- (1 - momentum) running_mean + momentum mu
+    running_var  <- (1 - momentum) running_var  + momentum var m / (m - 1)   (unbiased)
+
+where momentum=None means the cumulative average, momentum = 1 / num_batches_tracked.
+Eval mode normalises with running_mean and running_var instead of mu and var.
+
+Backward, given dy:
+
+    dbeta = sum_i dy_i,   dgamma = sum_i dy_i x_hat_i
+    training:  dx_i = gamma s (dy_i - dbeta/m - x_hat_i dgamma/m)
+               (the compact form: mu and var depend on every x_i of the channel)
+    eval:      dx_i = gamma s dy_i
+               (running statistics are constants)
+"""
+import numbers
+
+from .. import backend
+from .arguments import as_positive_int
+from .base import Layer, Parameter
+
+
+class _BatchNorm(Layer):
+    """Batch norm over every axis but 1; subclasses only say which input ranks they take."""
+
+    buffer_names = ("running_mean", "running_var", "num_batches_tracked")
+    input_ranks = ()
+    input_layout = ""
+
+    def __init__(self, num_features, momentum=0.1, eps=1e-5, affine=True,
+                 dtype=backend.float32):
+        super().__init__(dtype)
+        name = type(self).__name__
+        self.num_features = as_positive_int(num_features, "num_features", name)
+        self.momentum = None if momentum is None else _as_fraction(momentum, "momentum", name)
+        self.eps = float(eps)
+        if not self.eps > 0:
+            raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
+        self.affine = bool(affine)
+        c, xp = self.num_features, backend.get_module(self.device)
+        self.weight = Parameter(xp.ones((c,), dtype=self.dtype), "weight") if affine else None
+        self.bias = Parameter(xp.zeros((c,), dtype=self.dtype), "bias") if affine else None
+        self.running_mean = xp.zeros((c,), dtype=self.dtype)
+        self.running_var = xp.ones((c,), dtype=self.dtype)
+        self.num_batches_tracked = xp.zeros((), dtype="int64")
+        self.cache = None
+
+    # -- forward: x_hat = (x - mu) s,  y = gamma x_hat + beta -----------------------
+    def forward(self, x, training=True):
+        x = self._check_input(x)
+        xp = backend.get_array_module(x)
+        axes = self._axes(x.ndim)
+        if training:
+            m = x.size // self.num_features
+            if m < 2:
+                raise ValueError(f"{type(self).__name__}: training needs more than one "
+                                 f"value per channel, got input of shape {tuple(x.shape)}")
+            mu = x.mean(axis=axes, keepdims=True)
+            xc = x - mu
+            var = (xc * xc).mean(axis=axes, keepdims=True)
+            self._update_running_stats(mu, var, m)
+        else:
+            shape = self._channel_shape(x.ndim)
+            xc = x - self.running_mean.reshape(shape)
+            var = self.running_var.reshape(shape)
+        s = 1.0 / xp.sqrt(var + self.eps)
+        x_hat = xc * s
+        self.cache = {"x_hat": x_hat, "s": s, "training": training}
+        if not self.affine:
+            return x_hat
+        shape = self._channel_shape(x.ndim)
+        return x_hat * self.weight.data.reshape(shape) + self.bias.data.reshape(shape)
+
+    # -- backward: dbeta, dgamma, dx (compact in training, simple in eval) -----------
+    def backward(self, dy):
+        if self.cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        x_hat, s, training = self.cache["x_hat"], self.cache["s"], self.cache["training"]
+        axes = self._axes(dy.ndim)
+        dbeta = dy.sum(axis=axes, keepdims=True)
+        dgamma = (dy * x_hat).sum(axis=axes, keepdims=True)
+        gamma_s = s
+        if self.affine:
+            self.weight.accumulate_grad(dgamma.reshape(-1))
+            self.bias.accumulate_grad(dbeta.reshape(-1))
+            gamma_s = self.weight.data.reshape(self._channel_shape(dy.ndim)) * s
+        if not training:
+            return gamma_s * dy
+        m = dy.size // self.num_features
+        return gamma_s * (dy - dbeta * (1.0 / m) - x_hat * (dgamma * (1.0 / m)))
+
+    def _update_running_stats(self, mu, var, m):
+        """PyTorch's update: the unbiased variance goes into running_var."""
+        self.num_batches_tracked += 1
+        if self.momentum is None:
+            factor = 1.0 / int(self.num_batches_tracked)   # cumulative moving average
+        else:
+            factor = self.momentum
+        self.running_mean *= 1.0 - factor
+        self.running_mean += factor * mu.reshape(-1)
+        self.running_var *= 1.0 - factor
+        self.running_var += (factor * m / (m - 1)) * var.reshape(-1)
+
+    # -- shapes ------------------------------------------------------------------
+    @staticmethod
+    def _axes(ndim):
+        """Every axis but the channel axis 1."""
+        return (0,) + tuple(range(2, ndim))
+
+    def _channel_shape(self, ndim):
+        """(1, C, 1, ...): per-channel vectors shaped to broadcast against the input."""
+        return (1, self.num_features) + (1,) * (ndim - 2)
+
+    def _check_shape(self, x_shape):
+        if len(x_shape) not in self.input_ranks or x_shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}: expected input of shape "
+                             f"{self.input_layout} with C={self.num_features}, "
+                             f"got shape {tuple(x_shape)}")
+
+    def _check_input(self, x):
+        x = self._as_input(x)
+        self._check_shape(x.shape)
+        return x
+
+    def output_shape(self, input_shape):
+        self._check_shape(input_shape)
+        return tuple(input_shape)
+
+    def _clear_cache(self):
+        self.cache = None
+
+    def extra_repr(self):
+        text = f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
+        return text + ("" if self.affine else ", affine=False")
+
+
+class BatchNorm1D(_BatchNorm):
+    """Batch norm of (N, C) or (N, C, L) input, per feature C (as torch.nn.BatchNorm1d)."""
+
+    input_ranks = (2, 3)
+    input_layout = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2D(_BatchNorm):
+    """Batch norm of (N, C, H, W) input, per channel C over axes (0, 2, 3)
+    (as torch.nn.BatchNorm2d)."""
+
+    input_ranks = (4,)
+    input_layout = "(N, C, H, W)"
+
+
+def _as_fraction(value, name, owner):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a number in [0, 1] or None, got {value!r}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"{owner}: {name} must be in [0, 1], got {value!r}")
+    return float(value)

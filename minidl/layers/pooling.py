@@ -1,0 +1,228 @@
+"""Pooling layers: MaxPool2D, AvgPool2D, GlobalAvgPool2D (docs/layers.md, "Pooling").
+
+A k1 x k2 pool with stride (s1, s2) and padding (p1, p2) over x (N, C, H, W) reads,
+for output (i, j), the window x_pad[n, c, i*s1 + m, j*s2 + l], 0 <= m < k1, 0 <= l < k2,
+where x_pad has p1 rows above and below x and p2 columns left and right:
+
+    Ho = floor((H + 2 p1 - k1) / s1) + 1,   Wo = floor((W + 2 p2 - k2) / s2) + 1
+
+MaxPool2D (x_pad padded with -inf, so padding never wins, as PyTorch):
+
+    y[n, c, i, j] = max_{m, l} x_pad[n, c, i*s1 + m, j*s2 + l]
+    dx_pad[n, c, i*s1 + m*, j*s2 + l*] += dy[n, c, i, j]
+        for ONE (m*, l*) per window: the first maximum in row-major (m, l) order
+
+AvgPool2D (x_pad padded with zeros that count in the divisor, count_include_pad=True):
+
+    y[n, c, i, j] = 1/(k1 k2) sum_{m, l} x_pad[n, c, i*s1 + m, j*s2 + l]
+    dx_pad[n, c, i*s1 + m, j*s2 + l] += dy[n, c, i, j] / (k1 k2)
+
+dx is dx_pad with the padding cropped off. GlobalAvgPool2D: y[n, c] = mean_{h, w} x,
+dx[n, c, h, w] = dy[n, c] / (H W).
+
+How it is computed: one loop over the k1*k2 window offsets (m, l). The "slab"
+x_pad[:, :, m::s1, l::s2] (cut to Ho x Wo) is a strided view holding element (m, l)
+of every window at once, so each step is one vectorised pass over the output.
+MaxPool2D's backward does not store the argmax: it walks the slabs again in
+row-major order and gives each window's gradient to the first slab equal to its max
+(an "unclaimed" mask stops later ties). When windows do not overlap (stride >=
+kernel) no input element is in two windows, so gradients are assigned instead of
+accumulated; for 2x2/2 pooling that is the whole fast path.
+"""
+from .. import backend
+from .arguments import as_pair
+from .base import Layer
+
+
+class _Pool2D(Layer):
+    """What MaxPool2D and AvgPool2D share: arguments, output size and slabs."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dtype=None):
+        super().__init__(dtype)
+        name = type(self).__name__
+        self.kernel_size = as_pair(kernel_size, "kernel_size", name, minimum=1)
+        self.stride = (self.kernel_size if stride is None
+                       else as_pair(stride, "stride", name, minimum=1))
+        self.padding = as_pair(padding, "padding", name, minimum=0)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"{name}: padding must be at most half the kernel size, got "
+                             f"padding={self.padding} for kernel_size={self.kernel_size}")
+        self.cache = None
+
+    # -- the slab loop ---------------------------------------------------------
+    def _offsets(self):
+        """Window offsets (m, l) in row-major order: the order ties are broken in."""
+        k1, k2 = self.kernel_size
+        return [(m, l) for m in range(k1) for l in range(k2)]
+
+    def _slab(self, a, m, l, out_hw):
+        """a[:, :, i*s1 + m, j*s2 + l] for all output positions (i, j): a view."""
+        (s1, s2), (ho, wo) = self.stride, out_hw
+        return a[:, :, m:m + s1 * (ho - 1) + 1:s1, l:l + s2 * (wo - 1) + 1:s2]
+
+    def _overlapping(self):
+        """True when an input element can sit in two windows, so gradients must add up."""
+        return any(s < k for s, k in zip(self.stride, self.kernel_size))
+
+    # -- padding -----------------------------------------------------------------
+    def _pad(self, x, value):
+        p1, p2 = self.padding
+        if p1 == p2 == 0:
+            return x
+        xp = backend.get_array_module(x)
+        n, c, h, w = x.shape
+        x_pad = xp.full((n, c, h + 2 * p1, w + 2 * p2), value, dtype=x.dtype)
+        x_pad[:, :, p1:p1 + h, p2:p2 + w] = x
+        return x_pad
+
+    def _new_dx_pad(self, xp, x_pad_shape, dtype, out_hw):
+        """Zeros shaped like x_pad; left uninitialised when the windows tile x_pad
+        exactly, because then every element is written once."""
+        hp, wp = x_pad_shape[2:]
+        tiles = (self.stride == self.kernel_size
+                 and out_hw[0] * self.stride[0] == hp and out_hw[1] * self.stride[1] == wp)
+        return (xp.empty if tiles else xp.zeros)(x_pad_shape, dtype=dtype)
+
+    def _crop(self, dx_pad):
+        p1, p2 = self.padding
+        hp, wp = dx_pad.shape[2:]
+        return dx_pad[:, :, p1:hp - p1, p2:wp - p2]
+
+    # -- shapes ------------------------------------------------------------------
+    def _check_and_output_hw(self, x_shape):
+        name = type(self).__name__
+        if len(x_shape) != 4:
+            raise ValueError(f"{name}: expected a 4-D input (N, C, H, W), "
+                             f"got shape {tuple(x_shape)}")
+        h, w = x_shape[2:]
+        (k1, k2), (s1, s2), (p1, p2) = self.kernel_size, self.stride, self.padding
+        if h + 2 * p1 < k1 or w + 2 * p2 < k2:
+            raise ValueError(f"{name}: the {k1}x{k2} window is larger than the input "
+                             f"{h}x{w} (padding {self.padding}); got input of shape "
+                             f"{tuple(x_shape)}")
+        return (h + 2 * p1 - k1) // s1 + 1, (w + 2 * p2 - k2) // s2 + 1
+
+    def output_shape(self, input_shape):
+        ho, wo = self._check_and_output_hw(input_shape)
+        return (input_shape[0], input_shape[1], ho, wo)
+
+    def _require_cache(self):
+        if self.cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        return self.cache
+
+    def _clear_cache(self):
+        self.cache = None
+
+    def extra_repr(self):
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}")
+
+
+class MaxPool2D(_Pool2D):
+    """Max over each k1 x k2 window; ``stride`` defaults to ``kernel_size``; int or pair.
+
+    The gradient of a window goes to one element: its first maximum in row-major
+    order (PyTorch's rule for ties). Padding is -inf and at most half the kernel.
+    """
+
+    # -- forward: y = max over the window -----------------------------------------
+    def forward(self, x, training=True):
+        x = self._as_input(x, ndim=4)
+        xp = backend.get_array_module(x)
+        out_hw = self._check_and_output_hw(x.shape)
+        x_pad = self._pad(x, float("-inf"))
+        offsets = self._offsets()
+        y = self._slab(x_pad, *offsets[0], out_hw).copy()
+        for m, l in offsets[1:]:
+            xp.maximum(y, self._slab(x_pad, m, l, out_hw), out=y)
+        self.cache = {"x_pad": x_pad, "y": y, "out_hw": out_hw}
+        return y
+
+    # -- backward: dy to the first max of each window ------------------------------
+    def backward(self, dy):
+        cache = self._require_cache()
+        x_pad, y, out_hw = cache["x_pad"], cache["y"], cache["out_hw"]
+        xp = backend.get_array_module(dy)
+        dx_pad = self._new_dx_pad(xp, x_pad.shape, x_pad.dtype, out_hw)
+        overlapping = self._overlapping()
+        unclaimed = xp.ones(y.shape, dtype=bool)     # windows whose max is not found yet
+        for m, l in self._offsets():
+            first_max = self._slab(x_pad, m, l, out_hw) == y
+            first_max &= unclaimed
+            unclaimed ^= first_max                   # first_max is a subset of unclaimed
+            dx_slab = self._slab(dx_pad, m, l, out_hw)
+            if overlapping:
+                dx_slab += dy * first_max
+            else:                                    # written once: no temporary needed
+                xp.multiply(dy, first_max, out=dx_slab)
+        return self._crop(dx_pad)
+
+
+class AvgPool2D(_Pool2D):
+    """Mean over each k1 x k2 window; ``stride`` defaults to ``kernel_size``; int or pair.
+
+    Padding is zeros counted in the divisor (PyTorch's count_include_pad=True), so
+    every window divides by k1*k2. Padding is at most half the kernel.
+    """
+
+    # -- forward: y = window sum / (k1 k2) -----------------------------------------
+    def forward(self, x, training=True):
+        x = self._as_input(x, ndim=4)
+        out_hw = self._check_and_output_hw(x.shape)
+        x_pad = self._pad(x, 0.0)
+        offsets = self._offsets()
+        y = self._slab(x_pad, *offsets[0], out_hw).copy()
+        for m, l in offsets[1:]:
+            y += self._slab(x_pad, m, l, out_hw)
+        y *= 1.0 / len(offsets)
+        self.cache = {"x_pad_shape": x_pad.shape, "out_hw": out_hw}
+        return y
+
+    # -- backward: every window element gets dy / (k1 k2) ---------------------------
+    def backward(self, dy):
+        cache = self._require_cache()
+        xp = backend.get_array_module(dy)
+        out_hw = cache["out_hw"]
+        offsets = self._offsets()
+        share = dy * (1.0 / len(offsets))
+        dx_pad = self._new_dx_pad(xp, cache["x_pad_shape"], dy.dtype, out_hw)
+        overlapping = self._overlapping()
+        for m, l in offsets:
+            dx_slab = self._slab(dx_pad, m, l, out_hw)
+            if overlapping:
+                dx_slab += share
+            else:
+                dx_slab[...] = share
+        return self._crop(dx_pad)
+
+
+class GlobalAvgPool2D(Layer):
+    """(N, C, H, W) -> (N, C): y[n, c] = mean_{h, w} x[n, c, h, w];  dx = dy / (H W)."""
+
+    def __init__(self, dtype=None):
+        super().__init__(dtype)
+        self.cache = None
+
+    def forward(self, x, training=True):
+        x = self._as_input(x, ndim=4)
+        self.cache = {"x_shape": x.shape}
+        return x.mean(axis=(2, 3))
+
+    def backward(self, dy):
+        if self.cache is None:
+            raise RuntimeError("GlobalAvgPool2D.backward called before forward")
+        xp = backend.get_array_module(dy)
+        n, c, h, w = self.cache["x_shape"]
+        dx = xp.empty((n, c, h, w), dtype=dy.dtype)
+        dx[...] = (dy * (1.0 / (h * w)))[:, :, None, None]
+        return dx
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(f"GlobalAvgPool2D: expected a 4-D input (N, C, H, W), "
+                             f"got shape {tuple(input_shape)}")
+        return tuple(input_shape[:2])
+
+    def _clear_cache(self):
+        self.cache = None

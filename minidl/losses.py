@@ -1,0 +1,171 @@
+"""Loss functions (docs/layers.md, "Losses"): the scalar a model is trained to lower.
+
+    loss_fn = minidl.SoftmaxCrossEntropy()
+    loss = loss_fn(logits, labels)      # a Python float
+    dlogits = loss_fn.backward()        # dL/dlogits: what the model's backward starts from
+
+A loss has no parameters. It runs on numpy or cupy arrays, whichever the
+prediction is; the target must live on the same device.
+"""
+import math
+import numbers
+
+from . import backend
+
+
+class Loss:
+    """Base class: ``forward(prediction, target)`` -> float, ``backward()`` -> dL/dprediction."""
+
+    def __init__(self):
+        self.cache = None
+
+    def forward(self, prediction, target):
+        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def backward(self):
+        raise NotImplementedError(f"{type(self).__name__} must implement backward")
+
+    def __call__(self, prediction, target):
+        return self.forward(prediction, target)
+
+    def _require_cache(self):
+        if self.cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        return self.cache
+
+    def _check_arrays(self, prediction, target, prediction_name, target_name):
+        """TypeError unless both are arrays on one device; ValueError unless the
+        prediction is a float array."""
+        name = type(self).__name__
+        device = backend.device_of(prediction)
+        backend.check_input(f"{name} ({prediction_name})", prediction, device)
+        if backend.is_array(target) and backend.device_of(target) != device:
+            raise TypeError(f"{name}: expected {prediction_name} and {target_name} on one "
+                            f"device, got {prediction_name} on the {device} and "
+                            f"{target_name} on the {backend.device_of(target)} "
+                            f"(move one with minidl.to_device)")
+        backend.check_input(f"{name} ({target_name})", target, device)
+        if prediction.dtype.kind != "f":
+            raise ValueError(f"{name}: expected float {prediction_name}, "
+                             f"got dtype {prediction.dtype}")
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class SoftmaxCrossEntropy(Loss):
+    """Softmax and cross-entropy fused, for logits (N, K) and integer labels (N,).
+
+    With log p = log softmax(z) computed as (z - max) - log sum exp(z - max), so
+    logits of any size give finite results, and the target distribution
+    q = (1 - eps) onehot(label) + eps/K  (eps = ``label_smoothing``, as PyTorch):
+
+        L = 1/N sum_n  - sum_k q[n, k] log p[n, k]
+        dL/dz = (p - q) / N
+
+    The mean is over the batch. ValueError for logits that are not (N, K) finite
+    floats and labels that are not integers in [0, K) of length N.
+    """
+
+    def __init__(self, label_smoothing=0.0):
+        super().__init__()
+        if (not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool)
+                or not 0 <= label_smoothing <= 1):
+            raise ValueError(f"SoftmaxCrossEntropy: label_smoothing must be a number in "
+                             f"[0, 1], got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
+
+    # -- forward: L = mean_n -sum_k q log p ---------------------------------------
+    def forward(self, logits, labels):
+        self._check(logits, labels)
+        xp = backend.get_array_module(logits)
+        n, k = logits.shape
+        eps = self.label_smoothing
+        shifted = logits - logits.max(axis=1, keepdims=True)   # <= 0: exp cannot overflow
+        e = xp.exp(shifted)
+        sum_e = e.sum(axis=1, keepdims=True)                  # >= 1: log is finite
+        log_p = shifted - xp.log(sum_e)
+        loss_n = -log_p[xp.arange(n), labels]                 # -log p[label]
+        if eps:
+            loss_n = (1.0 - eps) * loss_n - (eps / k) * log_p.sum(axis=1)
+        self.cache = {"p": e / sum_e, "labels": labels}
+        return float(loss_n.mean())
+
+    # -- backward: dL/dz = (p - q) / N -----------------------------------------------
+    def backward(self):
+        cache = self._require_cache()
+        p, labels = cache["p"], cache["labels"]
+        xp = backend.get_array_module(p)
+        n, k = p.shape
+        eps = self.label_smoothing
+        dz = p - eps / k if eps else p.copy()
+        dz[xp.arange(n), labels] -= 1.0 - eps
+        dz *= 1.0 / n
+        return dz
+
+    def _check(self, logits, labels):
+        name = type(self).__name__
+        self._check_arrays(logits, labels, "logits", "labels")
+        if logits.ndim != 2 or 0 in logits.shape:
+            raise ValueError(f"{name}: expected logits of shape (N, num_classes) with N, "
+                             f"num_classes >= 1, got shape {tuple(logits.shape)}")
+        n, k = logits.shape
+        if labels.ndim != 1 or labels.shape[0] != n or labels.dtype.kind not in "iu":
+            raise ValueError(f"{name}: expected integer labels of shape ({n},), got "
+                             f"{labels.dtype} labels of shape {tuple(labels.shape)}")
+        xp = backend.get_array_module(logits)
+        # One reduction and one device->host sync for both checks; details only on failure.
+        ok = xp.isfinite(logits).all() & ((labels >= 0) & (labels < k)).all()
+        if bool(ok):
+            return
+        bad = int((~xp.isfinite(logits)).sum())
+        if bad:
+            raise ValueError(f"{name}: expected finite logits, got {bad} NaN/inf values "
+                             f"(a diverging model? try a lower learning rate)")
+        raise ValueError(f"{name}: expected labels in [0, {k}) for {k} classes, got "
+                         f"values from {int(labels.min())} to {int(labels.max())}")
+
+    def __repr__(self):
+        return f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing})"
+
+
+class MSE(Loss):
+    """Mean squared error over all elements, as torch.nn.MSELoss():
+
+        L = 1/M sum_i (y_i - t_i)^2          (M = number of elements)
+        dL/dy = 2 (y - t) / M
+
+    ``target`` must have the prediction's shape (no broadcasting); it is cast to
+    the prediction's dtype.
+    """
+
+    # -- forward: L = mean (y - t)^2 -----------------------------------------------
+    def forward(self, prediction, target):
+        self._check(prediction, target)
+        diff = prediction - target.astype(prediction.dtype, copy=False)
+        loss = float((diff * diff).mean())
+        if not math.isfinite(loss):   # float() synced already: this check is free
+            self._explain_not_finite(prediction, target)
+        self.cache = {"diff": diff}
+        return loss
+
+    # -- backward: dL/dy = 2 (y - t) / M ------------------------------------------------
+    def backward(self):
+        diff = self._require_cache()["diff"]
+        return diff * (2.0 / diff.size)
+
+    def _check(self, prediction, target):
+        self._check_arrays(prediction, target, "prediction", "target")
+        if tuple(target.shape) != tuple(prediction.shape) or prediction.size == 0:
+            raise ValueError(f"MSE: expected a non-empty target of the prediction's shape "
+                             f"{tuple(prediction.shape)}, got shape {tuple(target.shape)}")
+
+    @staticmethod
+    def _explain_not_finite(prediction, target):
+        xp = backend.get_array_module(prediction)
+        for what, a in (("prediction", prediction), ("target", target)):
+            bad = int((~xp.isfinite(a)).sum()) if a.dtype.kind in "fc" else 0
+            if bad:
+                raise ValueError(f"MSE: expected a finite {what}, got {bad} NaN/inf values")
+        raise ValueError(f"MSE: the loss overflowed to inf in {prediction.dtype} "
+                         f"(prediction and target are finite but too far apart)")

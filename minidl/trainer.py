@@ -1,0 +1,199 @@
+"""Trainer: the training loop, with progress bars, metrics, callbacks and History.
+
+One step is the whole data flow of minidl, in order:
+
+    logits = model.forward(x)           # loader -> model
+    loss = loss_fn.forward(logits, y)
+    dlogits = loss_fn.backward()
+    model.backward(dlogits)             # fills every Parameter.grad
+    optimizer.step(); optimizer.zero_grad()
+"""
+import math
+import time
+
+from tqdm.auto import tqdm
+
+from . import backend
+from .optim import clip_grad_norm_
+
+
+class History:
+    """Per-epoch records of ``fit``: ``history["loss"]``, ``["val_accuracy"]``, ...
+
+    ``history.history`` is the dict of lists (as in Keras); ``epochs`` counts rows.
+    """
+
+    def __init__(self):
+        self.history = {}
+
+    def append(self, logs):
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+
+    @property
+    def epochs(self):
+        return len(self.history.get("loss", []))
+
+    def __getitem__(self, key):
+        return self.history[key]
+
+    def __contains__(self, key):
+        return key in self.history
+
+    def __repr__(self):
+        return f"History(epochs={self.epochs}, keys={sorted(self.history)})"
+
+
+class Trainer:
+    """Trains ``model`` with ``loss`` and ``optimizer``; see ``fit`` and ``evaluate``.
+
+    ``metrics``: names ("accuracy") or callables ``f(logits, labels) -> float``
+    averaged over samples. ``clip_grad_norm``: clip the global gradient norm to this
+    value before each step. ``verbose=0`` turns the progress bars off.
+    """
+
+    def __init__(self, model, loss, optimizer, scheduler=None, metrics=("accuracy",),
+                 clip_grad_norm=None, verbose=1):
+        self.model = model
+        self.loss = loss
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.metrics = {_metric_name(m): _metric_fn(m) for m in metrics}
+        self.clip_grad_norm = clip_grad_norm
+        self.verbose = verbose
+        self.stop_training = False
+        self.epoch = 0
+        self.batch = 0
+
+    # -- one step ---------------------------------------------------------------
+    def train_step(self, x, y):
+        """Forward, loss, backward and update on one batch; returns (loss, logits)."""
+        logits = self.model.forward(x, training=True)
+        loss = self._loss_value(logits, y)
+        self.model.backward(self.loss.backward())
+        if self.clip_grad_norm is not None:
+            clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss, logits
+
+    def _loss_value(self, logits, y):
+        """The loss of a batch; a FloatingPointError naming where it stopped being finite."""
+        xp = backend.get_array_module(logits)
+        finite = bool(xp.isfinite(logits).all())
+        loss = self.loss.forward(logits, y) if finite else float("nan")
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"Trainer: the loss became {loss} at epoch {self.epoch + 1}, batch "
+                f"{self.batch + 1}; training stopped (any checkpoint already written is "
+                f"kept). Try a lower learning rate or gradient clipping.")
+        return loss
+
+    # -- loops -----------------------------------------------------------------
+    def fit(self, train, epochs=1, val=None, callbacks=(), verbose=None):
+        """Train for ``epochs`` over the DataLoader ``train``; returns a History."""
+        verbose = self.verbose if verbose is None else verbose
+        self._check_device(train)
+        history = History()
+        self.stop_training = False
+        for cb in callbacks:
+            cb.on_train_begin(self)
+        for epoch in range(epochs):
+            self.epoch = epoch
+            start = time.perf_counter()
+            logs = self._train_epoch(train, epoch, epochs, verbose)
+            if val is not None:
+                logs.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
+            logs["lr"] = self.optimizer.lr
+            logs["time"] = time.perf_counter() - start
+            if self.scheduler is not None:
+                self.scheduler.step()
+            for cb in callbacks:
+                cb.on_epoch_end(self, epoch, logs)   # may add to logs (GradientRecorder)
+            history.append(logs)
+            if verbose:
+                print(_format_logs(epoch, epochs, logs), flush=True)
+            if self.stop_training:
+                break
+        for cb in callbacks:
+            cb.on_train_end(self)
+        return history
+
+    def _train_epoch(self, train, epoch, epochs, verbose):
+        self.model.train()
+        totals = _Totals(self.metrics)
+        bar = tqdm(train, total=len(train), desc=f"Epoch {epoch + 1}/{epochs}",
+                   unit="batch", disable=not verbose, leave=True, dynamic_ncols=True)
+        start = time.perf_counter()
+        for self.batch, (x, y) in enumerate(bar):
+            loss, logits = self.train_step(x, y)
+            totals.add(loss, logits, y)
+            if verbose and (self.batch % 10 == 0 or self.batch == len(train) - 1):
+                speed = totals.count / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(**totals.means(), img_s=f"{speed:.0f}", refresh=False)
+        bar.close()
+        return totals.means_as_floats()
+
+    def evaluate(self, data):
+        """Mean loss and metrics over a DataLoader, in eval mode (no updates)."""
+        self._check_device(data)
+        totals = _Totals(self.metrics)
+        for x, y in data:
+            logits = self.model.forward(x, training=False)
+            totals.add(self.loss.forward(logits, y), logits, y)
+        return totals.means_as_floats()
+
+    def _check_device(self, data):
+        device = backend.default_device()
+        if self.model.device != device:
+            raise ValueError(f"Trainer: the model is on the {self.model.device} but batches "
+                             f"come on the {device} (the active backend); call "
+                             f"model.to('{device}') or minidl.set_backend(...) to match")
+
+
+class _Totals:
+    """Sample-weighted running sums of the loss and each metric."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        self.count = 0
+        self.sums = {"loss": 0.0, **{name: 0.0 for name in metrics}}
+
+    def add(self, loss, logits, y):
+        n = len(y)
+        self.count += n
+        self.sums["loss"] += loss * n
+        for name, fn in self.metrics.items():
+            self.sums[name] += fn(logits, y) * n
+
+    def means_as_floats(self):
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+    def means(self):
+        return {k: f"{v:.4f}" for k, v in self.means_as_floats().items()}
+
+
+def accuracy(logits, labels):
+    """Fraction of rows whose largest logit is at the label."""
+    return float((logits.argmax(axis=1) == labels).mean())
+
+
+_METRICS = {"accuracy": accuracy, "acc": accuracy}
+
+
+def _metric_name(metric):
+    return metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
+
+
+def _metric_fn(metric):
+    if callable(metric):
+        return metric
+    if metric not in _METRICS:
+        raise ValueError(f"Trainer: unknown metric {metric!r}; known: {sorted(_METRICS)} "
+                         f"or a callable f(logits, labels)")
+    return _METRICS[metric]
+
+
+def _format_logs(epoch, epochs, logs):
+    parts = [f"{k}={v:.4f}" for k, v in logs.items() if k not in ("time", "lr") and "/" not in k]
+    return f"epoch {epoch + 1}/{epochs}: " + " ".join(parts) + f" ({logs['time']:.1f} s)"

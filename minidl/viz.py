@@ -1,0 +1,131 @@
+"""Pictures of training and of what a network learned, as PNG files.
+
+Needs matplotlib (``pip install 'minidl[viz]'``); ``available()`` tells whether it
+imports. Every function takes NumPy arrays or a model and writes one PNG.
+"""
+import numpy
+
+from . import backend
+
+
+def available():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no screen needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_history(history, path):
+    """Loss and accuracy per epoch, train and validation (``History`` or its dict)."""
+    logs = getattr(history, "history", history)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for prefix, style in (("", "-o"), ("val_", "--s")):
+            values = logs.get(prefix + metric)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style,
+                        label=(prefix or "train_") + metric)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_filters(weight, path, title="First-layer filters"):
+    """Each filter's first input channel as a small image (weight: F, C, k1, k2)."""
+    weight = backend.to_numpy(weight)
+    plt = _pyplot()
+    rows, cols = _grid(len(weight))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.2 + 0.4), squeeze=False)
+    limit = float(numpy.abs(weight).max()) or 1.0
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(weight):
+            ax.imshow(weight[k, 0], cmap="RdBu_r", vmin=-limit, vmax=limit)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_feature_maps(model, image, path, max_maps=16):
+    """The input and, after each layer with a kernel (conv, pool), its first channels."""
+    plt = _pyplot()
+    x = backend.to_device(image[None], model.device)
+    stages = [("input", backend.to_numpy(x)[0])]
+    for layer in model.layers:
+        x = layer.forward(x, training=False)
+        if x.ndim == 4 and hasattr(layer, "kernel_size"):
+            stages.append((type(layer).__name__, backend.to_numpy(x)[0]))
+    cols = min(max_maps, max(len(maps) for _, maps in stages))
+    fig, axes = plt.subplots(len(stages), cols, figsize=(cols * 1.1, len(stages) * 1.25),
+                             squeeze=False)
+    for row, (name, maps) in zip(axes, stages):
+        for k, ax in enumerate(row):
+            ax.axis("off")
+            if k < len(maps):
+                ax.imshow(maps[k], cmap="viridis")
+        row[0].set_title(name, fontsize=8, loc="left")
+    fig.suptitle("Feature maps for one input")
+    return _save(fig, path)
+
+
+def confusion_matrix(labels, predictions, num_classes):
+    """counts[true, predicted]."""
+    counts = numpy.zeros((num_classes, num_classes), dtype=numpy.int64)
+    numpy.add.at(counts, (numpy.asarray(labels), numpy.asarray(predictions)), 1)
+    return counts
+
+
+def plot_confusion_matrix(counts, path, class_names=None):
+    plt = _pyplot()
+    n = len(counts)
+    names = class_names or [str(k) for k in range(n)]
+    fig, ax = plt.subplots(figsize=(0.55 * n + 2.5, 0.55 * n + 2))
+    ax.imshow(numpy.log1p(counts), cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if counts[i, j] > counts.max() / 2 else "black")
+    ax.set_xticks(range(n), names, rotation=45)
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = numpy.trace(counts) / max(counts.sum(), 1)
+    ax.set_title(f"Confusion matrix (accuracy {accuracy:.4f})")
+    return _save(fig, path)
+
+
+def plot_gradient_norms(norms, path):
+    """Gradient norm per parameter per epoch: ``norms`` maps a name to a list."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, values in norms.items():
+        ax.plot(range(1, len(values) + 1), values, "-o", label=name, markersize=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean gradient L2 norm")
+    ax.set_title("Gradient norm per parameter")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def _grid(count):
+    cols = min(8, count)
+    return -(-count // cols), cols

@@ -1,0 +1,85 @@
+"""Activation layers: gradcheck, PyTorch, extreme inputs, dtype, get_activation."""
+import numpy
+import pytest
+
+import minidl
+from conftest import randn, to_np
+from minidl.layers import get_activation
+
+F64 = numpy.float64
+
+ALL = [
+    pytest.param(lambda dt: minidl.ReLU(dtype=dt), id="relu"),
+    pytest.param(lambda dt: minidl.LeakyReLU(0.1, dtype=dt), id="leaky_relu"),
+    pytest.param(lambda dt: minidl.Sigmoid(dtype=dt), id="sigmoid"),
+    pytest.param(lambda dt: minidl.Tanh(dtype=dt), id="tanh"),
+    pytest.param(lambda dt: minidl.Softmax(dtype=dt), id="softmax"),
+    pytest.param(lambda dt: minidl.Softmax(axis=-1, dtype=dt), id="softmax-last-axis"),
+    pytest.param(lambda dt: minidl.Identity(dtype=dt), id="identity"),
+]
+
+
+def away_from_zero(xp, *shape, seed=3):
+    """Normal draws pushed to |x| >= 0.1: a +-eps nudge never crosses the ReLU kink."""
+    x = numpy.random.default_rng(seed).standard_normal(shape)
+    return xp.asarray(x + 0.1 * numpy.sign(x))
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_gradcheck(xp, make):
+    assert minidl.gradcheck(make(F64), away_from_zero(xp, 3, 4, 5)) < 1e-6
+
+
+def test_matches_torch(xp):
+    torch = pytest.importorskip("torch")
+    fn = torch.nn.functional
+    pairs = [(minidl.ReLU(dtype=F64), fn.relu),
+             (minidl.LeakyReLU(0.2, dtype=F64), lambda t: fn.leaky_relu(t, 0.2)),
+             (minidl.Sigmoid(dtype=F64), torch.sigmoid),
+             (minidl.Tanh(dtype=F64), torch.tanh),
+             (minidl.Softmax(dtype=F64), lambda t: torch.softmax(t, dim=1)),
+             (minidl.Softmax(axis=2, dtype=F64), lambda t: torch.softmax(t, dim=2))]
+    x, dy = away_from_zero(xp, 2, 3, 4) * 3, randn(xp, 2, 3, 4, seed=1)
+    for layer, torch_fn in pairs:
+        y, dx = layer.forward(x), layer.backward(dy)
+        xt = torch.tensor(to_np(x), requires_grad=True)
+        yt = torch_fn(xt)
+        yt.backward(torch.tensor(to_np(dy)))
+        name = type(layer).__name__
+        numpy.testing.assert_allclose(to_np(y), yt.detach().numpy(), rtol=1e-12, atol=1e-14,
+                                      err_msg=name)
+        numpy.testing.assert_allclose(to_np(dx), xt.grad.numpy(), rtol=1e-12, atol=1e-14,
+                                      err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, F64])
+def test_extreme_inputs_stay_finite(xp, dtype):
+    x = xp.asarray(numpy.array([[-1e4, -100.0, 0.0, 100.0, 1e4]], dtype=dtype))
+    with numpy.errstate(over="raise"):                    # no overflow, not even hidden
+        y = minidl.Sigmoid(dtype=dtype).forward(x)
+        p = minidl.Softmax(dtype=dtype).forward(x)
+    numpy.testing.assert_allclose(to_np(y), [[0, 0, 0.5, 1, 1]], atol=1e-30)
+    numpy.testing.assert_allclose(to_np(p), [[0, 0, 0, 0, 1]], atol=1e-30)
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_float32_stays_float32(xp, make):
+    layer = make(numpy.float32)
+    y = layer.forward(randn(xp, 2, 3, 4, dtype=numpy.float32))
+    dx = layer.backward(xp.ones_like(y))
+    assert y.dtype == numpy.float32 and dx.dtype == numpy.float32
+
+
+def test_get_activation_names_instances_and_errors():
+    assert isinstance(get_activation(None, "Owner", F64), minidl.Identity)
+    assert isinstance(get_activation("ReLU", "Owner", F64), minidl.ReLU)
+    assert isinstance(get_activation("linear", "Owner", F64), minidl.Identity)
+    layer = minidl.Tanh()
+    assert get_activation(layer, "Owner", F64) is layer
+    with pytest.raises(ValueError, match="Owner: activation must be.*'gelu'"):
+        get_activation("gelu", "Owner", F64)
+
+
+def test_softmax_axis_out_of_range_is_rejected(xp):
+    with pytest.raises(ValueError, match=r"Softmax: axis 2.*2-D.*\(3, 4\)"):
+        minidl.Softmax(axis=2).forward(xp.zeros((3, 4), dtype=numpy.float32))

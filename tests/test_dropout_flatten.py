@@ -1,0 +1,115 @@
+"""Dropout (statistics, mask reuse, eval, seeds) and Flatten (shapes, gradient)."""
+import math
+
+import numpy
+import pytest
+
+import minidl
+from conftest import randn, to_np
+
+F64 = numpy.float64
+
+
+# -- Dropout --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
+def test_dropout_keeps_the_mean_and_drops_a_fraction_p(xp, p):
+    x = xp.ones((200, 500), dtype=numpy.float32)
+    y = to_np(minidl.Dropout(p, seed=0).forward(x))
+    size = y.size                                        # 5-sigma bounds for 100k draws
+    assert abs((y == 0).mean() - p) < 5 * math.sqrt(p * (1 - p) / size)
+    assert abs(y.mean() - 1) < 5 * math.sqrt(p / (1 - p) / size)
+    kept = y[y != 0]
+    numpy.testing.assert_allclose(kept, 1 / (1 - p), rtol=1e-6)   # inverted scaling
+
+
+def test_dropout_backward_reuses_the_forward_mask(xp):
+    layer = minidl.Dropout(0.5, seed=1, dtype=F64)
+    x = randn(xp, 30, 40, seed=2) + 5                    # never 0, so y / x is the mask
+    y = layer.forward(x)
+    dy = randn(xp, 30, 40, seed=3)
+    mask = to_np(y) / to_np(x)
+    numpy.testing.assert_allclose(to_np(layer.backward(dy)), to_np(dy) * mask, rtol=1e-14)
+    numpy.testing.assert_allclose(to_np(layer.backward(dy)), to_np(dy) * mask, rtol=1e-14)
+
+
+def test_dropout_is_the_identity_at_eval_and_for_p_zero(xp):
+    x, dy = randn(xp, 4, 5, seed=1), randn(xp, 4, 5, seed=2)
+    for layer, training in [(minidl.Dropout(0.5, dtype=F64), False),
+                            (minidl.Dropout(0.0, dtype=F64), True)]:
+        numpy.testing.assert_array_equal(to_np(layer.forward(x, training=training)), to_np(x))
+        numpy.testing.assert_array_equal(to_np(layer.backward(dy)), to_np(dy))
+        assert minidl.gradcheck(layer, x, training=training) < 1e-6
+
+
+def test_dropout_seed_reproduces_masks_and_each_forward_draws_a_new_one(xp):
+    x = xp.ones((50, 50), dtype=numpy.float32)
+    a, b, c = minidl.Dropout(0.5, seed=3), minidl.Dropout(0.5, seed=3), minidl.Dropout(0.5, seed=4)
+    first_a, first_b = to_np(a.forward(x)), to_np(b.forward(x))
+    numpy.testing.assert_array_equal(first_a, first_b)
+    numpy.testing.assert_array_equal(to_np(a.forward(x)), to_np(b.forward(x)))
+    assert not numpy.array_equal(first_a, to_np(a.forward(x)))
+    assert not numpy.array_equal(first_a, to_np(c.forward(x)))
+
+
+def test_dropout_without_seed_follows_manual_seed(xp):
+    x = xp.ones((20, 20), dtype=numpy.float32)
+    minidl.manual_seed(5)
+    a = to_np(minidl.Dropout(0.5).forward(x))
+    minidl.manual_seed(5)
+    numpy.testing.assert_array_equal(to_np(minidl.Dropout(0.5).forward(x)), a)
+
+
+def test_dropout_float32_stays_float32(xp):
+    layer = minidl.Dropout(0.3)
+    y = layer.forward(randn(xp, 8, 9, dtype=numpy.float32))
+    assert y.dtype == numpy.float32 and layer.backward(xp.ones_like(y)).dtype == numpy.float32
+    assert layer.output_shape((8, 9)) == (8, 9)
+
+
+def test_dropout_bad_arguments_are_rejected(xp):
+    for p in [1.0, -0.1, 1.5]:
+        with pytest.raises(ValueError, match=rf"Dropout: p must be in \[0, 1\), got {p}"):
+            minidl.Dropout(p)
+    with pytest.raises(TypeError, match="Dropout: p must be a number"):
+        minidl.Dropout("0.5")
+    with pytest.raises(RuntimeError, match="before forward"):
+        minidl.Dropout().backward(xp.zeros(3, dtype=numpy.float32))
+    assert repr(minidl.Dropout(0.25, seed=1)) == "Dropout(p=0.25, seed=1)"
+
+
+# -- Flatten --------------------------------------------------------------------------------
+
+def test_flatten_shapes_and_gradient(xp):
+    layer = minidl.Flatten(dtype=F64)
+    x = randn(xp, 2, 3, 4, 5, seed=1)
+    y = layer.forward(x)
+    assert y.shape == (2, 60) == layer.output_shape(x.shape)
+    numpy.testing.assert_array_equal(to_np(y), to_np(x).reshape(2, 60))   # C, H, W order
+    dy = randn(xp, 2, 60, seed=2)
+    numpy.testing.assert_array_equal(to_np(layer.backward(dy)), to_np(dy).reshape(2, 3, 4, 5))
+    assert minidl.gradcheck(layer, randn(xp, 2, 3, 2, seed=3)) < 1e-6
+
+
+def test_flatten_of_a_non_contiguous_input(xp):
+    x = randn(xp, 3, 2, 4, 5, seed=1).transpose(1, 0, 2, 3)     # like Conv2D's output view
+    layer = minidl.Flatten(dtype=F64)
+    numpy.testing.assert_array_equal(to_np(layer.forward(x)), to_np(x).reshape(2, -1))
+    assert layer.backward(xp.ones((2, 60))).shape == (2, 3, 4, 5)
+
+
+def test_flatten_matches_torch(xp):
+    torch = pytest.importorskip("torch")
+    x = randn(xp, 2, 3, 4, 5, dtype=numpy.float32)
+    expected = torch.nn.Flatten()(torch.tensor(to_np(x))).numpy()
+    y = minidl.Flatten().forward(x)
+    assert y.dtype == numpy.float32
+    numpy.testing.assert_array_equal(to_np(y), expected)
+
+
+def test_flatten_bad_input_is_rejected(xp):
+    with pytest.raises(ValueError, match=r"Flatten: expected an input of shape \(N, \.\.\.\)"
+                                         r".*\(5,\)"):
+        minidl.Flatten().forward(xp.zeros(5, dtype=numpy.float32))
+    with pytest.raises(RuntimeError, match="before forward"):
+        minidl.Flatten().backward(xp.zeros((2, 3), dtype=numpy.float32))

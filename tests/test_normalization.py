@@ -1,0 +1,172 @@
+"""BatchNorm1D / BatchNorm2D: loop reference, gradcheck, PyTorch (running stats, eval), errors."""
+import numpy
+import pytest
+
+import minidl
+from conftest import randn, to_np
+from reference_layers import batchnorm_train_forward_backward
+
+F64 = numpy.float64
+
+# (layer class, input shape): 2-D, 1-D over (N, C) and 1-D over (N, C, L)
+SHAPES = [
+    pytest.param(minidl.BatchNorm2D, (3, 2, 3, 2), id="2d"),
+    pytest.param(minidl.BatchNorm1D, (5, 3), id="1d-NC"),
+    pytest.param(minidl.BatchNorm1D, (4, 3, 2), id="1d-NCL"),
+]
+
+
+def with_random_affine(layer, xp, seed=7):
+    """gamma and beta away from 1 and 0, so a swapped or missing term shows."""
+    rng = numpy.random.default_rng(seed)
+    c = layer.num_features
+    layer.weight.data = xp.asarray(rng.uniform(0.5, 2.0, c))
+    layer.bias.data = xp.asarray(rng.standard_normal(c))
+    return layer
+
+
+def with_random_running_stats(layer, xp, seed=8):
+    rng = numpy.random.default_rng(seed)
+    c = layer.num_features
+    layer.running_mean = xp.asarray(rng.standard_normal(c))
+    layer.running_var = xp.asarray(rng.uniform(0.5, 2.0, c))
+    return layer
+
+
+# -- against the loop reference (1e-10) ------------------------------------------------
+
+@pytest.mark.parametrize("cls, shape", SHAPES)
+def test_training_matches_loop_reference(xp, cls, shape):
+    bn = with_random_affine(cls(shape[1], dtype=F64), xp)
+    x, dy = randn(xp, *shape) * 3 + 1, randn(xp, *shape, seed=1)
+    y = bn.forward(x, training=True)
+    dx = bn.backward(dy)
+    y_ref, dx_ref, dgamma, dbeta, mean, var = batchnorm_train_forward_backward(
+        to_np(x), to_np(bn.weight.data), to_np(bn.bias.data), to_np(dy), bn.eps)
+    for got, want in [(y, y_ref), (dx, dx_ref), (bn.weight.grad, dgamma), (bn.bias.grad, dbeta)]:
+        numpy.testing.assert_allclose(to_np(got), want, rtol=0, atol=1e-10)
+    m = x.size // shape[1]                               # running stats after one step
+    numpy.testing.assert_allclose(to_np(bn.running_mean), 0.1 * mean, rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(to_np(bn.running_var), 0.9 + 0.1 * var * m / (m - 1),
+                                  rtol=0, atol=1e-12)
+
+
+def test_eval_uses_running_statistics(xp):
+    bn = with_random_running_stats(with_random_affine(minidl.BatchNorm2D(2, dtype=F64), xp), xp)
+    x, dy = randn(xp, 3, 2, 2, 2), randn(xp, 3, 2, 2, 2, seed=1)
+    y, dx = bn.forward(x, training=False), bn.backward(dy)
+
+    def per_channel(a):
+        return to_np(a).reshape(1, 2, 1, 1)
+
+    s = 1 / numpy.sqrt(per_channel(bn.running_var) + bn.eps)
+    gamma, beta = per_channel(bn.weight.data), per_channel(bn.bias.data)
+    expected = gamma * (to_np(x) - per_channel(bn.running_mean)) * s + beta
+    numpy.testing.assert_allclose(to_np(y), expected, rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(to_np(dx), gamma * s * to_np(dy), rtol=0, atol=1e-12)
+    assert int(bn.num_batches_tracked) == 0                 # eval leaves the stats alone
+
+
+# -- finite differences ------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls, shape", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck(xp, cls, shape, training):
+    bn = with_random_running_stats(with_random_affine(cls(shape[1], dtype=F64), xp), xp)
+    # seed=3: gradcheck draws its dy from seed 0, and dy = (x - 0.5)/2 would make dx = 0
+    x = randn(xp, *shape, seed=3) * 2 + 0.5
+    assert minidl.gradcheck(bn, x, training=training) < 1e-6
+
+
+def test_gradcheck_without_affine(xp):
+    bn = minidl.BatchNorm2D(3, affine=False, dtype=F64)
+    assert bn.parameters() == []
+    assert minidl.gradcheck(bn, randn(xp, 2, 3, 2, 3, seed=3)) < 1e-6
+
+
+# -- against PyTorch -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls, shape", SHAPES)
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+def test_matches_torch_over_several_steps_then_eval(xp, cls, shape, momentum):
+    torch = pytest.importorskip("torch")
+    torch_cls = {minidl.BatchNorm2D: torch.nn.BatchNorm2d,
+                 minidl.BatchNorm1D: torch.nn.BatchNorm1d}[cls]
+    c = shape[1]
+    ours = with_random_affine(cls(c, momentum=momentum, eps=1e-3, dtype=F64), xp)
+    theirs = torch_cls(c, momentum=momentum, eps=1e-3).double()
+    with torch.no_grad():
+        theirs.weight.copy_(torch.tensor(to_np(ours.weight.data)))
+        theirs.bias.copy_(torch.tensor(to_np(ours.bias.data)))
+
+    def compare(x, dy, training):
+        ours.zero_grad()
+        theirs.zero_grad()
+        theirs.train(training)
+        y, dx = ours.forward(x, training=training), ours.backward(dy)
+        xt = torch.tensor(to_np(x), requires_grad=True)
+        yt = theirs(xt)
+        yt.backward(torch.tensor(to_np(dy)))
+        pairs = [(y, yt), (dx, xt.grad), (ours.weight.grad, theirs.weight.grad),
+                 (ours.bias.grad, theirs.bias.grad), (ours.running_mean, theirs.running_mean),
+                 (ours.running_var, theirs.running_var)]
+        for got, want in pairs:
+            numpy.testing.assert_allclose(to_np(got), want.detach().numpy(), rtol=1e-10, atol=1e-10)
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+
+    for step in range(4):
+        compare(randn(xp, *shape, seed=step) * (step + 1) + step, randn(xp, *shape, seed=10 + step),
+                training=True)
+    compare(randn(xp, *shape, seed=20), randn(xp, *shape, seed=21), training=False)
+
+
+def test_state_dict_has_torch_keys_and_round_trips(xp):
+    torch = pytest.importorskip("torch")
+    bn = minidl.BatchNorm2D(3)
+    bn.forward(randn(xp, 4, 3, 2, 2, dtype=numpy.float32))
+    state = bn.state_dict()
+    assert set(state) == set(torch.nn.BatchNorm2d(3).state_dict())
+    fresh = minidl.BatchNorm2D(3)
+    fresh.load_state_dict(state)
+    for key, value in fresh.state_dict().items():
+        numpy.testing.assert_array_equal(value, state[key])
+
+
+# -- dtype, shapes, errors --------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls, shape", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_float32_stays_float32(xp, cls, shape, training):
+    bn = cls(shape[1])
+    x = randn(xp, *shape, dtype=numpy.float32)
+    y = bn.forward(x, training=training)
+    dx = bn.backward(xp.ones_like(y))
+    arrays = [y, dx, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
+    assert all(a.dtype == numpy.float32 for a in arrays)
+    assert bn.output_shape(shape) == shape
+
+
+def test_bad_input_is_rejected(xp):
+    bn2, bn1 = minidl.BatchNorm2D(3), minidl.BatchNorm1D(4)
+    with pytest.raises(ValueError, match=r"BatchNorm2D.*\(N, C, H, W\).*C=3.*\(2, 4, 5, 5\)"):
+        bn2.forward(xp.zeros((2, 4, 5, 5), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=r"BatchNorm2D.*C=3.*\(2, 3\)"):
+        bn2.forward(xp.zeros((2, 3), dtype=numpy.float32))
+    with pytest.raises(ValueError,
+                       match=r"BatchNorm1D.*\(N, C\) or \(N, C, L\).*C=4.*\(2, 4, 1, 1\)"):
+        bn1.forward(xp.zeros((2, 4, 1, 1), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=r"BatchNorm1D.*more than one value per channel.*\(1, 4\)"):
+        bn1.forward(xp.zeros((1, 4), dtype=numpy.float32))
+    bn1.forward(xp.zeros((1, 4), dtype=numpy.float32), training=False)   # fine in eval
+    with pytest.raises(RuntimeError, match="before forward"):
+        minidl.BatchNorm1D(4).backward(xp.zeros((2, 4), dtype=numpy.float32))
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="BatchNorm2D.*momentum.*1.5"):
+        minidl.BatchNorm2D(3, momentum=1.5)
+    with pytest.raises(ValueError, match="BatchNorm1D.*eps"):
+        minidl.BatchNorm1D(3, eps=0)
+    with pytest.raises(ValueError, match="BatchNorm1D.*num_features"):
+        minidl.BatchNorm1D(0)
+    assert repr(minidl.BatchNorm2D(3)) == "BatchNorm2D(3, momentum=0.1, eps=1e-05)"

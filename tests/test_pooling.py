@@ -1,0 +1,210 @@
+"""MaxPool2D, AvgPool2D, GlobalAvgPool2D: loop reference, gradcheck, PyTorch, errors."""
+import numpy
+import pytest
+
+import minidl
+from conftest import randn, to_np
+from reference_layers import avgpool_forward_backward, maxpool_forward_backward
+
+F64 = numpy.float64
+
+# (kernel_size, stride, padding, (H, W)): what each case exercises
+CASES = [
+    pytest.param(2, None, 0, (8, 6), id="fast-path-2x2"),
+    pytest.param(2, None, 0, (7, 9), id="fast-path-floor-crops"),
+    pytest.param(3, 3, 1, (7, 8), id="tiles-with-padding"),
+    pytest.param(2, 3, 0, (8, 7), id="gaps-stride>kernel"),
+    pytest.param(3, 1, 0, (5, 6), id="overlap-stride1"),
+    pytest.param(3, 2, 1, (7, 8), id="overlap-and-padding"),
+    pytest.param((2, 3), (1, 2), (1, 1), (6, 7), id="rectangular"),
+]
+
+
+def distinct_values(xp, shape, seed=0):
+    """A shuffled grid with gaps of 0.1: no ties, and eps-sized nudges never reorder."""
+    values = numpy.random.default_rng(seed).permutation(int(numpy.prod(shape))) * 0.1
+    return xp.asarray((values - values.mean()).reshape(shape))
+
+
+def tied_values(xp, shape, seed=0):
+    """Small integers: most windows hold their maximum more than once."""
+    return xp.asarray(numpy.random.default_rng(seed).integers(0, 3, shape).astype(F64))
+
+
+def as_pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+def run(layer, x, dy):
+    y = layer.forward(x)
+    return y, layer.backward(dy)
+
+
+# -- against the loop reference (1e-10) ------------------------------------------------
+
+@pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
+@pytest.mark.parametrize("values", [distinct_values, tied_values])
+def test_maxpool_matches_loop_reference(xp, kernel, stride, padding, hw, values):
+    x = values(xp, (2, 3) + hw)
+    pool = minidl.MaxPool2D(kernel, stride, padding, dtype=F64)
+    dy = randn(xp, *pool.output_shape(x.shape), seed=1)
+    y, dx = run(pool, x, dy)
+    k, s, p = as_pair(kernel), as_pair(stride or kernel), as_pair(padding)
+    y_ref, dx_ref = maxpool_forward_backward(to_np(x), to_np(dy), k, s, p)
+    numpy.testing.assert_allclose(to_np(y), y_ref, rtol=0, atol=1e-10)
+    numpy.testing.assert_allclose(to_np(dx), dx_ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
+def test_avgpool_matches_loop_reference(xp, kernel, stride, padding, hw):
+    x = randn(xp, 2, 3, *hw)
+    pool = minidl.AvgPool2D(kernel, stride, padding, dtype=F64)
+    dy = randn(xp, *pool.output_shape(x.shape), seed=1)
+    y, dx = run(pool, x, dy)
+    k, s, p = as_pair(kernel), as_pair(stride or kernel), as_pair(padding)
+    y_ref, dx_ref = avgpool_forward_backward(to_np(x), to_np(dy), k, s, p)
+    numpy.testing.assert_allclose(to_np(y), y_ref, rtol=0, atol=1e-10)
+    numpy.testing.assert_allclose(to_np(dx), dx_ref, rtol=0, atol=1e-10)
+
+
+def test_maxpool_gives_each_window_gradient_to_one_element(xp):
+    x = xp.ones((1, 1, 4, 4), dtype=F64)                   # every element ties
+    pool = minidl.MaxPool2D(2, dtype=F64)
+    dx = to_np(run(pool, x, xp.ones((1, 1, 2, 2), dtype=F64))[1])
+    expected = numpy.zeros((4, 4))
+    expected[::2, ::2] = 1                                  # the top-left: first in order
+    numpy.testing.assert_array_equal(dx[0, 0], expected)
+
+
+def test_backward_twice_gives_the_same_gradient(xp):
+    pool = minidl.MaxPool2D(3, 2, 1, dtype=F64)
+    x = tied_values(xp, (2, 2, 7, 7))
+    dy = randn(xp, *pool.output_shape(x.shape), seed=1)
+    pool.forward(x)
+    numpy.testing.assert_array_equal(to_np(pool.backward(dy)), to_np(pool.backward(dy)))
+
+
+# -- finite differences ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
+def test_maxpool_gradcheck(xp, kernel, stride, padding, hw):
+    pool = minidl.MaxPool2D(kernel, stride, padding, dtype=F64)
+    assert minidl.gradcheck(pool, distinct_values(xp, (2, 2) + hw)) < 1e-6
+
+
+@pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
+def test_avgpool_gradcheck(xp, kernel, stride, padding, hw):
+    pool = minidl.AvgPool2D(kernel, stride, padding, dtype=F64)
+    assert minidl.gradcheck(pool, randn(xp, 2, 2, *hw, seed=3)) < 1e-6
+
+
+def test_global_avgpool_gradcheck_and_values(xp):
+    pool = minidl.GlobalAvgPool2D(dtype=F64)
+    x = randn(xp, 3, 4, 5, 6, seed=3)
+    numpy.testing.assert_allclose(to_np(pool.forward(x)), to_np(x).mean(axis=(2, 3)),
+                                  rtol=0, atol=1e-12)
+    assert minidl.gradcheck(pool, x) < 1e-6
+
+
+# -- against PyTorch -----------------------------------------------------------------------
+
+def torch_pool(kind, x, dy, kernel, stride, padding):
+    torch = pytest.importorskip("torch")
+    xt = torch.tensor(to_np(x), requires_grad=True)
+    fn = {"max": torch.nn.functional.max_pool2d,
+          "avg": torch.nn.functional.avg_pool2d}[kind]
+    yt = fn(xt, kernel, stride, padding)
+    yt.backward(torch.tensor(to_np(dy)))
+    return yt.detach().numpy(), xt.grad.numpy()
+
+
+@pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
+@pytest.mark.parametrize("values", [distinct_values, tied_values])
+def test_maxpool_matches_torch_including_ties(xp, kernel, stride, padding, hw, values):
+    x = values(xp, (2, 3) + hw, seed=5)
+    pool = minidl.MaxPool2D(kernel, stride, padding, dtype=F64)
+    dy = randn(xp, *pool.output_shape(x.shape), seed=2)
+    y, dx = run(pool, x, dy)
+    y_t, dx_t = torch_pool("max", x, dy, kernel, stride or kernel, padding)
+    numpy.testing.assert_allclose(to_np(y), y_t, rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(to_np(dx), dx_t, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
+def test_avgpool_matches_torch(xp, kernel, stride, padding, hw):
+    x = randn(xp, 2, 3, *hw, seed=5)
+    pool = minidl.AvgPool2D(kernel, stride, padding, dtype=F64)
+    dy = randn(xp, *pool.output_shape(x.shape), seed=2)
+    y, dx = run(pool, x, dy)
+    y_t, dx_t = torch_pool("avg", x, dy, kernel, stride or kernel, padding)
+    numpy.testing.assert_allclose(to_np(y), y_t, rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(to_np(dx), dx_t, rtol=0, atol=1e-12)
+
+
+def test_global_avgpool_matches_torch(xp):
+    torch = pytest.importorskip("torch")
+    x, dy = randn(xp, 2, 3, 4, 5), randn(xp, 2, 3, seed=1)
+    pool = minidl.GlobalAvgPool2D(dtype=F64)
+    y, dx = run(pool, x, dy)
+    xt = torch.tensor(to_np(x), requires_grad=True)
+    yt = torch.nn.functional.adaptive_avg_pool2d(xt, 1).flatten(1)
+    yt.backward(torch.tensor(to_np(dy)))
+    numpy.testing.assert_allclose(to_np(y), yt.detach().numpy(), rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(to_np(dx), xt.grad.numpy(), rtol=0, atol=1e-12)
+
+
+# -- dtype, shapes, errors --------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", [lambda: minidl.MaxPool2D(2), lambda: minidl.MaxPool2D(3, 2, 1),
+                                   lambda: minidl.AvgPool2D(2), lambda: minidl.AvgPool2D(3, 1, 1),
+                                   minidl.GlobalAvgPool2D])
+def test_float32_stays_float32(xp, layer):
+    pool = layer()
+    x = randn(xp, 2, 3, 8, 8, dtype=numpy.float32)
+    y = pool.forward(x)
+    dx = pool.backward(xp.ones_like(y))
+    assert y.dtype == numpy.float32 and dx.dtype == numpy.float32
+    assert dx.shape == x.shape
+
+
+@pytest.mark.parametrize("cls", [minidl.MaxPool2D, minidl.AvgPool2D])
+def test_stride_defaults_to_kernel_and_output_shape_matches_forward(xp, cls):
+    pool = cls((2, 3))
+    assert pool.stride == (2, 3)
+    x = randn(xp, 2, 3, 9, 10, dtype=numpy.float32)
+    assert pool.output_shape(x.shape) == pool.forward(x).shape == (2, 3, 4, 3)
+    assert minidl.GlobalAvgPool2D().output_shape((2, 3, 9, 10)) == (2, 3)
+
+
+@pytest.mark.parametrize("cls", [minidl.MaxPool2D, minidl.AvgPool2D])
+def test_padding_over_half_the_kernel_is_rejected(cls):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}.*padding.*\(2, 2\).*\(3, 3\)"):
+        cls(3, padding=2)
+    cls(4, padding=2)                                         # exactly half is allowed
+
+
+@pytest.mark.parametrize("cls", [minidl.MaxPool2D, minidl.AvgPool2D])
+def test_input_smaller_than_the_window_is_rejected(xp, cls):
+    pool = cls(3)
+    with pytest.raises(ValueError, match=rf"{cls.__name__}.*3x3.*2x5.*\(1, 1, 2, 5\)"):
+        pool.forward(xp.zeros((1, 1, 2, 5), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=rf"{cls.__name__}.*4-D.*\(2, 5\)"):
+        pool.forward(xp.zeros((2, 5), dtype=numpy.float32))
+
+
+def test_bad_arguments_are_rejected(xp):
+    with pytest.raises(TypeError, match="MaxPool2D.*kernel_size"):
+        minidl.MaxPool2D(2.5)
+    with pytest.raises(ValueError, match="AvgPool2D.*stride"):
+        minidl.AvgPool2D(2, stride=0)
+    with pytest.raises(ValueError, match="GlobalAvgPool2D.*4-D"):
+        minidl.GlobalAvgPool2D().forward(xp.zeros((2, 3), dtype=numpy.float32))
+    with pytest.raises(TypeError, match="MaxPool2D"):
+        minidl.MaxPool2D(2).forward([[1.0]])
+    with pytest.raises(RuntimeError, match="before forward"):
+        minidl.MaxPool2D(2).backward(xp.zeros((1, 1, 1, 1), dtype=numpy.float32))
+
+
+def test_repr():
+    assert (repr(minidl.MaxPool2D(2))
+            == "MaxPool2D(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0))")

@@ -1,0 +1,183 @@
+"""The training loop: it learns, reports, calls back, stops clearly, reproduces."""
+import csv
+
+import numpy as np
+import pytest
+
+import minidl
+from minidl import (SGD, Adam, Conv2D, CSVLogger, DataLoader, Dense, EarlyStopping, Flatten,
+                    MaxPool2D, ModelCheckpoint, Sequential, SoftmaxCrossEntropy, Trainer)
+
+
+def oriented_bars(n, size=12, seed=0):
+    """Images of one bar - horizontal, vertical, diagonal or anti-diagonal - in noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    images = rng.normal(0, 0.3, (n, 1, size, size)).astype(np.float32)
+    for img, label in zip(images, labels):
+        k = rng.integers(2, size - 2)
+        idx = np.arange(size)
+        rows, cols = {0: (np.full(size, k), idx), 1: (idx, np.full(size, k)),
+                      2: (idx, idx), 3: (idx, size - 1 - idx)}[label]
+        img[0, rows, cols] += 1.0
+    return images, labels
+
+
+def bar_model():
+    return Sequential(Conv2D(1, 8, 3, padding=1, activation="relu"), MaxPool2D(2),
+                      Conv2D(8, 8, 3, padding=1, activation="relu"), MaxPool2D(2),
+                      Flatten(), Dense(8 * 3 * 3, 4))
+
+
+def make_trainer(model, lr=3e-3, **kwargs):
+    return Trainer(model, SoftmaxCrossEntropy(), Adam(model.parameters(), lr=lr),
+                   verbose=0, **kwargs)
+
+
+def test_small_cnn_learns_oriented_bars():
+    x, y = oriented_bars(1200)
+    xv, yv = oriented_bars(300, seed=1)
+    model = bar_model()
+    trainer = make_trainer(model)
+    history = trainer.fit(DataLoader(x, y, 32, seed=0), epochs=4,
+                          val=DataLoader(xv, yv, 100, shuffle=False))
+    assert history.epochs == 4
+    assert history["val_accuracy"][-1] > 0.95, history.history
+    assert history["loss"][-1] < history["loss"][0]
+    assert trainer.evaluate(DataLoader(xv, yv, 100, shuffle=False))["accuracy"] > 0.95
+    assert (model.predict(xv).argmax(1) == yv).mean() > 0.95
+
+
+def test_progress_bar_and_epoch_lines(capsys):
+    x, y = oriented_bars(64)
+    model = bar_model()
+    Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.01)).fit(
+        DataLoader(x, y, 16), epochs=1)
+    out = capsys.readouterr()
+    assert "Epoch 1/1" in out.err and "img_s" in out.err and "accuracy" in out.err
+    assert "epoch 1/1: loss=" in out.out
+
+
+def test_verbose_zero_is_silent(capsys):
+    x, y = oriented_bars(32)
+    make_trainer(bar_model()).fit(DataLoader(x, y, 16), epochs=1)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+
+
+def test_same_seed_same_weights_after_training():
+    def run():
+        minidl.manual_seed(5)
+        x, y = oriented_bars(96)
+        model = Sequential(bar_model().layers + [minidl.Dropout(0.2)])
+        make_trainer(model).fit(DataLoader(x, y, 16), epochs=2)
+        return model.state_dict()
+
+    a, b = run(), run()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
+    x, y = oriented_bars(128)
+    model = bar_model()
+    trainer = make_trainer(model)
+    ckpt = tmp_path / "best.npz"
+    trainer.fit(DataLoader(x, y, 32), epochs=1, val=DataLoader(x, y, 64),
+                callbacks=[ModelCheckpoint(ckpt)])
+    good = ckpt.read_bytes()
+    x_bad = x.copy()
+    x_bad[40] = np.nan
+    with pytest.raises(FloatingPointError, match=r"loss became nan at epoch 1, batch 2"):
+        trainer.fit(DataLoader(x_bad, y, 32, shuffle=False), epochs=1,
+                    callbacks=[ModelCheckpoint(ckpt)])
+    assert ckpt.read_bytes() == good
+
+
+def test_early_stopping_and_restore_best():
+    x, y = oriented_bars(64)
+    model = bar_model()
+    trainer = make_trainer(model, lr=0.0)  # nothing improves
+    stop = EarlyStopping(monitor="loss", patience=2, restore_best_weights=True)
+    history = trainer.fit(DataLoader(x, y, 32, shuffle=False), epochs=10, callbacks=[stop])
+    assert history.epochs == 3 and stop.stopped_epoch == 2
+    with pytest.raises(ValueError, match="'val_loss' is not logged"):
+        trainer.fit(DataLoader(x, y, 32), epochs=1, callbacks=[EarlyStopping()])
+
+
+def test_model_checkpoint_saves_best_only(tmp_path):
+    x, y = oriented_bars(64)
+    model = bar_model()
+    saves = []
+    real_save = model.save
+    model.save = lambda path: saves.append(path) or real_save(path)
+    frozen = make_trainer(model, lr=0.0)  # the loss never improves after epoch 1
+    frozen.fit(DataLoader(x, y, 32), epochs=3, callbacks=[ModelCheckpoint(tmp_path / "m.npz",
+                                                                          monitor="loss")])
+    assert len(saves) == 1
+    every = ModelCheckpoint(tmp_path / "m.npz", monitor="loss", save_best_only=False)
+    frozen.fit(DataLoader(x, y, 32), epochs=2, callbacks=[every])
+    assert len(saves) == 3
+    restored = bar_model().load(tmp_path / "m.npz")
+    np.testing.assert_array_equal(restored.predict(x), model.predict(x))
+
+
+def test_csv_logger(tmp_path):
+    x, y = oriented_bars(64)
+    path = tmp_path / "logs" / "history.csv"
+    make_trainer(bar_model()).fit(DataLoader(x, y, 32), epochs=2, callbacks=[CSVLogger(path)])
+    rows = list(csv.DictReader(path.open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"loss", "accuracy", "lr", "time"} <= set(rows[0])
+
+
+def test_scheduler_steps_once_per_epoch():
+    x, y = oriented_bars(32)
+    model = bar_model()
+    opt = SGD(model.parameters(), lr=0.1)
+    sched = minidl.StepLR(opt, step_size=1, gamma=0.5)
+    history = Trainer(model, SoftmaxCrossEntropy(), opt, scheduler=sched, verbose=0).fit(
+        DataLoader(x, y, 16), epochs=3)
+    assert history["lr"] == pytest.approx([0.1, 0.05, 0.025])
+
+
+def test_gradient_clipping_is_applied():
+    x, y = oriented_bars(32)
+    model = bar_model()
+    trainer = make_trainer(model, clip_grad_norm=1e-3)
+    before = model.state_dict()
+    trainer.optimizer = SGD(model.parameters(), lr=1.0)
+    trainer.train_step(x[:16], y[:16])
+    change = np.sqrt(sum(((model.state_dict()[k] - v) ** 2).sum() for k, v in before.items()))
+    assert change == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_unknown_metric_and_device_mismatch():
+    model = bar_model()
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.1), metrics=("f1",))
+    model.device = "gpu"  # as if moved; batches come from the numpy backend
+    x, y = oriented_bars(8)
+    with pytest.raises(ValueError, match="model is on the gpu but batches come on the cpu"):
+        make_trainer(model).fit(DataLoader(x, y, 4), epochs=1)
+
+
+def test_dataloader_batches_shuffle_and_errors():
+    x, y = np.arange(10).reshape(10, 1), np.arange(10)
+    loader = DataLoader(x, y, batch_size=4, shuffle=False)
+    assert len(loader) == 3
+    assert [len(b) for b, _ in loader] == [4, 4, 2]
+    assert len(DataLoader(x, y, 4, drop_last=True)) == 2
+    seen = np.concatenate([yb for _, yb in DataLoader(x, y, 4, seed=1)])
+    assert sorted(seen) == list(range(10)) and list(seen) != list(range(10))
+    for xb, yb in DataLoader(x, y, 3, seed=2):
+        np.testing.assert_array_equal(xb[:, 0], yb)  # pairs stay together
+    a = [yb.tolist() for _, yb in DataLoader(x, y, 4, seed=3)]
+    b = [yb.tolist() for _, yb in DataLoader(x, y, 4, seed=3)]
+    assert a == b
+    scaled = next(iter(DataLoader(x, y, 4, shuffle=False, transform=lambda v: v / 10)))[0]
+    np.testing.assert_allclose(scaled[:, 0], [0, 0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="same length, got 10 and 9"):
+        DataLoader(x, y[:9])
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        DataLoader(x, y, 0)
