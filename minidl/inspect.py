@@ -1,14 +1,20 @@
 """Looking inside a network: the summary table (shapes, parameters, receptive
-field, FLOPs).
+field, FLOPs) and ``GradientRecorder`` (docs/architecture.md, "Inspection").
 
 Receptive field: a layer with kernel k and stride s seen through the layers
 before it, whose outputs are ``jump`` input pixels apart, sees
 ``rf + (k - 1) * jump`` input pixels, and its outputs are ``jump * s`` apart.
+Layers without a kernel keep (rf, jump), except those that mix every position
+(Dense, GlobalAvgPool2D): from them on each output sees the whole input, "all".
 
 ``GradientRecorder`` uses the layers' hooks (``Layer.register_hook``) to record
 activation and gradient statistics while a Trainer fits.
 """
 from .callbacks import Callback
+from .layers.dense import Dense
+from .layers.pooling import GlobalAvgPool2D
+
+ALL = None  # the receptive field of a layer that sees the whole input
 
 
 def summary_table(model, input_shape):
@@ -29,7 +35,8 @@ def summary_table(model, input_shape):
         total_params += params
         total_flops += flops
         rows.append((f"{i}: {type(layer).__name__}", str(shape[1:]), f"{params:,}",
-                     f"{rf[0]}x{rf[1]}", _human(flops)))
+                     "all" if rf is ALL else f"{rf[0]}x{rf[1]}",
+                     _human(flops) if flops else "-"))
     header = ("Layer", "Output shape", "Params", "Recept. field", "FLOPs/sample")
     widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header))]
 
@@ -45,7 +52,10 @@ def summary_table(model, input_shape):
 
 
 def receptive_field_step(layer, rf, jump):
-    """(rf, jump) after ``layer``, for layers with ``kernel_size`` and ``stride``."""
+    """(rf, jump) after ``layer``: grown for layers with ``kernel_size`` and ``stride``,
+    ``ALL`` from a layer that mixes every position on, unchanged otherwise."""
+    if rf is ALL or isinstance(layer, (Dense, GlobalAvgPool2D)):
+        return ALL, jump
     kernel, stride = getattr(layer, "kernel_size", None), getattr(layer, "stride", None)
     if kernel is None or stride is None:
         return rf, jump
@@ -67,13 +77,19 @@ class GradientRecorder(Callback):
     (so they land in the History): ``grad_norm/<param>``, ``act_mean/<layer>``,
     ``act_std/<layer>``, ``dead_relu/<layer>`` (fraction of ReLU outputs that are 0).
 
-    Activations are sampled every ``every`` training batches (they cost a reduction
-    over each output); gradient norms are taken on every batch, right after each
-    layer's backward, so they are exactly the norms of ``.grad`` that the optimizer
-    then uses.
+    Activations are sampled on batches 0, ``every``, 2 ``every``, ... of each epoch
+    (they cost a reduction over each output), never in evaluation (``training=False``);
+    gradient norms are taken on every training batch, right after each layer's
+    backward, so they are the norms of the ``.grad`` the optimizer then uses (before
+    any ``clip_grad_norm``). ``model`` is a Sequential; its top-level layers are hooked.
     """
 
     def __init__(self, model, every=10):
+        if not hasattr(model, "layers"):
+            raise TypeError(f"GradientRecorder: expected a Sequential (a model with .layers), "
+                            f"got {type(model).__name__}")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"GradientRecorder: every must be a positive int, got {every!r}")
         self.model = model
         self.every = every
         self.epoch_logs = []        # one dict per epoch
@@ -85,6 +101,7 @@ class GradientRecorder(Callback):
     # -- hooks -------------------------------------------------------------------
     def on_train_begin(self, trainer):
         self.remove()
+        self._sums, self._counts, self._batch = {}, {}, 0
         prefixes = {id(layer): f"{i}:{type(layer).__name__}"
                     for i, layer in enumerate(self.model.layers)}
         for i, layer in enumerate(self.model.layers):
@@ -108,7 +125,7 @@ class GradientRecorder(Callback):
                 if p.grad is not None:
                     self._add(f"grad_norm/{index}.{pname}", grad_norm(p.grad))
             if index == 0:          # the last backward of a step
-                self._batch += 1
+                self._batch += 1    # (counted within the epoch: see on_epoch_end)
         return hook
 
     def _add(self, key, value):
@@ -120,7 +137,9 @@ class GradientRecorder(Callback):
         means = {k: self._sums[k] / self._counts[k] for k in self._sums}
         self.epoch_logs.append(means)
         logs.update(means)
-        self._sums, self._counts = {}, {}
+        # Restart the count, so every epoch samples batch 0 and logs the same keys
+        # (History lists stay aligned with epochs).
+        self._sums, self._counts, self._batch = {}, {}, 0
 
     def on_train_end(self, trainer):
         self.remove()
@@ -136,6 +155,20 @@ class GradientRecorder(Callback):
                        key=_natural)
         return {k[len("grad_norm/"):]: [logs.get(k, float("nan")) for logs in self.epoch_logs]
                 for k in names}
+
+
+def activation_table(logs):
+    """One epoch's activation statistics (a ``logs`` dict, e.g. ``history`` rows or
+    ``recorder.epoch_logs[-1]``) as text: one row per layer."""
+    layers = sorted({k.split("/", 1)[1] for k in logs if k.startswith("act_mean/")},
+                    key=lambda name: int(name.split(":")[0]))
+    rows = [("Layer", "act mean", "act std", "dead ReLU")]
+    for name in layers:
+        dead = logs.get(f"dead_relu/{name}")
+        rows.append((name, f"{logs[f'act_mean/{name}']:.4f}", f"{logs[f'act_std/{name}']:.4f}",
+                     "-" if dead is None else f"{dead:.1%}"))
+    widths = [max(len(r[k]) for r in rows) for k in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def grad_norm(g):

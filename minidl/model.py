@@ -47,8 +47,24 @@ class Sequential(Layer):
             x = layer(x, training=training)
         return x
 
-    def backward(self, dy):
-        for layer in reversed(self.layers):
+    def backward(self, dy, input_grad=True):
+        """Each layer's backward, last to first; returns dL/dx.
+
+        ``input_grad=False`` says the caller has no use for dL/dx (x is data, as in a
+        training step) and returns None. A first layer with an ``input_grad`` switch
+        (Conv2D, Dense) then skips that product, as PyTorch does for an input that
+        does not require grad; its backward hooks see dx = None."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if i == 0 and not input_grad:
+                if not hasattr(layer, "input_grad"):
+                    layer.backward_with_hooks(dy)
+                    return None
+                saved, layer.input_grad = layer.input_grad, False   # for this call only
+                try:
+                    return layer.backward_with_hooks(dy)
+                finally:
+                    layer.input_grad = saved
             dy = layer.backward_with_hooks(dy)
         return dy
 

@@ -14,12 +14,16 @@ def lenet5(num_classes=10):
 
 
 def mnist_cnn(num_classes=10):
-    """Two conv blocks (conv, batch norm, ReLU, 2x2 max pool) and a dropout MLP head:
-    the default model of ``minidl train``, >= 99.2% test accuracy on MNIST."""
+    """Two conv blocks (3x3 conv, batch norm, ReLU, 2x2 max pool) and an MLP head with
+    dropout: the default model of ``minidl train`` (>= 99.2% test accuracy on MNIST).
+
+    The convolutions have no bias: the batch norm after each subtracts the channel
+    mean, which would cancel any bias (its gradient is zero), and adds its own.
+    """
     return Sequential([
-        Conv2D(1, 32, 3, padding=1), BatchNorm2D(32), ReLU(), MaxPool2D(2),
-        Conv2D(32, 64, 3, padding=1), BatchNorm2D(64), ReLU(), MaxPool2D(2),
-        Flatten(), Dropout(0.25), Dense(64 * 7 * 7, 128, activation="relu"), Dropout(0.5),
+        Conv2D(1, 32, 3, padding=1, bias=False), BatchNorm2D(32), ReLU(), MaxPool2D(2),
+        Conv2D(32, 64, 3, padding=1, bias=False), BatchNorm2D(64), ReLU(), MaxPool2D(2),
+        Flatten(), Dense(64 * 7 * 7, 128, activation="relu"), Dropout(0.3),
         Dense(128, num_classes),
     ])
 

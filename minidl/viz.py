@@ -42,6 +42,7 @@ def plot_history(history, path):
                 ax.plot(range(1, len(values) + 1), values, style,
                         label=(prefix or "train_") + metric)
         ax.set_xlabel("epoch")
+        _integer_epochs(ax)
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -115,15 +116,23 @@ def plot_gradient_norms(norms, path):
     """Gradient norm per parameter per epoch: ``norms`` maps a name to a list."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, values in norms.items():
-        ax.plot(range(1, len(values) + 1), values, "-o", label=name, markersize=3)
+    colors = plt.get_cmap("tab20").colors  # enough distinct colours for ~20 parameters
+    for k, (name, values) in enumerate(norms.items()):
+        ax.plot(range(1, len(values) + 1), values, "-o", label=name, markersize=3,
+                color=colors[k % len(colors)])
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
+    _integer_epochs(ax)
     ax.set_ylabel("mean gradient L2 norm")
     ax.set_title("Gradient norm per parameter")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
+
+
+def _integer_epochs(ax):
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _grid(count):

@@ -16,6 +16,12 @@ With the column matrix of im2col.py, cols[(c,m,l), (n,i,j)] = A_pad[n, c, i*s1+m
 and W2 = W reshaped to (F, C*k1*k2), these become three matrix products:
 
     Z2 = W2 @ cols,   dW2 = dZ2 @ cols.T,   dcols = W2.T @ dZ2,   dA_pad = col2im(dcols)
+
+How they are computed (measured choices, docs/performance.md): cols is written into a
+buffer the layer keeps between calls, and backward reuses it for dcols; a row of ones
+at the end of cols carries the bias, so [W2 | b] @ [cols; 1] adds it and
+[cols; 1] @ dZ2.T gives [dW2 | db] transposed in one product each; 1x1 convolutions
+(stride 1, no padding) use the input itself as cols and need no col2im.
 """
 import math
 
@@ -24,7 +30,7 @@ from ..random import default_rng
 from .activations import get_activation
 from .arguments import as_pair, as_positive_int, padding_pairs
 from .base import Layer, Parameter
-from .im2col import col2im_add, conv_output_size, im2col, pad_channels_first
+from .im2col import channels_first, col2im_add, conv_output_size, im2col, pad_channels_first
 
 DEFAULT_IM2COL_BYTES = 256 * 2**20
 
@@ -37,8 +43,14 @@ class Conv2D(Layer):
     applied inside the layer. Weights ``weight`` (F, C, k1, k2) start He-normal
     (std sqrt(2 / (C*k1*k2))), biases ``bias`` (F,) at zero; seed with
     ``minidl.manual_seed``. The im2col buffer is built in batch chunks of at most
-    ``max_im2col_bytes``.
+    ``max_im2col_bytes`` (plus one row of ones for the bias) and kept between calls.
+
+    ``input_grad``: when False, ``backward`` computes only dW and db and returns None
+    (``Sequential.backward(dy, input_grad=False)`` sets it on its first layer, whose
+    input is data).
     """
+
+    input_grad = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  activation=None, bias=True, dtype=backend.float32,
@@ -57,6 +69,7 @@ class Conv2D(Layer):
         self.bias = Parameter(backend.zeros((self.out_channels,), self.dtype, self.device),
                               "bias") if bias else None
         self.cache = None
+        self._buffer = None           # reused storage for cols (and dcols); see _columns
 
     def _he_normal(self):
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
@@ -71,53 +84,119 @@ class Conv2D(Layer):
         n = x.shape[0]
         ho, wo = self._check_and_output_hw(x.shape)
         f = self.out_channels
-        x_pad_t = pad_channels_first(x, self.pads)
-        w2 = self.weight.data.reshape(f, -1)
-
         z_t = xp.empty((f, n, ho * wo), dtype=self.dtype)     # Z, channels first
-        chunks = self._batch_chunks(n, ho * wo)
-        cols = None
-        for n0, n1 in chunks:
-            cols = im2col(x_pad_t[:, n0:n1], self.kernel_size, self.stride, (ho, wo))
-            xp.matmul(w2, cols, out=z_t[:, n0:n1].reshape(f, -1))
-        if self.bias is not None:
-            z_t += self.bias.data[:, None, None]
-
-        # Keep cols for backward when it was built in one piece; else rebuild per chunk.
-        self.cache = {"x_shape": x.shape, "x_pad_t": x_pad_t,
-                      "cols": cols if len(chunks) == 1 else None}
+        if self._pointwise():
+            # 1x1 kernel, stride 1, no padding: cols is the input itself, (C, N*H*W).
+            cols = channels_first(x).reshape(self.in_channels, -1)
+            xp.matmul(self.weight.data.reshape(f, -1), cols, out=z_t.reshape(f, -1))
+            if self.bias is not None:
+                z_t += self.bias.data[:, None, None]
+            self.cache = {"x_shape": x.shape, "cols": cols}
+        else:
+            x_pad_t = pad_channels_first(x, self.pads)
+            w2b = self._weight_matrix()                     # [W2 | b]: (F, C*k1*k2 + 1)
+            chunks = self._batch_chunks(n, ho * wo)
+            for n0, n1 in chunks:
+                cols = self._columns(x_pad_t, n0, n1, (ho, wo))
+                xp.matmul(w2b, cols, out=z_t[:, n0:n1].reshape(f, -1))   # Z2 = W2 @ cols + b
+            # Keep cols for backward when it was built in one piece; else rebuild per chunk.
+            self.cache = {"x_shape": x.shape, "x_pad_t": x_pad_t,
+                          "cols": cols if len(chunks) == 1 else None}
         z = z_t.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)   # a view in NCHW order
         return self.activation.forward(z, training=training)
 
     # -- backward: Eq. [2], dW, db, Eq. [9] -----------------------------------
     def backward(self, da):
+        """Returns dA_prev, or None when ``input_grad`` is False (the input is data)."""
         if self.cache is None:
             raise RuntimeError("Conv2D.backward called before forward")
         dz = self.activation.backward(da)                        # Eq. [2]
+        if self._pointwise():
+            return self._pointwise_backward(dz)
         n, c, h, w = self.cache["x_shape"]
         x_pad_t, cols = self.cache["x_pad_t"], self.cache["cols"]
         xp = backend.get_array_module(dz)
         f = self.out_channels
         ho, wo = dz.shape[2:]
-        dz_t = dz.transpose(1, 0, 2, 3).reshape(f, n, ho * wo)  # copies only if needed
+        k = c * self.kernel_size[0] * self.kernel_size[1]        # rows of cols without the ones
+        dz_t = channels_first(dz).reshape(f, n, ho * wo)        # copies only if needed
         w2 = self.weight.data.reshape(f, -1)
 
-        if self.bias is not None:
-            self.bias.accumulate_grad(dz_t.sum(axis=(1, 2)))      # db
-        dw2 = None
-        dx_pad_t = xp.zeros((c,) + x_pad_t.shape[1:], dtype=self.dtype)
-        for n0, n1 in self._batch_chunks(n, ho * wo):
-            if cols is None or n1 - n0 != n:
-                cols = im2col(x_pad_t[:, n0:n1], self.kernel_size, self.stride, (ho, wo))
+        dwb_t = None                  # [dW2 | db] transposed, (C*k1*k2 + 1, F), summed over chunks
+        dx_pad_t = xp.zeros((c,) + x_pad_t.shape[1:], dtype=self.dtype) if self.input_grad else None
+        chunks = self._batch_chunks(n, ho * wo)
+        for n0, n1 in chunks:
+            if cols is None or len(chunks) > 1:
+                cols = self._columns(x_pad_t, n0, n1, (ho, wo))
             dz2 = dz_t[:, n0:n1].reshape(f, -1)
-            part = dz2 @ cols.T                                   # dW: A_pad (x) dZ
-            dw2 = part if dw2 is None else dw2 + part
-            col2im_add(w2.T @ dz2, dx_pad_t[:, n0:n1],            # Eq. [9]
-                       self.kernel_size, self.stride, (ho, wo))
-        self.weight.accumulate_grad(dw2.reshape(self.weight.shape))
-
+            # dW2 = dZ2 @ cols.T and db = dZ2 @ ones, computed transposed as cols @ dZ2.T:
+            # the same numbers, and OpenBLAS runs this orientation 10-40% faster.
+            part = cols @ dz2.T
+            if dwb_t is None:
+                dwb_t = part
+            else:
+                dwb_t += part
+            if self.input_grad:
+                # cols is used up: its buffer takes dcols = W2.T @ dZ2 (Eq. [9]).
+                dcols = xp.matmul(w2.T, dz2, out=cols[:k])
+                col2im_add(dcols, dx_pad_t[:, n0:n1], self.kernel_size, self.stride, (ho, wo))
+        if self.input_grad:
+            self.cache["cols"] = None                            # its buffer holds dcols now
+        self.weight.accumulate_grad(dwb_t[:k].T.reshape(self.weight.shape))       # dW
+        if self.bias is not None:
+            self.bias.accumulate_grad(dwb_t[k])                                    # db
+        if not self.input_grad:
+            return None
         (top, _), (left, _) = self.pads                           # crop the padding
         return dx_pad_t[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
+
+    def _pointwise_backward(self, dz):
+        """The 1x1 / stride 1 / no padding case: three plain products, no col2im."""
+        n, c, h, w = self.cache["x_shape"]
+        cols = self.cache["cols"]                                 # x as (C, N*H*W)
+        f = self.out_channels
+        dz2 = channels_first(dz).reshape(f, -1)                   # copies only if needed
+        self.weight.accumulate_grad((cols @ dz2.T).T.reshape(self.weight.shape))  # dW
+        if self.bias is not None:
+            self.bias.accumulate_grad(dz2.sum(axis=1))                               # db
+        if not self.input_grad:
+            return None
+        dx_t = self.weight.data.reshape(f, c).T @ dz2             # Eq. [9]: dx = W2.T @ dZ2
+        return dx_t.reshape(c, n, h, w).transpose(1, 0, 2, 3)
+
+    # -- the column matrix and its buffer -------------------------------------
+    def _pointwise(self):
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1)
+                and self.pads == ((0, 0), (0, 0)))
+
+    def _weight_matrix(self):
+        """W2 = W reshaped to (F, C*k1*k2), with b appended as a last column when there
+        is a bias: cols then ends in a row of ones, so one product adds the bias too."""
+        w2 = self.weight.data.reshape(self.out_channels, -1)
+        if self.bias is None:
+            return w2
+        xp = backend.get_array_module(w2)
+        return xp.concatenate([w2, self.bias.data[:, None]], axis=1)
+
+    def _columns(self, x_pad_t, n0, n1, out_hw):
+        """cols of samples n0..n1: (C*k1*k2 [+ 1 row of ones with a bias], (n1-n0)*Ho*Wo).
+
+        It is written into a buffer the layer keeps between calls: a fresh buffer of
+        tens of MiB costs page faults on every call, about as much as filling it.
+        Backward reuses the same buffer for dcols once cols is used up."""
+        xp = backend.get_array_module(x_pad_t)
+        k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        rows = k + (self.bias is not None)
+        positions = (n1 - n0) * out_hw[0] * out_hw[1]
+        buf = self._buffer
+        if (buf is None or buf.size < rows * positions or buf.dtype != self.dtype
+                or backend.get_array_module(buf) is not xp):
+            buf = self._buffer = xp.empty(rows * positions, dtype=self.dtype)
+        cols = buf[:rows * positions].reshape(rows, positions)
+        im2col(x_pad_t[:, n0:n1], self.kernel_size, self.stride, out_hw, out=cols[:k])
+        if rows > k:
+            cols[k] = 1
+        return cols
 
     # -- shapes ---------------------------------------------------------------
     def _check_and_output_hw(self, x_shape):
@@ -153,6 +232,7 @@ class Conv2D(Layer):
 
     def _clear_cache(self):
         self.cache = None
+        self._buffer = None
 
     def extra_repr(self):
         act = type(self.activation).__name__

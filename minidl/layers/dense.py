@@ -29,7 +29,12 @@ class Dense(Layer):
     sqrt(2 / in)) before a ReLU or LeakyReLU, Glorot-uniform (limit sqrt(6 / (in +
     out))) otherwise; ``bias`` (out_features,) starts at zero. Seed with
     ``minidl.manual_seed``.
+
+    ``input_grad``: when False, ``backward`` computes only dW and db and returns None
+    (``Sequential.backward(dy, input_grad=False)`` sets it on its first layer).
     """
+
+    input_grad = True
 
     def __init__(self, in_features, out_features, activation=None, bias=True,
                  dtype=backend.float32):
@@ -73,6 +78,8 @@ class Dense(Layer):
         self.weight.accumulate_grad(x.T @ dz)
         if self.bias is not None:
             self.bias.accumulate_grad(dz.sum(axis=0))
+        if not self.input_grad:
+            return None
         return dz @ self.weight.data.T
 
     # -- shapes ----------------------------------------------------------------

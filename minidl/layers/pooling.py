@@ -28,10 +28,18 @@ row-major order and gives each window's gradient to the first slab equal to its 
 (an "unclaimed" mask stops later ties). When windows do not overlap (stride >=
 kernel) no input element is in two windows, so gradients are assigned instead of
 accumulated; for 2x2/2 pooling that is the whole fast path.
+
+Speed (issue #7, docs/performance.md): channels never interact, so MaxPool2D runs
+both passes on slices of channels in parallel threads on the CPU (im2col.in_pieces);
+y and dx are stored in the input's memory order, so a Conv2D output, which is
+channels first, stays channels first through BatchNorm, ReLU and pooling. Products
+are formed in contiguous memory and then copied into the strided dx slabs: numpy
+multiplies bool by float straight into a strided output about 3x slower.
 """
 from .. import backend
 from .arguments import as_pair
 from .base import Layer
+from .im2col import in_pieces
 
 
 class _Pool2D(Layer):
@@ -75,12 +83,15 @@ class _Pool2D(Layer):
         x_pad[:, :, p1:p1 + h, p2:p2 + w] = x
         return x_pad
 
-    def _new_dx_pad(self, xp, x_pad_shape, dtype, out_hw):
-        """Zeros shaped like x_pad; left uninitialised when the windows tile x_pad
-        exactly, because then every element is written once."""
+    def _new_dx_pad(self, xp, x_pad_shape, dtype, out_hw, like=None):
+        """Zeros shaped like x_pad (in the memory order of ``like`` when given); left
+        uninitialised when the windows tile x_pad exactly, because then every element
+        is written once."""
         hp, wp = x_pad_shape[2:]
         tiles = (self.stride == self.kernel_size
                  and out_hw[0] * self.stride[0] == hp and out_hw[1] * self.stride[1] == wp)
+        if like is not None:
+            return (xp.empty_like if tiles else xp.zeros_like)(like, dtype=dtype)
         return (xp.empty if tiles else xp.zeros)(x_pad_shape, dtype=dtype)
 
     def _crop(self, dx_pad):
@@ -133,9 +144,17 @@ class MaxPool2D(_Pool2D):
         out_hw = self._check_and_output_hw(x.shape)
         x_pad = self._pad(x, float("-inf"))
         offsets = self._offsets()
-        y = self._slab(x_pad, *offsets[0], out_hw).copy()
-        for m, l in offsets[1:]:
-            xp.maximum(y, self._slab(x_pad, m, l, out_hw), out=y)
+        y = _empty_in_layout_of(x, x.shape[:2] + out_hw)
+
+        def max_over_windows(x_pad, y):
+            first = self._slab(x_pad, *offsets[0], out_hw)
+            if len(offsets) == 1:
+                y[...] = first
+            else:
+                xp.maximum(first, self._slab(x_pad, *offsets[1], out_hw), out=y)
+            for m, l in offsets[2:]:
+                xp.maximum(y, self._slab(x_pad, m, l, out_hw), out=y)
+        in_pieces(max_over_windows, x_pad, y)                 # channels split over threads
         self.cache = {"x_pad": x_pad, "y": y, "out_hw": out_hw}
         return y
 
@@ -144,19 +163,38 @@ class MaxPool2D(_Pool2D):
         cache = self._require_cache()
         x_pad, y, out_hw = cache["x_pad"], cache["y"], cache["out_hw"]
         xp = backend.get_array_module(dy)
-        dx_pad = self._new_dx_pad(xp, x_pad.shape, x_pad.dtype, out_hw)
+        dx_pad = self._new_dx_pad(xp, x_pad.shape, x_pad.dtype, out_hw, like=x_pad)
         overlapping = self._overlapping()
-        unclaimed = xp.ones(y.shape, dtype=bool)     # windows whose max is not found yet
-        for m, l in self._offsets():
-            first_max = self._slab(x_pad, m, l, out_hw) == y
-            first_max &= unclaimed
-            unclaimed ^= first_max                   # first_max is a subset of unclaimed
-            dx_slab = self._slab(dx_pad, m, l, out_hw)
-            if overlapping:
-                dx_slab += dy * first_max
-            else:                                    # written once: no temporary needed
-                xp.multiply(dy, first_max, out=dx_slab)
+        offsets = self._offsets()
+
+        def route_to_first_max(x_pad, y, dy, dx_pad):
+            unclaimed = None                         # windows whose max is not found yet
+            for k, (m, l) in enumerate(offsets):
+                first_max = self._slab(x_pad, m, l, out_hw) == y
+                if unclaimed is None:                # the first offset: every window open
+                    unclaimed = ~first_max
+                else:
+                    first_max &= unclaimed
+                    if k < len(offsets) - 1:
+                        unclaimed ^= first_max       # first_max is a subset of unclaimed
+                dx_slab = self._slab(dx_pad, m, l, out_hw)
+                grad = dy * first_max                # contiguous, then into the strided slab
+                if overlapping:
+                    dx_slab += grad
+                else:                                # written once: assign
+                    dx_slab[...] = grad
+        in_pieces(route_to_first_max, x_pad, y, dy, dx_pad)   # channels split over threads
         return self._crop(dx_pad)
+
+
+def _empty_in_layout_of(a, shape):
+    """An uninitialised (N, C, ...) array of ``shape`` stored in a's order: channels first
+    when a is (a Conv2D output is an NCHW view of channels-first memory), else NCHW.
+    Keeping that order lets the layers after this one run on contiguous memory."""
+    xp = backend.get_array_module(a)
+    if a.strides[1] > a.strides[0]:
+        return xp.empty((shape[1], shape[0]) + tuple(shape[2:]), dtype=a.dtype).swapaxes(0, 1)
+    return xp.empty(shape, dtype=a.dtype)
 
 
 class AvgPool2D(_Pool2D):
