@@ -51,22 +51,20 @@ class Sequential(Layer):
         """Each layer's backward, last to first; returns dL/dx.
 
         ``input_grad=False`` says the caller has no use for dL/dx (x is data, as in a
-        training step) and returns None. A first layer with an ``input_grad`` switch
-        (Conv2D, Dense) then skips that product, as PyTorch does for an input that
-        does not require grad; its backward hooks see dx = None."""
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer = self.layers[i]
-            if i == 0 and not input_grad:
-                if not hasattr(layer, "input_grad"):
-                    layer.backward_with_hooks(dy)
-                    return None
-                saved, layer.input_grad = layer.input_grad, False   # for this call only
-                try:
-                    return layer.backward_with_hooks(dy)
-                finally:
-                    layer.input_grad = saved
-            dy = layer.backward_with_hooks(dy)
-        return dy
+        training step): it returns None, and a first layer with an ``input_grad``
+        switch (Conv2D, Dense) skips that product for this call, as PyTorch does for
+        an input that does not require grad. Its backward hooks then see dx = None."""
+        first = self.layers[0] if self.layers else None
+        saved = getattr(first, "input_grad", None)
+        if saved is not None and not input_grad:
+            first.input_grad = False
+        try:
+            for layer in reversed(self.layers):
+                dy = layer.backward_with_hooks(dy)
+        finally:
+            if saved is not None:
+                first.input_grad = saved
+        return dy if input_grad else None
 
     def predict(self, x, batch_size=256):
         """Outputs for ``x`` in eval mode, batch by batch, as a numpy array."""

@@ -14,6 +14,7 @@ import time
 from tqdm.auto import tqdm
 
 from . import backend
+from .model import Sequential
 from .optim import clip_grad_norm_
 
 
@@ -70,7 +71,11 @@ class Trainer:
         """Forward, loss, backward and update on one batch; returns (loss, logits)."""
         logits = self.model.forward(x, training=True)
         loss = self._loss_value(logits, y)
-        self.model.backward(self.loss.backward())
+        dlogits = self.loss.backward()
+        if isinstance(self.model, Sequential):
+            self.model.backward(dlogits, input_grad=False)   # x is data: no dL/dx needed
+        else:
+            self.model.backward(dlogits)
         if self.clip_grad_norm is not None:
             clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()

@@ -174,3 +174,10 @@ def test_summary_table():
 def test_flops_of_conv():
     conv = Conv2D(3, 8, 3, padding=1)
     assert conv.flops((1, 3, 10, 10)) == 2 * 3 * 9 * 8 * 100
+
+
+def test_flops_of_dense_in_summary():
+    dense = Dense(64, 10)
+    assert dense.flops((1, 64)) == 2 * 64 * 10
+    text = Sequential(Flatten(), Dense(16, 4)).summary((1, 4, 4), print_fn=None)
+    assert "Total FLOPs per sample (forward): 128" in text

@@ -92,6 +92,10 @@ class Dense(Layer):
         self._check_features(input_shape)
         return (input_shape[0], self.out_features)
 
+    def flops(self, input_shape):
+        """2 * in_features multiply-adds for each of the out_features outputs of one sample."""
+        return 2 * self.in_features * self.out_features
+
     def _clear_cache(self):
         self.cache = None
 
