@@ -1,40 +1,21 @@
 """The minidl command on small generated data: outputs, plots, evaluate, errors."""
-import gzip
-import hashlib
 import json
 import re
 
-import numpy as np
 import pytest
 
 from minidl import cli
-from minidl.data import datasets, write_idx
+from minidl.data import datasets
+
+from conftest import write_fake_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def fake_mnist(root, n_train=600, n_test=100):
-    """Digit-sized images where the class is the brightness of one stripe; returns MD5s."""
-    rng = np.random.default_rng(0)
-    folder = root / "mnist"
-    folder.mkdir(parents=True)
-    checksums = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-        for img, label in zip(images, labels):
-            img[2 * label + 4:2 * label + 6, 4:24] = 255
-        for name, array in zip(datasets.SPLITS[split], (images, labels)):
-            path = folder / f"{name}.gz"
-            write_idx(path, array)
-            checksums[name] = hashlib.md5(gzip.decompress(path.read_bytes())).hexdigest()
-    return checksums
 
 
 @pytest.fixture
 def data_root(tmp_path, monkeypatch):
     root = tmp_path / "data"
-    monkeypatch.setitem(datasets.CHECKSUMS, "mnist", fake_mnist(root))
+    monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", n_train=600))
     return root
 
 

@@ -2,8 +2,6 @@
 extending.md is exactly examples/custom_layer.py, every code block marked
 ``<!-- from FILE -->`` still appears in FILE, links resolve, and api.md names every
 public name."""
-import gzip
-import hashlib
 import importlib.util
 import inspect
 import re
@@ -18,32 +16,15 @@ import minidl.data
 import minidl.inspect
 import minidl.models
 import minidl.viz
-from minidl.data import datasets, write_idx
+from minidl.data import datasets
+
+from conftest import write_fake_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 DOCS = ROOT / "docs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ACCURACY_LINE = re.compile(r"test accuracy: [01]\.\d{4}")
-
-
-# -- generated datasets ---------------------------------------------------------------
-def write_fake_dataset(root, dataset, n_train=256, n_test=100):
-    """28x28 images whose class is the row of one bright stripe; returns their MD5s."""
-    rng = np.random.default_rng(0)
-    folder = root / dataset
-    folder.mkdir(parents=True)
-    checksums = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-        for image, label in zip(images, labels):
-            image[2 * label + 4:2 * label + 6, 4:24] = 255
-        for name, array in zip(datasets.SPLITS[split], (images, labels)):
-            path = folder / f"{name}.gz"
-            write_idx(path, array)
-            checksums[name] = hashlib.md5(gzip.decompress(path.read_bytes())).hexdigest()
-    return checksums
 
 
 @pytest.fixture

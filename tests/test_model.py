@@ -8,7 +8,7 @@ import minidl
 from minidl import (Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential,
                     SoftmaxCrossEntropy)
 
-from conftest import randn, to_np
+from conftest import randn
 
 
 def small_cnn(dtype=np.float32):

@@ -7,7 +7,6 @@ when x is contiguous and a copy otherwise (e.g. Conv2D's NCHW output view).
 """
 import math
 
-from .. import backend
 from .base import Layer
 
 
