@@ -11,7 +11,7 @@ import pytest
 import minidl
 from minidl import (BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential,
                     SoftmaxCrossEntropy)
-from minidl.layers import im2col as im2col_module
+from minidl.layers import parallel as parallel_module
 from minidl.models import mnist_cnn
 
 from conftest import randn, to_np
@@ -142,8 +142,8 @@ def test_chunked_im2col_matches_reference(xp, config, bias):
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("channels", [1, 5])          # 1 channel: split over samples
 def test_threaded_im2col_and_col2im_match_reference(monkeypatch, threads, channels):
-    monkeypatch.setattr(im2col_module, "NUM_THREADS", threads)
-    monkeypatch.setattr(im2col_module, "MIN_PARALLEL_ELEMENTS", 0)
+    monkeypatch.setattr(parallel_module, "NUM_THREADS", threads)
+    monkeypatch.setattr(parallel_module, "MIN_PARALLEL_ELEMENTS", 0)
     layer = conv64(np, channels, 3, 3, stride=1, padding=1)
     x, dz = randn(np, 4, channels, 6, 5, seed=1), randn(np, 4, 3, 6, 5, seed=2)
     check_against_reference(layer, x, dz, (1, 1), (1, 1))
@@ -154,7 +154,7 @@ def test_threaded_im2col_and_col2im_match_reference(monkeypatch, threads, channe
 
 
 def test_in_pieces_splits_big_passes_and_keeps_small_ones_whole(monkeypatch):
-    monkeypatch.setattr(im2col_module, "NUM_THREADS", 3)
+    monkeypatch.setattr(parallel_module, "NUM_THREADS", 3)
     seen = []
 
     def record(a, b):
@@ -162,26 +162,26 @@ def test_in_pieces_splits_big_passes_and_keeps_small_ones_whole(monkeypatch):
         b[...] = 2 * a
 
     a, b = np.arange(7 * 4.0).reshape(2, 7, 2), np.zeros((2, 7, 2))
-    im2col_module.in_pieces(record, a, b)                    # small: one call
+    parallel_module.in_pieces(record, a, b)                    # small: one call
     assert seen == [((2, 7, 2), (2, 7, 2))]
-    monkeypatch.setattr(im2col_module, "MIN_PARALLEL_ELEMENTS", 0)
+    monkeypatch.setattr(parallel_module, "MIN_PARALLEL_ELEMENTS", 0)
     seen.clear()
     b[...] = 0
-    im2col_module.in_pieces(record, a, b, axis=1)            # 7 channels: 3 + 3 + 1
+    parallel_module.in_pieces(record, a, b, axis=1)            # 7 channels: 3 + 3 + 1
     assert sorted(s[0][1] for s in seen) == [1, 3, 3]
     np.testing.assert_array_equal(b, 2 * a)
 
 
 def test_in_pieces_reraises_a_workers_error(monkeypatch):
-    monkeypatch.setattr(im2col_module, "NUM_THREADS", 2)
-    monkeypatch.setattr(im2col_module, "MIN_PARALLEL_ELEMENTS", 0)
+    monkeypatch.setattr(parallel_module, "NUM_THREADS", 2)
+    monkeypatch.setattr(parallel_module, "MIN_PARALLEL_ELEMENTS", 0)
 
     def fail_on_first_part(a):
         if a[0, 0] == 0:
             raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
-        im2col_module.in_pieces(fail_on_first_part, np.arange(8.0).reshape(1, 8))
+        parallel_module.in_pieces(fail_on_first_part, np.arange(8.0).reshape(1, 8))
 
 
 # -- input_grad=False: no dx for a model's first layer ------------------------------------
@@ -267,8 +267,8 @@ def test_trainer_step_still_trains():
 @pytest.fixture(params=[1, 3], ids=["serial", "3 threads"])
 def threads(request, monkeypatch):
     """Run the memory passes serially, or split three ways however small they are."""
-    monkeypatch.setattr(im2col_module, "NUM_THREADS", request.param)
-    monkeypatch.setattr(im2col_module, "MIN_PARALLEL_ELEMENTS", 0)
+    monkeypatch.setattr(parallel_module, "NUM_THREADS", request.param)
+    monkeypatch.setattr(parallel_module, "MIN_PARALLEL_ELEMENTS", 0)
     return request.param
 
 
@@ -393,14 +393,14 @@ def test_threads_work_in_a_forked_child(monkeypatch):
     """A child process inherits the worker pool but not its threads: the split pass must
     still run there (a new pool) instead of waiting forever."""
     import os
-    monkeypatch.setattr(im2col_module, "NUM_THREADS", 2)
-    monkeypatch.setattr(im2col_module, "MIN_PARALLEL_ELEMENTS", 0)
+    monkeypatch.setattr(parallel_module, "NUM_THREADS", 2)
+    monkeypatch.setattr(parallel_module, "MIN_PARALLEL_ELEMENTS", 0)
     a = np.zeros((1, 8))
-    im2col_module.in_pieces(lambda part: part.__iadd__(1), a)       # makes the pool
+    parallel_module.in_pieces(lambda part: part.__iadd__(1), a)       # makes the pool
     pid = os.fork()
     if pid == 0:                                                    # the child
         b = np.zeros((1, 8))
-        im2col_module.in_pieces(lambda part: part.__iadd__(1), b)
+        parallel_module.in_pieces(lambda part: part.__iadd__(1), b)
         os._exit(0 if b.sum() == 8 else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0 and a.sum() == 8
@@ -410,12 +410,12 @@ def test_threads_work_in_a_forked_child(monkeypatch):
 def test_threads_only_when_openblas_threads_sleep(monkeypatch, timeout, expected):
     """By default the passes stay on one thread unless OPENBLAS_THREAD_TIMEOUT makes
     OpenBLAS's idle threads sleep (else they spin and take the cores)."""
-    monkeypatch.setattr(im2col_module, "NUM_THREADS", None)
-    monkeypatch.setattr(im2col_module.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(parallel_module, "NUM_THREADS", None)
+    monkeypatch.setattr(parallel_module.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     if timeout is None:
         monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
     else:
         monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", timeout)
-    assert im2col_module.num_threads() == expected
-    monkeypatch.setattr(im2col_module, "NUM_THREADS", 3)
-    assert im2col_module.num_threads() == 3
+    assert parallel_module.num_threads() == expected
+    monkeypatch.setattr(parallel_module, "NUM_THREADS", 3)
+    assert parallel_module.num_threads() == 3

@@ -6,7 +6,7 @@ Each caches only what its derivative needs.
 """
 from .. import backend
 from .base import Layer
-from .im2col import in_pieces
+from .parallel import in_pieces
 
 
 class Activation(Layer):
@@ -20,7 +20,7 @@ class ReLU(Activation):
     """y = max(x, 0);  dx = dy * [x > 0].
 
     Both passes run over channel slices in parallel threads on the CPU (see
-    im2col.in_pieces): they are memory-bound, and numpy's own loops use one core.
+    parallel.in_pieces): they are memory-bound, and numpy's own loops use one core.
     Outputs keep the input's memory order (a Conv2D output stays channels first)."""
 
     def forward(self, x, training=True):

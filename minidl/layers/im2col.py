@@ -9,29 +9,11 @@ Channels-first ("CNHW") ordering makes both big products of Conv2D run on
 contiguous operands: Z = W2 @ cols and dcols = W2.T @ dZ2. Both functions loop
 only over the k1*k2 kernel offsets, copying (or adding) one strided slab each.
 
-Threads: these copies and adds are memory passes that numpy runs on one core, while
-the matrix products around them already use every core. Slabs of different channels
-(or, for a single channel, of different samples) touch disjoint memory, so on the CPU
-a big pass can be split into one piece per core, the pieces running in threads (numpy
-releases the GIL inside a copy or an add); ``in_pieces`` does this, for pooling,
-ReLU and batch norm too. It pays only while OpenBLAS's own threads sleep between
-products: by default they spin for ~0.1 s after each one and take the cores our
-threads need. So by default (``NUM_THREADS = None``) passes are split only when
-OPENBLAS_THREAD_TIMEOUT was set to 16 or less before numpy was imported (4 is what
-docs/performance.md recommends); otherwise they run on one thread, as numpy would.
-Set ``NUM_THREADS`` to force a count. A pass smaller than ``MIN_PARALLEL_ELEMENTS``
-stays on one thread, where the hand-off would cost more than it saves. On the GPU
-(cupy) nothing is split.
+Threads: on the CPU these copies and adds are split between threads by
+``parallel.in_pieces`` (see minidl/layers/parallel.py for when that pays).
 """
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 from .. import backend
-
-NUM_THREADS = None                  # None: all usable cores if OpenBLAS threads sleep, else 1
-MIN_PARALLEL_ELEMENTS = 1 << 19     # 2 MiB of float32: below that a hand-off costs more
-
-_executor = None                    # (ThreadPoolExecutor, its workers, the pid that made it)
+from .parallel import in_pieces, num_threads
 
 
 def conv_output_size(size, k, s, pad_before, pad_after):
@@ -117,60 +99,6 @@ def col2im_add(dcols, dx_pad_t, kernel, stride, out_hw):
     return dx_pad_t
 
 
-# -- splitting a memory pass between threads ------------------------------------------
-
-def num_threads():
-    """How many threads a big copy or add is split into (see NUM_THREADS)."""
-    if NUM_THREADS is not None:
-        return max(1, int(NUM_THREADS))
-    if not _blas_threads_sleep():
-        return 1
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:                       # not Linux
-        return os.cpu_count() or 1
-
-
-def _blas_threads_sleep():
-    """True when OPENBLAS_THREAD_TIMEOUT (read by OpenBLAS when numpy loads it) makes
-    its idle threads sleep within 2**16 cycles instead of spinning for 2**28."""
-    try:
-        return int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")) <= 16
-    except ValueError:
-        return False
-
-
 def _split_axis(channels):
     """Split (C, N, ...) arrays over channels (axis 0) when there are enough, else samples."""
     return 0 if channels >= num_threads() else 1
-
-
-def in_pieces(fn, *arrays, axis=1):
-    """fn(*parts) for the parts of ``arrays`` cut into one slice per thread along ``axis``
-    (an int, or one axis per array; every array must have the same length there), the
-    parts running in parallel on the CPU. One call with the whole arrays on the GPU,
-    with one thread, or when the largest array has fewer than MIN_PARALLEL_ELEMENTS
-    elements. fn must write only into its own parts."""
-    axes = (axis,) * len(arrays) if isinstance(axis, int) else tuple(axis)
-    length = arrays[0].shape[axes[0]]
-    size = max(a.size for a in arrays)
-    # no more pieces than threads, than slices, or than halves of the minimum size
-    pieces = min(num_threads(), length, size // max(1, MIN_PARALLEL_ELEMENTS // 2))
-    if pieces < 2 or size < MIN_PARALLEL_ELEMENTS or backend.device_of(arrays[0]) != "cpu":
-        fn(*arrays)
-        return
-    step = -(-length // pieces)
-    parts = []
-    for start in range(0, length, step):
-        cut = slice(start, min(start + step, length))
-        parts.append([a[(slice(None),) * ax + (cut,)] for a, ax in zip(arrays, axes)])
-    global _executor
-    workers = len(parts) - 1
-    # A forked child inherits the executor but not its threads: make a new one there.
-    if _executor is None or _executor[1] < workers or _executor[2] != os.getpid():
-        _executor = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minidl"),
-                     workers, os.getpid())
-    futures = [_executor[0].submit(fn, *part) for part in parts[:-1]]
-    fn(*parts[-1])                               # the last part in this thread
-    for future in futures:
-        future.result()                          # waits, and re-raises a worker's error

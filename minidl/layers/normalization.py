@@ -28,7 +28,7 @@ import numbers
 from .. import backend
 from .arguments import as_positive_int
 from .base import Layer, Parameter
-from .im2col import in_pieces
+from .parallel import in_pieces
 
 
 class _BatchNorm(Layer):

@@ -30,7 +30,7 @@ kernel) no input element is in two windows, so gradients are assigned instead of
 accumulated; for 2x2/2 pooling that is the whole fast path.
 
 Speed (issue #7, docs/performance.md): channels never interact, so MaxPool2D runs
-both passes on slices of channels in parallel threads on the CPU (im2col.in_pieces);
+both passes on slices of channels in parallel threads on the CPU (parallel.in_pieces);
 y and dx are stored in the input's memory order, so a Conv2D output, which is
 channels first, stays channels first through BatchNorm, ReLU and pooling. Products
 are formed in contiguous memory and then copied into the strided dx slabs: numpy
@@ -39,7 +39,7 @@ multiplies bool by float straight into a strided output about 3x slower.
 from .. import backend
 from .arguments import as_pair
 from .base import Layer
-from .im2col import in_pieces
+from .parallel import in_pieces
 
 
 class _Pool2D(Layer):
