@@ -3,15 +3,16 @@
 Initial weights are always drawn on the CPU with NumPy and then moved to the
 active backend, so the same seed gives the same network on numpy and cupy.
 """
-import numpy
+from . import backend
 
-_rng = numpy.random.default_rng()
+_numpy = backend.get_module("cpu")   # initial weights are drawn on the CPU, then moved
+_rng = _numpy.random.default_rng()
 
 
 def manual_seed(seed):
     """Reseed minidl's generator: same seed, same weights and same shuffles."""
     global _rng
-    _rng = numpy.random.default_rng(seed)
+    _rng = _numpy.random.default_rng(seed)
 
 
 def default_rng():
@@ -23,4 +24,4 @@ def new_rng(seed=None):
     """A generator of one's own: from ``seed`` if given, else drawn from minidl's."""
     if seed is None:
         seed = int(_rng.integers(2**63))
-    return numpy.random.default_rng(seed)
+    return _numpy.random.default_rng(seed)
