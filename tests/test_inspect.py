@@ -144,13 +144,19 @@ def test_recorded_grad_norm_is_the_mean_over_the_epochs_batches():
 
 
 # -- GradientRecorder: activations ------------------------------------------------
+def manual_forward(model, x):
+    """Each layer's training-mode output, computed layer by layer without hooks."""
+    outputs = []
+    for layer in model:
+        x = layer.forward(x, training=True)
+        outputs.append(x)
+    return outputs
+
+
 def test_activation_statistics_match_a_manual_forward():
     model = small_model()
     x, y = batch()
-    outputs, a = [], x
-    for layer in model:
-        a = layer.forward(a, training=True)
-        outputs.append(a.astype(np.float64))
+    outputs = [out.astype(np.float64) for out in manual_forward(model, x)]
     history = fit(model, x, y, GradientRecorder(model, every=1), lr=0.0)
     for i, (layer, out) in enumerate(zip(model, outputs)):
         name = f"{i}:{type(layer).__name__}"
@@ -198,10 +204,7 @@ def test_every_epoch_logs_the_same_keys():
 def test_evaluation_is_not_recorded_and_hooks_are_removed_after_fit():
     model = small_model()
     x, y = batch()
-    outputs, a = [], x
-    for layer in model:
-        a = layer.forward(a, training=True)
-        outputs.append(a)
+    outputs = manual_forward(model, x)
     val = DataLoader(x * 100.0, y, 4, shuffle=False)  # very different activations
     history = fit(model, x, y, GradientRecorder(model, every=1), lr=0.0, val=val)
     assert "val_loss" in history

@@ -42,29 +42,29 @@ def run(layer, x, dy):
 
 # -- against the loop reference (1e-10) ------------------------------------------------
 
-@pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
-@pytest.mark.parametrize("values", [distinct_values, tied_values])
-def test_maxpool_matches_loop_reference(xp, kernel, stride, padding, hw, values):
-    x = values(xp, (2, 3) + hw)
-    pool = minidl.MaxPool2D(kernel, stride, padding, dtype=F64)
+def assert_matches_reference(xp, pool, x, reference, kernel, stride, padding):
+    """The pool's y and dx equal the loop reference's, to 1e-10."""
     dy = randn(xp, *pool.output_shape(x.shape), seed=1)
     y, dx = run(pool, x, dy)
     k, s, p = as_pair(kernel), as_pair(stride or kernel), as_pair(padding)
-    y_ref, dx_ref = maxpool_forward_backward(to_np(x), to_np(dy), k, s, p)
+    y_ref, dx_ref = reference(to_np(x), to_np(dy), k, s, p)
     numpy.testing.assert_allclose(to_np(y), y_ref, rtol=0, atol=1e-10)
     numpy.testing.assert_allclose(to_np(dx), dx_ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
+@pytest.mark.parametrize("values", [distinct_values, tied_values])
+def test_maxpool_matches_loop_reference(xp, kernel, stride, padding, hw, values):
+    pool = minidl.MaxPool2D(kernel, stride, padding, dtype=F64)
+    assert_matches_reference(xp, pool, values(xp, (2, 3) + hw), maxpool_forward_backward,
+                             kernel, stride, padding)
 
 
 @pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
 def test_avgpool_matches_loop_reference(xp, kernel, stride, padding, hw):
-    x = randn(xp, 2, 3, *hw)
     pool = minidl.AvgPool2D(kernel, stride, padding, dtype=F64)
-    dy = randn(xp, *pool.output_shape(x.shape), seed=1)
-    y, dx = run(pool, x, dy)
-    k, s, p = as_pair(kernel), as_pair(stride or kernel), as_pair(padding)
-    y_ref, dx_ref = avgpool_forward_backward(to_np(x), to_np(dy), k, s, p)
-    numpy.testing.assert_allclose(to_np(y), y_ref, rtol=0, atol=1e-10)
-    numpy.testing.assert_allclose(to_np(dx), dx_ref, rtol=0, atol=1e-10)
+    assert_matches_reference(xp, pool, randn(xp, 2, 3, *hw), avgpool_forward_backward,
+                             kernel, stride, padding)
 
 
 def test_maxpool_gives_each_window_gradient_to_one_element(xp):
