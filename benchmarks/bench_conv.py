@@ -26,7 +26,7 @@ How it measures (see docs/performance.md):
   so it includes buffers a layer keeps between calls;
 * both libraries use the same number of threads (--threads, default: all cores);
   OPENBLAS_THREAD_TIMEOUT is 4 unless --blas-timeout says otherwise (minidl splits its
-  memory passes over threads only then; see minidl/layers/im2col.py);
+  memory passes over threads only then; see minidl/layers/parallel.py);
 * every row first checks that minidl and torch agree (or raises).
 
 "before #7" is minidl's Conv2D / MaxPool2D as they were before issue #7
@@ -73,7 +73,7 @@ import numpy as np  # noqa: E402
 
 import minidl  # noqa: E402
 import minidl.models  # noqa: E402
-from minidl.layers import im2col  # noqa: E402
+from minidl.layers import parallel  # noqa: E402
 from baseline_layers import BaselineConv2D, BaselineMaxPool2D  # noqa: E402
 
 try:
@@ -670,8 +670,8 @@ def main(argv=None):
 
     threads = set_threads(args.threads)
     # minidl splits memory passes over threads only when OpenBLAS's threads sleep between
-    # products (see minidl/layers/im2col.py); --threads caps how many.
-    im2col.NUM_THREADS = min(args.threads, im2col.num_threads())
+    # products (see minidl/layers/parallel.py); --threads caps how many.
+    parallel.NUM_THREADS = min(args.threads, parallel.num_threads())
     load_before = os.getloadavg()[0]
     rows = []
     if "conv" in only:
@@ -691,7 +691,7 @@ def main(argv=None):
         print("  measured: epoch", file=sys.stderr, flush=True)
     header = (f"minidl vs PyTorch, CPU, float32, {time.strftime('%Y-%m-%d')}; "
               f"threads: OpenBLAS {threads[0]}, torch {threads[1]}, minidl memory passes "
-              f"{im2col.num_threads()}; OPENBLAS_THREAD_TIMEOUT="
+              f"{parallel.num_threads()}; OPENBLAS_THREAD_TIMEOUT="
               f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset (OpenBLAS default, 28)')}\n\n"
               + machine_description(threads)
               + f"\n- load average (1 min) {load_before:.2f} before, "

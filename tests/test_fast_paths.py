@@ -11,6 +11,7 @@ import pytest
 import minidl
 from minidl import (BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential,
                     SoftmaxCrossEntropy)
+from minidl.layers import conv as conv_module
 from minidl.layers import parallel as parallel_module
 from minidl.models import mnist_cnn
 
@@ -44,6 +45,11 @@ def check_against_reference(layer, x, dz, stride, padding, dx=True):
     else:
         assert got_dx is None
     return z
+
+
+def channels_first_view(xp, n, c, h, w, seed):
+    """An NCHW array stored channels first, as a Conv2D output is."""
+    return randn(xp, c, n, h, w, seed=seed).transpose(1, 0, 2, 3)
 
 
 # -- 1x1 convolution: plain products, no im2col, no col2im -----------------------------
@@ -135,6 +141,32 @@ def test_chunked_im2col_matches_reference(xp, config, bias):
     assert len(layer._batch_chunks(n, ho * wo)) == -(-n // 2)
     x, dz = randn(xp, n, c, h, w, seed=1), randn(xp, n, f, ho, wo, seed=2)
     check_against_reference(layer, x, dz, stride, padding)
+
+
+# -- backward products: one over all positions, or one per sample -------------------------
+
+@pytest.mark.parametrize("small_k", [0, 10**6], ids=["all_positions", "per_sample"])
+@pytest.mark.parametrize("dz_layout", ["nchw", "channels_first"])
+@pytest.mark.parametrize("chunk_samples", [None, 2])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_both_backward_product_paths_match_reference(xp, monkeypatch, small_k, dz_layout,
+                                                     chunk_samples, input_grad):
+    """SMALL_K picks the path by the rows of cols; force each one on the same layer."""
+    monkeypatch.setattr(conv_module, "SMALL_K", small_k)
+    n, c, h, w, f, kernel, stride, padding = 5, 3, 7, 6, 4, (3, 2), (2, 1), (1, 1)
+    probe = conv64(xp, c, f, kernel, stride=stride, padding=padding)
+    ho, wo = probe.output_shape((n, c, h, w))[2:]
+    budget = {} if chunk_samples is None else {
+        "max_im2col_bytes": chunk_samples * c * kernel[0] * kernel[1] * ho * wo * 8}
+    layer = conv64(xp, c, f, kernel, stride=stride, padding=padding, **budget)
+    layer.input_grad = input_grad
+    assert layer._per_sample_products() == bool(small_k)
+    if dz_layout == "nchw":
+        dz = randn(xp, n, f, ho, wo, seed=2)
+    else:
+        dz = channels_first_view(xp, n, f, ho, wo, seed=2)
+    check_against_reference(layer, randn(xp, n, c, h, w, seed=1), dz, stride, padding,
+                            dx=input_grad)
 
 
 # -- threaded im2col / col2im ------------------------------------------------------------
@@ -270,11 +302,6 @@ def threads(request, monkeypatch):
     monkeypatch.setattr(parallel_module, "NUM_THREADS", request.param)
     monkeypatch.setattr(parallel_module, "MIN_PARALLEL_ELEMENTS", 0)
     return request.param
-
-
-def channels_first_view(xp, n, c, h, w, seed):
-    """An NCHW array stored channels first, as a Conv2D output is."""
-    return randn(xp, c, n, h, w, seed=seed).transpose(1, 0, 2, 3)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_first", "strided"])

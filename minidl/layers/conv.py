@@ -33,6 +33,7 @@ from .base import Layer, Parameter
 from .im2col import channels_first, col2im_add, conv_output_size, im2col, pad_channels_first
 
 DEFAULT_IM2COL_BYTES = 256 * 2**20
+SMALL_K = 32    # up to this many rows of cols, backward runs one product per sample
 
 
 class Conv2D(Layer):
@@ -118,9 +119,11 @@ class Conv2D(Layer):
         xp = backend.get_array_module(dz)
         f = self.out_channels
         ho, wo = dz.shape[2:]
-        k = c * self.kernel_size[0] * self.kernel_size[1]        # rows of cols without the ones
-        dz_t = channels_first(dz).reshape(f, n, ho * wo)        # copies only if needed
-        w2 = self.weight.data.reshape(f, -1)
+        per_sample = self._per_sample_products()
+        if per_sample:
+            dz_s = dz.reshape(n, f, ho * wo)                     # a view in NCHW or CNHW order
+        else:
+            dz_t = channels_first(dz).reshape(f, n, ho * wo)    # copies only if needed
 
         dwb_t = None                  # [dW2 | db] transposed, (C*k1*k2 + 1, F), summed over chunks
         dx_pad_t = xp.zeros((c,) + x_pad_t.shape[1:], dtype=self.dtype) if self.input_grad else None
@@ -128,20 +131,19 @@ class Conv2D(Layer):
         for n0, n1 in chunks:
             if cols is None or len(chunks) > 1:
                 cols = self._columns(x_pad_t, n0, n1, (ho, wo))
-            dz2 = dz_t[:, n0:n1].reshape(f, -1)
-            # dW2 = dZ2 @ cols.T and db = dZ2 @ ones, computed transposed as cols @ dZ2.T:
-            # the same numbers, and OpenBLAS runs this orientation 10-40% faster.
-            part = cols @ dz2.T
+            if per_sample:
+                part, dcols = self._grad_products_per_sample(cols, dz_s[n0:n1])
+            else:
+                part, dcols = self._grad_products(cols, dz_t[:, n0:n1].reshape(f, -1))
             if dwb_t is None:
                 dwb_t = part
             else:
                 dwb_t += part
             if self.input_grad:
-                # cols is used up: its buffer takes dcols = W2.T @ dZ2 (Eq. [9]).
-                dcols = xp.matmul(w2.T, dz2, out=cols[:k])
                 col2im_add(dcols, dx_pad_t[:, n0:n1], self.kernel_size, self.stride, (ho, wo))
         if self.input_grad:
             self.cache["cols"] = None                            # its buffer holds dcols now
+        k = c * self.kernel_size[0] * self.kernel_size[1]        # rows of cols without the ones
         self.weight.accumulate_grad(dwb_t[:k].T.reshape(self.weight.shape))       # dW
         if self.bias is not None:
             self.bias.accumulate_grad(dwb_t[k])                                    # db
@@ -149,6 +151,38 @@ class Conv2D(Layer):
             return None
         (top, _), (left, _) = self.pads                           # crop the padding
         return dx_pad_t[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
+
+    def _grad_products(self, cols, dz2):
+        """[dW2 | db] transposed and dcols (or None) for one chunk, cols (C*k1*k2 [+ 1], P)
+        and dZ2 (F, P) channels first, each as one product over all P positions."""
+        xp = backend.get_array_module(cols)
+        k = cols.shape[0] - (self.bias is not None)
+        # dW2 = dZ2 @ cols.T and db = dZ2 @ ones, computed transposed as cols @ dZ2.T:
+        # the same numbers, and OpenBLAS runs this orientation 10-40% faster.
+        part = cols @ dz2.T
+        if not self.input_grad:
+            return part, None
+        w2 = self.weight.data.reshape(self.out_channels, -1)
+        # cols is used up: its buffer takes dcols = W2.T @ dZ2 (Eq. [9]).
+        dcols = xp.matmul(w2.T, dz2, out=cols[:k])
+        return part, dcols
+
+    def _grad_products_per_sample(self, cols, dz_s):
+        """The same as _grad_products with one product per sample: dz_s is (m, F, Ho*Wo),
+        dZ in whatever memory order it came, so no channels-first copy is needed."""
+        xp = backend.get_array_module(cols)
+        k = cols.shape[0] - (self.bias is not None)
+        m, f, positions = dz_s.shape
+        cols_s = cols.reshape(-1, m, positions).transpose(1, 0, 2)     # (m, rows, Ho*Wo)
+        part = xp.matmul(cols_s, dz_s.transpose(0, 2, 1)).sum(axis=0)  # sum_n cols_n @ dZ_n.T
+        if not self.input_grad:
+            return part, None
+        w2 = self.weight.data.reshape(f, -1)
+        # dcols_n = W2.T @ dZ_n into cols's used-up buffer, laid out (m, k, Ho*Wo);
+        # col2im reads it through the (k, m, Ho*Wo) view.
+        dcols_s = cols.reshape(-1)[:m * k * positions].reshape(m, k, positions)
+        xp.matmul(w2.T, dz_s, out=dcols_s)
+        return part, dcols_s.transpose(1, 0, 2)
 
     def _pointwise_backward(self, dz):
         """The 1x1 / stride 1 / no padding case: three plain products, no col2im."""
@@ -165,6 +199,13 @@ class Conv2D(Layer):
         return dx_t.reshape(c, n, h, w).transpose(1, 0, 2, 3)
 
     # -- the column matrix and its buffer -------------------------------------
+    def _per_sample_products(self):
+        """True when cols has few rows (C*k1*k2 <= SMALL_K, e.g. a first layer on gray or
+        RGB images). One product over all positions is then memory-bound and runs slowly
+        in OpenBLAS; one small product per sample runs about 2x faster, straight on dZ
+        in NCHW order (docs/performance.md)."""
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1] <= SMALL_K
+
     def _pointwise(self):
         return (self.kernel_size == (1, 1) and self.stride == (1, 1)
                 and self.pads == ((0, 0), (0, 0)))
