@@ -20,8 +20,10 @@ and W2 = W reshaped to (F, C*k1*k2), these become three matrix products:
 How they are computed (measured choices, docs/performance.md): cols is written into a
 buffer the layer keeps between calls, and backward reuses it for dcols; a row of ones
 at the end of cols carries the bias, so [W2 | b] @ [cols; 1] adds it and
-[cols; 1] @ dZ2.T gives [dW2 | db] transposed in one product each; 1x1 convolutions
-(stride 1, no padding) use the input itself as cols and need no col2im.
+[cols; 1] @ dZ2.T gives [dW2 | db] transposed in one product each; when cols has few
+rows (a first layer on gray or RGB images), backward runs these products one sample at
+a time instead; 1x1 convolutions (stride 1, no padding) use the input itself as cols
+and need no col2im.
 """
 import math
 
