@@ -25,6 +25,17 @@ def gradcheck(layer, x, target=None, eps=1e-6, training=True, seed=0,
     chosen entries per tensor (None: all). Returns a float; < 1e-6 means agreement.
     """
     _require_float64(layer, x)
+    # Forward passes in training mode update BatchNorm's running statistics: keep a
+    # copy of the state and put it back at the end.
+    state = layer.state_dict() if hasattr(layer, "state_dict") else None
+    try:
+        return _gradcheck(layer, x, target, eps, training, seed, max_entries, check_input)
+    finally:
+        if state is not None:
+            layer.load_state_dict(state)
+
+
+def _gradcheck(layer, x, target, eps, training, seed, max_entries, check_input):
     xp = backend.get_array_module(x)
     # numpy, so the checks are the same on either backend; a stream of its own, so
     # dy never equals an input the caller drew with the same seed.
@@ -42,6 +53,9 @@ def gradcheck(layer, x, target=None, eps=1e-6, training=True, seed=0,
         dy = backend.to_device(rng.standard_normal(y.shape), backend.device_of(x))
     exact = _exact_gradients(layer, x, target, dy, training)
 
+    if check_input and exact["input"] is None:
+        raise ValueError(f"gradcheck: {type(layer).__name__}.backward returned no input "
+                         f"gradient (is input_grad False?); pass check_input=False")
     tensors = ([("input", x)] if check_input else [])
     tensors += [(name, p.data) for name, p in _named_parameters(layer)]
     worst = 0.0
@@ -76,7 +90,10 @@ def _exact_gradients(layer, x, target, dy, training):
 
 def _numeric_gradient(loss_value, value, eps, rng, max_entries):
     """Central differences of loss_value() w.r.t. entries of ``value`` (changed in place)."""
-    flat = value.reshape(-1)  # a view: value must be contiguous, as params and our copy of x are
+    if not value.flags.c_contiguous:            # reshape would copy, and the nudges be lost
+        raise ValueError("gradcheck: a parameter is not C-contiguous; make it so with "
+                         "p.data = xp.ascontiguousarray(p.data)")
+    flat = value.reshape(-1)
     if max_entries is None or max_entries >= flat.size:
         picked = list(range(flat.size))
     else:
@@ -112,6 +129,10 @@ def _require_float64(layer, x):
     if x.dtype.name != "float64":
         raise ValueError(f"gradcheck: the input must be float64 for finite differences "
                          f"to be meaningful, got {x.dtype}")
+    dtype = getattr(layer, "dtype", None)
+    if dtype is not None and dtype != backend.float64:
+        raise ValueError(f"gradcheck: {type(layer).__name__} computes in {dtype}; build the "
+                         f"layer with dtype=numpy.float64")
     for name, p in _named_parameters(layer):
         if p.data.dtype.name != "float64":
             raise ValueError(f"gradcheck: parameter '{name}' of {type(layer).__name__} is "

@@ -17,7 +17,7 @@ class Sequential(Layer):
     """Layers applied in order: ``Sequential([a, b, c])`` or ``Sequential(a, b, c)``."""
 
     def __init__(self, *layers):
-        super().__init__()
+        super().__init__(dtype=None)          # each layer has its own dtype
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         self.layers = []
@@ -42,7 +42,11 @@ class Sequential(Layer):
         return iter(self.layers)
 
     # -- the two passes ------------------------------------------------------
-    def forward(self, x, training=True):
+    def forward(self, x, training=None):
+        """Each layer in order. ``training=None`` uses the mode set by ``train()`` /
+        ``eval()`` (a new model trains); True or False overrides it for this call."""
+        if training is None:
+            training = self.training
         for layer in self.layers:
             x = layer(x, training=training)
         return x
@@ -144,6 +148,14 @@ class Sequential(Layer):
         for layer in self.layers:
             input_shape = layer.output_shape(input_shape)
         return input_shape
+
+    def flops(self, input_shape):
+        """The layers' FLOPs for one sample, each at the shape it receives."""
+        total = 0
+        for layer in self.layers:
+            total += layer.flops(input_shape)
+            input_shape = layer.output_shape(input_shape)
+        return total
 
     def summary(self, input_shape, print_fn=print):
         """A Keras-like table: each layer, its output shape and parameter count.

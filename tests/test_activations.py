@@ -74,8 +74,10 @@ def test_get_activation_names_instances_and_errors():
     assert isinstance(get_activation(None, "Owner", F64), minidl.Identity)
     assert isinstance(get_activation("ReLU", "Owner", F64), minidl.ReLU)
     assert isinstance(get_activation("linear", "Owner", F64), minidl.Identity)
-    layer = minidl.Tanh()
-    assert get_activation(layer, "Owner", F64) is layer
+    layer = minidl.LeakyReLU(0.2)
+    given = get_activation(layer, "Owner", F64)      # a copy: its cache is its own
+    assert isinstance(given, minidl.LeakyReLU) and given is not layer
+    assert given.negative_slope == 0.2
     with pytest.raises(ValueError, match="Owner: activation must be.*'gelu'"):
         get_activation("gelu", "Owner", F64)
 

@@ -65,3 +65,32 @@ def test_wrong_gradient_shape_is_reported():
     layer.backward = lambda dy: layer.w.accumulate_grad(dy * layer.x) or dy * layer.w.data
     with pytest.raises(ValueError, match=r"gradient of parameter 'w' has shape \(2, 3\), expected \(3,\)"):
         minidl.gradcheck(layer, randn(np, 2, 3))
+
+
+def test_gradcheck_leaves_batchnorm_statistics_as_they_were(xp):
+    bn = minidl.BatchNorm2D(3, dtype=np.float64)
+    state = bn.state_dict()
+    assert minidl.gradcheck(bn, randn(xp, 2, 3, 2, 2, seed=1), max_entries=5) < 1e-6
+    for key, value in bn.state_dict().items():
+        np.testing.assert_array_equal(value, state[key])
+
+
+def test_gradcheck_without_an_input_gradient(xp):
+    layer = minidl.Conv2D(2, 3, 3, padding=1, dtype=np.float64)
+    layer.input_grad = False
+    x = randn(xp, 2, 2, 4, 4, seed=1)
+    with pytest.raises(ValueError, match="returned no input gradient.*check_input=False"):
+        minidl.gradcheck(layer, x)
+    assert minidl.gradcheck(layer, x, check_input=False, max_entries=10) < 1e-6
+
+
+def test_gradcheck_refuses_a_float32_layer_without_parameters(xp):
+    with pytest.raises(ValueError, match="Sigmoid computes in float32"):
+        minidl.gradcheck(minidl.Sigmoid(dtype=np.float32), randn(xp, 2, 3, seed=1))
+
+
+def test_gradcheck_refuses_a_non_contiguous_parameter(xp):
+    layer = minidl.Dense(3, 2, dtype=np.float64)
+    layer.weight.data = xp.asfortranarray(layer.weight.data)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        minidl.gradcheck(layer, randn(xp, 4, 3, seed=1))

@@ -4,16 +4,30 @@ These are also what ``Conv2D(..., activation="relu")`` and ``Dense`` apply
 inside themselves, through ``get_activation``: one implementation, not two.
 Each caches only what its derivative needs.
 """
+import copy
+
 from .. import backend
 from .base import Layer
 from .parallel import in_pieces
 
 
 class Activation(Layer):
-    """An elementwise layer without parameters: keeps a float input's dtype."""
+    """An elementwise layer without parameters: keeps a float input's dtype.
+
+    Subclasses cache in forward what the derivative needs (``y`` or ``mask``, both
+    the output's shape); backward checks ``dy`` against it."""
 
     def __init__(self, dtype=None):
         super().__init__(dtype)
+        self.y = None
+        self.mask = None
+
+    def _check_dy(self, dy):
+        cached = self.y if self.y is not None else self.mask
+        return self._check_grad(dy, None if cached is None else cached.shape)
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
 
 
 class ReLU(Activation):
@@ -36,6 +50,7 @@ class ReLU(Activation):
         return y
 
     def backward(self, dy):
+        dy = self._check_dy(dy)
         xp = backend.get_array_module(dy)
         dx = xp.empty_like(dy)                       # dy * mask keeps dy's dtype
         _elementwise(lambda dy, mask, dx: xp.multiply(dy, mask, out=dx), dy, self.mask, dx)
@@ -55,6 +70,9 @@ class LeakyReLU(Activation):
 
     def __init__(self, negative_slope=0.01, dtype=None):
         super().__init__(dtype)
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+            raise TypeError(f"LeakyReLU: negative_slope must be a number, "
+                            f"got {negative_slope!r}")
         self.negative_slope = float(negative_slope)
 
     def forward(self, x, training=True):
@@ -64,6 +82,7 @@ class LeakyReLU(Activation):
         return xp.where(self.mask, x, x * x.dtype.type(self.negative_slope))
 
     def backward(self, dy):
+        dy = self._check_dy(dy)
         xp = backend.get_array_module(dy)
         return xp.where(self.mask, dy, dy * dy.dtype.type(self.negative_slope))
 
@@ -83,6 +102,7 @@ class Sigmoid(Activation):
         return self.y
 
     def backward(self, dy):
+        dy = self._check_dy(dy)
         return dy * self.y * (1 - self.y)
 
 
@@ -96,6 +116,7 @@ class Tanh(Activation):
         return self.y
 
     def backward(self, dy):
+        dy = self._check_dy(dy)
         return dy * (1 - self.y * self.y)
 
 
@@ -105,6 +126,8 @@ class Softmax(Activation):
 
     def __init__(self, axis=1, dtype=None):
         super().__init__(dtype)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"Softmax: axis must be an int, got {axis!r}")
         self.axis = axis
 
     def forward(self, x, training=True):
@@ -118,6 +141,7 @@ class Softmax(Activation):
         return self.y
 
     def backward(self, dy):
+        dy = self._check_dy(dy)
         return self.y * (dy - (dy * self.y).sum(axis=self.axis, keepdims=True))
 
     def extra_repr(self):
@@ -128,10 +152,11 @@ class Identity(Activation):
     """y = x: the activation of a layer built with ``activation=None``."""
 
     def forward(self, x, training=True):
-        return self._as_input(x)
+        self.y = self._as_input(x)
+        return self.y
 
     def backward(self, dy):
-        return dy
+        return self._check_dy(dy)
 
 
 ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid,
@@ -139,11 +164,14 @@ ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid,
 
 
 def get_activation(activation, owner, dtype):
-    """The activation layer for ``activation``: None, a name, or a Layer instance."""
+    """The activation layer for ``activation``: None, a name, or a Layer instance.
+
+    An instance is copied: it caches its forward pass for backward, so two layers
+    given the same instance must not share that cache."""
     if activation is None:
         return Identity(dtype=dtype)
     if isinstance(activation, Layer):
-        return activation
+        return copy.copy(activation)
     if isinstance(activation, str) and activation.lower() in ACTIVATIONS:
         return ACTIVATIONS[activation.lower()](dtype=dtype)
     raise ValueError(f"{owner}: activation must be None, a Layer or one of "

@@ -5,6 +5,8 @@ needs, and ``backward(dy)`` that returns dL/dx and *accumulates* dL/dparam into
 each ``Parameter.grad`` (as PyTorch does; an optimizer's ``zero_grad`` clears it).
 See docs/architecture.md for how layers, losses and optimizers fit together.
 """
+import copy
+
 from .. import backend
 
 
@@ -25,9 +27,10 @@ class Parameter:
         return int(self.data.size)
 
     def accumulate_grad(self, g):
-        """Add ``g`` to ``.grad`` (allocated on first use, like PyTorch)."""
+        """Add ``g`` to ``.grad`` (allocated on first use, like PyTorch). The gradient
+        keeps the parameter's dtype even when ``g`` comes from a float64 ``dy``."""
         if self.grad is None:
-            self.grad = g.copy()
+            self.grad = g.astype(self.data.dtype, copy=True)
         else:
             self.grad += g
 
@@ -72,7 +75,12 @@ class Layer:
     def backward(self, dy):
         raise NotImplementedError(f"{type(self).__name__} must implement backward(dy)")
 
-    def __call__(self, x, training=True):
+    def __call__(self, x, training=None):
+        """``forward`` with the hooks. ``training=None`` uses the mode set by ``train()``
+        or ``eval()``; True or False overrides it (and becomes the mode, which is what
+        forward hooks read as ``layer.training``)."""
+        if training is None:
+            training = self.training
         self.training = training
         y = self.forward(x, training=training)
         for hook in self.forward_hooks:
@@ -105,6 +113,19 @@ class Layer:
             raise ValueError(f"{name}: expected a {ndim}-D input, got shape {tuple(x.shape)}")
         dtype = self.dtype or (x.dtype if x.dtype.kind == "f" else backend.float32)
         return x.astype(dtype, copy=False)
+
+    def _check_grad(self, dy, expected_shape):
+        """Check the ``dy`` given to backward: an array on the layer's device with the
+        shape of the output of the last forward pass. Raises RuntimeError before any
+        forward (``expected_shape`` None), TypeError or ValueError on a bad ``dy``."""
+        name = type(self).__name__
+        if expected_shape is None:
+            raise RuntimeError(f"{name}.backward called before forward")
+        backend.check_input(f"{name}.backward", dy, self.device)
+        if tuple(dy.shape) != tuple(expected_shape):
+            raise ValueError(f"{name}.backward: expected dy of shape {tuple(expected_shape)} "
+                             f"(the output of the last forward), got {tuple(dy.shape)}")
+        return dy
 
     # -- parameters and state ------------------------------------------------
     def named_parameters(self):
@@ -152,26 +173,47 @@ class Layer:
         return state
 
     def check_state_dict(self, state, where=None):
-        """Raise ValueError unless ``state`` has exactly this layer's names and shapes."""
+        """Raise ValueError (TypeError for a non-array) unless ``state`` has exactly this
+        layer's names and shapes, in dtypes that load without loss of kind."""
         where = where or f"{type(self).__name__}.load_state_dict"
-        expected = {key: tuple(value.shape) for key, value in self.state_dict().items()}
+        current = self._state_arrays()
+        expected = {key: tuple(value.shape) for key, value in current.items()}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
         for key, shape in expected.items():
-            if tuple(state[key].shape) != shape:
-                raise ValueError(f"{where}: '{key}' has shape {tuple(state[key].shape)}, "
+            value = state[key]
+            if not backend.is_array(value):
+                raise TypeError(f"{where}: '{key}' must be a numpy or cupy array, "
+                                f"got {type(value).__name__}")
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{where}: '{key}' has shape {tuple(value.shape)}, "
                                  f"expected {shape}")
+            # Integers load into floats; floats into integer buffers would be truncated.
+            allowed = "iu" if current[key].dtype.kind in "iu" else "fiu"
+            if value.dtype.kind not in allowed:
+                raise ValueError(f"{where}: '{key}' has dtype {value.dtype}, which cannot be "
+                                 f"loaded into {current[key].dtype}")
 
     def load_state_dict(self, state):
-        """Load arrays saved by ``state_dict``; every name and shape is checked first,
-        so a mismatch raises ValueError and leaves the layer untouched."""
+        """Load arrays saved by ``state_dict``; every name, shape and dtype is checked
+        first, so a mismatch raises ValueError (or TypeError) and leaves the layer
+        untouched. The arrays are copied, C-contiguous, in the layer's dtypes."""
         self.check_state_dict(state)
         for key, p in self.named_parameters():
-            p.data = backend.to_device(state[key], self.device).astype(p.data.dtype, copy=True)
+            p.data = self._loaded(state[key], p.data.dtype)
         for key, value in self.named_buffers():
-            setattr(self, key, backend.to_device(state[key], self.device).astype(value.dtype, copy=True))
+            setattr(self, key, self._loaded(state[key], value.dtype))
+
+    def _state_arrays(self):
+        """Parameters and buffers by name, as they are (no copies)."""
+        arrays = {name: p.data for name, p in self.named_parameters()}
+        arrays.update(self.named_buffers())
+        return arrays
+
+    def _loaded(self, value, dtype):
+        return backend.to_device(value, self.device).astype(dtype, order="C", copy=True)
 
     # -- description ---------------------------------------------------------
     def extra_repr(self):
@@ -188,6 +230,8 @@ class Layer:
     def output_shape(self, input_shape):
         """Shape of the output for an input of ``input_shape`` (batch included).
 
-        The default runs a forward pass on zeros; layers override it with arithmetic."""
+        The default runs a forward pass on zeros, on a shallow copy of the layer so that
+        what the layer cached for backward stays as it was; layers override it with
+        arithmetic."""
         x = backend.zeros(input_shape, self.dtype or backend.float32, self.device)
-        return tuple(self.forward(x, training=False).shape)
+        return tuple(copy.copy(self).forward(x, training=False).shape)

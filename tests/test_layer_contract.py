@@ -1,0 +1,199 @@
+"""The Layer contract shared by every layer: modes, gradients, state, output_shape.
+
+These are the behaviours a PyTorch or Keras user relies on without thinking about
+them: ``eval()`` is honoured when a layer is called, asking for a shape does not
+disturb a pending backward, a state dict loads entirely or not at all, and a
+float32 layer keeps float32 gradients.
+"""
+import numpy as np
+import pytest
+
+import minidl
+from minidl import (BatchNorm2D, Conv2D, Dense, Dropout, Layer, ReLU, Sequential, Sigmoid,
+                    Tanh)
+
+from conftest import randn, to_np
+
+
+# -- train() / eval() -------------------------------------------------------------------
+
+def test_calling_a_layer_honours_eval(xp):
+    bn = BatchNorm2D(3).eval()
+    before = to_np(bn.running_mean).copy()
+    bn(randn(xp, 4, 3, 2, 2, seed=1).astype(np.float32) + 5)
+    assert not bn.training
+    np.testing.assert_array_equal(to_np(bn.running_mean), before)      # no update in eval
+
+    drop = Dropout(0.5).eval()
+    x = xp.ones((2, 10), dtype=np.float32)
+    np.testing.assert_array_equal(to_np(drop(x)), to_np(x))
+
+
+def test_a_model_in_eval_mode_runs_in_eval_mode(xp):
+    model = Sequential(Dense(4, 8, activation="relu"), Dropout(0.5), Dense(8, 2))
+    x = randn(xp, 16, 4, seed=1).astype(np.float32)
+    model.eval()
+    np.testing.assert_array_equal(to_np(model(x)), to_np(model(x)))    # no dropout noise
+    np.testing.assert_array_equal(to_np(model.forward(x)), to_np(model(x)))
+    model.train()
+    assert not np.array_equal(to_np(model(x)), to_np(model(x)))        # dropout is on again
+
+
+def test_an_explicit_training_flag_overrides_the_mode(xp):
+    drop = Dropout(0.5).eval()
+    y = drop(xp.ones((4, 50), dtype=np.float32), training=True)
+    assert (to_np(y) == 0).any()
+
+
+# -- output_shape never disturbs a pending backward ---------------------------------------
+
+@pytest.mark.parametrize("make", [ReLU, Sigmoid, Tanh, lambda: minidl.LeakyReLU(0.1)])
+def test_output_shape_between_forward_and_backward(xp, make):
+    layer, reference = make(), make()
+    x = randn(xp, 2, 5, seed=1)
+    dy = randn(xp, 2, 5, seed=2)
+    layer.forward(x)
+    reference.forward(x)
+    assert layer.output_shape((7, 3)) == (7, 3)
+    np.testing.assert_array_equal(to_np(layer.backward(dy)), to_np(reference.backward(dy)))
+
+
+class Doubler(Layer):
+    """A user layer that keeps the default output_shape (a forward pass on zeros)."""
+
+    def __init__(self):
+        super().__init__(dtype=None)
+        self.x = None
+
+    def forward(self, x, training=True):
+        self.x = self._as_input(x)
+        return 2 * self.x
+
+    def backward(self, dy):
+        return 2 * dy + 0 * self.x
+
+
+def test_default_output_shape_leaves_the_cache_alone(xp):
+    layer = Doubler()
+    x = randn(xp, 2, 3, seed=1)
+    layer.forward(x)
+    assert layer.output_shape((4, 3)) == (4, 3)
+    assert layer.x is not None and layer.x.shape == (2, 3)
+
+
+def test_summary_between_forward_and_backward_keeps_gradients(xp):
+    def build():
+        minidl.manual_seed(0)
+        return Sequential(Dense(3, 4, activation="sigmoid", dtype=np.float64), Tanh(),
+                          Dense(4, 2, dtype=np.float64))
+    model, reference = build(), build()
+    x, dy = randn(xp, 5, 3, seed=1), randn(xp, 5, 2, seed=2)
+    model.forward(x)
+    reference.forward(x)
+    model.summary((3,), print_fn=None)
+    np.testing.assert_allclose(to_np(model.backward(dy)), to_np(reference.backward(dy)))
+
+
+# -- activations --------------------------------------------------------------------------
+
+def test_one_activation_instance_given_to_two_layers(xp):
+    """Each layer gets its own copy, so their caches do not overwrite each other."""
+    shared = ReLU()
+    minidl.manual_seed(0)
+    a = Sequential(Dense(3, 4, activation=shared, dtype=np.float64),
+                   Dense(4, 2, activation=shared, dtype=np.float64))
+    minidl.manual_seed(0)
+    b = Sequential(Dense(3, 4, activation="relu", dtype=np.float64),
+                   Dense(4, 2, activation="relu", dtype=np.float64))
+    x, dy = randn(xp, 5, 3, seed=1), randn(xp, 5, 2, seed=2)
+    a.forward(x)
+    b.forward(x)
+    np.testing.assert_allclose(to_np(a.backward(dy)), to_np(b.backward(dy)))
+
+
+@pytest.mark.parametrize("make", [ReLU, Sigmoid, Tanh, minidl.Softmax, minidl.Identity,
+                                  lambda: minidl.LeakyReLU(0.1)])
+def test_activation_backward_checks_dy(xp, make):
+    layer = make()
+    name = type(layer).__name__
+    with pytest.raises(RuntimeError, match=f"{name}.backward called before forward"):
+        layer.backward(xp.ones((2, 3)))
+    layer.forward(xp.ones((2, 3)))
+    with pytest.raises(ValueError, match=rf"{name}.backward: expected dy of shape \(2, 3\).*"
+                                         rf"got \(1, 3\)"):
+        layer.backward(xp.ones((1, 3)))
+    with pytest.raises(TypeError, match=f"{name}.backward: expected a numpy or cupy array"):
+        layer.backward([[1.0, 2.0, 3.0]] * 2)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: minidl.LeakyReLU("a"), "LeakyReLU: negative_slope must be a number"),
+    (lambda: minidl.Softmax(axis=None), "Softmax: axis must be an int"),
+    (lambda: minidl.Softmax(axis="1"), "Softmax: axis must be an int"),
+])
+def test_activation_arguments_are_checked(make, message):
+    with pytest.raises(TypeError, match=message):
+        make()
+
+
+# -- gradients keep the parameters' dtype ---------------------------------------------------
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: Conv2D(2, 3, 3, padding=1), (2, 2, 5, 5)),
+    (lambda: Dense(4, 3), (2, 4)),
+])
+def test_float64_dy_gives_float32_parameter_grads(xp, make, shape):
+    layer = make()
+    y = layer.forward(randn(xp, *shape, seed=1).astype(np.float32))
+    layer.backward(randn(xp, *y.shape, seed=2))               # float64 dy
+    layer.backward(randn(xp, *y.shape, seed=3))               # accumulates
+    for p in layer.parameters():
+        assert p.grad.dtype == np.float32
+
+
+# -- state dicts load entirely or not at all -------------------------------------------------
+
+def test_a_bad_entry_leaves_the_layer_untouched():
+    bn = BatchNorm2D(3)
+    state = bn.state_dict()
+    state["weight"] = np.full(3, 7, np.float32)                # fine on its own
+    state["running_var"] = np.array(["a", "b", "c"])           # not numbers
+    with pytest.raises(ValueError, match=r"'running_var' has dtype <U1"):
+        bn.load_state_dict(state)
+    np.testing.assert_array_equal(to_np(bn.weight.data), np.ones(3, np.float32))
+
+
+def test_state_entries_must_be_arrays_of_a_loadable_kind():
+    bn = BatchNorm2D(3)
+    state = bn.state_dict()
+    state["num_batches_tracked"] = 5
+    with pytest.raises(TypeError, match="'num_batches_tracked' must be a numpy or cupy array"):
+        bn.load_state_dict(state)
+    state["num_batches_tracked"] = np.array(2.7)               # a float into an int buffer
+    with pytest.raises(ValueError, match="'num_batches_tracked' has dtype float64"):
+        bn.load_state_dict(state)
+    state["num_batches_tracked"] = np.array(3)
+    state["weight"] = np.ones(3, np.complex64)
+    with pytest.raises(ValueError, match="'weight' has dtype complex64"):
+        bn.load_state_dict(state)
+
+
+def test_a_model_with_one_bad_layer_is_untouched():
+    model = Sequential(Dense(2, 3), Dense(3, 1))
+    state = model.state_dict()
+    state["0.weight"] = np.zeros((2, 3), np.float32)
+    state["1.bias"] = [0.5]
+    before = to_np(model.layers[0].weight.data).copy()
+    with pytest.raises(TypeError, match=r"layer 1 \(Dense\).*'bias' must be a numpy"):
+        model.load_state_dict(state)
+    np.testing.assert_array_equal(to_np(model.layers[0].weight.data), before)
+
+
+def test_loaded_arrays_are_c_contiguous_copies():
+    layer = Dense(3, 2)
+    weight = np.asfortranarray(np.arange(6, dtype=np.float64).reshape(3, 2))
+    layer.load_state_dict({"weight": weight, "bias": np.zeros(2)})
+    assert layer.weight.data.flags.c_contiguous and layer.weight.data.dtype == np.float32
+    np.testing.assert_array_equal(layer.weight.data, weight)
+    weight[0, 0] = 100
+    assert layer.weight.data[0, 0] == 0
