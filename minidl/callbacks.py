@@ -28,7 +28,10 @@ class _Monitor:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
         self.monitor, self.mode, self.min_delta = monitor, mode, abs(min_delta)
-        self.best = math.inf if mode == "min" else -math.inf
+        self.reset()
+
+    def reset(self):
+        self.best = math.inf if self.mode == "min" else -math.inf
 
     def value(self, logs, owner):
         if self.monitor not in logs:
@@ -55,6 +58,15 @@ class EarlyStopping(Callback):
         self.tracker = _Monitor(monitor, mode, min_delta)
         self.patience = patience
         self.restore_best_weights = restore_best_weights
+        self._reset()
+
+    def on_train_begin(self, trainer):
+        # Each fit starts afresh (as in Keras): a best, a patience count or weights
+        # left from an earlier fit, maybe of another model, must not stop or undo this one.
+        self._reset()
+
+    def _reset(self):
+        self.tracker.reset()
         self.wait = 0
         self.best_state = None
         self.stopped_epoch = None
@@ -87,9 +99,10 @@ class ModelCheckpoint(Callback):
     def on_epoch_end(self, trainer, epoch, logs):
         if not isinstance(trainer.model, Layer) or not hasattr(trainer.model, "save"):
             raise TypeError("ModelCheckpoint: the model has no save(path) method")
-        improved = self.tracker.improved(self.tracker.value(logs, "ModelCheckpoint"))
-        if improved or not self.save_best_only:
-            trainer.model.save(self.path)
+        if self.save_best_only:   # only then is the monitored metric needed (and read)
+            if not self.tracker.improved(self.tracker.value(logs, "ModelCheckpoint")):
+                return
+        trainer.model.save(self.path)
 
 
 class CSVLogger(Callback):

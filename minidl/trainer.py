@@ -49,8 +49,11 @@ class Trainer:
     """Trains ``model`` with ``loss`` and ``optimizer``; see ``fit`` and ``evaluate``.
 
     ``metrics``: names ("accuracy") or callables ``f(logits, labels) -> float``
-    averaged over samples. ``clip_grad_norm``: clip the global gradient norm to this
-    value before each step. ``verbose=0`` turns the progress bars off.
+    averaged over samples, or a dict ``{name: name or callable}`` to choose the
+    names they are logged under. Names must be unique, and not ``loss``, ``lr``,
+    ``time`` or ``val_*`` (the Trainer logs those). ``clip_grad_norm``: clip the
+    global gradient norm to this value before each step. ``verbose=0`` turns the
+    progress bars off.
     """
 
     def __init__(self, model, loss, optimizer, scheduler=None, metrics=("accuracy",),
@@ -59,7 +62,7 @@ class Trainer:
         self.loss = loss
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.metrics = {_metric_name(m): _metric_fn(m) for m in metrics}
+        self.metrics = _build_metrics(metrics)
         self.clip_grad_norm = clip_grad_norm
         self.verbose = verbose
         self.stop_training = False
@@ -96,13 +99,29 @@ class Trainer:
 
     # -- loops -----------------------------------------------------------------
     def fit(self, train, epochs=1, val=None, callbacks=(), verbose=None):
-        """Train for ``epochs`` over the DataLoader ``train``; returns a History."""
+        """Train for ``epochs`` over the DataLoader ``train``; returns a History.
+
+        Callbacks' ``on_train_end`` runs even when training fails (e.g. the
+        FloatingPointError of a NaN loss); the error then propagates with the
+        History of the finished epochs attached as ``error.history``.
+        """
         verbose = self.verbose if verbose is None else verbose
         self._check_device(train)
         history = History()
         self.stop_training = False
         for cb in callbacks:
             cb.on_train_begin(self)
+        try:
+            self._fit_epochs(train, epochs, val, callbacks, verbose, history)
+        except BaseException as error:
+            error.history = history
+            raise
+        finally:    # remove hooks, restore best weights... whatever happened
+            for cb in callbacks:
+                cb.on_train_end(self)
+        return history
+
+    def _fit_epochs(self, train, epochs, val, callbacks, verbose, history):
         for epoch in range(epochs):
             self.epoch = epoch
             start = time.perf_counter()
@@ -120,13 +139,10 @@ class Trainer:
                 print(_format_logs(epoch, epochs, logs), flush=True)
             if self.stop_training:
                 break
-        for cb in callbacks:
-            cb.on_train_end(self)
-        return history
 
     def _train_epoch(self, train, epoch, epochs, verbose):
         self.model.train()
-        totals = _Totals(self.metrics)
+        totals = _Totals(self.metrics, "Trainer.fit")
         bar = tqdm(train, total=len(train), desc=f"Epoch {epoch + 1}/{epochs}",
                    unit="batch", disable=not verbose, leave=True, dynamic_ncols=True)
         start = time.perf_counter()
@@ -142,7 +158,7 @@ class Trainer:
     def evaluate(self, data):
         """Mean loss and metrics over a DataLoader, in eval mode (no updates)."""
         self._check_device(data)
-        totals = _Totals(self.metrics)
+        totals = _Totals(self.metrics, "Trainer.evaluate")
         for x, y in data:
             logits = self.model.forward(x, training=False)
             totals.add(self.loss.forward(logits, y), logits, y)
@@ -159,8 +175,9 @@ class Trainer:
 class _Totals:
     """Sample-weighted running sums of the loss and each metric."""
 
-    def __init__(self, metrics):
+    def __init__(self, metrics, caller):
         self.metrics = metrics
+        self.caller = caller    # who to name in the error of an empty loader
         self.count = 0
         self.sums = {"loss": 0.0, **{name: 0.0 for name in metrics}}
 
@@ -172,18 +189,48 @@ class _Totals:
             self.sums[name] += fn(logits, y) * n
 
     def means_as_floats(self):
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        if self.count == 0:     # a mean of nothing: 0.0 would look like a real result
+            raise ValueError(f"{self.caller}: the DataLoader yields no samples (is it "
+                             f"empty, or drop_last=True with fewer samples than "
+                             f"batch_size?)")
+        return {k: v / self.count for k, v in self.sums.items()}
 
     def means(self):
         return {k: f"{v:.4f}" for k, v in self.means_as_floats().items()}
 
 
 def accuracy(logits, labels):
-    """Fraction of rows whose largest logit is at the label."""
+    """Fraction of rows whose largest logit is at the label. ``labels`` are class
+    indices (N,) or one-hot / probability rows (N, classes), as MSE takes."""
+    if labels.ndim == 2 and labels.shape == logits.shape:
+        labels = labels.argmax(axis=1)
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"accuracy: labels of shape {labels.shape} do not match logits "
+                         f"of shape {logits.shape}; expected class indices (N,) or "
+                         f"one-hot rows (N, classes)")
     return float((logits.argmax(axis=1) == labels).mean())
 
 
 _METRICS = {"accuracy": accuracy, "acc": accuracy}
+_RESERVED = ("loss", "lr", "time")     # keys the Trainer itself logs
+
+
+def _build_metrics(metrics):
+    """{name: fn} from a list of names / callables, or from a dict {name: metric}."""
+    pairs = (metrics.items() if isinstance(metrics, dict)
+             else [(_metric_name(m), m) for m in metrics])
+    built = {}
+    for name, metric in pairs:
+        # A repeated name would overwrite a metric; a reserved one, a logged number.
+        if name in built:
+            raise ValueError(f"Trainer: two metrics named {name!r}; pass a dict "
+                             f"{{name: metric}} to name them apart")
+        if name in _RESERVED or name.startswith("val_"):
+            raise ValueError(f"Trainer: the metric name {name!r} is reserved (the Trainer "
+                             f"logs loss, lr, time and val_*); pass a dict "
+                             f"{{name: metric}} to rename it")
+        built[name] = _metric_fn(metric)
+    return built
 
 
 def _metric_name(metric):

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 import minidl
-from minidl import (SGD, Adam, Conv2D, CSVLogger, DataLoader, Dense, EarlyStopping, Flatten,
-                    MaxPool2D, ModelCheckpoint, Sequential, SoftmaxCrossEntropy, Trainer)
+from minidl import (MSE, SGD, Adam, Callback, Conv2D, CSVLogger, DataLoader, Dense,
+                    EarlyStopping, Flatten, GradientRecorder, MaxPool2D, ModelCheckpoint,
+                    Sequential, SoftmaxCrossEntropy, Trainer)
+from minidl.trainer import accuracy
 
 
 def oriented_bars(n, size=12, seed=0):
@@ -181,3 +183,94 @@ def test_dataloader_batches_shuffle_and_errors():
         DataLoader(x, y[:9])
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         DataLoader(x, y, 0)
+
+
+# -- edge cases: empty loaders, metric names, label shapes, errors mid-fit ---------
+def tiny(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 4)).astype(np.float32), rng.integers(0, 3, n)
+
+
+def tiny_trainer(loss=None, **kwargs):
+    model = Sequential([Dense(4, 3)])
+    return Trainer(model, loss or SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.01),
+                   verbose=0, **kwargs)
+
+
+def test_loader_with_no_batches_is_an_error_not_zeros():
+    x, y = tiny(10)
+    empty = DataLoader(x, y, batch_size=16, drop_last=True)   # len(empty) == 0
+    trainer = tiny_trainer()
+    with pytest.raises(ValueError, match="Trainer.fit: .*yields no samples"):
+        trainer.fit(empty, epochs=2)
+    with pytest.raises(ValueError, match="Trainer.evaluate: .*yields no samples"):
+        trainer.evaluate(empty)
+
+
+def test_metric_names_must_be_unique_and_not_reserved():
+    def loss(logits, labels):
+        return 100.0
+
+    with pytest.raises(ValueError, match="two metrics named '<lambda>'"):
+        tiny_trainer(metrics=[lambda a, b: 0.0, lambda a, b: 1.0])
+    with pytest.raises(ValueError, match="metric name 'loss' is reserved"):
+        tiny_trainer(metrics=[loss])
+    with pytest.raises(ValueError, match="metric name 'val_top' is reserved"):
+        tiny_trainer(metrics={"val_top": loss})
+
+
+def test_metrics_as_a_dict_of_names_and_functions():
+    x, y = tiny(12)
+    data = DataLoader(x, y, 4, shuffle=False)
+    trainer = tiny_trainer(metrics={"acc": "accuracy", "zero": lambda a, b: 0.0,
+                                    "one": lambda a, b: 1.0})
+    logs = trainer.evaluate(data)
+    assert set(logs) == {"loss", "acc", "zero", "one"}
+    assert logs["zero"] == 0.0 and logs["one"] == 1.0
+    plain = Trainer(trainer.model, SoftmaxCrossEntropy(), trainer.optimizer, metrics=(),
+                    verbose=0)
+    assert logs["loss"] == pytest.approx(plain.evaluate(data)["loss"])
+
+
+def test_accuracy_takes_class_indices_or_one_hot_labels():
+    logits = np.array([[2.0, 0, 0], [0, 2, 0], [0, 0, 2]])
+    labels = np.array([0, 1, 1])
+    assert accuracy(logits, labels) == pytest.approx(2 / 3)
+    assert accuracy(logits, np.eye(3)[labels]) == pytest.approx(2 / 3)   # N == classes
+    with pytest.raises(ValueError, match=r"accuracy: labels of shape \(3, 1\)"):
+        accuracy(logits, labels[:, None])
+    with pytest.raises(ValueError, match=r"accuracy: labels of shape \(2,\)"):
+        accuracy(logits, labels[:2])
+
+
+def test_mse_with_one_hot_targets_reports_accuracy():
+    x, y = tiny(10)
+    trainer = tiny_trainer(loss=MSE())
+    data = DataLoader(x, np.eye(3, dtype=np.float32)[y], batch_size=5, shuffle=False)
+    logs = trainer.evaluate(data)
+    expected = (trainer.model.predict(x).argmax(1) == y).mean()
+    assert logs["accuracy"] == pytest.approx(expected)
+
+
+def test_error_in_fit_still_ends_callbacks_and_keeps_history():
+    x, y = tiny(40)
+    trainer = tiny_trainer()
+    model = trainer.model
+    ended = []
+
+    class Blow(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 1:
+                model.layers[0].weight.data[:] = np.nan   # the next loss is nan
+
+        def on_train_end(self, trainer):
+            ended.append(True)
+
+    stop = EarlyStopping(monitor="loss", patience=5, restore_best_weights=True)
+    recorder = GradientRecorder(model, every=1)
+    with pytest.raises(FloatingPointError, match="loss became nan") as info:
+        trainer.fit(DataLoader(x, y, 8, seed=0), epochs=5, callbacks=[recorder, stop, Blow()])
+    assert ended == [True]
+    assert model.layers[0].forward_hooks == [] and model.layers[0].backward_hooks == []
+    assert np.isfinite(model.layers[0].weight.data).all()     # best weights put back
+    assert info.value.history.epochs == 2 and len(info.value.history["loss"]) == 2

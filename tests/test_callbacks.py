@@ -1,0 +1,51 @@
+"""Callbacks across fits and without validation data."""
+import numpy as np
+import pytest
+
+from minidl import (SGD, DataLoader, Dense, EarlyStopping, ModelCheckpoint, Sequential,
+                    SoftmaxCrossEntropy, Trainer)
+
+
+def frozen_trainer(seed=0, scale=1.0):
+    """A trainer with lr=0: the loss is the same every epoch, so nothing improves."""
+    model = Sequential([Dense(4, 3)])
+    for p in model.parameters():
+        p.data *= scale
+    return Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.0), verbose=0)
+
+
+def data(n=40, seed=0, nan=False):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 4)).astype(np.float32)
+    if nan:
+        x[0] = np.nan   # the first batch's loss is nan
+    return DataLoader(x, rng.integers(0, 3, n), 8, shuffle=False)
+
+
+def test_early_stopping_starts_afresh_in_each_fit():
+    stop = EarlyStopping(monitor="loss", patience=2, restore_best_weights=True)
+    first = frozen_trainer().fit(data(), epochs=10, callbacks=[stop])
+    assert first.epochs == 3 and stop.stopped_epoch == 2
+    # Another model, reusing the callback (as in a hyper-parameter loop): its loss is
+    # worse than the first model's best, yet it gets its own patience.
+    second = frozen_trainer(scale=20.0)
+    assert second.fit(data(), epochs=10, callbacks=[stop]).epochs == 3
+    second.fit(data(), epochs=1, callbacks=[stop])
+    assert stop.stopped_epoch is None and stop.wait == 0
+    # A fit that fails in its first epoch has no best weights: the ones of the
+    # earlier fit (another model) must not be put back.
+    third = frozen_trainer(scale=3.0)
+    weights = third.model.state_dict()
+    with pytest.raises(FloatingPointError):
+        third.fit(data(nan=True), epochs=2, callbacks=[stop])
+    for key, value in third.model.state_dict().items():
+        np.testing.assert_array_equal(value, weights[key])
+
+
+def test_checkpoint_every_epoch_needs_no_monitored_metric(tmp_path):
+    path = tmp_path / "every.npz"
+    trainer = frozen_trainer()
+    # monitor defaults to val_accuracy, which is not logged without val=
+    every = ModelCheckpoint(path, save_best_only=False)
+    history = trainer.fit(data(), epochs=2, callbacks=[every])
+    assert history.epochs == 2 and path.exists()
