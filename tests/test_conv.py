@@ -1,4 +1,6 @@
 """Conv2D against the loop reference, finite differences, hypothesis and torch."""
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -259,3 +261,56 @@ def test_same_padding_even_kernel_matches_torch():
     zt = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(layer.weight.data),
                                     torch.tensor(layer.bias.data), padding="same")
     np.testing.assert_allclose(layer.forward(x), zt.numpy(), atol=1e-10)
+
+
+# -- dy is checked against the output of the last forward ------------------------------------
+
+@pytest.mark.parametrize("c, kernel, activation", [
+    (2, 3, None),            # C*k1*k2 <= SMALL_K: the per-sample backward products
+    (16, 3, None),           # one product over all positions
+    (2, 1, None),            # 1x1: the pointwise backward
+    (2, 3, "relu"),          # an activation inside the layer
+], ids=["per-sample", "one-product", "pointwise", "relu"])
+def test_backward_rejects_dy_of_the_wrong_shape(xp, c, kernel, activation):
+    layer = make_layer(xp, c, 4, kernel, 1, kernel // 2, activation=activation)
+    x = randn(xp, 2, c, 3, 3, seed=1)
+    assert layer.forward(x).shape == (2, 4, 3, 3)
+    for shape in [(4, 2, 3, 3), (1, 4, 3, 3), (2, 4, 9)]:      # swapped, broadcastable, flat
+        with pytest.raises(ValueError, match=r"Conv2D\.backward: expected dy of shape "
+                                             rf"\(2, 4, 3, 3\).*got {re.escape(str(shape))}"):
+            layer.backward(xp.zeros(shape))
+    with pytest.raises(TypeError, match="Conv2D.backward"):
+        layer.backward(to_np(xp.zeros((2, 4, 3, 3))).tolist())
+    assert layer.weight.grad is None and layer.bias.grad is None    # nothing accumulated
+    assert layer.backward(xp.ones((2, 4, 3, 3))).shape == x.shape
+
+
+@pytest.mark.parametrize("c, f, kernel, stride, padding, bias", [
+    (3, 4, 3, 1, 1, True),        # per-sample backward products
+    (16, 4, 3, 2, 0, True),       # one product over all positions
+    (3, 4, 1, 1, 0, True),        # pointwise
+    (3, 4, 3, 1, 1, False),
+])
+def test_empty_batch_matches_torch(xp, c, f, kernel, stride, padding, bias):
+    """N = 0: torch gives an empty output, zero dW and db, and an empty dx; so do we."""
+    torch = pytest.importorskip("torch")
+    layer = make_layer(xp, c, f, kernel, stride, padding) if bias else Conv2D(
+        c, f, kernel, stride=stride, padding=padding, bias=False, dtype=np.float64)
+    x = xp.zeros((0, c, 7, 7))
+    xt = torch.zeros((0, c, 7, 7), dtype=torch.float64, requires_grad=True)
+    wt = torch.tensor(to_np(layer.weight.data), requires_grad=True)
+    bt = torch.tensor(to_np(layer.bias.data), requires_grad=True) if bias else None
+    zt = torch.nn.functional.conv2d(xt, wt, bt, stride=stride, padding=padding)
+    zt.backward(torch.zeros_like(zt))
+    z = layer.forward(x)
+    assert z.shape == tuple(zt.shape) == layer.output_shape(x.shape)
+    dx = layer.backward(xp.zeros(z.shape))
+    assert dx.shape == x.shape
+    np.testing.assert_array_equal(to_np(layer.weight.grad), wt.grad.numpy())
+    assert layer.weight.grad.shape == layer.weight.shape
+    if bias:
+        np.testing.assert_array_equal(to_np(layer.bias.grad), bt.grad.numpy())
+        assert layer.bias.grad.shape == (f,)
+    layer.input_grad = False
+    layer.forward(x)
+    assert layer.backward(xp.zeros(z.shape)) is None

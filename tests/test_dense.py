@@ -121,3 +121,36 @@ def test_bad_arguments_are_rejected():
     assert repr(minidl.Dense(3, 2, activation="relu", bias=False)) == \
         "Dense(3, 2, activation=ReLU, bias=False)"
     assert minidl.Dense(3, 2).num_parameters() == 3 * 2 + 2
+
+
+# -- dy is checked; an empty batch works ----------------------------------------------------------
+
+@pytest.mark.parametrize("activation", [None, "relu", "softmax"])
+def test_backward_rejects_dy_of_the_wrong_shape(xp, activation):
+    """A (N,) dy used to broadcast into a wrong-shaped weight.grad."""
+    layer = minidl.Dense(3, 2, activation=activation, dtype=F64)
+    layer.forward(randn(xp, 4, 3, seed=1))
+    for shape in [(4,), (1, 2), (2, 4), (4, 2, 1)]:
+        with pytest.raises(ValueError, match=r"Dense\.backward: expected dy of shape \(4, 2\)"):
+            layer.backward(xp.zeros(shape))
+    with pytest.raises(TypeError, match="Dense.backward"):
+        layer.backward([[0.0, 0.0]] * 4)
+    assert layer.weight.grad is None and layer.bias.grad is None
+    layer.backward(xp.ones((4, 2)))
+    assert layer.weight.grad.shape == (3, 2) and layer.bias.grad.shape == (2,)
+
+
+def test_empty_batch_matches_torch(xp):
+    torch = pytest.importorskip("torch")
+    layer = minidl.Dense(3, 2, activation="tanh", dtype=F64)
+    y = layer.forward(xp.zeros((0, 3)))
+    assert y.shape == (0, 2) == layer.output_shape((0, 3))
+    dx = layer.backward(xp.zeros((0, 2)))
+    xt = torch.zeros((0, 3), dtype=torch.float64, requires_grad=True)
+    wt = torch.tensor(to_np(layer.weight.data), requires_grad=True)
+    bt = torch.tensor(to_np(layer.bias.data), requires_grad=True)
+    yt = torch.tanh(torch.nn.functional.linear(xt, wt.T, bt))
+    yt.backward(torch.zeros_like(yt))
+    assert dx.shape == tuple(xt.grad.shape) == (0, 3)
+    numpy.testing.assert_array_equal(to_np(layer.weight.grad), wt.grad.numpy())
+    numpy.testing.assert_array_equal(to_np(layer.bias.grad), bt.grad.numpy())

@@ -113,3 +113,47 @@ def test_flatten_bad_input_is_rejected(xp):
         minidl.Flatten().forward(xp.zeros(5, dtype=numpy.float32))
     with pytest.raises(RuntimeError, match="before forward"):
         minidl.Flatten().backward(xp.zeros((2, 3), dtype=numpy.float32))
+
+
+# -- dy is checked; an empty batch works ----------------------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False])
+def test_dropout_backward_rejects_dy_of_the_wrong_shape(xp, training):
+    """A (1, ...) dy used to broadcast against the mask (and pass straight through in eval)."""
+    layer = minidl.Dropout(0.5, seed=0)
+    layer.forward(xp.ones((2, 4), dtype=numpy.float32), training=training)
+    for shape in [(1, 4), (4, 2), (2, 4, 1)]:
+        with pytest.raises(ValueError, match=r"Dropout\.backward: expected dy of shape \(2, 4\)"):
+            layer.backward(xp.zeros(shape, dtype=numpy.float32))
+    with pytest.raises(TypeError, match=r"Dropout\.backward"):
+        layer.backward([[0.0] * 4] * 2)
+    assert layer.backward(xp.ones((2, 4), dtype=numpy.float32)).shape == (2, 4)
+
+
+def test_dropout_empty_batch(xp):
+    layer = minidl.Dropout(0.5, seed=0)
+    empty = xp.zeros((0, 4), dtype=numpy.float32)
+    for training in [True, False]:
+        assert layer.forward(empty, training=training).shape == (0, 4)
+        assert layer.backward(empty).shape == (0, 4)
+
+
+def test_flatten_backward_rejects_dy_of_the_wrong_shape(xp):
+    layer = minidl.Flatten()
+    layer.forward(xp.zeros((2, 3, 2, 2), dtype=numpy.float32))
+    for shape in [(3, 8), (1, 12), (24,), (2, 3, 2, 2)]:     # same size, or broadcastable
+        with pytest.raises(ValueError, match=r"Flatten\.backward: expected dy of shape \(2, 12\)"):
+            layer.backward(xp.zeros(shape, dtype=numpy.float32))
+    with pytest.raises(TypeError, match=r"Flatten\.backward"):
+        layer.backward([[0.0] * 12] * 2)
+
+
+def test_flatten_empty_batch_matches_torch(xp):
+    """reshape(0, -1) cannot infer the -1: the flat size comes from the shape instead."""
+    torch = pytest.importorskip("torch")
+    layer = minidl.Flatten()
+    x = xp.zeros((0, 3, 4, 5), dtype=numpy.float32)
+    y = layer.forward(x)
+    assert y.shape == tuple(torch.nn.Flatten()(torch.zeros(0, 3, 4, 5)).shape) == (0, 60)
+    assert layer.output_shape(x.shape) == (0, 60)
+    assert layer.backward(xp.zeros((0, 60), dtype=numpy.float32)).shape == (0, 3, 4, 5)

@@ -1,4 +1,6 @@
 """BatchNorm1D / BatchNorm2D: loop reference, gradcheck, PyTorch (running stats, eval), errors."""
+import re
+
 import numpy
 import pytest
 
@@ -170,3 +172,91 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="BatchNorm1D.*num_features"):
         minidl.BatchNorm1D(0)
     assert repr(minidl.BatchNorm2D(3)) == "BatchNorm2D(3, momentum=0.1, eps=1e-05)"
+
+
+# -- dy is checked; empty batches; constructor arguments ---------------------------------------
+
+@pytest.mark.parametrize("cls, shape", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_rejects_dy_of_the_wrong_shape(xp, cls, shape, training):
+    """A (1, ...) dy failed deep inside numpy ("non-broadcastable output operand")."""
+    bn = cls(shape[1])
+    bn.forward(randn(xp, *shape, dtype=numpy.float32), training=training)
+    name = cls.__name__
+    for bad in [(1,) + shape[1:], shape + (1,), shape[:1] + (shape[1] + 1,) + shape[2:]]:
+        with pytest.raises(ValueError, match=rf"{name}\.backward: expected dy of shape "
+                                             rf"{re.escape(str(shape))}"):
+            bn.backward(xp.zeros(bad, dtype=numpy.float32))
+    with pytest.raises(TypeError, match=rf"{name}\.backward"):
+        bn.backward(to_np(xp.zeros(shape)).tolist())
+    assert bn.weight.grad is None
+    assert bn.backward(xp.ones(shape, dtype=numpy.float32)).shape == shape
+
+
+@pytest.mark.parametrize("cls, shape", [(minidl.BatchNorm2D, (0, 3, 4, 4)),
+                                        (minidl.BatchNorm1D, (0, 3)),
+                                        (minidl.BatchNorm1D, (2, 3, 0))])
+def test_no_values_per_channel(xp, cls, shape):
+    """Training on no values per channel has no statistics: a ValueError naming the layer,
+    the stats untouched. Eval passes the empty batch through, as torch does."""
+    bn = with_random_running_stats(with_random_affine(cls(3, dtype=F64), xp), xp)
+    before = to_np(bn.running_mean).copy()
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: training needs more than one "
+                                         r"value per channel, got 0 per channel"):
+        bn.forward(xp.zeros(shape), training=True)
+    numpy.testing.assert_array_equal(to_np(bn.running_mean), before)
+    assert int(bn.num_batches_tracked) == 0
+    y = bn.forward(xp.zeros(shape), training=False)
+    dx = bn.backward(xp.zeros(shape))
+    assert y.shape == dx.shape == shape
+    numpy.testing.assert_array_equal(to_np(bn.weight.grad), numpy.zeros(3))
+    numpy.testing.assert_array_equal(to_np(bn.bias.grad), numpy.zeros(3))
+
+
+def test_empty_batch_in_eval_matches_torch(xp):
+    torch = pytest.importorskip("torch")
+    bn = with_random_running_stats(with_random_affine(minidl.BatchNorm2D(3, dtype=F64), xp), xp)
+    theirs = torch.nn.BatchNorm2d(3).double().eval()
+    with torch.no_grad():
+        for name in ["weight", "bias", "running_mean", "running_var"]:
+            value = getattr(bn, name)
+            getattr(theirs, name).copy_(torch.tensor(to_np(getattr(value, "data", value))))
+    xt = torch.zeros((0, 3, 2, 2), dtype=torch.float64, requires_grad=True)
+    yt = theirs(xt)
+    yt.backward(torch.zeros_like(yt))
+    y = bn.forward(xp.zeros((0, 3, 2, 2)), training=False)
+    dx = bn.backward(xp.zeros((0, 3, 2, 2)))
+    assert y.shape == tuple(yt.shape) and dx.shape == tuple(xt.grad.shape)
+    numpy.testing.assert_array_equal(to_np(bn.weight.grad), theirs.weight.grad.numpy())
+    numpy.testing.assert_array_equal(to_np(bn.bias.grad), theirs.bias.grad.numpy())
+
+
+@pytest.mark.parametrize("cls", [minidl.BatchNorm1D, minidl.BatchNorm2D])
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(eps="abc"), TypeError, r"eps must be a positive number, got 'abc'"),
+    (dict(eps=None), TypeError, r"eps must be a positive number, got None"),
+    (dict(eps=True), TypeError, r"eps must be a positive number, got True"),
+    (dict(eps=0.0), ValueError, r"eps must be a finite number > 0, got 0.0"),
+    (dict(eps=-1e-5), ValueError, r"eps must be a finite number > 0"),
+    (dict(eps=float("nan")), ValueError, r"eps must be a finite number > 0, got nan"),
+    (dict(eps=float("inf")), ValueError, r"eps must be a finite number > 0, got inf"),
+    (dict(momentum="0.1"), TypeError, r"momentum must be a number in \[0, 1\] or None"),
+    (dict(momentum=False), TypeError, r"momentum must be a number in \[0, 1\] or None"),
+    (dict(momentum=-0.1), ValueError, r"momentum must be in \[0, 1\], got -0.1"),
+    (dict(momentum=float("nan")), ValueError, r"momentum must be in \[0, 1\], got nan"),
+    (dict(num_features="3"), TypeError, r"num_features must be an int, got '3'"),
+    (dict(num_features=3.0), TypeError, r"num_features must be an int, got 3.0"),
+    (dict(num_features=-2), ValueError, r"num_features must be >= 1, got -2"),
+])
+def test_constructor_arguments_are_checked(cls, kwargs, error, message):
+    arguments = dict(num_features=3)
+    arguments.update(kwargs)
+    with pytest.raises(error, match=rf"{cls.__name__}: {message}"):
+        cls(**arguments)
+
+
+def test_good_constructor_arguments_are_kept():
+    bn = minidl.BatchNorm1D(numpy.int64(4), momentum=numpy.float32(0.5), eps=1)
+    assert (bn.num_features, bn.momentum, bn.eps) == (4, 0.5, 1.0)
+    assert type(bn.eps) is float and type(bn.momentum) is float
+    assert minidl.BatchNorm2D(2, momentum=None).momentum is None

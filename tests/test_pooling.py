@@ -208,3 +208,107 @@ def test_bad_arguments_are_rejected(xp):
 def test_repr():
     assert (repr(minidl.MaxPool2D(2))
             == "MaxPool2D(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0))")
+
+
+# -- NaN and -inf: as PyTorch -------------------------------------------------------------------
+
+def with_nan_and_inf(xp, shape, seed=0):
+    """Small integers with NaN, -inf and +inf sprinkled in, and a channel all -inf."""
+    rng = numpy.random.default_rng(seed)
+    x = rng.integers(-2, 2, shape).astype(F64)
+    u = rng.random(shape)
+    x[u < 0.15] = numpy.nan
+    x[u > 0.7] = -numpy.inf
+    x[(u > 0.65) & (u <= 0.7)] = numpy.inf
+    x[:, -1] = -numpy.inf
+    return xp.asarray(x)
+
+
+def test_maxpool_nan_window_gives_nan_and_its_gradient_to_a_nan(xp):
+    """PyTorch updates a window's argmax on `val > max or isnan(val)`: the output is NaN
+    and the gradient goes to the window's LAST NaN in row-major order (it was dropped:
+    `slab == y` never holds for NaN)."""
+    nan = numpy.nan
+    x = xp.asarray(numpy.array([[[[1.0, nan, 3.0, nan],
+                                  [nan, 0.0, 5.0, 2.0]]]]))
+    pool = minidl.MaxPool2D(2, dtype=F64)
+    y, dx = run(pool, x, xp.asarray(numpy.array([[[[10.0, 20.0]]]])))
+    numpy.testing.assert_array_equal(to_np(y), [[[[nan, nan]]]])
+    numpy.testing.assert_array_equal(to_np(dx), [[[[0, 0, 0, 20], [10, 0, 0, 0]]]])
+    y_t, dx_t = torch_pool("max", x, xp.asarray(numpy.array([[[[10.0, 20.0]]]])), 2, 2, 0)
+    numpy.testing.assert_array_equal(to_np(dx), dx_t)
+
+
+def test_maxpool_padding_never_takes_the_gradient(xp):
+    """All -inf input with padding: every window's max is -inf and its gradient goes to
+    a real element (the padding, also -inf, used to take it and lose it to the crop);
+    PyTorch: dx sums to dy's sum."""
+    x = xp.full((1, 2, 3, 3), -numpy.inf)
+    pool = minidl.MaxPool2D(3, 1, 1, dtype=F64)
+    dy = xp.ones((1, 2, 3, 3))
+    y, dx = run(pool, x, dy)
+    assert (to_np(y) == -numpy.inf).all()
+    assert float(to_np(dx).sum()) == float(to_np(dy).sum()) == 18
+    y_t, dx_t = torch_pool("max", x, dy, 3, 1, 1)
+    numpy.testing.assert_array_equal(to_np(dx), dx_t)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
+def test_maxpool_matches_torch_with_nan_and_inf(xp, kernel, stride, padding, hw):
+    x = with_nan_and_inf(xp, (2, 3) + hw, seed=4)
+    pool = minidl.MaxPool2D(kernel, stride, padding, dtype=F64)
+    dy = randn(xp, *pool.output_shape(x.shape), seed=2)
+    y, dx = run(pool, x, dy)
+    y_t, dx_t = torch_pool("max", x, dy, kernel, stride or kernel, padding)
+    numpy.testing.assert_array_equal(to_np(y), y_t)                  # NaN where torch's
+    numpy.testing.assert_allclose(to_np(dx), dx_t, rtol=0, atol=1e-12)
+    numpy.testing.assert_array_equal(to_np(pool.backward(dy)), to_np(dx))   # repeatable
+
+
+def test_maxpool_nan_in_a_channels_first_float32_input(xp):
+    """The memory order of a Conv2D output, float32, NaN only in some channels."""
+    x = with_nan_and_inf(xp, (4, 3, 6, 6), seed=6).astype(numpy.float32)
+    x = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    pool = minidl.MaxPool2D(3, 2, 1)
+    dy = randn(xp, *pool.output_shape(x.shape), seed=2, dtype=numpy.float32)
+    y, dx = run(pool, x, dy)
+    y_t, dx_t = torch_pool("max", x, dy, 3, 2, 1)
+    numpy.testing.assert_array_equal(to_np(y), y_t)
+    numpy.testing.assert_allclose(to_np(dx), dx_t, rtol=0, atol=1e-6)
+
+
+# -- dy is checked; an empty batch works ----------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: minidl.MaxPool2D(2), lambda: minidl.MaxPool2D(3, 2, 1),
+                                  lambda: minidl.AvgPool2D(2), minidl.GlobalAvgPool2D],
+                         ids=["max", "max-padded", "avg", "global"])
+def test_backward_rejects_dy_of_the_wrong_shape(xp, make):
+    """A (1, ...) dy used to broadcast over the batch."""
+    pool = make()
+    name = type(pool).__name__
+    y = pool.forward(randn(xp, 2, 3, 6, 6, dtype=numpy.float32))
+    for shape in [(1,) + y.shape[1:], y.shape[::-1], y.shape + (1,)]:
+        with pytest.raises(ValueError, match=rf"{name}\.backward: expected dy of shape "
+                                             rf"\({y.shape[0]}, {y.shape[1]}"):
+            pool.backward(xp.zeros(shape, dtype=numpy.float32))
+    with pytest.raises(TypeError, match=rf"{name}\.backward"):
+        pool.backward(to_np(xp.zeros(y.shape)).tolist())
+    assert pool.backward(xp.ones_like(y)).shape == (2, 3, 6, 6)
+
+
+@pytest.mark.parametrize("kind, kernel, stride, padding",
+                         [("max", 2, 2, 0), ("max", 3, 2, 1), ("avg", 2, 2, 0), ("avg", 3, 1, 1)])
+def test_empty_batch_matches_torch(xp, kind, kernel, stride, padding):
+    cls = {"max": minidl.MaxPool2D, "avg": minidl.AvgPool2D}[kind]
+    pool = cls(kernel, stride, padding, dtype=F64)
+    x = xp.zeros((0, 3, 7, 7))
+    dy = xp.zeros(pool.output_shape(x.shape))
+    y, dx = run(pool, x, dy)
+    y_t, dx_t = torch_pool(kind, x, dy, kernel, stride, padding)
+    assert y.shape == y_t.shape and dx.shape == dx_t.shape == (0, 3, 7, 7)
+
+
+def test_global_avgpool_empty_batch(xp):
+    pool = minidl.GlobalAvgPool2D(dtype=F64)
+    y, dx = run(pool, xp.zeros((0, 3, 4, 5)), xp.zeros((0, 3)))
+    assert y.shape == (0, 3) and dx.shape == (0, 3, 4, 5)

@@ -90,7 +90,7 @@ class Conv2D(Layer):
         z_t = xp.empty((f, n, ho * wo), dtype=self.dtype)     # Z, channels first
         if self._pointwise():
             # 1x1 kernel, stride 1, no padding: cols is the input itself, (C, N*H*W).
-            cols = channels_first(x).reshape(self.in_channels, -1)
+            cols = channels_first(x).reshape(self.in_channels, n * ho * wo)   # N may be 0
             xp.matmul(self.weight.data.reshape(f, -1), cols, out=z_t.reshape(f, -1))
             if self.bias is not None:
                 z_t += self.bias.data[:, None, None]
@@ -102,17 +102,20 @@ class Conv2D(Layer):
             for n0, n1 in chunks:
                 cols = self._columns(x_pad_t, n0, n1, (ho, wo))
                 xp.matmul(w2b, cols, out=z_t[:, n0:n1].reshape(f, -1))   # Z2 = W2 @ cols + b
-            # Keep cols for backward when it was built in one piece; else rebuild per chunk.
+            # Keep cols for backward when it was built in one piece; else rebuild per chunk
+            # (no chunk at all for an empty batch, N = 0).
             self.cache = {"x_shape": x.shape, "x_pad_t": x_pad_t,
                           "cols": cols if len(chunks) == 1 else None}
         z = z_t.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)   # a view in NCHW order
-        return self.activation.forward(z, training=training)
+        a = self.activation.forward(z, training=training)
+        self.cache["y_shape"] = a.shape                       # backward checks dA against it
+        return a
 
     # -- backward: Eq. [2], dW, db, Eq. [9] -----------------------------------
     def backward(self, da):
-        """Returns dA_prev, or None when ``input_grad`` is False (the input is data)."""
-        if self.cache is None:
-            raise RuntimeError("Conv2D.backward called before forward")
+        """Returns dA_prev, or None when ``input_grad`` is False (the input is data).
+        ``da`` must have the shape of the last forward's output (ValueError otherwise)."""
+        self._check_grad(da, None if self.cache is None else self.cache["y_shape"])
         dz = self.activation.backward(da)                        # Eq. [2]
         if self._pointwise():
             return self._pointwise_backward(dz)
@@ -146,6 +149,8 @@ class Conv2D(Layer):
         if self.input_grad:
             self.cache["cols"] = None                            # its buffer holds dcols now
         k = c * self.kernel_size[0] * self.kernel_size[1]        # rows of cols without the ones
+        if dwb_t is None:             # an empty batch (N = 0) has no chunk: dW and db are 0
+            dwb_t = xp.zeros((k + (self.bias is not None), f), dtype=self.dtype)
         self.weight.accumulate_grad(dwb_t[:k].T.reshape(self.weight.shape))       # dW
         if self.bias is not None:
             self.bias.accumulate_grad(dwb_t[k])                                    # db
@@ -191,7 +196,7 @@ class Conv2D(Layer):
         n, c, h, w = self.cache["x_shape"]
         cols = self.cache["cols"]                                 # x as (C, N*H*W)
         f = self.out_channels
-        dz2 = channels_first(dz).reshape(f, -1)                   # copies only if needed
+        dz2 = channels_first(dz).reshape(f, n * h * w)            # copies only if needed
         self.weight.accumulate_grad((cols @ dz2.T).T.reshape(self.weight.shape))  # dW
         if self.bias is not None:
             self.bias.accumulate_grad(dz2.sum(axis=1))                               # db

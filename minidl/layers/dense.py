@@ -66,13 +66,14 @@ class Dense(Layer):
         z = x @ self.weight.data
         if self.bias is not None:
             z += self.bias.data
-        self.cache = {"x": x}
-        return self.activation.forward(z, training=training)
+        y = self.activation.forward(z, training=training)
+        self.cache = {"x": x, "y_shape": y.shape}     # backward checks dy against it
+        return y
 
     # -- backward: dz, dW, db, dx ----------------------------------------------
     def backward(self, dy):
-        if self.cache is None:
-            raise RuntimeError("Dense.backward called before forward")
+        """``dy`` must have the shape of the last forward's output, (N, out_features)."""
+        self._check_grad(dy, None if self.cache is None else self.cache["y_shape"])
         x = self.cache["x"]
         dz = self.activation.backward(dy)
         self.weight.accumulate_grad(x.T @ dz)

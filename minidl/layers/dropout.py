@@ -42,17 +42,16 @@ class Dropout(Layer):
     def forward(self, x, training=True):
         x = self._as_input(x)
         if not training or self.p == 0:
-            self.cache = {"mask": None}
+            self.cache = {"mask": None, "y_shape": x.shape}
             return x
         keep = self._uniform(x.shape, backend.device_of(x)) >= self.p
         mask = keep.astype(x.dtype) * (1.0 / (1.0 - self.p))
-        self.cache = {"mask": mask}
+        self.cache = {"mask": mask, "y_shape": x.shape}
         return x * mask
 
     # -- backward: dx = dy * mask --------------------------------------------------
     def backward(self, dy):
-        if self.cache is None:
-            raise RuntimeError("Dropout.backward called before forward")
+        self._check_grad(dy, None if self.cache is None else self.cache["y_shape"])
         mask = self.cache["mask"]
         return dy if mask is None else dy * mask
 

@@ -44,9 +44,7 @@ class _BatchNorm(Layer):
         name = type(self).__name__
         self.num_features = as_positive_int(num_features, "num_features", name)
         self.momentum = None if momentum is None else _as_fraction(momentum, "momentum", name)
-        self.eps = float(eps)
-        if not self.eps > 0:
-            raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
+        self.eps = _as_positive_float(eps, "eps", name)
         self.affine = bool(affine)
         c, xp = self.num_features, backend.get_module(self.device)
         self.weight = Parameter(xp.ones((c,), dtype=self.dtype), "weight") if affine else None
@@ -63,9 +61,10 @@ class _BatchNorm(Layer):
         axes = self._axes(x.ndim)
         shape = self._channel_shape(x.ndim)
         m = x.size // self.num_features
-        if training and m < 2:
+        if training and m < 2:        # also an empty batch (N = 0): no statistics at all
             raise ValueError(f"{type(self).__name__}: training needs more than one "
-                             f"value per channel, got input of shape {tuple(x.shape)}")
+                             f"value per channel, got {m} per channel (input of shape "
+                             f"{tuple(x.shape)}); use eval mode, or a bigger batch")
         if training:
             mu, var = xp.empty(shape, dtype=x.dtype), xp.empty(shape, dtype=x.dtype)
         else:
@@ -98,8 +97,7 @@ class _BatchNorm(Layer):
             dx = gamma s dy - (gamma s dbeta / m) - xc (gamma s^3 sum(dy xc) / m)
 
         so each full-size array is touched by one multiply and two in-place updates."""
-        if self.cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        self._check_grad(dy, None if self.cache is None else self.cache["xc"].shape)
         xc, s, training = self.cache["xc"], self.cache["s"], self.cache["training"]
         xp = backend.get_array_module(dy)
         axes = self._axes(dy.ndim)
@@ -196,6 +194,14 @@ def _channel_dot(a, b):
     xp = backend.get_array_module(a)
     letters = "abcdefgh"[:a.ndim]
     return xp.einsum(f"{letters},{letters}->b", a, b)
+
+
+def _as_positive_float(value, name, owner):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a positive number, got {value!r}")
+    if not 0 < value < float("inf"):                     # also rejects NaN
+        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _as_fraction(value, name, owner):

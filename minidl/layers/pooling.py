@@ -10,7 +10,9 @@ MaxPool2D (x_pad padded with -inf, so padding never wins, as PyTorch):
 
     y[n, c, i, j] = max_{m, l} x_pad[n, c, i*s1 + m, j*s2 + l]
     dx_pad[n, c, i*s1 + m*, j*s2 + l*] += dy[n, c, i, j]
-        for ONE (m*, l*) per window: the first maximum in row-major (m, l) order
+        for ONE (m*, l*) per window: the first maximum in row-major (m, l) order,
+        among the real (not padding) elements; a window holding NaN has y = NaN and
+        (m*, l*) its LAST NaN, as PyTorch, whose argmax moves on `val > max or isnan`
 
 AvgPool2D (x_pad padded with zeros that count in the divisor, count_include_pad=True):
 
@@ -27,7 +29,11 @@ MaxPool2D's backward does not store the argmax: it walks the slabs again in
 row-major order and gives each window's gradient to the first slab equal to its max
 (an "unclaimed" mask stops later ties). When windows do not overlap (stride >=
 kernel) no input element is in two windows, so gradients are assigned instead of
-accumulated; for 2x2/2 pooling that is the whole fast path.
+accumulated; for 2x2/2 pooling that is the whole fast path. Two cases the equality
+test would get wrong are handled apart: forward overwrites the padding of its cached
+x_pad with NaN once y is known, so padding never equals y (an all -inf window gives
+its gradient to a real element); and NaN windows, which nothing equals, are found by
+one reduction (y.min() is NaN) and routed by a slower exact path only when present.
 
 Speed (issue #7, docs/performance.md): channels never interact, so MaxPool2D runs
 both passes on slices of channels in parallel threads on the CPU (parallel.in_pieces);
@@ -117,9 +123,10 @@ class _Pool2D(Layer):
         ho, wo = self._check_and_output_hw(input_shape)
         return (input_shape[0], input_shape[1], ho, wo)
 
-    def _require_cache(self):
-        if self.cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+    def _checked_cache(self, dy):
+        """The cache of the last forward, after checking that ``dy`` has the shape of
+        its output (RuntimeError before any forward, TypeError or ValueError on dy)."""
+        self._check_grad(dy, None if self.cache is None else self.cache["y_shape"])
         return self.cache
 
     def _clear_cache(self):
@@ -134,7 +141,9 @@ class MaxPool2D(_Pool2D):
     """Max over each k1 x k2 window; ``stride`` defaults to ``kernel_size``; int or pair.
 
     The gradient of a window goes to one element: its first maximum in row-major
-    order (PyTorch's rule for ties). Padding is -inf and at most half the kernel.
+    order (PyTorch's rule for ties), never padding. As in PyTorch, a window holding
+    NaN outputs NaN and its gradient goes to the last NaN of the window in row-major
+    order. Padding is -inf and at most half the kernel.
     """
 
     # -- forward: y = max over the window -----------------------------------------
@@ -155,12 +164,19 @@ class MaxPool2D(_Pool2D):
             for m, l in offsets[2:]:
                 xp.maximum(y, self._slab(x_pad, m, l, out_hw), out=y)
         in_pieces(max_over_windows, x_pad, y)                 # channels split over threads
-        self.cache = {"x_pad": x_pad, "y": y, "out_hw": out_hw}
+        if x_pad is not x:
+            # The padding has done its job (-inf never wins a max over a window that
+            # always holds real elements). Backward finds each window's max by
+            # `slab == y`, and with y = -inf (all real elements -inf) a -inf padding
+            # element would claim the gradient first and lose it to the crop. NaN equals
+            # nothing, so as NaN the padding can never claim (PyTorch never reads it).
+            _fill_border(x_pad, self.padding, float("nan"))
+        self.cache = {"x_pad": x_pad, "y": y, "out_hw": out_hw, "y_shape": y.shape}
         return y
 
     # -- backward: dy to the first max of each window ------------------------------
     def backward(self, dy):
-        cache = self._require_cache()
+        cache = self._checked_cache(dy)
         x_pad, y, out_hw = cache["x_pad"], cache["y"], cache["out_hw"]
         xp = backend.get_array_module(dy)
         dx_pad = self._new_dx_pad(xp, x_pad.shape, x_pad.dtype, out_hw, like=x_pad)
@@ -184,7 +200,46 @@ class MaxPool2D(_Pool2D):
                 else:                                # written once: assign
                     dx_slab[...] = grad
         in_pieces(route_to_first_max, x_pad, y, dy, dx_pad)   # channels split over threads
+        # A window holding NaN has y = NaN, which `slab == y` never matches, so the loop
+        # above gave it no gradient. One reduction finds out whether there is any (min
+        # propagates NaN; about 0.5% of this backward on the CPU, one device sync on
+        # the GPU); only then does the slower exact path run.
+        if y.size and xp.isnan(y.min()):
+            self._route_nan_windows(x_pad, y, dy, dx_pad)
         return self._crop(dx_pad)
+
+    def _route_nan_windows(self, x_pad, y, dy, dx_pad):
+        """Add the gradient of each NaN window to the element PyTorch gives it: the last
+        NaN of the window in row-major order (its argmax is updated on `val > max or
+        isnan(val)`). Works on the NaN windows only, by index; padding, NaN in the
+        cached x_pad, is excluded by position."""
+        xp = backend.get_array_module(y)
+        n, c, i, j = xp.nonzero(xp.isnan(y))
+        (s1, s2), (p1, p2) = self.stride, self.padding
+        hp, wp = x_pad.shape[2:]
+        offsets = self._offsets()
+        last_nan = xp.zeros(n.shape, dtype=n.dtype)         # index into offsets
+        for k, (m, l) in enumerate(offsets):
+            r, q = i * s1 + m, j * s2 + l
+            real = (r >= p1) & (r < hp - p1) & (q >= p2) & (q < wp - p2)
+            hit = real & xp.isnan(x_pad[n, c, r, q])
+            last_nan[hit] = k                                 # later offsets win
+        grads = dy[n, c, i, j]
+        for k, (m, l) in enumerate(offsets):
+            sel = last_nan == k
+            # For one offset, different windows are different elements: no index
+            # repeats, so a fancy-indexed += adds every gradient.
+            dx_pad[n[sel], c[sel], i[sel] * s1 + m, j[sel] * s2 + l] += grads[sel]
+
+
+def _fill_border(a, padding, value):
+    """Set the p1 rows above and below, and the p2 columns left and right, of a[:, :]."""
+    p1, p2 = padding
+    hp, wp = a.shape[2:]
+    a[:, :, :p1] = value
+    a[:, :, hp - p1:] = value
+    a[:, :, :, :p2] = value
+    a[:, :, :, wp - p2:] = value
 
 
 def _empty_in_layout_of(a, shape):
@@ -214,12 +269,12 @@ class AvgPool2D(_Pool2D):
         for m, l in offsets[1:]:
             y += self._slab(x_pad, m, l, out_hw)
         y *= 1.0 / len(offsets)
-        self.cache = {"x_pad_shape": x_pad.shape, "out_hw": out_hw}
+        self.cache = {"x_pad_shape": x_pad.shape, "out_hw": out_hw, "y_shape": y.shape}
         return y
 
     # -- backward: every window element gets dy / (k1 k2) ---------------------------
     def backward(self, dy):
-        cache = self._require_cache()
+        cache = self._checked_cache(dy)
         xp = backend.get_array_module(dy)
         out_hw = cache["out_hw"]
         offsets = self._offsets()
@@ -248,8 +303,7 @@ class GlobalAvgPool2D(Layer):
         return x.mean(axis=(2, 3))
 
     def backward(self, dy):
-        if self.cache is None:
-            raise RuntimeError("GlobalAvgPool2D.backward called before forward")
+        self._check_grad(dy, None if self.cache is None else self.cache["x_shape"][:2])
         xp = backend.get_array_module(dy)
         n, c, h, w = self.cache["x_shape"]
         dx = xp.empty((n, c, h, w), dtype=dy.dtype)

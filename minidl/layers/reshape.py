@@ -1,6 +1,6 @@
 """Flatten: (N, d1, d2, ...) -> (N, d1*d2*...) (docs/layers.md, "Flatten").
 
-    y = x.reshape(N, -1);  dx = dy.reshape(x.shape)
+    y = x.reshape(N, d1*d2*...);  dx = dy.reshape(x.shape)
 
 The bridge from convolutional feature maps to Dense layers. The reshape is a view
 when x is contiguous and a copy otherwise (e.g. Conv2D's NCHW output view).
@@ -19,13 +19,12 @@ class Flatten(Layer):
 
     def forward(self, x, training=True):
         x = self._as_input(x)
-        self._check_rank(x.shape)
-        self.cache = {"x_shape": x.shape}
-        return x.reshape(x.shape[0], -1)
+        y_shape = self.output_shape(x.shape)     # checks the rank; not (N, -1): N may be 0
+        self.cache = {"x_shape": x.shape, "y_shape": y_shape}
+        return x.reshape(y_shape)
 
     def backward(self, dy):
-        if self.cache is None:
-            raise RuntimeError("Flatten.backward called before forward")
+        self._check_grad(dy, None if self.cache is None else self.cache["y_shape"])
         return dy.reshape(self.cache["x_shape"])
 
     def _check_rank(self, x_shape):
