@@ -46,9 +46,9 @@ def build_parser():
     train.add_argument("--label-smoothing", type=float, default=0.1)
     train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     train.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--limit", type=_positive_int, default=None,
-                       help="train on the first N training images only")
+    train.add_argument("--seed", type=_non_negative_int, default=0)
+    train.add_argument("--limit", type=_limit, default=None,
+                       help="train on the first N training images only (N >= 2)")
     train.add_argument("--data-root", default=None,
                        help="dataset cache folder (default: $MINIDL_DATA or ~/.cache/minidl)")
     train.add_argument("--out", default=None, help="output folder (default: runs/DATASET)")
@@ -75,7 +75,9 @@ def main(argv=None):
         return 2
     try:
         return args.func(args)
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+    # Bad data, a diverging run (FloatingPointError), a folder that cannot be written:
+    # the message says what to do; a traceback would only hide it.
+    except (RuntimeError, ValueError, OSError, FloatingPointError) as exc:
         print(f"minidl {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
@@ -84,7 +86,7 @@ def main(argv=None):
 def train_command(args):
     manual_seed(args.seed)
     out = args.out or os.path.join("runs", args.dataset)
-    os.makedirs(out, exist_ok=True)
+    make_output_folder(out)
     with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
         x_train, y_train = load_split(args.dataset, "train", args.data_root)
         x_test, y_test = load_split(args.dataset, "test", args.data_root)
@@ -118,6 +120,17 @@ def train_command(args):
     print(f"checkpoint and plots in {out}")
     print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
     return 0
+
+
+def make_output_folder(out):
+    """Create the folder ``out``; ValueError saying why when that is impossible."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"--out {out!r} is a file, not a folder") from None
+    except OSError as exc:  # e.g. a file where a parent folder should be
+        raise ValueError(f"cannot create the output folder --out {out!r}: "
+                         f"{exc.strerror}") from None
 
 
 def split_validation(x, y):
@@ -159,6 +172,8 @@ def write_plots(out, dataset, model, history, recorder, x_test, y_test, predicti
 def evaluate_command(args):
     run = _read_json(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json"))
     dataset = args.dataset or run.get("dataset", "mnist")
+    if dataset not in DATASETS:  # only run.json can name another
+        raise ValueError(f"run.json names an unknown dataset {dataset!r}; pass --dataset")
     model_name = args.model or run.get("model", "cnn")
     with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
         model = build_model(model_name).load(args.checkpoint)
@@ -170,9 +185,27 @@ def evaluate_command(args):
 
 
 def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def _non_negative_int(text):
+    return _int_at_least(text, 0, "a non-negative integer")
+
+
+def _limit(text):
+    # split_validation holds out at least one image, and training needs one more
+    return _int_at_least(text, 2, "at least 2 (one image is held out for validation)")
+
+
+def _int_at_least(text, low, requirement):
+    """``text`` as an int >= low. ArgumentTypeError (not ValueError) makes argparse
+    print this message after the option's name: "argument --seed: must be ..."."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
     return value
 
 
@@ -182,10 +215,18 @@ def _write_json(path, data):
 
 
 def _read_json(path):
+    """The settings in ``path`` ({} if there is none); ValueError if it is not a JSON object."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} should hold a JSON object like "
+                         f'{{"dataset": "mnist", "model": "cnn"}}, got {type(data).__name__}')
+    return data
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ before it, whose outputs are ``jump`` input pixels apart, sees
 ``rf + (k - 1) * jump`` input pixels, and its outputs are ``jump * s`` apart.
 Layers without a kernel keep (rf, jump), except those that mix every position
 (Dense, GlobalAvgPool2D): from them on each output sees the whole input, "all".
+A nested Sequential is followed through its own layers, so it counts as they would.
 
 ``GradientRecorder`` uses the layers' hooks (``Layer.register_hook``) to record
 activation and gradient statistics while a Trainer fits.
@@ -13,6 +14,7 @@ activation and gradient statistics while a Trainer fits.
 from .callbacks import Callback
 from .layers.dense import Dense
 from .layers.pooling import GlobalAvgPool2D
+from .model import Sequential
 
 ALL = None  # the receptive field of a layer that sees the whole input
 
@@ -56,6 +58,10 @@ def receptive_field_step(layer, rf, jump):
     ``ALL`` from a layer that mixes every position on, unchanged otherwise."""
     if rf is ALL or isinstance(layer, (Dense, GlobalAvgPool2D)):
         return ALL, jump
+    if isinstance(layer, Sequential):
+        for inner in layer.layers:
+            rf, jump = receptive_field_step(inner, rf, jump)
+        return rf, jump
     kernel, stride = getattr(layer, "kernel_size", None), getattr(layer, "stride", None)
     if kernel is None or stride is None:
         return rf, jump

@@ -12,7 +12,12 @@ checks this). As in PyTorch:
 
 * a parameter whose ``grad`` is None is skipped, and its step count ``t`` does not
   advance (the count is per parameter, which matters for Adam's bias correction);
-* per-parameter state (moment buffers) is created on a parameter's first update.
+* per-parameter state (moment buffers) is created by the update that first needs it,
+  so momentum or amsgrad may be switched on between steps.
+
+Hyper-parameters are attributes (``opt.lr``, ``opt.momentum``, ...) checked on every
+assignment as in the constructor; a buffer that a new value no longer uses (momentum
+set to 0) is dropped, so switching the option back on starts it afresh.
 
 Updates keep the parameter's dtype and device: state is made with
 ``xp.zeros_like(p.data)`` and hyper-parameters are Python floats, so float32 stays
@@ -30,29 +35,29 @@ from . import backend
 from .layers.base import Parameter
 
 
+def _hyperparameter(name):
+    """A property for hyper-parameter ``name``: an assignment is checked like the
+    constructor's arguments, and changes nothing when it fails."""
+    def set_value(self, value):
+        self._set_hyperparameters({**self._hyper, name: value})
+    return property(lambda self: self._hyper[name], set_value)
+
+
 class Optimizer:
     """Base class: holds the parameters, their state and the hyper-parameters.
 
-    A subclass implements ``_update(theta, g, state)`` (one parameter's rule) and
-    ``_buffer_names(h)`` (the state arrays that rule needs), and extends
-    ``_checked(h)`` to validate its hyper-parameters.
+    A subclass implements ``_update(theta, g, state)`` (one parameter's rule, which
+    creates the buffers it uses in ``state``), ``_buffer_names(h)`` (the state arrays
+    that rule may keep under hyper-parameters ``h``), extends ``_checked(h)`` to
+    validate its hyper-parameters, and declares each as ``_hyperparameter(name)``.
     """
 
+    lr = _hyperparameter("lr")  # schedulers assign to it
+
     def __init__(self, params, lr, **hyperparameters):
-        owner = type(self).__name__
-        self.params = _parameter_list(owner, params)
-        self._hyper_names = ("lr",) + tuple(hyperparameters)
-        self._set_hyperparameters(self._checked(dict(lr=lr, **hyperparameters)))
+        self.params = _parameter_list(type(self).__name__, params)
         self.state = {}  # parameter index -> {"t": step count, buffer name: array}
-
-    # -- the learning rate: schedulers assign to it --------------------------
-    @property
-    def lr(self):
-        return self._lr
-
-    @lr.setter
-    def lr(self, value):
-        self._lr = _number(type(self).__name__, "lr", value)
+        self._set_hyperparameters(dict(lr=lr, **hyperparameters))
 
     # -- training ------------------------------------------------------------
     def step(self):
@@ -64,9 +69,7 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__}.step: parameter {i} "
                                  f"({p.name or 'unnamed'}) has shape {tuple(p.data.shape)} "
                                  f"but its grad has shape {tuple(p.grad.shape)}")
-            state = self.state.get(i)
-            if state is None:
-                state = self.state[i] = self._new_state(p.data)
+            state = self.state.setdefault(i, {"t": 0})
             state["t"] += 1
             # never write into g: it may be p.grad itself
             self._update(p.data, p.grad.astype(p.data.dtype, copy=False), state)
@@ -83,17 +86,10 @@ class Optimizer:
         """Names of the per-parameter state arrays under hyper-parameters ``h``."""
         return ()
 
-    def _new_state(self, theta):
-        xp = backend.get_array_module(theta)
-        state = {"t": 0}
-        for name in self._buffer_names(self.hyperparameters()):
-            state[name] = xp.zeros_like(theta)
-        return state
-
     # -- hyper-parameters ----------------------------------------------------
     def hyperparameters(self):
         """The constructor's hyper-parameters, by name (lr included)."""
-        return {name: getattr(self, name) for name in self._hyper_names}
+        return dict(self._hyper)
 
     def _checked(self, h):
         """``h`` validated and normalised (floats, bools); ValueError when out of range."""
@@ -102,8 +98,13 @@ class Optimizer:
         return h
 
     def _set_hyperparameters(self, h):
-        for name, value in h.items():
-            setattr(self, name, value)
+        """Check ``h`` as a whole (nesterov needs momentum, ...), then drop the buffers
+        the new values no longer use."""
+        self._hyper = self._checked(h)
+        used = {"t", *self._buffer_names(self._hyper)}
+        for state in self.state.values():
+            for name in set(state) - used:
+                del state[name]
 
     # -- saving --------------------------------------------------------------
     def state_dict(self):
@@ -126,7 +127,7 @@ class Optimizer:
         """
         owner = f"{type(self).__name__}.load_state_dict"
         saved = dict(state_dict)
-        expected = set(self._hyper_names) | {"num_params"}
+        expected = set(self._hyper) | {"num_params"}
         per_param_keys = {key for key in saved if key.startswith("state.")}
         missing = sorted(expected - set(saved))
         unexpected = sorted(set(saved) - expected - per_param_keys)
@@ -136,11 +137,10 @@ class Optimizer:
         if _saved_int(owner, "num_params", saved["num_params"]) != len(self.params):
             raise ValueError(f"{owner}: saved for {int(saved['num_params'])} parameters, "
                              f"this optimizer has {len(self.params)}")
-        h = self._checked({name: _like(owner, name, getattr(self, name), saved[name])
-                           for name in self._hyper_names})
+        h = self._checked({name: _like(owner, name, value, saved[name])
+                           for name, value in self._hyper.items()})
         state = self._loaded_state(owner, saved, per_param_keys, self._buffer_names(h))
-        self._set_hyperparameters(h)
-        self.state = state
+        self._hyper, self.state = h, state
 
     def _loaded_state(self, owner, saved, keys, buffer_names):
         """Group "state.<i>.<name>" entries by parameter, check them, move them on device."""
@@ -150,12 +150,13 @@ class Optimizer:
             grouped.setdefault(i, {})[name] = saved[key]
         state = {}
         for i, entries in grouped.items():
-            if set(entries) != {"t", *buffer_names}:
+            # a buffer may be missing (its option was switched on after the last step)
+            if "t" not in entries or not set(entries) <= {"t", *buffer_names}:
                 raise ValueError(f"{owner}: parameter {i} has state {sorted(entries)}, "
-                                 f"expected {sorted({'t', *buffer_names})}")
+                                 f"expected 't' and some of {sorted(buffer_names)}")
             theta = self.params[i].data
             state[i] = {"t": _saved_int(owner, f"state.{i}.t", entries["t"])}
-            for name in buffer_names:
+            for name in set(entries) - {"t"}:
                 value = backend.to_numpy(entries[name])
                 if tuple(value.shape) != tuple(theta.shape):
                     raise ValueError(f"{owner}: 'state.{i}.{name}' has shape "
@@ -174,11 +175,16 @@ class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum (PyTorch's formulation).
 
         g     <- g + weight_decay * theta                 (L2 penalty)
-        b     <- g                                         on the first step
+        b     <- g                                         on the first step with momentum
         b     <- momentum * b + (1 - dampening) * g        afterwards
         g     <- g + momentum * b   (nesterov)   or   b   (plain momentum)
         theta <- theta - lr * g
     """
+
+    momentum = _hyperparameter("momentum")
+    dampening = _hyperparameter("dampening")
+    nesterov = _hyperparameter("nesterov")
+    weight_decay = _hyperparameter("weight_decay")
 
     def __init__(self, params, lr, momentum=0.0, dampening=0.0, nesterov=False,
                  weight_decay=0.0):
@@ -204,8 +210,9 @@ class SGD(Optimizer):
         if self.weight_decay:
             g = g + self.weight_decay * theta
         if mu:
-            b = state["b"]
-            b[...] = g if state["t"] == 1 else mu * b + (1 - self.dampening) * g
+            first = "b" not in state  # the first step with momentum: b starts as g
+            b = _zeros(state, "b", theta)
+            b[...] = g if first else mu * b + (1 - self.dampening) * g
             g = g + mu * b if self.nesterov else b
         theta -= self.lr * g
 
@@ -221,6 +228,11 @@ class Adam(Optimizer):
         (amsgrad: v_max <- max(v_max, v), and v_hat uses v_max instead of v)
         theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)
     """
+
+    betas = _hyperparameter("betas")
+    eps = _hyperparameter("eps")
+    weight_decay = _hyperparameter("weight_decay")
+    amsgrad = _hyperparameter("amsgrad")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False):
@@ -250,12 +262,12 @@ class Adam(Optimizer):
     def _update(self, theta, g, state):
         xp = backend.get_array_module(theta)
         beta1, beta2 = self.betas
-        t, m, v = state["t"], state["m"], state["v"]
+        t, m, v = state["t"], _zeros(state, "m", theta), _zeros(state, "v", theta)
         g = self._decay(theta, g)
         m[...] = beta1 * m + (1 - beta1) * g
         v[...] = beta2 * v + (1 - beta2) * g * g
         if self.amsgrad:
-            v_max = state["v_max"]
+            v_max = _zeros(state, "v_max", theta)
             v_max[...] = xp.maximum(v_max, v)
             v = v_max  # only the bias-corrected estimate below sees the maximum
         m_hat = m / (1 - beta1 ** t)
@@ -295,6 +307,12 @@ class RMSprop(Optimizer):
         theta <- theta - lr * g / d                                   (otherwise)
     """
 
+    alpha = _hyperparameter("alpha")
+    eps = _hyperparameter("eps")
+    weight_decay = _hyperparameter("weight_decay")
+    momentum = _hyperparameter("momentum")
+    centered = _hyperparameter("centered")
+
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False):
         super().__init__(params, lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
@@ -316,18 +334,18 @@ class RMSprop(Optimizer):
 
     def _update(self, theta, g, state):
         xp = backend.get_array_module(theta)
-        alpha, v = self.alpha, state["v"]
+        alpha, v = self.alpha, _zeros(state, "v", theta)
         if self.weight_decay:
             g = g + self.weight_decay * theta
         v[...] = alpha * v + (1 - alpha) * g * g
         if self.centered:
-            g_avg = state["g_avg"]
+            g_avg = _zeros(state, "g_avg", theta)
             g_avg[...] = alpha * g_avg + (1 - alpha) * g
             d = xp.sqrt(v - g_avg * g_avg) + self.eps
         else:
             d = xp.sqrt(v) + self.eps
         if self.momentum:
-            b = state["b"]
+            b = _zeros(state, "b", theta)
             b[...] = self.momentum * b + g / d
             theta -= self.lr * b
         else:
@@ -364,6 +382,13 @@ def clip_grad_norm_(params, max_norm, norm_type=2.0):
         for g in grads:
             g *= scale
     return total
+
+
+def _zeros(state, name, theta):
+    """``state[name]``, created as zeros like ``theta`` by the first update that uses it."""
+    if name not in state:
+        state[name] = backend.get_array_module(theta).zeros_like(theta)
+    return state[name]
 
 
 # -- argument checking --------------------------------------------------------

@@ -5,7 +5,7 @@ the target only once complete, so a crash never leaves a half-written file. It i
 read with ``allow_pickle=False``: a checkpoint can hold arrays, never code.
 """
 import os
-import tempfile
+import secrets
 import zipfile
 
 import numpy
@@ -16,9 +16,12 @@ def save_npz(path, arrays):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    # A unique hidden name; mode "x" creates it with the umask's permissions, as any
+    # new file (mkstemp would give 0600, which the rename would keep).
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}."
+                               f"{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             numpy.savez(f, **{k: numpy.asarray(v) for k, v in arrays.items()})
             f.flush()
             os.fsync(f.fileno())

@@ -87,9 +87,20 @@ def plot_feature_maps(model, image, path, max_maps=16):
 
 
 def confusion_matrix(labels, predictions, num_classes):
-    """counts[true, predicted]."""
+    """counts[true, predicted]; labels and predictions are integers in [0, num_classes)."""
+    labels, predictions = backend.to_numpy(labels), backend.to_numpy(predictions)
+    if labels.shape != predictions.shape:
+        raise ValueError(f"confusion_matrix: labels have shape {labels.shape} but "
+                         f"predictions have shape {predictions.shape}")
+    for name, values in (("labels", labels), ("predictions", predictions)):
+        # checked: numpy would count a label of -1 in the last row, without a word
+        if values.dtype.kind not in "iu":
+            raise ValueError(f"confusion_matrix: {name} must be integers, got {values.dtype}")
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"confusion_matrix: {name} must be in [0, {num_classes}), got "
+                             f"values from {values.min()} to {values.max()}")
     counts = numpy.zeros((num_classes, num_classes), dtype=numpy.int64)
-    numpy.add.at(counts, (numpy.asarray(labels), numpy.asarray(predictions)), 1)
+    numpy.add.at(counts, (labels, predictions), 1)
     return counts
 
 

@@ -2,9 +2,10 @@
 import json
 import re
 
+import numpy as np
 import pytest
 
-from minidl import cli
+from minidl import cli, viz
 from minidl.data import datasets
 
 from conftest import write_fake_dataset
@@ -77,3 +78,66 @@ def test_bad_arguments_exit_with_usage():
         cli.main(["train", "--epochs", "0"])
     with pytest.raises(SystemExit):
         cli.main(["train", "--dataset", "cifar"])
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--seed", "-1", "argument --seed: must be a non-negative integer, got -1"),
+    ("--limit", "1", "argument --limit: must be at least 2 (one image is held out"),
+    ("--epochs", "two", "argument --epochs: must be an integer, got 'two'"),
+])
+def test_bad_numbers_are_refused_naming_the_option(option, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", option, value, "--data-root", str(tmp_path), "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow notes on the way
+def test_diverging_run_is_a_clear_error(data_root, tmp_path, capsys):
+    code = cli.main(["train", "--lr", "1e9", "--limit", "100", "--batch-size", "16",
+                     "--data-root", str(data_root), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("minidl train: error: Trainer: the loss became nan")
+    assert "lower learning rate" in err
+
+
+@pytest.mark.parametrize("out, message", [
+    ("a_file", "is a file, not a folder"),
+    ("a_file/sub", "cannot create the output folder"),
+])
+def test_unusable_output_folder_is_a_clear_error(tmp_path, capsys, out, message):
+    (tmp_path / "a_file").write_text("")
+    code = cli.main(["train", "--out", str(tmp_path / out), "--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("minidl train: error:") and message in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ('["mnist", "cnn"]', "should hold a JSON object"),
+    ('{"dataset": ', "is not valid JSON"),
+    ('{"dataset": "cifar"}', "unknown dataset 'cifar'"),
+])
+def test_bad_run_json_is_a_clear_error(tmp_path, capsys, text, message):
+    (tmp_path / "run.json").write_text(text)
+    code = cli.main(["evaluate", "--checkpoint", str(tmp_path / "model.npz"),
+                     "--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("minidl evaluate: error:") and message in err
+
+
+# -- viz.confusion_matrix, behind confusion_matrix.png ---------------------------
+def test_confusion_matrix_counts_true_rows_and_predicted_columns():
+    counts = viz.confusion_matrix([0, 2, 2, 1], np.array([0, 1, 2, 1], np.uint8), 3)
+    assert counts.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+@pytest.mark.parametrize("labels, predictions, message", [
+    ([-1, 0], [0, 0], r"labels must be in \[0, 3\), got values from -1 to 0"),
+    ([0, 1], [0, 3], r"predictions must be in \[0, 3\)"),
+    ([0.0, 1.0], [0, 1], "labels must be integers, got float64"),
+    ([0, 1], [0], "shape"),
+])
+def test_confusion_matrix_refuses_labels_outside_the_classes(labels, predictions, message):
+    # a label of -1 used to be counted silently in the last row
+    with pytest.raises(ValueError, match=message):
+        viz.confusion_matrix(np.array(labels), np.array(predictions), 3)

@@ -6,6 +6,7 @@ datasets are small fake ones whose MD5s are patched into the checksum table.
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import struct
@@ -15,7 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from minidl.data import datasets, fashion_mnist, mnist, read_idx, write_idx
+from minidl.data import DataLoader, datasets, fashion_mnist, mnist, read_idx, write_idx
 from minidl.data.idx import encode_idx
 
 TRAIN_IMAGES, TRAIN_LABELS = datasets.SPLITS["train"]
@@ -184,6 +185,17 @@ def test_idx_malformed_files_are_refused(tmp_path, gz, mutate, message):
     good = encode_idx(np.ones((3, 2, 2), np.uint8))
     path = _bad_file(tmp_path, mutate(good), gz=gz)
     with pytest.raises(ValueError, match=message) as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("dims", [(2 ** 16,) * 4, (2 ** 32 - 1,) * 3])
+def test_idx_huge_claimed_shape_is_a_clear_error(tmp_path, dims):
+    # 2**64 elements wrapped around to 0 in int64 arithmetic: the header "matched"
+    header = bytes([0, 0, 0x08, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+    path = _bad_file(tmp_path, header)
+    expected = len(header) + math.prod(dims)
+    with pytest.raises(ValueError, match=f"truncated IDX file, expected {expected} bytes") as info:
         read_idx(path)
     assert str(path) in str(info.value)
 
@@ -401,3 +413,32 @@ def test_fashion_mnist_failure_mentions_apt(tmp_path):
     assert datasets.MIRRORS["fashion-mnist"][0] in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "FileNotFoundError" in message
+
+
+# ------------------------------------------------------------------ DataLoader
+
+def test_dataloader_accepts_lists_and_shuffles_them():
+    x, y = [[float(i), -float(i)] for i in range(10)], list(range(10))
+    batches = list(DataLoader(x, y, batch_size=4, shuffle=True, seed=0))
+    xs = np.concatenate([xb for xb, _ in batches])
+    ys = np.concatenate([yb for _, yb in batches])
+    assert [len(yb) for _, yb in batches] == [4, 4, 2]
+    assert sorted(ys) == y and np.array_equal(xs[:, 0], ys)  # pairs stay together
+
+
+def test_dataloader_keeps_arrays_as_given():
+    x, y = np.zeros((5, 2, 2), np.uint8), np.arange(5, dtype=np.uint8)
+    loader = DataLoader(x, y, batch_size=2)
+    assert loader.x is x and loader.y is y  # no copy of a big uint8 set
+
+
+@pytest.mark.parametrize("batch_size", [np.int64(4), np.uint8(4)])
+def test_dataloader_accepts_numpy_integer_batch_size(batch_size):
+    loader = DataLoader(np.zeros((10, 2)), np.zeros(10), batch_size=batch_size)
+    assert len(loader) == 3 and type(loader.batch_size) is int
+
+
+@pytest.mark.parametrize("batch_size", [True, np.bool_(True), 2.0, 0, np.int64(-1)])
+def test_dataloader_refuses_bad_batch_size(batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        DataLoader(np.zeros((10, 2)), np.zeros(10), batch_size=batch_size)

@@ -260,10 +260,30 @@ def test_summary_receptive_field_of_rectangular_kernels_and_dense():
     assert [rows[i][3] for i in range(6)] == ["3x1", "4x1", "4x3", "4x3", "all", "all"]
 
 
+def test_summary_of_nested_sequential_matches_the_flat_model():
+    """A nested Sequential counts as its layers would: its row shows what the flat
+    model shows after its last layer, and the totals are the same."""
+    def layers():
+        return [Conv2D(1, 4, 3), MaxPool2D(2), Conv2D(4, 8, 3, stride=2, activation="relu"),
+                Flatten(), Dense(8 * 2 * 2, 3)]
+
+    inner = layers()
+    nested = Sequential(Sequential(Sequential(inner[:2]), inner[2]), *inner[3:])
+    flat_text, flat = summary_rows(Sequential(layers()), (1, 14, 14))
+    nested_text, rows = summary_rows(nested, (1, 14, 14))
+    # conv 3x3: 3; pool 2: 3 + 1 = 4, jump 2; conv 3x3 stride 2: 4 + 2 * 2 = 8
+    assert [flat[i][3] for i in range(5)] == ["3x3", "4x4", "8x8", "8x8", "all"]
+    for row, flat_row in ((0, 2), (1, 3), (2, 4)):  # output shape, receptive field
+        assert (rows[row][1], rows[row][3]) == (flat[flat_row][1], flat[flat_row][3])
+    assert nested_text.splitlines()[-2:] == flat_text.splitlines()[-2:]  # params, FLOPs
+
+
 def test_receptive_field_step():
     assert receptive_field_step(Conv2D(1, 1, 3, stride=2), (5, 5), (2, 2)) == ((9, 9), (4, 4))
     assert receptive_field_step(ReLU(), (5, 5), (2, 2)) == ((5, 5), (2, 2))
     assert receptive_field_step(Dense(2, 2), (5, 5), (2, 2))[0] is None
+    block = Sequential(Conv2D(1, 1, 3, stride=2), MaxPool2D(2))
+    assert receptive_field_step(block, (5, 5), (2, 2)) == ((13, 13), (8, 8))  # 9, then 13
 
 
 def test_conv_bias_before_batch_norm_records_a_zero_gradient():

@@ -214,6 +214,73 @@ def test_lr_assignment_is_checked():
         opt.lr = -1.0
 
 
+@pytest.mark.parametrize("make, name, value, match", [
+    (lambda: SGD([P()], lr=0.1), "momentum", -0.9, "momentum"),
+    (lambda: SGD([P()], lr=0.1), "dampening", 1.5, "dampening"),
+    (lambda: SGD([P()], lr=0.1), "weight_decay", float("nan"), "weight_decay"),
+    (lambda: SGD([P()], lr=0.1, momentum=0.9, nesterov=True), "momentum", 0.0, "nesterov"),
+    (lambda: Adam([P()]), "betas", (1.0, 0.999), "beta1"),
+    (lambda: Adam([P()]), "eps", "tiny", "eps"),
+    (lambda: AdamW([P()]), "weight_decay", -0.1, "weight_decay"),
+    (lambda: RMSprop([P()]), "alpha", 1.5, "alpha"),
+])
+def test_hyperparameter_assignment_is_checked_like_the_constructor(make, name, value, match):
+    opt = make()
+    before = opt.hyperparameters()
+    with pytest.raises((ValueError, TypeError), match=match):
+        setattr(opt, name, value)
+    assert opt.hyperparameters() == before  # a refused value changes nothing
+
+
+def test_hyperparameter_assignment_normalises_like_the_constructor():
+    opt = Adam([P()])
+    opt.betas, opt.eps, opt.amsgrad = [0.5, np.float32(0.75)], 1, 1
+    assert opt.betas == (0.5, 0.75) and type(opt.eps) is float and opt.amsgrad is True
+
+
+def test_sgd_momentum_switched_on_after_a_step_starts_its_buffer_then():
+    # As torch.optim.SGD: the buffer starts as the gradient (undamped) on the first
+    # step with momentum, then b <- momentum * b + (1 - dampening) * g.
+    p = scalar_param(1.0)
+    opt = SGD([p], lr=0.1)
+    run_steps(opt, p, [1.0])
+    opt.momentum, opt.dampening = 0.9, 0.5
+    assert run_steps(opt, p, [1.0, 1.0]) == pytest.approx([0.8, 0.8 - 0.1 * 1.4])
+    opt.momentum = 0.0  # switched off: the buffer goes, plain SGD again
+    assert "b" not in opt.state[0]
+    assert run_steps(opt, p, [1.0]) == pytest.approx([0.56])
+
+
+def test_amsgrad_switched_on_after_a_step_starts_from_v():
+    # v_max starts at zero, so its first maximum is v: that step equals plain Adam's.
+    plain, late = scalar_param(1.0), scalar_param(1.0)
+    adam, late_adam = Adam([plain], lr=0.1), Adam([late], lr=0.1)
+    run_steps(adam, plain, [1.0])
+    run_steps(late_adam, late, [1.0])
+    late_adam.amsgrad = True
+    assert run_steps(late_adam, late, [0.5]) == run_steps(adam, plain, [0.5])
+    assert set(late_adam.state[0]) == {"t", "m", "v", "v_max"}
+
+
+@pytest.mark.parametrize("cls, kwargs, name, value", [
+    (SGD, dict(lr=0.1, dampening=0.3), "momentum", 0.9),
+    (Adam, dict(lr=0.01), "amsgrad", True),
+    (RMSprop, dict(lr=0.01), "momentum", 0.5),
+    (RMSprop, dict(lr=0.01), "centered", True),
+])
+def test_option_switched_on_later_survives_a_state_dict_round_trip(cls, kwargs, name, value):
+    p = scalar_param(1.0)
+    opt = cls([p], **kwargs)
+    run_steps(opt, p, [1.0, -0.5])
+    setattr(opt, name, value)
+    # saved before the step that creates the new buffer: loading must accept that
+    copy_p = scalar_param(float(p.data))
+    copy = cls([copy_p], **kwargs)
+    copy.load_state_dict(npz_round_trip(opt.state_dict()))
+    assert getattr(copy, name) == value
+    assert run_steps(copy, copy_p, [2.0, 0.3]) == run_steps(opt, p, [2.0, 0.3])
+
+
 # -- state_dict ----------------------------------------------------------------
 STATEFUL_OPTIMIZERS = [
     (SGD, dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01)),
@@ -299,7 +366,8 @@ def test_load_state_dict_checks_shapes_and_changes_nothing_on_error():
     (lambda s: s.update(num_params=2), "parameters"),
     (lambda s: s.update(lr=-1.0), "lr"),
     (lambda s: s.update({"state.5.t": 1}), "parameter 5"),
-    (lambda s: s.pop("state.0.v"), "state"),
+    (lambda s: s.pop("state.0.t"), "state"),
+    (lambda s: s.update({"state.0.w": s["state.0.v"]}), "state"),
     (lambda s: s.update({"state.0.t": 1.5}), "integer"),
 ])
 def test_load_state_dict_rejects_bad_state(edit, match):

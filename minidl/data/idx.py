@@ -15,6 +15,7 @@ raises ValueError naming the file, so a damaged file can never turn into a
 wrong-shaped array.
 """
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -74,7 +75,7 @@ def decode_idx(data, name="<bytes>"):
                          f"need {header_len}")
     dims = struct.unpack(f">{ndim}I", data[_HEADER_LEN:header_len])
     dtype = _CODE_TO_DTYPE[code]
-    count = int(np.prod(dims, dtype=np.int64))
+    count = math.prod(dims)  # Python ints: a huge claimed shape cannot overflow
     expected = header_len + count * dtype.itemsize
     if len(data) != expected:
         problem = "truncated" if len(data) < expected else "overlong"

@@ -4,6 +4,8 @@ The arrays stay where they are given (usually NumPy, in CPU memory); each batch
 is sliced, optionally transformed (e.g. uint8 pixels -> float32 in [0, 1]) and
 then moved to the active backend, so a GPU holds one batch at a time.
 """
+import numbers
+
 import numpy
 
 from .. import backend
@@ -15,20 +17,24 @@ class DataLoader:
 
     ``shuffle`` reorders every epoch with a generator seeded by ``seed`` (or drawn
     from ``minidl.manual_seed``'s); ``drop_last`` skips a final short batch;
-    ``transform`` is applied to each x batch on the CPU before it moves.
+    ``transform`` is applied to each x batch on the CPU before it moves. ``x`` and
+    ``y`` may be arrays (used as they are, never copied) or lists (made arrays).
     """
 
     def __init__(self, x, y, batch_size=64, shuffle=True, drop_last=False, seed=None,
                  transform=None):
+        # Shuffled batches index with an array of positions, which lists do not support.
+        x, y = (a if backend.is_array(a) else numpy.asarray(a) for a in (x, y))
         if len(x) != len(y):
             raise ValueError(f"DataLoader: x and y must have the same length, "
                              f"got {len(x)} and {len(y)}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        if (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
+                or batch_size < 1):  # Integral: numpy integers are fine too
             raise ValueError(f"DataLoader: batch_size must be a positive int, got {batch_size!r}")
         if len(x) == 0:
             raise ValueError("DataLoader: the dataset is empty")
         self.x, self.y = x, y
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.transform = transform
