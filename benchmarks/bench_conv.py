@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Time minidl's Conv2D, MaxPool2D and MNIST training against PyTorch (issue #7).
 
-    python benchmarks/bench_conv.py                 # full run, ~3 minutes on an idle machine
-    python benchmarks/bench_conv.py --quick         # smoke run, ~1 minute
+    python benchmarks/bench_conv.py                 # full run, ~2.5 minutes on an idle machine
+    python benchmarks/bench_conv.py --quick         # smoke run, ~30 seconds
     python benchmarks/bench_conv.py --only conv,pool --repeats 40
 
 Rows: Conv2D forward + grads of x, W and b on the reference shapes A-D (and C again
@@ -25,7 +25,7 @@ How it measures (see docs/performance.md):
   /proc/self/clear_refs, after malloc_trim) over two calls on a fresh layer or model,
   so it includes buffers a layer keeps between calls;
 * both libraries use the same number of threads (--threads, default: all cores);
-  OPENBLAS_THREAD_TIMEOUT is 4 unless --blas-timeout says otherwise (minidl splits its
+  OPENBLAS_THREAD_TIMEOUT is 4 unless the environment or --blas-timeout sets it (minidl splits its
   memory passes over threads only then; see minidl/layers/parallel.py);
 * every row first checks that minidl and torch agree (or raises).
 

@@ -141,7 +141,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Check and train a custom layer.")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--limit", type=int, default=10000, help="training images used")
-    parser.add_argument("--data-root", default=None, help="default: ~/.cache/minidl")
+    parser.add_argument("--data-root", default=None, help="default: $MINIDL_DATA or ~/.cache/minidl")
     args = parser.parse_args(argv)
 
     check_gradients()

@@ -31,7 +31,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Train a CNN on MNIST.")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N images")
-    parser.add_argument("--data-root", default=None, help="default: ~/.cache/minidl")
+    parser.add_argument("--data-root", default=None, help="default: $MINIDL_DATA or ~/.cache/minidl")
     parser.add_argument("--out", default="runs/train_mnist", help="where model.npz goes")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """The ``minidl`` command: train a CNN on MNIST or Fashion-MNIST, evaluate a checkpoint.
 
-    minidl train [--dataset mnist] [--model cnn] [--epochs 5] [--out runs/mnist] ...
+    minidl train [--dataset mnist] [--model cnn] [--epochs 8] [--out runs/mnist] ...
     minidl evaluate --checkpoint runs/mnist/model.npz
 
 ``train`` prints the model summary, shows a progress bar per epoch, writes the

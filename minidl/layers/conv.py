@@ -1,6 +1,7 @@
 """Conv2D: the 2-D convolution layer (docs/conv2d.md derives every line here).
 
-Forward, Eq. [1] of the seed (shared/seed/equations.md), NCHW:
+Forward, Eq. [1] of the seed (shared/seed/equations.md, outside this repository;
+docs/conv2d.md restates it), NCHW:
 
     Z[n, f, i, j] = b[f] + sum_{c,m,l} W[f, c, m, l] * A_pad[n, c, i*s1 + m, j*s2 + l]
     A = g(Z)
