@@ -151,12 +151,19 @@ class Softmax(Activation):
 class Identity(Activation):
     """y = x: the activation of a layer built with ``activation=None``."""
 
+    def __init__(self, dtype=None):
+        super().__init__(dtype)
+        self.y_shape = None
+
     def forward(self, x, training=True):
-        self.y = self._as_input(x)
-        return self.y
+        x = self._as_input(x)
+        # Only the shape: holding y itself would keep a big array alive between steps,
+        # and its memory could not be reused for the next step's output.
+        self.y_shape = x.shape
+        return x
 
     def backward(self, dy):
-        return self._check_dy(dy)
+        return self._check_grad(dy, self.y_shape)
 
 
 ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid,
