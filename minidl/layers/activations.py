@@ -5,6 +5,7 @@ inside themselves, through ``get_activation``: one implementation, not two.
 Each caches only what its derivative needs.
 """
 import copy
+import numbers
 
 from .. import backend
 from .base import Layer
@@ -15,7 +16,8 @@ class Activation(Layer):
     """An elementwise layer without parameters: keeps a float input's dtype.
 
     Subclasses cache in forward what the derivative needs (``y`` or ``mask``, both
-    the output's shape); backward checks ``dy`` against it."""
+    the output's shape; Identity needs nothing and keeps only the shape); backward
+    checks ``dy`` against it."""
 
     def __init__(self, dtype=None):
         super().__init__(dtype)
@@ -70,7 +72,7 @@ class LeakyReLU(Activation):
 
     def __init__(self, negative_slope=0.01, dtype=None):
         super().__init__(dtype)
-        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
             raise TypeError(f"LeakyReLU: negative_slope must be a number, "
                             f"got {negative_slope!r}")
         self.negative_slope = float(negative_slope)
