@@ -9,6 +9,8 @@ for the module that owns their data, so a layer runs wherever its arrays live.
     with minidl.set_backend("numpy"):   # only inside the block
         ...
 """
+import functools
+
 import numpy
 
 _BACKENDS = ("numpy", "cupy")
@@ -23,8 +25,12 @@ float64 = numpy.float64
 _active = "numpy"  # the only global mutable state in minidl besides the RNG seed
 
 
+@functools.cache
 def _import_cupy():
-    """Import cupy and prove a CUDA device exists; raise RuntimeError otherwise."""
+    """Import cupy and prove a CUDA device exists; raise RuntimeError otherwise.
+
+    Cached once it succeeds: layers ask for the module of every array they touch,
+    and asking CUDA for the device count each time would cost a driver call."""
     try:
         import cupy
     except ImportError as exc:
@@ -128,17 +134,6 @@ def to_device(a, device):
     return cupy.asarray(a)
 
 
-def as_float_dtype(dtype, owner):
-    """``dtype`` as a numpy dtype object; ValueError unless it is a float type."""
-    try:
-        dtype = numpy.dtype(dtype)
-    except TypeError as exc:
-        raise TypeError(f"{owner}: {dtype!r} is not a dtype") from exc
-    if dtype.kind != "f":
-        raise ValueError(f"{owner}: dtype must be a float type, got {dtype}")
-    return dtype
-
-
 def zeros(shape, dtype, device):
     """A zero array on ``device``."""
     return get_module(device).zeros(shape, dtype=dtype)
@@ -161,13 +156,18 @@ def _check_device_name(device):
 
 
 def check_input(owner, x, device):
-    """Raise a clear TypeError unless ``x`` is an array on ``device``.
+    """Raise a clear TypeError unless ``x`` is an array of real numbers on ``device``.
 
     ``owner`` names the layer in the message. This is where a numpy batch fed to a
-    GPU layer (or the reverse) is caught, before cupy/numpy fail cryptically.
+    GPU layer (or the reverse) is caught, before cupy/numpy fail cryptically, and
+    where bool, complex, string, object and datetime arrays are refused (a cast to
+    float would drop an imaginary part or turn None into NaN); ints and floats pass.
     """
     if not is_array(x):
         raise TypeError(f"{owner}: expected a numpy or cupy array, got {type(x).__name__}")
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"{owner}: expected an array of real numbers (float or int), "
+                        f"got dtype {x.dtype}")
     where = device_of(x)
     if where != device:
         how = ("minidl.to_device(x, 'gpu') or build the model on the cpu"

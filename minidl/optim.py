@@ -15,9 +15,8 @@ checks this). As in PyTorch:
 * per-parameter state (moment buffers) is created by the update that first needs it,
   so momentum or amsgrad may be switched on between steps.
 
-Hyper-parameters are attributes (``opt.lr``, ``opt.momentum``, ...) checked on every
-assignment as in the constructor; a buffer that a new value no longer uses (momentum
-set to 0) is dropped, so switching the option back on starts it afresh.
+Hyper-parameters are attributes (``opt.lr``, ``opt.momentum``, ...), checked by the
+constructor; ``lr``, which schedulers set between epochs, is checked on assignment too.
 
 Updates keep the parameter's dtype and device: state is made with
 ``xp.zeros_like(p.data)`` and hyper-parameters are Python floats, so float32 stays
@@ -32,32 +31,34 @@ equations: "b" momentum buffer, "m"/"v" first/second moments, "v_max", "g_avg").
 import math
 
 from . import backend
+from .checks import check_bool, check_real, check_real_pair
 from .layers.base import Parameter
-
-
-def _hyperparameter(name):
-    """A property for hyper-parameter ``name``: an assignment is checked like the
-    constructor's arguments, and changes nothing when it fails."""
-    def set_value(self, value):
-        self._set_hyperparameters({**self._hyper, name: value})
-    return property(lambda self: self._hyper[name], set_value)
 
 
 class Optimizer:
     """Base class: holds the parameters, their state and the hyper-parameters.
 
     A subclass implements ``_update(theta, g, state)`` (one parameter's rule, which
-    creates the buffers it uses in ``state``), ``_buffer_names(h)`` (the state arrays
-    that rule may keep under hyper-parameters ``h``), extends ``_checked(h)`` to
-    validate its hyper-parameters, and declares each as ``_hyperparameter(name)``.
+    creates the buffers it uses in ``state``), lists those buffers in ``buffer_names``
+    and extends ``_checked(h)`` to validate its hyper-parameters.
     """
 
-    lr = _hyperparameter("lr")  # schedulers assign to it
+    buffer_names = ()   # the per-parameter state arrays _update may create
 
     def __init__(self, params, lr, **hyperparameters):
         self.params = _parameter_list(type(self).__name__, params)
         self.state = {}  # parameter index -> {"t": step count, buffer name: array}
-        self._set_hyperparameters(dict(lr=lr, **hyperparameters))
+        self._names = ("lr", *hyperparameters)
+        self._set(self._checked(dict(lr=lr, **hyperparameters)))
+
+    @property
+    def lr(self):
+        """The learning rate; schedulers set it, so an assignment is checked."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = check_real(value, "lr", type(self).__name__, minimum=0)
 
     # -- training ------------------------------------------------------------
     def step(self):
@@ -82,29 +83,21 @@ class Optimizer:
     def _update(self, theta, g, state):
         raise NotImplementedError(f"{type(self).__name__} must implement _update")
 
-    def _buffer_names(self, h):
-        """Names of the per-parameter state arrays under hyper-parameters ``h``."""
-        return ()
-
     # -- hyper-parameters ----------------------------------------------------
     def hyperparameters(self):
         """The constructor's hyper-parameters, by name (lr included)."""
-        return dict(self._hyper)
+        return {name: getattr(self, name) for name in self._names}
 
     def _checked(self, h):
-        """``h`` validated and normalised (floats, bools); ValueError when out of range."""
+        """``h`` validated and normalised (floats, bools): TypeError for a value of the
+        wrong kind, ValueError for one out of range."""
         h = dict(h)
-        h["lr"] = _number(type(self).__name__, "lr", h["lr"])
+        h["lr"] = check_real(h["lr"], "lr", type(self).__name__, minimum=0)
         return h
 
-    def _set_hyperparameters(self, h):
-        """Check ``h`` as a whole (nesterov needs momentum, ...), then drop the buffers
-        the new values no longer use."""
-        self._hyper = self._checked(h)
-        used = {"t", *self._buffer_names(self._hyper)}
-        for state in self.state.values():
-            for name in set(state) - used:
-                del state[name]
+    def _set(self, h):
+        for name, value in h.items():
+            setattr(self, name, value)
 
     # -- saving --------------------------------------------------------------
     def state_dict(self):
@@ -127,7 +120,7 @@ class Optimizer:
         """
         owner = f"{type(self).__name__}.load_state_dict"
         saved = dict(state_dict)
-        expected = set(self._hyper) | {"num_params"}
+        expected = set(self._names) | {"num_params"}
         per_param_keys = {key for key in saved if key.startswith("state.")}
         missing = sorted(expected - set(saved))
         unexpected = sorted(set(saved) - expected - per_param_keys)
@@ -138,11 +131,12 @@ class Optimizer:
             raise ValueError(f"{owner}: saved for {int(saved['num_params'])} parameters, "
                              f"this optimizer has {len(self.params)}")
         h = self._checked({name: _like(owner, name, value, saved[name])
-                           for name, value in self._hyper.items()})
-        state = self._loaded_state(owner, saved, per_param_keys, self._buffer_names(h))
-        self._hyper, self.state = h, state
+                           for name, value in self.hyperparameters().items()})
+        state = self._loaded_state(owner, saved, per_param_keys)
+        self._set(h)
+        self.state = state
 
-    def _loaded_state(self, owner, saved, keys, buffer_names):
+    def _loaded_state(self, owner, saved, keys):
         """Group "state.<i>.<name>" entries by parameter, check them, move them on device."""
         grouped = {}
         for key in keys:
@@ -151,9 +145,9 @@ class Optimizer:
         state = {}
         for i, entries in grouped.items():
             # a buffer may be missing (its option was switched on after the last step)
-            if "t" not in entries or not set(entries) <= {"t", *buffer_names}:
+            if "t" not in entries or not set(entries) <= {"t", *self.buffer_names}:
                 raise ValueError(f"{owner}: parameter {i} has state {sorted(entries)}, "
-                                 f"expected 't' and some of {sorted(buffer_names)}")
+                                 f"expected 't' and some of {sorted(self.buffer_names)}")
             theta = self.params[i].data
             state[i] = {"t": _saved_int(owner, f"state.{i}.t", entries["t"])}
             for name in set(entries) - {"t"}:
@@ -181,10 +175,7 @@ class SGD(Optimizer):
         theta <- theta - lr * g
     """
 
-    momentum = _hyperparameter("momentum")
-    dampening = _hyperparameter("dampening")
-    nesterov = _hyperparameter("nesterov")
-    weight_decay = _hyperparameter("weight_decay")
+    buffer_names = ("b",)
 
     def __init__(self, params, lr, momentum=0.0, dampening=0.0, nesterov=False,
                  weight_decay=0.0):
@@ -194,16 +185,13 @@ class SGD(Optimizer):
     def _checked(self, h):
         h = super()._checked(h)
         owner = type(self).__name__
-        h["momentum"] = _number(owner, "momentum", h["momentum"])
-        h["dampening"] = _number(owner, "dampening", h["dampening"], high=1.0)
-        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"])
-        h["nesterov"] = bool(h["nesterov"])
+        for name in ("momentum", "weight_decay"):
+            h[name] = check_real(h[name], name, owner, minimum=0)
+        h["dampening"] = check_real(h["dampening"], "dampening", owner, minimum=0, maximum=1)
+        h["nesterov"] = check_bool(h["nesterov"], "nesterov", owner)
         if h["nesterov"] and (h["momentum"] == 0 or h["dampening"] != 0):
             raise ValueError(f"{owner}: nesterov=True needs momentum > 0 and dampening == 0")
         return h
-
-    def _buffer_names(self, h):
-        return ("b",) if h["momentum"] else ()
 
     def _update(self, theta, g, state):
         mu = self.momentum
@@ -229,10 +217,7 @@ class Adam(Optimizer):
         theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)
     """
 
-    betas = _hyperparameter("betas")
-    eps = _hyperparameter("eps")
-    weight_decay = _hyperparameter("weight_decay")
-    amsgrad = _hyperparameter("amsgrad")
+    buffer_names = ("m", "v", "v_max")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False):
@@ -242,18 +227,11 @@ class Adam(Optimizer):
     def _checked(self, h):
         h = super()._checked(h)
         owner = type(self).__name__
-        betas = tuple(h["betas"])
-        if len(betas) != 2:
-            raise ValueError(f"{owner}: betas must be two numbers (beta1, beta2), got {betas}")
-        h["betas"] = tuple(_number(owner, name, beta, high=1.0, high_open=True)
-                           for name, beta in zip(("beta1", "beta2"), betas))
-        h["eps"] = _number(owner, "eps", h["eps"])
-        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"])
-        h["amsgrad"] = bool(h["amsgrad"])
+        h["betas"] = check_real_pair(h["betas"], "betas", owner, minimum=0, below=1)
+        for name in ("eps", "weight_decay"):
+            h[name] = check_real(h[name], name, owner, minimum=0)
+        h["amsgrad"] = check_bool(h["amsgrad"], "amsgrad", owner)
         return h
-
-    def _buffer_names(self, h):
-        return ("m", "v", "v_max") if h["amsgrad"] else ("m", "v")
 
     def _decay(self, theta, g):
         """Adam's weight decay: an L2 penalty added to the gradient."""
@@ -307,11 +285,7 @@ class RMSprop(Optimizer):
         theta <- theta - lr * g / d                                   (otherwise)
     """
 
-    alpha = _hyperparameter("alpha")
-    eps = _hyperparameter("eps")
-    weight_decay = _hyperparameter("weight_decay")
-    momentum = _hyperparameter("momentum")
-    centered = _hyperparameter("centered")
+    buffer_names = ("v", "g_avg", "b")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False):
@@ -321,16 +295,11 @@ class RMSprop(Optimizer):
     def _checked(self, h):
         h = super()._checked(h)
         owner = type(self).__name__
-        h["alpha"] = _number(owner, "alpha", h["alpha"], high=1.0)
-        h["eps"] = _number(owner, "eps", h["eps"])
-        h["weight_decay"] = _number(owner, "weight_decay", h["weight_decay"])
-        h["momentum"] = _number(owner, "momentum", h["momentum"])
-        h["centered"] = bool(h["centered"])
+        h["alpha"] = check_real(h["alpha"], "alpha", owner, minimum=0, maximum=1)
+        for name in ("eps", "weight_decay", "momentum"):
+            h[name] = check_real(h[name], name, owner, minimum=0)
+        h["centered"] = check_bool(h["centered"], "centered", owner)
         return h
-
-    def _buffer_names(self, h):
-        return (("v",) + (("g_avg",) if h["centered"] else ())
-                + (("b",) if h["momentum"] else ()))
 
     def _update(self, theta, g, state):
         xp = backend.get_array_module(theta)
@@ -363,10 +332,8 @@ def clip_grad_norm_(params, max_norm, norm_type=2.0):
     """
     params = [params] if isinstance(params, Parameter) else _parameter_list(
         "clip_grad_norm_", params, allow_empty=True)
-    max_norm = _number("clip_grad_norm_", "max_norm", max_norm)
-    norm_type = _number("clip_grad_norm_", "norm_type", norm_type)
-    if norm_type == 0:
-        raise ValueError("clip_grad_norm_: norm_type must be > 0 (or math.inf)")
+    max_norm = check_real(max_norm, "max_norm", "clip_grad_norm_", minimum=0, finite=False)
+    norm_type = check_real(norm_type, "norm_type", "clip_grad_norm_", above=0, finite=False)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -412,24 +379,6 @@ def _parameter_list(owner, params, allow_empty=False):
         # state is kept per position, so one array would be updated twice per step
         raise ValueError(f"{owner}: a Parameter appears more than once in params")
     return params
-
-
-def _number(owner, name, value, low=0.0, high=None, high_open=False):
-    """``value`` as a float >= low (and <= high, or < high when ``high_open``)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{owner}: {name} must be a number, got {value!r}") from None
-    if high is None:
-        ok, allowed = value >= low, f">= {low:g}"
-    else:
-        ok = low <= value < high if high_open else low <= value <= high
-        allowed = f"in [{low:g}, {high:g}{')' if high_open else ']'}"
-    if not ok:  # NaN fails every comparison, so it is caught here too
-        raise ValueError(f"{owner}: {name} must be {allowed}, got {value}")
-    return value
 
 
 def _like(owner, name, current, saved):

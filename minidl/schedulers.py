@@ -12,8 +12,8 @@ so its whole state is a few numbers. The values equal torch.optim.lr_scheduler's
 (which updates recursively) up to floating-point rounding.
 """
 import math
-import numbers
 
+from .checks import check_int, check_real
 from .optim import Optimizer
 
 
@@ -69,9 +69,9 @@ class LRScheduler:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(f"{owner}: missing keys {missing}, unexpected keys {unexpected}")
-        last_epoch = _integer(owner, "last_epoch", _scalar(owner, "last_epoch", state),
-                              low=0)
-        base_lr = _positive(owner, "base_lr", _scalar(owner, "base_lr", state), allow_zero=True)
+        last_epoch = check_int(_scalar(owner, "last_epoch", state), "last_epoch", owner,
+                               minimum=0)
+        base_lr = check_real(_scalar(owner, "base_lr", state), "base_lr", owner, minimum=0)
         h = self._checked({name: _scalar(owner, name, state) for name in self._hyper_names})
         self.base_lr, self.last_epoch = base_lr, last_epoch
         for name, value in h.items():
@@ -94,8 +94,8 @@ class StepLR(LRScheduler):
 
     def _checked(self, h):
         owner = type(self).__name__
-        return {"step_size": _integer(owner, "step_size", h["step_size"], low=1),
-                "gamma": _positive(owner, "gamma", h["gamma"])}
+        return {"step_size": check_int(h["step_size"], "step_size", owner, minimum=1),
+                "gamma": check_real(h["gamma"], "gamma", owner, above=0)}
 
     def lr_at(self, epoch):
         return self.base_lr * self.gamma ** (epoch // self.step_size)
@@ -111,7 +111,7 @@ class ExponentialLR(LRScheduler):
         super().__init__(optimizer, gamma=gamma)
 
     def _checked(self, h):
-        return {"gamma": _positive(type(self).__name__, "gamma", h["gamma"])}
+        return {"gamma": check_real(h["gamma"], "gamma", type(self).__name__, above=0)}
 
     def lr_at(self, epoch):
         return self.base_lr * self.gamma ** epoch
@@ -131,8 +131,8 @@ class CosineAnnealingLR(LRScheduler):
 
     def _checked(self, h):
         owner = type(self).__name__
-        return {"T_max": _integer(owner, "T_max", h["T_max"], low=1),
-                "eta_min": _positive(owner, "eta_min", h["eta_min"], allow_zero=True)}
+        return {"T_max": check_int(h["T_max"], "T_max", owner, minimum=1),
+                "eta_min": check_real(h["eta_min"], "eta_min", owner, minimum=0)}
 
     def lr_at(self, epoch):
         cosine = (1 + math.cos(math.pi * epoch / self.T_max)) / 2
@@ -149,21 +149,3 @@ def _scalar(owner, key, state):
                              f"{tuple(value.shape)}")
         value = value.item()
     return value
-
-
-def _integer(owner, name, value, low):
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not math.isfinite(value) or value != int(value)):
-        raise TypeError(f"{owner}: {name} must be an integer, got {value!r}")
-    if value < low:
-        raise ValueError(f"{owner}: {name} must be >= {low}, got {value}")
-    return int(value)
-
-
-def _positive(owner, name, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
-    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{owner}: {name} must be {'>=' if allow_zero else '>'} 0, "
-                         f"got {value}")
-    return float(value)

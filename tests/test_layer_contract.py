@@ -127,7 +127,7 @@ def test_activation_backward_checks_dy(xp, make):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: minidl.LeakyReLU("a"), "LeakyReLU: negative_slope must be a number"),
+    (lambda: minidl.LeakyReLU("a"), "LeakyReLU: negative_slope must be a real number"),
     (lambda: minidl.Softmax(axis=None), "Softmax: axis must be an int"),
     (lambda: minidl.Softmax(axis="1"), "Softmax: axis must be an int"),
 ])

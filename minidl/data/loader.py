@@ -4,11 +4,10 @@ The arrays stay where they are given (usually NumPy, in CPU memory); each batch
 is sliced, optionally transformed (e.g. uint8 pixels -> float32 in [0, 1]) and
 then moved to the active backend, so a GPU holds one batch at a time.
 """
-import numbers
-
 import numpy
 
 from .. import backend
+from ..checks import check_bool, check_int, check_seed
 from ..random import new_rng
 
 
@@ -23,22 +22,21 @@ class DataLoader:
 
     def __init__(self, x, y, batch_size=64, shuffle=True, drop_last=False, seed=None,
                  transform=None):
-        # Shuffled batches index with an array of positions, which lists do not support.
-        x, y = (a if backend.is_array(a) else numpy.asarray(a) for a in (x, y))
+        x, y = _as_samples(x, "x"), _as_samples(y, "y")
         if len(x) != len(y):
             raise ValueError(f"DataLoader: x and y must have the same length, "
                              f"got {len(x)} and {len(y)}")
-        if (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
-                or batch_size < 1):  # Integral: numpy integers are fine too
-            raise ValueError(f"DataLoader: batch_size must be a positive int, got {batch_size!r}")
         if len(x) == 0:
             raise ValueError("DataLoader: the dataset is empty")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"DataLoader: transform must be a function of the x batch or "
+                            f"None, got {transform!r}")
         self.x, self.y = x, y
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.drop_last = drop_last
+        self.batch_size = check_int(batch_size, "batch_size", "DataLoader", minimum=1)
+        self.shuffle = check_bool(shuffle, "shuffle", "DataLoader")
+        self.drop_last = check_bool(drop_last, "drop_last", "DataLoader")
         self.transform = transform
-        self.rng = new_rng(seed)
+        self.rng = new_rng(check_seed(seed, "seed", "DataLoader"))
 
     def __len__(self):
         """The number of batches in one epoch."""
@@ -64,3 +62,13 @@ class DataLoader:
             if self.transform is not None:
                 xb = self.transform(xb)
             yield backend.to_backend(xb), backend.to_backend(yb)
+
+
+def _as_samples(a, name):
+    """``a`` as an array with a first (sample) axis: shuffled batches index with an
+    array of positions, which lists do not support."""
+    samples = a if backend.is_array(a) else numpy.asarray(a)
+    if samples.ndim == 0:
+        raise TypeError(f"DataLoader: {name} must be an array or a list of samples, "
+                        f"got {type(a).__name__}")
+    return samples

@@ -5,28 +5,19 @@ inside themselves, through ``get_activation``: one implementation, not two.
 Each caches only what its derivative needs.
 """
 import copy
-import numbers
 
 from .. import backend
+from ..checks import check_int, check_real
 from .base import Layer
 from .parallel import in_pieces
 
 
 class Activation(Layer):
     """An elementwise layer without parameters: keeps a float input's dtype.
-
-    Subclasses cache in forward what the derivative needs (``y`` or ``mask``, both
-    the output's shape; Identity needs nothing and keeps only the shape); backward
-    checks ``dy`` against it."""
+    Subclasses cache only what the derivative needs (``y`` or ``mask``)."""
 
     def __init__(self, dtype=None):
-        super().__init__(dtype)
-        self.y = None
-        self.mask = None
-
-    def _check_dy(self, dy):
-        cached = self.y if self.y is not None else self.mask
-        return self._check_grad(dy, None if cached is None else cached.shape)
+        super().__init__(dtype)     # None: no parameters, so no dtype of its own
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
@@ -43,19 +34,20 @@ class ReLU(Activation):
         x = self._as_input(x)
         xp = backend.get_array_module(x)
         y = xp.empty_like(x)
-        self.mask = xp.empty_like(x, dtype=bool)
+        mask = xp.empty_like(x, dtype=bool)
 
         def relu(x, y, mask):
             xp.greater(x, 0, out=mask)
             xp.maximum(x, 0, out=y)
-        _elementwise(relu, x, y, self.mask)
+        _elementwise(relu, x, y, mask)
+        self.cache = {"mask": mask, "y_shape": y.shape}
         return y
 
     def backward(self, dy):
-        dy = self._check_dy(dy)
+        mask = self._checked_cache(dy)["mask"]
         xp = backend.get_array_module(dy)
         dx = xp.empty_like(dy)                       # dy * mask keeps dy's dtype
-        _elementwise(lambda dy, mask, dx: xp.multiply(dy, mask, out=dx), dy, self.mask, dx)
+        _elementwise(lambda dy, mask, dx: xp.multiply(dy, mask, out=dx), dy, mask, dx)
         return dx
 
 
@@ -72,21 +64,19 @@ class LeakyReLU(Activation):
 
     def __init__(self, negative_slope=0.01, dtype=None):
         super().__init__(dtype)
-        if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
-            raise TypeError(f"LeakyReLU: negative_slope must be a number, "
-                            f"got {negative_slope!r}")
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = check_real(negative_slope, "negative_slope", "LeakyReLU")
 
     def forward(self, x, training=True):
         x = self._as_input(x)
         xp = backend.get_array_module(x)
-        self.mask = x > 0
-        return xp.where(self.mask, x, x * x.dtype.type(self.negative_slope))
+        mask = x > 0
+        self.cache = {"mask": mask, "y_shape": x.shape}
+        return xp.where(mask, x, x * x.dtype.type(self.negative_slope))
 
     def backward(self, dy):
-        dy = self._check_dy(dy)
+        mask = self._checked_cache(dy)["mask"]
         xp = backend.get_array_module(dy)
-        return xp.where(self.mask, dy, dy * dy.dtype.type(self.negative_slope))
+        return xp.where(mask, dy, dy * dy.dtype.type(self.negative_slope))
 
     def extra_repr(self):
         return f"negative_slope={self.negative_slope}"
@@ -100,12 +90,13 @@ class Sigmoid(Activation):
         xp = backend.get_array_module(x)
         # exp of a non-positive number never overflows: use exp(-|x|) on both sides.
         e = xp.exp(-xp.abs(x))
-        self.y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
-        return self.y
+        y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        self.cache = {"y": y, "y_shape": y.shape}
+        return y
 
     def backward(self, dy):
-        dy = self._check_dy(dy)
-        return dy * self.y * (1 - self.y)
+        y = self._checked_cache(dy)["y"]
+        return dy * y * (1 - y)
 
 
 class Tanh(Activation):
@@ -114,12 +105,13 @@ class Tanh(Activation):
     def forward(self, x, training=True):
         x = self._as_input(x)
         xp = backend.get_array_module(x)
-        self.y = xp.tanh(x)
-        return self.y
+        y = xp.tanh(x)
+        self.cache = {"y": y, "y_shape": y.shape}
+        return y
 
     def backward(self, dy):
-        dy = self._check_dy(dy)
-        return dy * (1 - self.y * self.y)
+        y = self._checked_cache(dy)["y"]
+        return dy * (1 - y * y)
 
 
 class Softmax(Activation):
@@ -128,9 +120,7 @@ class Softmax(Activation):
 
     def __init__(self, axis=1, dtype=None):
         super().__init__(dtype)
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"Softmax: axis must be an int, got {axis!r}")
-        self.axis = axis
+        self.axis = check_int(axis, "axis", "Softmax")
 
     def forward(self, x, training=True):
         x = self._as_input(x)
@@ -138,13 +128,17 @@ class Softmax(Activation):
         if not -x.ndim <= self.axis < x.ndim:
             raise ValueError(f"Softmax: axis {self.axis} is out of range for a "
                              f"{x.ndim}-D input of shape {tuple(x.shape)}")
-        e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
-        self.y = e / e.sum(axis=self.axis, keepdims=True)
-        return self.y
+        if x.size == 0:               # nothing to normalise (max has no identity): as torch
+            y = x.copy()
+        else:
+            e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
+            y = e / e.sum(axis=self.axis, keepdims=True)
+        self.cache = {"y": y, "y_shape": y.shape}
+        return y
 
     def backward(self, dy):
-        dy = self._check_dy(dy)
-        return self.y * (dy - (dy * self.y).sum(axis=self.axis, keepdims=True))
+        y = self._checked_cache(dy)["y"]
+        return y * (dy - (dy * y).sum(axis=self.axis, keepdims=True))
 
     def extra_repr(self):
         return f"axis={self.axis}"
@@ -153,19 +147,16 @@ class Softmax(Activation):
 class Identity(Activation):
     """y = x: the activation of a layer built with ``activation=None``."""
 
-    def __init__(self, dtype=None):
-        super().__init__(dtype)
-        self.y_shape = None
-
     def forward(self, x, training=True):
         x = self._as_input(x)
         # Only the shape: holding y itself would keep a big array alive between steps,
         # and its memory could not be reused for the next step's output.
-        self.y_shape = x.shape
+        self.cache = {"y_shape": x.shape}
         return x
 
     def backward(self, dy):
-        return self._check_grad(dy, self.y_shape)
+        self._checked_cache(dy)
+        return dy
 
 
 ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid,

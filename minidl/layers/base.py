@@ -8,6 +8,7 @@ See docs/architecture.md for how layers, losses and optimizers fit together.
 import copy
 
 from .. import backend
+from ..checks import check_float_dtype
 
 
 class Parameter:
@@ -57,16 +58,20 @@ class Layer:
     ``dtype`` is the float type of the parameters, and inputs are cast to it. A layer
     without parameters may leave it None: it then keeps a float input's dtype (so a
     float64 gradient check stays float64) and casts other inputs to float32.
+
+    ``cache`` holds what forward keeps for backward: a dict whose "y_shape" is the
+    shape of the output, which backward's ``dy`` must have (see ``_checked_cache``).
     """
 
     buffer_names = ()
 
     def __init__(self, dtype=backend.float32):
-        self.dtype = None if dtype is None else backend.as_float_dtype(dtype, type(self).__name__)
+        self.dtype = None if dtype is None else check_float_dtype(dtype, type(self).__name__)
         self.device = backend.default_device()
         self.training = True
         self.forward_hooks = []
         self.backward_hooks = []
+        self.cache = None
 
     # -- the two passes ------------------------------------------------------
     def forward(self, x, training=True):
@@ -77,14 +82,16 @@ class Layer:
 
     def __call__(self, x, training=None):
         """``forward`` with the hooks. ``training=None`` uses the mode set by ``train()``
-        or ``eval()``; True or False overrides it (and becomes the mode, which is what
-        forward hooks read as ``layer.training``)."""
-        if training is None:
-            training = self.training
-        self.training = training
-        y = self.forward(x, training=training)
-        for hook in self.forward_hooks:
-            hook(self, x, y)
+        or ``eval()``; True or False overrides it for this call only (forward hooks
+        read it as ``layer.training``; the mode is restored afterwards)."""
+        mode = self.training
+        self.training = mode if training is None else training
+        try:
+            y = self.forward(x, training=self.training)
+            for hook in self.forward_hooks:
+                hook(self, x, y)
+        finally:
+            self.training = mode
         return y
 
     def backward_with_hooks(self, dy):
@@ -114,18 +121,21 @@ class Layer:
         dtype = self.dtype or (x.dtype if x.dtype.kind == "f" else backend.float32)
         return x.astype(dtype, copy=False)
 
-    def _check_grad(self, dy, expected_shape):
-        """Check the ``dy`` given to backward: an array on the layer's device with the
-        shape of the output of the last forward pass. Raises RuntimeError before any
-        forward (``expected_shape`` None), TypeError or ValueError on a bad ``dy``."""
-        name = type(self).__name__
-        if expected_shape is None:
-            raise RuntimeError(f"{name}.backward called before forward")
-        backend.check_input(f"{name}.backward", dy, self.device)
-        if tuple(dy.shape) != tuple(expected_shape):
-            raise ValueError(f"{name}.backward: expected dy of shape {tuple(expected_shape)} "
+    def _checked_cache(self, dy):
+        """The cache of the last forward, once ``dy`` is checked against it: a float
+        array on the layer's device with the shape ``cache["y_shape"]`` of that
+        forward's output. RuntimeError before any forward, TypeError or ValueError on a
+        bad ``dy``."""
+        name = f"{type(self).__name__}.backward"
+        if self.cache is None:
+            raise RuntimeError(f"{name} called before forward")
+        backend.check_input(name, dy, self.device)
+        if dy.dtype.kind != "f":
+            raise TypeError(f"{name}: expected a float dy, got dtype {dy.dtype}")
+        if tuple(dy.shape) != tuple(self.cache["y_shape"]):
+            raise ValueError(f"{name}: expected dy of shape {tuple(self.cache['y_shape'])} "
                              f"(the output of the last forward), got {tuple(dy.shape)}")
-        return dy
+        return self.cache
 
     # -- parameters and state ------------------------------------------------
     def named_parameters(self):
@@ -157,6 +167,7 @@ class Layer:
 
     def _clear_cache(self):
         """Drop cached forward state (it may live on the old device)."""
+        self.cache = None
 
     def train(self, mode=True):
         self.training = mode
@@ -230,8 +241,8 @@ class Layer:
     def output_shape(self, input_shape):
         """Shape of the output for an input of ``input_shape`` (batch included).
 
-        The default runs a forward pass on zeros, on a shallow copy of the layer so that
-        what the layer cached for backward stays as it was; layers override it with
-        arithmetic."""
+        The default runs a forward pass on zeros, on a deep copy of the layer so that
+        what the layer and the layers it holds cached for backward stays as it was;
+        layers override it with arithmetic."""
         x = backend.zeros(input_shape, self.dtype or backend.float32, self.device)
-        return tuple(copy.copy(self).forward(x, training=False).shape)
+        return tuple(copy.deepcopy(self).forward(x, training=False).shape)

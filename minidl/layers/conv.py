@@ -29,9 +29,9 @@ and need no col2im.
 import math
 
 from .. import backend
+from ..checks import check_allocation, check_bool, check_int, check_padding, check_pair
 from ..random import default_rng
 from .activations import get_activation
-from .arguments import as_pair, as_positive_int, padding_pairs
 from .base import Layer, Parameter
 from .im2col import channels_first, col2im_add, conv_output_size, im2col, pad_channels_first
 
@@ -61,23 +61,23 @@ class Conv2D(Layer):
                  max_im2col_bytes=DEFAULT_IM2COL_BYTES):
         super().__init__(dtype)
         name = type(self).__name__
-        self.in_channels = as_positive_int(in_channels, "in_channels", name)
-        self.out_channels = as_positive_int(out_channels, "out_channels", name)
-        self.kernel_size = as_pair(kernel_size, "kernel_size", name, minimum=1)
-        self.stride = as_pair(stride, "stride", name, minimum=1)
+        self.in_channels = check_int(in_channels, "in_channels", name, minimum=1)
+        self.out_channels = check_int(out_channels, "out_channels", name, minimum=1)
+        self.kernel_size = check_pair(kernel_size, "kernel_size", name, minimum=1)
+        self.stride = check_pair(stride, "stride", name, minimum=1)
         self.padding = padding
-        self.pads = padding_pairs(padding, self.kernel_size, self.stride, name)
-        self.max_im2col_bytes = as_positive_int(max_im2col_bytes, "max_im2col_bytes", name)
+        self.pads = check_padding(padding, self.kernel_size, self.stride, name)
+        self.max_im2col_bytes = check_int(max_im2col_bytes, "max_im2col_bytes", name, minimum=1)
         self.activation = get_activation(activation, name, self.dtype)
         self.weight = Parameter(self._he_normal(), "weight")
         self.bias = Parameter(backend.zeros((self.out_channels,), self.dtype, self.device),
-                              "bias") if bias else None
-        self.cache = None
+                              "bias") if check_bool(bias, "bias", name) else None
         self._buffer = None           # reused storage for cols (and dcols); see _columns
 
     def _he_normal(self):
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         shape = (self.out_channels, self.in_channels) + self.kernel_size
+        check_allocation(shape, "weight", type(self).__name__)
         w = default_rng().standard_normal(shape) * math.sqrt(2.0 / fan_in)
         return backend.to_device(w.astype(self.dtype), self.device)
 
@@ -116,7 +116,7 @@ class Conv2D(Layer):
     def backward(self, da):
         """Returns dA_prev, or None when ``input_grad`` is False (the input is data).
         ``da`` must have the shape of the last forward's output (ValueError otherwise)."""
-        self._check_grad(da, None if self.cache is None else self.cache["y_shape"])
+        self._checked_cache(da)
         dz = self.activation.backward(da)                        # Eq. [2]
         if self._pointwise():
             return self._pointwise_backward(dz)
@@ -280,7 +280,7 @@ class Conv2D(Layer):
         return [(n0, min(n0 + step, n)) for n0 in range(0, n, step)]
 
     def _clear_cache(self):
-        self.cache = None
+        super()._clear_cache()
         self._buffer = None
 
     def extra_repr(self):

@@ -15,9 +15,9 @@ Backward, given dy = dL/dy:
 import math
 
 from .. import backend
+from ..checks import check_allocation, check_bool, check_int
 from ..random import default_rng
 from .activations import LeakyReLU, ReLU, get_activation
-from .arguments import as_positive_int
 from .base import Layer, Parameter
 
 
@@ -40,18 +40,18 @@ class Dense(Layer):
                  dtype=backend.float32):
         super().__init__(dtype)
         name = type(self).__name__
-        self.in_features = as_positive_int(in_features, "in_features", name)
-        self.out_features = as_positive_int(out_features, "out_features", name)
+        self.in_features = check_int(in_features, "in_features", name, minimum=1)
+        self.out_features = check_int(out_features, "out_features", name, minimum=1)
         self.activation = get_activation(activation, name, self.dtype)
         self.weight = Parameter(self._initial_weight(), "weight")
         self.bias = Parameter(backend.zeros((self.out_features,), self.dtype, self.device),
-                              "bias") if bias else None
-        self.cache = None
+                              "bias") if check_bool(bias, "bias", name) else None
 
     def _initial_weight(self):
         """Drawn on the CPU in float64, then cast and moved: same seed, same weights anywhere."""
         fan_in, fan_out = self.in_features, self.out_features
         shape = (fan_in, fan_out)
+        check_allocation(shape, "weight", type(self).__name__)
         if isinstance(self.activation, (ReLU, LeakyReLU)):   # He-normal keeps ReLU variance
             w = default_rng().standard_normal(shape) * math.sqrt(2.0 / fan_in)
         else:                                                # Glorot-uniform
@@ -73,8 +73,7 @@ class Dense(Layer):
     # -- backward: dz, dW, db, dx ----------------------------------------------
     def backward(self, dy):
         """``dy`` must have the shape of the last forward's output, (N, out_features)."""
-        self._check_grad(dy, None if self.cache is None else self.cache["y_shape"])
-        x = self.cache["x"]
+        x = self._checked_cache(dy)["x"]
         dz = self.activation.backward(dy)
         self.weight.accumulate_grad(x.T @ dz)
         if self.bias is not None:
@@ -96,9 +95,6 @@ class Dense(Layer):
     def flops(self, input_shape):
         """2 * in_features multiply-adds for each of the out_features outputs of one sample."""
         return 2 * self.in_features * self.out_features
-
-    def _clear_cache(self):
-        self.cache = None
 
     def extra_repr(self):
         text = f"{self.in_features}, {self.out_features}"

@@ -16,9 +16,8 @@ than the layer itself), by a cupy RandomState seeded once from the layer's
 generator: a seed gives the same masks run after run on one backend, but numpy and
 cupy masks differ.
 """
-import numbers
-
 from .. import backend
+from ..checks import check_real, check_seed
 from ..random import new_rng
 from .base import Layer
 
@@ -28,15 +27,10 @@ class Dropout(Layer):
 
     def __init__(self, p=0.5, seed=None, dtype=None):
         super().__init__(dtype)
-        if not isinstance(p, numbers.Real) or isinstance(p, bool):
-            raise TypeError(f"Dropout: p must be a number in [0, 1), got {p!r}")
-        if not 0 <= p < 1:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p!r}")
-        self.p = float(p)
-        self.seed = seed
+        self.p = check_real(p, "p", "Dropout", minimum=0, below=1)
+        self.seed = check_seed(seed, "seed", "Dropout")
         self.rng = new_rng(seed)
         self.gpu_rng = None          # made on the first GPU forward, seeded from self.rng
-        self.cache = None
 
     # -- forward: y = x * mask ---------------------------------------------------
     def forward(self, x, training=True):
@@ -51,8 +45,7 @@ class Dropout(Layer):
 
     # -- backward: dx = dy * mask --------------------------------------------------
     def backward(self, dy):
-        self._check_grad(dy, None if self.cache is None else self.cache["y_shape"])
-        mask = self.cache["mask"]
+        mask = self._checked_cache(dy)["mask"]
         return dy if mask is None else dy * mask
 
     def _uniform(self, shape, device):
@@ -66,9 +59,6 @@ class Dropout(Layer):
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
-
-    def _clear_cache(self):
-        self.cache = None
 
     def extra_repr(self):
         return f"p={self.p}" + ("" if self.seed is None else f", seed={self.seed}")

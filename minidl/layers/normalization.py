@@ -23,10 +23,8 @@ Backward, given dy:
     eval:      dx_i = gamma s dy_i
                (running statistics are constants)
 """
-import numbers
-
 from .. import backend
-from .arguments import as_positive_int
+from ..checks import check_allocation, check_bool, check_int, check_real
 from .base import Layer, Parameter
 from .parallel import in_pieces
 
@@ -42,17 +40,18 @@ class _BatchNorm(Layer):
                  dtype=backend.float32):
         super().__init__(dtype)
         name = type(self).__name__
-        self.num_features = as_positive_int(num_features, "num_features", name)
-        self.momentum = None if momentum is None else _as_fraction(momentum, "momentum", name)
-        self.eps = _as_positive_float(eps, "eps", name)
-        self.affine = bool(affine)
+        self.num_features = check_int(num_features, "num_features", name, minimum=1)
+        self.momentum = (None if momentum is None
+                         else check_real(momentum, "momentum", name, minimum=0, maximum=1))
+        self.eps = check_real(eps, "eps", name, above=0)
+        self.affine = check_bool(affine, "affine", name)
+        check_allocation((4, num_features), "the parameters and buffers", name)
         c, xp = self.num_features, backend.get_module(self.device)
         self.weight = Parameter(xp.ones((c,), dtype=self.dtype), "weight") if affine else None
         self.bias = Parameter(xp.zeros((c,), dtype=self.dtype), "bias") if affine else None
         self.running_mean = xp.zeros((c,), dtype=self.dtype)
         self.running_var = xp.ones((c,), dtype=self.dtype)
         self.num_batches_tracked = xp.zeros((), dtype="int64")
-        self.cache = None
 
     # -- forward: x_hat = (x - mu) s,  y = gamma x_hat + beta -----------------------
     def forward(self, x, training=True):
@@ -87,7 +86,7 @@ class _BatchNorm(Layer):
         if training:
             self._update_running_stats(mu, var, m)
         s = 1.0 / xp.sqrt(var + self.eps)
-        self.cache = {"xc": xc, "s": s, "training": training}
+        self.cache = {"xc": xc, "s": s, "training": training, "y_shape": y.shape}
         return y
 
     # -- backward: dbeta, dgamma, dx (compact in training, simple in eval) -----------
@@ -97,8 +96,8 @@ class _BatchNorm(Layer):
             dx = gamma s dy - (gamma s dbeta / m) - xc (gamma s^3 sum(dy xc) / m)
 
         so each full-size array is touched by one multiply and two in-place updates."""
-        self._check_grad(dy, None if self.cache is None else self.cache["xc"].shape)
-        xc, s, training = self.cache["xc"], self.cache["s"], self.cache["training"]
+        cache = self._checked_cache(dy)
+        xc, s, training = cache["xc"], cache["s"], cache["training"]
         xp = backend.get_array_module(dy)
         axes = self._axes(dy.ndim)
         shape = self._channel_shape(dy.ndim)
@@ -165,9 +164,6 @@ class _BatchNorm(Layer):
         self._check_shape(input_shape)
         return tuple(input_shape)
 
-    def _clear_cache(self):
-        self.cache = None
-
     def extra_repr(self):
         text = f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
         return text + ("" if self.affine else ", affine=False")
@@ -195,18 +191,3 @@ def _channel_dot(a, b):
     letters = "abcdefgh"[:a.ndim]
     return xp.einsum(f"{letters},{letters}->b", a, b)
 
-
-def _as_positive_float(value, name, owner):
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a positive number, got {value!r}")
-    if not 0 < value < float("inf"):                     # also rejects NaN
-        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _as_fraction(value, name, owner):
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a number in [0, 1] or None, got {value!r}")
-    if not 0 <= value <= 1:
-        raise ValueError(f"{owner}: {name} must be in [0, 1], got {value!r}")
-    return float(value)

@@ -43,7 +43,7 @@ are formed in contiguous memory and then copied into the strided dx slabs: numpy
 multiplies bool by float straight into a strided output about 3x slower.
 """
 from .. import backend
-from .arguments import as_pair
+from ..checks import check_pair
 from .base import Layer
 from .parallel import in_pieces
 
@@ -54,14 +54,13 @@ class _Pool2D(Layer):
     def __init__(self, kernel_size, stride=None, padding=0, dtype=None):
         super().__init__(dtype)
         name = type(self).__name__
-        self.kernel_size = as_pair(kernel_size, "kernel_size", name, minimum=1)
+        self.kernel_size = check_pair(kernel_size, "kernel_size", name, minimum=1)
         self.stride = (self.kernel_size if stride is None
-                       else as_pair(stride, "stride", name, minimum=1))
-        self.padding = as_pair(padding, "padding", name, minimum=0)
+                       else check_pair(stride, "stride", name, minimum=1))
+        self.padding = check_pair(padding, "padding", name, minimum=0)
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError(f"{name}: padding must be at most half the kernel size, got "
                              f"padding={self.padding} for kernel_size={self.kernel_size}")
-        self.cache = None
 
     # -- the slab loop ---------------------------------------------------------
     def _offsets(self):
@@ -122,15 +121,6 @@ class _Pool2D(Layer):
     def output_shape(self, input_shape):
         ho, wo = self._check_and_output_hw(input_shape)
         return (input_shape[0], input_shape[1], ho, wo)
-
-    def _checked_cache(self, dy):
-        """The cache of the last forward, after checking that ``dy`` has the shape of
-        its output (RuntimeError before any forward, TypeError or ValueError on dy)."""
-        self._check_grad(dy, None if self.cache is None else self.cache["y_shape"])
-        return self.cache
-
-    def _clear_cache(self):
-        self.cache = None
 
     def extra_repr(self):
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -294,27 +284,23 @@ class GlobalAvgPool2D(Layer):
     """(N, C, H, W) -> (N, C): y[n, c] = mean_{h, w} x[n, c, h, w];  dx = dy / (H W)."""
 
     def __init__(self, dtype=None):
-        super().__init__(dtype)
-        self.cache = None
+        super().__init__(dtype)     # None: no parameters, so no dtype of its own
 
     def forward(self, x, training=True):
         x = self._as_input(x, ndim=4)
-        self.cache = {"x_shape": x.shape}
+        y_shape = self.output_shape(x.shape)
+        self.cache = {"x_shape": x.shape, "y_shape": y_shape}
         return x.mean(axis=(2, 3))
 
     def backward(self, dy):
-        self._check_grad(dy, None if self.cache is None else self.cache["x_shape"][:2])
+        n, c, h, w = self._checked_cache(dy)["x_shape"]
         xp = backend.get_array_module(dy)
-        n, c, h, w = self.cache["x_shape"]
         dx = xp.empty((n, c, h, w), dtype=dy.dtype)
         dx[...] = (dy * (1.0 / (h * w)))[:, :, None, None]
         return dx
 
     def output_shape(self, input_shape):
-        if len(input_shape) != 4:
-            raise ValueError(f"GlobalAvgPool2D: expected a 4-D input (N, C, H, W), "
-                             f"got shape {tuple(input_shape)}")
+        if len(input_shape) != 4 or 0 in input_shape[2:]:
+            raise ValueError(f"GlobalAvgPool2D: expected a 4-D input (N, C, H, W) with "
+                             f"H, W >= 1, got shape {tuple(input_shape)}")
         return tuple(input_shape[:2])
-
-    def _clear_cache(self):
-        self.cache = None

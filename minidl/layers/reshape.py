@@ -14,8 +14,7 @@ class Flatten(Layer):
     """Keep the batch axis, flatten the rest (C, H, W order, as PyTorch's Flatten)."""
 
     def __init__(self, dtype=None):
-        super().__init__(dtype)
-        self.cache = None
+        super().__init__(dtype)     # None: no parameters, so no dtype of its own
 
     def forward(self, x, training=True):
         x = self._as_input(x)
@@ -24,8 +23,8 @@ class Flatten(Layer):
         return x.reshape(y_shape)
 
     def backward(self, dy):
-        self._check_grad(dy, None if self.cache is None else self.cache["y_shape"])
-        return dy.reshape(self.cache["x_shape"])
+        x_shape = self._checked_cache(dy)["x_shape"]
+        return dy.reshape(x_shape)
 
     def _check_rank(self, x_shape):
         if len(x_shape) < 2:
@@ -35,6 +34,3 @@ class Flatten(Layer):
     def output_shape(self, input_shape):
         self._check_rank(input_shape)
         return (input_shape[0], math.prod(input_shape[1:]))
-
-    def _clear_cache(self):
-        self.cache = None
