@@ -8,9 +8,9 @@ A loss has no parameters. It runs on numpy or cupy arrays, whichever the
 prediction is; the target must live on the same device.
 """
 import math
-import numbers
 
 from . import backend
+from .checks import check_real
 
 
 class Loss:
@@ -69,11 +69,8 @@ class SoftmaxCrossEntropy(Loss):
 
     def __init__(self, label_smoothing=0.0):
         super().__init__()
-        if (not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool)
-                or not 0 <= label_smoothing <= 1):
-            raise ValueError(f"SoftmaxCrossEntropy: label_smoothing must be a number in "
-                             f"[0, 1], got {label_smoothing!r}")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = check_real(label_smoothing, "label_smoothing",
+                                          "SoftmaxCrossEntropy", minimum=0, maximum=1)
 
     # -- forward: L = mean_n -sum_k q log p ---------------------------------------
     def forward(self, logits, labels):

@@ -85,3 +85,23 @@ def test_get_activation_names_instances_and_errors():
 def test_softmax_axis_out_of_range_is_rejected(xp):
     with pytest.raises(ValueError, match=r"Softmax: axis 2.*2-D.*\(3, 4\)"):
         minidl.Softmax(axis=2).forward(xp.zeros((3, 4), dtype=numpy.float32))
+
+
+def test_softmax_takes_a_numpy_integer_axis(xp):
+    x = randn(xp, 2, 3, seed=1)
+    layer = minidl.Softmax(axis=numpy.int64(-1))
+    assert type(layer.axis) is int
+    numpy.testing.assert_allclose(to_np(layer.forward(x)), to_np(minidl.Softmax().forward(x)))
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 4)])
+def test_softmax_of_an_empty_input_is_empty(xp, shape):
+    layer = minidl.Softmax(axis=1)
+    y = layer.forward(xp.zeros(shape, dtype=numpy.float32))
+    assert y.shape == shape and y.dtype == numpy.float32
+    assert layer.backward(xp.zeros(shape, dtype=numpy.float32)).shape == shape
+
+
+def test_leaky_relu_slope_must_be_finite():
+    with pytest.raises(ValueError, match="LeakyReLU: negative_slope must be a finite"):
+        minidl.LeakyReLU(float("inf"))

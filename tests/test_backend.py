@@ -101,3 +101,23 @@ def test_layers_never_import_numpy_or_cupy():
                 names = [node.module]
             offenders += [f"{rel}: {n}" for n in names if n.split(".")[0] in ("numpy", "cupy")]
     assert not offenders, offenders
+
+
+def test_get_array_module_asks_cuda_for_the_device_count_once(monkeypatch):
+    """Layers ask for the module of every array they touch (about 50 times a step)."""
+    import sys
+    import types
+    calls = []
+    fake_cupy = types.ModuleType("cupy")
+    fake_cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(
+        getDeviceCount=lambda: calls.append(1) or 1))
+    fake_array = type("ndarray", (), {"__module__": "cupy", "__cuda_array_interface__": {}})()
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    forget = getattr(backend._import_cupy, "cache_clear", lambda: None)
+    forget()
+    try:
+        for _ in range(50):
+            assert backend.get_array_module(fake_array) is fake_cupy
+    finally:
+        forget()                       # the fake must not outlive this test
+    assert len(calls) == 1

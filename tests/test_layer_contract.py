@@ -5,6 +5,9 @@ them: ``eval()`` is honoured when a layer is called, asking for a shape does not
 disturb a pending backward, a state dict loads entirely or not at all, and a
 float32 layer keeps float32 gradients.
 """
+import importlib.util
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -13,6 +16,8 @@ from minidl import (BatchNorm2D, Conv2D, Dense, Dropout, Layer, ReLU, Sequential
                     Tanh)
 
 from conftest import randn, to_np
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
 # -- train() / eval() -------------------------------------------------------------------
@@ -43,6 +48,18 @@ def test_an_explicit_training_flag_overrides_the_mode(xp):
     drop = Dropout(0.5).eval()
     y = drop(xp.ones((4, 50), dtype=np.float32), training=True)
     assert (to_np(y) == 0).any()
+
+
+def test_a_training_flag_applies_to_that_call_only(xp):
+    model = Sequential(Dense(4, 8), Dropout(0.5), Dense(8, 2))
+    seen = []
+    model.layers[1].register_hook(lambda layer, x, y: seen.append(layer.training))
+    model.predict(xp.ones((3, 4), dtype=np.float32))
+    assert seen == [False]                                 # the hook saw the call's flag
+    assert model.training and all(layer.training for layer in model)
+    drop = Dropout(0.5).eval()
+    drop(xp.ones((2, 3), dtype=np.float32), training=True)
+    assert not drop.training
 
 
 # -- output_shape never disturbs a pending backward ---------------------------------------
@@ -79,6 +96,34 @@ def test_default_output_shape_leaves_the_cache_alone(xp):
     layer.forward(x)
     assert layer.output_shape((4, 3)) == (4, 3)
     assert layer.x is not None and layer.x.shape == (2, 3)
+
+
+def test_default_output_shape_keeps_the_caches_of_layers_it_holds(xp):
+    """A layer holding docs/extending.md's layer and a ReLU, with the default
+    output_shape: asking for a shape must not replace their caches."""
+    spec = importlib.util.spec_from_file_location("custom_layer", EXAMPLES / "custom_layer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class DepthwiseReLU(Layer):
+        def __init__(self):
+            super().__init__(dtype=np.float64)
+            self.conv = module.DepthwiseConv2D(2, 3, padding=1, dtype=np.float64)
+            self.relu = ReLU()
+
+        def forward(self, x, training=True):
+            return self.relu.forward(self.conv.forward(x, training))
+
+        def backward(self, dy):
+            return self.conv.backward(self.relu.backward(dy))
+
+    layer = DepthwiseReLU()
+    x, dy = randn(xp, 2, 2, 5, 5, seed=1), randn(xp, 2, 2, 5, 5, seed=2)
+    layer.forward(x)
+    dx = layer.backward(dy)
+    layer.forward(x)
+    assert layer.output_shape((1, 2, 4, 4)) == (1, 2, 4, 4)
+    np.testing.assert_array_equal(to_np(layer.backward(dy)), to_np(dx))
 
 
 def test_summary_between_forward_and_backward_keeps_gradients(xp):
@@ -126,10 +171,57 @@ def test_activation_backward_checks_dy(xp, make):
         layer.backward([[1.0, 2.0, 3.0]] * 2)
 
 
+@pytest.mark.parametrize("make", [ReLU, Sigmoid, minidl.Identity, minidl.Flatten,
+                                  lambda: Dense(3, 2), lambda: Dropout(0.5)])
+@pytest.mark.parametrize("dtype", [np.int64, np.complex128, bool])
+def test_backward_refuses_a_dy_that_is_not_float(xp, make, dtype):
+    layer = make()
+    name = type(layer).__name__
+    y = layer.forward(xp.ones((2, 3)))
+    with pytest.raises(TypeError, match=f"{name}.backward: .*dtype"):
+        layer.backward(xp.ones(y.shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("make", [ReLU, minidl.Identity, minidl.Flatten, Sigmoid,
+                                  lambda: Dense(3, 2), lambda: Dropout(0.5),
+                                  lambda: minidl.Softmax()])
+@pytest.mark.parametrize("x", [
+    np.ones((2, 3), np.complex64),
+    np.array([[1.0, None, 3.0]] * 2, dtype=object),
+    np.array([["1", "2", "3"]] * 2),
+    np.ones((2, 3), bool),
+    np.zeros((2, 3), "datetime64[s]"),
+    np.zeros((2, 3), "timedelta64[s]"),
+], ids=["complex", "object", "str", "bool", "datetime", "timedelta"])
+def test_inputs_that_are_not_real_numbers_are_refused(make, x):
+    layer = make()
+    with pytest.raises(TypeError, match=f"{type(layer).__name__}: expected an array of real"):
+        layer.forward(x)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.float16])
+def test_integer_and_half_inputs_are_still_cast(dtype):
+    y = Dense(3, 2).forward(np.ones((2, 3), dtype))
+    assert y.dtype == np.float32
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Conv2D(10**12, 4, 3), r"Conv2D: weight of shape \(4, 1000000000000, 3, 3\)"),
+    (lambda: Dense(10**7, 10**7), r"Dense: weight of shape .* more than this machine"),
+    (lambda: BatchNorm2D(10**13), "BatchNorm2D: .* more than this machine"),
+])
+def test_absurd_sizes_are_refused_before_allocating(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: minidl.LeakyReLU("a"), "LeakyReLU: negative_slope must be a real number"),
     (lambda: minidl.Softmax(axis=None), "Softmax: axis must be an int"),
     (lambda: minidl.Softmax(axis="1"), "Softmax: axis must be an int"),
+    (lambda: minidl.Softmax(axis=1.0), "Softmax: axis must be an int"),
+    (lambda: Dense(3, 2, bias="False"), "Dense: bias must be True or False"),
+    (lambda: Conv2D(1, 2, 3, bias=0), "Conv2D: bias must be True or False"),
 ])
 def test_activation_arguments_are_checked(make, message):
     with pytest.raises(TypeError, match=message):

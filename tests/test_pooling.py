@@ -312,3 +312,12 @@ def test_global_avgpool_empty_batch(xp):
     pool = minidl.GlobalAvgPool2D(dtype=F64)
     y, dx = run(pool, xp.zeros((0, 3, 4, 5)), xp.zeros((0, 3)))
     assert y.shape == (0, 3) and dx.shape == (0, 3, 4, 5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0, 4), (2, 3, 4, 0)])
+def test_global_avg_pool_refuses_an_empty_image(xp, shape):
+    layer = minidl.GlobalAvgPool2D()
+    with pytest.raises(ValueError, match=r"GlobalAvgPool2D: .*H, W >= 1, got shape"):
+        layer.forward(xp.zeros(shape, dtype=numpy.float32))
+    with pytest.raises(ValueError, match="GlobalAvgPool2D"):
+        layer.output_shape(shape)
