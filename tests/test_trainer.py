@@ -181,7 +181,7 @@ def test_dataloader_batches_shuffle_and_errors():
     np.testing.assert_allclose(scaled[:, 0], [0, 0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="same length, got 10 and 9"):
         DataLoader(x, y[:9])
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         DataLoader(x, y, 0)
 
 

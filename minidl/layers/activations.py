@@ -171,7 +171,7 @@ def get_activation(activation, owner, dtype):
     if activation is None:
         return Identity(dtype=dtype)
     if isinstance(activation, Layer):
-        return copy.copy(activation)
+        return copy.deepcopy(activation)
     if isinstance(activation, str) and activation.lower() in ACTIVATIONS:
         return ACTIVATIONS[activation.lower()](dtype=dtype)
     raise ValueError(f"{owner}: activation must be None, a Layer or one of "

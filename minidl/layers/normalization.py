@@ -45,7 +45,7 @@ class _BatchNorm(Layer):
                          else check_real(momentum, "momentum", name, minimum=0, maximum=1))
         self.eps = check_real(eps, "eps", name, above=0)
         self.affine = check_bool(affine, "affine", name)
-        check_allocation((4, num_features), "the parameters and buffers", name)
+        check_allocation((4, num_features), "its 4 per-channel arrays", name)
         c, xp = self.num_features, backend.get_module(self.device)
         self.weight = Parameter(xp.ones((c,), dtype=self.dtype), "weight") if affine else None
         self.bias = Parameter(xp.zeros((c,), dtype=self.dtype), "bias") if affine else None
@@ -55,7 +55,8 @@ class _BatchNorm(Layer):
 
     # -- forward: x_hat = (x - mu) s,  y = gamma x_hat + beta -----------------------
     def forward(self, x, training=True):
-        x = self._check_input(x)
+        x = self._as_input(x)
+        self._check_shape(x.shape)
         xp = backend.get_array_module(x)
         axes = self._axes(x.ndim)
         shape = self._channel_shape(x.ndim)
@@ -154,11 +155,6 @@ class _BatchNorm(Layer):
             raise ValueError(f"{type(self).__name__}: expected input of shape "
                              f"{self.input_layout} with C={self.num_features}, "
                              f"got shape {tuple(x_shape)}")
-
-    def _check_input(self, x):
-        x = self._as_input(x)
-        self._check_shape(x.shape)
-        return x
 
     def output_shape(self, input_shape):
         self._check_shape(input_shape)

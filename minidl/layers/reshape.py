@@ -26,11 +26,8 @@ class Flatten(Layer):
         x_shape = self._checked_cache(dy)["x_shape"]
         return dy.reshape(x_shape)
 
-    def _check_rank(self, x_shape):
-        if len(x_shape) < 2:
-            raise ValueError(f"Flatten: expected an input of shape (N, ...) with at least "
-                             f"2 dimensions, got shape {tuple(x_shape)}")
-
     def output_shape(self, input_shape):
-        self._check_rank(input_shape)
+        if len(input_shape) < 2:
+            raise ValueError(f"Flatten: expected an input of shape (N, ...) with at least "
+                             f"2 dimensions, got shape {tuple(input_shape)}")
         return (input_shape[0], math.prod(input_shape[1:]))
