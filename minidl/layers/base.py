@@ -121,20 +121,25 @@ class Layer:
         dtype = self.dtype or (x.dtype if x.dtype.kind == "f" else backend.float32)
         return x.astype(dtype, copy=False)
 
-    def _checked_cache(self, dy):
-        """The cache of the last forward, once ``dy`` is checked against it: a float
-        array on the layer's device with the shape ``cache["y_shape"]`` of that
-        forward's output. RuntimeError before any forward, TypeError or ValueError on a
-        bad ``dy``."""
+    def _check_grad(self, dy, expected_shape):
+        """Check the ``dy`` given to backward: a float array on the layer's device with
+        the shape of the output of the last forward pass. Raises RuntimeError before any
+        forward (``expected_shape`` None), TypeError or ValueError on a bad ``dy``."""
         name = f"{type(self).__name__}.backward"
-        if self.cache is None:
+        if expected_shape is None:
             raise RuntimeError(f"{name} called before forward")
         backend.check_input(name, dy, self.device)
         if dy.dtype.kind != "f":
             raise TypeError(f"{name}: expected a float dy, got dtype {dy.dtype}")
-        if tuple(dy.shape) != tuple(self.cache["y_shape"]):
-            raise ValueError(f"{name}: expected dy of shape {tuple(self.cache['y_shape'])} "
+        if tuple(dy.shape) != tuple(expected_shape):
+            raise ValueError(f"{name}: expected dy of shape {tuple(expected_shape)} "
                              f"(the output of the last forward), got {tuple(dy.shape)}")
+        return dy
+
+    def _checked_cache(self, dy):
+        """The cache of the last forward, once ``dy`` is checked against the shape of
+        that forward's output, ``cache["y_shape"]`` (see ``_check_grad``)."""
+        self._check_grad(dy, None if self.cache is None else self.cache["y_shape"])
         return self.cache
 
     # -- parameters and state ------------------------------------------------
