@@ -235,10 +235,10 @@ def test_matches_torch(config, torch_reference):
     dx = layer.backward(dz)
     theirs = torch_reference(torch_conv2d(x, layer.weight.data, layer.bias.data, dz,
                                           stride, padding))
-    np.testing.assert_allclose(z, theirs["z"], atol=1e-10)
-    np.testing.assert_allclose(dx, theirs["dx"], atol=1e-10)
-    np.testing.assert_allclose(layer.weight.grad, theirs["dw"], atol=1e-10)
-    np.testing.assert_allclose(layer.bias.grad, theirs["db"], atol=1e-10)
+    np.testing.assert_allclose(z, theirs["z"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(dx, theirs["dx"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(layer.weight.grad, theirs["dw"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(layer.bias.grad, theirs["db"], rtol=0, atol=1e-10)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -249,7 +249,7 @@ def test_same_padding_even_kernel_matches_torch(torch_reference):
     dz = randn(np, *z.shape, seed=12)
     theirs = torch_reference(torch_conv2d(x, layer.weight.data, layer.bias.data, dz,
                                           1, "same"))
-    np.testing.assert_allclose(z, theirs["z"], atol=1e-10)
+    np.testing.assert_allclose(z, theirs["z"], rtol=0, atol=1e-10)
 
 
 # -- dy is checked against the output of the last forward ------------------------------------
