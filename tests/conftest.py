@@ -94,7 +94,7 @@ def assert_same_answer(live, stored, where):
     for key, value in live.items():
         if value.dtype.kind == "f":
             numpy.testing.assert_allclose(value, stored[key], rtol=1e-7, atol=1e-12,
-                                          err_msg=f"{where}::{key}: stale golden file")
+                                          err_msg=f"{where}::{key}: stale golden file, rerun make_golden.py")
         else:
             numpy.testing.assert_array_equal(value, stored[key], err_msg=f"{where}::{key}")
 
