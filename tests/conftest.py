@@ -89,14 +89,17 @@ def golden_case(module, case):
     return arrays
 
 
+STALE = "stale golden file: rerun `PYTHONPATH=$PWD python tests/golden/make_golden.py`"
+
+
 def assert_same_answer(live, stored, where):
     assert set(live) == set(stored), f"{where}: recorded {sorted(stored)}, live {sorted(live)}"
     for key, value in live.items():
         if value.dtype.kind == "f":
             numpy.testing.assert_allclose(value, stored[key], rtol=1e-7, atol=1e-12,
-                                          err_msg=f"{where}::{key}: stale golden file, rerun make_golden.py")
+                                          err_msg=f"{where}::{key}: {STALE}")
         else:
-            numpy.testing.assert_array_equal(value, stored[key], err_msg=f"{where}::{key}")
+            numpy.testing.assert_array_equal(value, stored[key], err_msg=f"{where}::{key}: {STALE}")
 
 
 @pytest.fixture

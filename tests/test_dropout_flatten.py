@@ -93,7 +93,8 @@ def test_flatten_of_a_non_contiguous_input(xp):
 
 def test_flatten_matches_torch(xp, torch_reference):
     x = randn(xp, 2, 3, 4, 5, dtype=numpy.float32)
-    theirs = torch_reference(lambda torch: {"y": torch.nn.Flatten()(torch.tensor(to_np(x))).numpy()})
+    theirs = torch_reference(
+        lambda torch: {"y": torch.nn.Flatten()(torch.tensor(to_np(x))).numpy()})
     y = minidl.Flatten().forward(x)
     assert y.dtype == numpy.float32
     numpy.testing.assert_array_equal(to_np(y), theirs["y"])
@@ -145,7 +146,8 @@ def test_flatten_empty_batch_matches_torch(xp, torch_reference):
     layer = minidl.Flatten()
     x = xp.zeros((0, 3, 4, 5), dtype=numpy.float32)
     y = layer.forward(x)
-    theirs = torch_reference(lambda torch: {"y": torch.nn.Flatten()(torch.zeros(0, 3, 4, 5)).numpy()})
+    theirs = torch_reference(
+        lambda torch: {"y": torch.nn.Flatten()(torch.zeros(0, 3, 4, 5)).numpy()})
     assert y.shape == theirs["y"].shape == (0, 60)
     assert layer.output_shape(x.shape) == (0, 60)
     assert layer.backward(xp.zeros((0, 60), dtype=numpy.float32)).shape == (0, 3, 4, 5)
