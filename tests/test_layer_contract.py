@@ -243,6 +243,45 @@ def test_float64_dy_gives_float32_parameter_grads(xp, make, shape):
         assert p.grad.dtype == np.float32
 
 
+FLOAT32_LAYERS = [   # (make the layer, input shape, training)
+    pytest.param(lambda: Conv2D(3, 4, 3, padding=1), (2, 3, 6, 6), True, id="conv"),
+    pytest.param(lambda: Dense(4, 3), (2, 4), True, id="dense"),
+    pytest.param(lambda: Dense(4, 3, activation="relu"), (2, 4), True, id="dense-relu"),
+    pytest.param(lambda: Dense(4, 3, activation="sigmoid"), (2, 4), True, id="dense-sigmoid"),
+    pytest.param(lambda: minidl.MaxPool2D(2), (2, 3, 8, 8), True, id="maxpool"),
+    pytest.param(lambda: minidl.MaxPool2D(3, 2, 1), (2, 3, 8, 8), True, id="maxpool-padded"),
+    pytest.param(lambda: minidl.AvgPool2D(2), (2, 3, 8, 8), True, id="avgpool"),
+    pytest.param(lambda: minidl.AvgPool2D(3, 1, 1), (2, 3, 8, 8), True, id="avgpool-padded"),
+    pytest.param(minidl.GlobalAvgPool2D, (2, 3, 8, 8), True, id="global-avgpool"),
+    pytest.param(ReLU, (2, 3, 4), True, id="relu"),
+    pytest.param(lambda: minidl.LeakyReLU(0.1), (2, 3, 4), True, id="leaky_relu"),
+    pytest.param(Sigmoid, (2, 3, 4), True, id="sigmoid"),
+    pytest.param(Tanh, (2, 3, 4), True, id="tanh"),
+    pytest.param(minidl.Softmax, (2, 3, 4), True, id="softmax"),
+    pytest.param(lambda: minidl.Softmax(axis=-1), (2, 3, 4), True, id="softmax-last-axis"),
+    pytest.param(minidl.Identity, (2, 3, 4), True, id="identity"),
+    pytest.param(lambda: BatchNorm2D(2), (3, 2, 3, 2), True, id="batchnorm2d-train"),
+    pytest.param(lambda: BatchNorm2D(2), (3, 2, 3, 2), False, id="batchnorm2d-eval"),
+    pytest.param(lambda: minidl.BatchNorm1D(3), (5, 3), True, id="batchnorm1d-NC-train"),
+    pytest.param(lambda: minidl.BatchNorm1D(3), (4, 3, 2), False, id="batchnorm1d-NCL-eval"),
+    pytest.param(lambda: Dropout(0.3), (8, 9), True, id="dropout"),
+    pytest.param(minidl.Flatten, (2, 3, 4), True, id="flatten"),
+]
+
+
+@pytest.mark.parametrize("make, shape, training", FLOAT32_LAYERS)
+def test_float32_stays_float32(xp, make, shape, training):
+    """Outputs, input gradients, parameters, their gradients and buffers: all float32."""
+    layer = make()
+    x = randn(xp, *shape, dtype=np.float32)
+    y = layer.forward(x, training=training)
+    dx = layer.backward(xp.ones_like(y))
+    assert y.shape == layer.output_shape(shape) and dx.shape == shape
+    arrays = [y, dx] + [p.grad for p in layer.parameters()] + list(layer.state_dict().values())
+    assert all(a.dtype == np.float32 for a in arrays if a.dtype.kind == "f")
+    assert all(p.grad is not None for p in layer.parameters())
+
+
 # -- state dicts load entirely or not at all -------------------------------------------------
 
 def test_a_bad_entry_leaves_the_layer_untouched():

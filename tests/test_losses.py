@@ -33,17 +33,21 @@ def test_cross_entropy_gradcheck(xp, smoothing):
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.35])
-def test_cross_entropy_matches_torch(xp, smoothing):
-    torch = pytest.importorskip("torch")
+def test_cross_entropy_matches_torch(xp, smoothing, torch_reference):
     logits, labels = randn(xp, 8, 7, seed=1) * 2, labels_for(xp, 8, 7)
     fn = minidl.SoftmaxCrossEntropy(label_smoothing=smoothing)
     loss, grad = fn(logits, labels), fn.backward()            # __call__ is forward
-    zt = torch.tensor(to_np(logits), requires_grad=True)
-    lt = torch.nn.functional.cross_entropy(zt, torch.tensor(to_np(labels)),
-                                           label_smoothing=smoothing)
-    lt.backward()
-    assert abs(loss - lt.item()) < 1e-12
-    numpy.testing.assert_allclose(to_np(grad), zt.grad.numpy(), rtol=0, atol=1e-14)
+
+    def compute(torch):
+        zt = torch.tensor(to_np(logits), requires_grad=True)
+        lt = torch.nn.functional.cross_entropy(zt, torch.tensor(to_np(labels)),
+                                               label_smoothing=smoothing)
+        lt.backward()
+        return {"loss": lt.item(), "grad": zt.grad.numpy()}
+
+    theirs = torch_reference(compute)
+    assert abs(loss - float(theirs["loss"])) < 1e-12
+    numpy.testing.assert_allclose(to_np(grad), theirs["grad"], rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [numpy.float32, F64])
@@ -125,16 +129,20 @@ def test_mse_values_and_gradcheck(xp):
     assert minidl.gradcheck(fn, randn(xp, 3, 4, seed=3), target=t) < 1e-6
 
 
-def test_mse_matches_torch(xp):
-    torch = pytest.importorskip("torch")
+def test_mse_matches_torch(xp, torch_reference):
     y, t = randn(xp, 5, 2, 3, seed=1), randn(xp, 5, 2, 3, seed=2)
     fn = minidl.MSE()
     loss, grad = fn.forward(y, t), fn.backward()
-    yt = torch.tensor(to_np(y), requires_grad=True)
-    lt = torch.nn.MSELoss()(yt, torch.tensor(to_np(t)))
-    lt.backward()
-    assert abs(loss - lt.item()) < 1e-12
-    numpy.testing.assert_allclose(to_np(grad), yt.grad.numpy(), rtol=0, atol=1e-15)
+
+    def compute(torch):
+        yt = torch.tensor(to_np(y), requires_grad=True)
+        lt = torch.nn.MSELoss()(yt, torch.tensor(to_np(t)))
+        lt.backward()
+        return {"loss": lt.item(), "grad": yt.grad.numpy()}
+
+    theirs = torch_reference(compute)
+    assert abs(loss - float(theirs["loss"])) < 1e-12
+    numpy.testing.assert_allclose(to_np(grad), theirs["grad"], rtol=0, atol=1e-15)
 
 
 def test_mse_float32_stays_float32(xp):

@@ -564,45 +564,52 @@ def minidl_trajectory(cls, kwargs, start, grads):
     return trajectory
 
 
-def torch_trajectory(torch, cls, kwargs, start, grads):
-    params = [torch.tensor(x, requires_grad=True) for x in start]
-    opt = getattr(torch.optim, cls.__name__)(params, **kwargs)
-    trajectory = []
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = None if g is None else torch.tensor(g)
-        opt.step()
-        trajectory.append([p.detach().numpy().copy() for p in params])
-    return trajectory
+def torch_trajectory(cls, kwargs, start, grads):
+    """PyTorch's parameters after each step: "p{i}" stacks parameter i over the steps."""
+    def compute(torch):
+        params = [torch.tensor(x, requires_grad=True) for x in start]
+        opt = getattr(torch.optim, cls.__name__)(params, **kwargs)
+        trajectory = []
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = None if g is None else torch.tensor(g)
+            opt.step()
+            trajectory.append([p.detach().numpy().copy() for p in params])
+        return {f"p{i}": np.stack(values) for i, values in enumerate(zip(*trajectory))}
+    return compute
 
 
 @pytest.mark.parametrize("cls, kwargs", TORCH_CASES, ids=TORCH_IDS)
-def test_matches_torch_optim(cls, kwargs):
-    torch = pytest.importorskip("torch")
+def test_matches_torch_optim(cls, kwargs, torch_reference):
     start, grads = torch_problem()
     ours = minidl_trajectory(cls, kwargs, start, grads)
-    theirs = torch_trajectory(torch, cls, kwargs, start, grads)
-    for step, (mine, ref) in enumerate(zip(ours, theirs), start=1):
-        for i, (a, b) in enumerate(zip(mine, ref)):
-            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14,
-                                       err_msg=f"step {step}, parameter {i}")
+    theirs = torch_reference(torch_trajectory(cls, kwargs, start, grads))
+    for step, mine in enumerate(ours):
+        for i, a in enumerate(mine):
+            np.testing.assert_allclose(a, theirs[f"p{i}"][step], rtol=1e-10, atol=1e-14,
+                                       err_msg=f"step {step + 1}, parameter {i}")
     assert not np.allclose(ours[-1][0], start[0])  # the comparison is not vacuous
 
 
 @pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, math.inf])
-def test_clip_grad_norm_matches_torch(norm_type):
-    torch = pytest.importorskip("torch")
+def test_clip_grad_norm_matches_torch(norm_type, torch_reference):
     start, grads = torch_problem()
     ours = [Parameter(x.copy()) for x in start]
-    theirs = [torch.tensor(x, requires_grad=True) for x in start]
     set_grads(ours, grads[0])  # includes a None grad, which both must ignore
-    for t, g in zip(theirs, grads[0]):
-        t.grad = None if g is None else torch.tensor(g)
     total = clip_grad_norm_(ours, max_norm=0.5, norm_type=norm_type)
-    total_torch = torch.nn.utils.clip_grad_norm_(theirs, max_norm=0.5, norm_type=norm_type)
-    assert total > 0.5 and total == pytest.approx(float(total_torch), rel=1e-12)
-    for p, t in zip(ours[:2], theirs[:2]):
-        np.testing.assert_allclose(p.grad, t.grad.numpy(), rtol=1e-12)
+
+    def compute(torch):
+        theirs = [torch.tensor(x, requires_grad=True) for x in start]
+        for t, g in zip(theirs, grads[0]):
+            t.grad = None if g is None else torch.tensor(g)
+        total = torch.nn.utils.clip_grad_norm_(theirs, max_norm=0.5, norm_type=norm_type)
+        return {"total": float(total), "grad0": theirs[0].grad.numpy(),
+                "grad1": theirs[1].grad.numpy()}
+
+    theirs = torch_reference(compute)
+    assert total > 0.5 and total == pytest.approx(float(theirs["total"]), rel=1e-12)
+    for i, p in enumerate(ours[:2]):
+        np.testing.assert_allclose(p.grad, theirs[f"grad{i}"], rtol=1e-12)
 
 
 @pytest.mark.parametrize("cls, kwargs", [
@@ -612,20 +619,29 @@ def test_clip_grad_norm_matches_torch(norm_type):
     (CosineAnnealingLR, dict(T_max=10)),
     (CosineAnnealingLR, dict(T_max=7, eta_min=0.001)),
 ], ids=lambda x: x.__name__ if isinstance(x, type) else str(x))
-def test_schedulers_match_torch(cls, kwargs):
-    torch = pytest.importorskip("torch")
+def test_schedulers_match_torch(cls, kwargs, torch_reference):
+    epochs = 21    # 20 steps, past T_max where the cosine climbs back
+
+    def compute(torch):
+        torch_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        torch_sched = getattr(torch.optim.lr_scheduler, cls.__name__)(torch_opt, **kwargs)
+        lr, last_epoch = [], []
+        for epoch in range(epochs):
+            if epoch:
+                torch_opt.step()  # no grads: a no-op that keeps torch's ordering check quiet
+                torch_sched.step()
+            lr.append(torch_opt.param_groups[0]["lr"])
+            last_epoch.append(torch_sched.last_epoch)
+        return {"lr": lr, "last_epoch": last_epoch}
+
+    theirs = torch_reference(compute)
     opt = SGD([P()], lr=0.1)
-    torch_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     sched = cls(opt, **kwargs)
-    torch_sched = getattr(torch.optim.lr_scheduler, cls.__name__)(torch_opt, **kwargs)
-    for epoch in range(21):  # 20 steps, past T_max where the cosine climbs back
+    for epoch in range(epochs):
         if epoch:
-            torch_opt.step()  # no grads: a no-op that keeps torch's ordering check quiet
-            torch_sched.step()
             sched.step()
-        assert sched.last_epoch == torch_sched.last_epoch == epoch
-        expected = torch_opt.param_groups[0]["lr"]
-        assert torch_sched.get_last_lr()[0] == pytest.approx(expected, rel=1e-15)
+        expected = float(theirs["lr"][epoch])
+        assert sched.last_epoch == theirs["last_epoch"][epoch] == epoch
         assert opt.lr == pytest.approx(expected, rel=1e-12, abs=1e-15), f"epoch {epoch}"
         assert sched.get_last_lr() == pytest.approx(expected, rel=1e-12, abs=1e-15)
 

@@ -53,7 +53,7 @@ def assert_matches_reference(xp, pool, x, reference, kernel, stride, padding):
 
 
 @pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
-@pytest.mark.parametrize("values", [distinct_values, tied_values])
+@pytest.mark.parametrize("values", [distinct_values, tied_values], ids=["distinct", "tied"])
 def test_maxpool_matches_loop_reference(xp, kernel, stride, padding, hw, values):
     pool = minidl.MaxPool2D(kernel, stride, padding, dtype=F64)
     assert_matches_reference(xp, pool, values(xp, (2, 3) + hw), maxpool_forward_backward,
@@ -109,63 +109,58 @@ def test_global_avgpool_gradcheck_and_values(xp):
 # -- against PyTorch -----------------------------------------------------------------------
 
 def torch_pool(kind, x, dy, kernel, stride, padding):
-    torch = pytest.importorskip("torch")
-    xt = torch.tensor(to_np(x), requires_grad=True)
-    fn = {"max": torch.nn.functional.max_pool2d,
-          "avg": torch.nn.functional.avg_pool2d}[kind]
-    yt = fn(xt, kernel, stride, padding)
-    yt.backward(torch.tensor(to_np(dy)))
-    return yt.detach().numpy(), xt.grad.numpy()
+    """PyTorch's y and dx for max_pool2d or avg_pool2d."""
+    def compute(torch):
+        xt = torch.tensor(to_np(x), requires_grad=True)
+        fn = {"max": torch.nn.functional.max_pool2d,
+              "avg": torch.nn.functional.avg_pool2d}[kind]
+        yt = fn(xt, kernel, stride, padding)
+        yt.backward(torch.tensor(to_np(dy)))
+        return {"y": yt.detach().numpy(), "dx": xt.grad.numpy()}
+    return compute
 
 
 @pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
-@pytest.mark.parametrize("values", [distinct_values, tied_values])
-def test_maxpool_matches_torch_including_ties(xp, kernel, stride, padding, hw, values):
+@pytest.mark.parametrize("values", [distinct_values, tied_values], ids=["distinct", "tied"])
+def test_maxpool_matches_torch_including_ties(xp, kernel, stride, padding, hw, values,
+                                              torch_reference):
     x = values(xp, (2, 3) + hw, seed=5)
     pool = minidl.MaxPool2D(kernel, stride, padding, dtype=F64)
     dy = randn(xp, *pool.output_shape(x.shape), seed=2)
     y, dx = run(pool, x, dy)
-    y_t, dx_t = torch_pool("max", x, dy, kernel, stride or kernel, padding)
-    numpy.testing.assert_allclose(to_np(y), y_t, rtol=0, atol=1e-12)
-    numpy.testing.assert_allclose(to_np(dx), dx_t, rtol=0, atol=1e-12)
+    theirs = torch_reference(torch_pool("max", x, dy, kernel, stride or kernel, padding))
+    numpy.testing.assert_allclose(to_np(y), theirs["y"], rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(to_np(dx), theirs["dx"], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
-def test_avgpool_matches_torch(xp, kernel, stride, padding, hw):
+def test_avgpool_matches_torch(xp, kernel, stride, padding, hw, torch_reference):
     x = randn(xp, 2, 3, *hw, seed=5)
     pool = minidl.AvgPool2D(kernel, stride, padding, dtype=F64)
     dy = randn(xp, *pool.output_shape(x.shape), seed=2)
     y, dx = run(pool, x, dy)
-    y_t, dx_t = torch_pool("avg", x, dy, kernel, stride or kernel, padding)
-    numpy.testing.assert_allclose(to_np(y), y_t, rtol=0, atol=1e-12)
-    numpy.testing.assert_allclose(to_np(dx), dx_t, rtol=0, atol=1e-12)
+    theirs = torch_reference(torch_pool("avg", x, dy, kernel, stride or kernel, padding))
+    numpy.testing.assert_allclose(to_np(y), theirs["y"], rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(to_np(dx), theirs["dx"], rtol=0, atol=1e-12)
 
 
-def test_global_avgpool_matches_torch(xp):
-    torch = pytest.importorskip("torch")
+def test_global_avgpool_matches_torch(xp, torch_reference):
     x, dy = randn(xp, 2, 3, 4, 5), randn(xp, 2, 3, seed=1)
     pool = minidl.GlobalAvgPool2D(dtype=F64)
     y, dx = run(pool, x, dy)
-    xt = torch.tensor(to_np(x), requires_grad=True)
-    yt = torch.nn.functional.adaptive_avg_pool2d(xt, 1).flatten(1)
-    yt.backward(torch.tensor(to_np(dy)))
-    numpy.testing.assert_allclose(to_np(y), yt.detach().numpy(), rtol=0, atol=1e-12)
-    numpy.testing.assert_allclose(to_np(dx), xt.grad.numpy(), rtol=0, atol=1e-12)
+
+    def compute(torch):
+        xt = torch.tensor(to_np(x), requires_grad=True)
+        yt = torch.nn.functional.adaptive_avg_pool2d(xt, 1).flatten(1)
+        yt.backward(torch.tensor(to_np(dy)))
+        return {"y": yt.detach().numpy(), "dx": xt.grad.numpy()}
+
+    theirs = torch_reference(compute)
+    numpy.testing.assert_allclose(to_np(y), theirs["y"], rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(to_np(dx), theirs["dx"], rtol=0, atol=1e-12)
 
 
 # -- dtype, shapes, errors --------------------------------------------------------------------
-
-@pytest.mark.parametrize("layer", [lambda: minidl.MaxPool2D(2), lambda: minidl.MaxPool2D(3, 2, 1),
-                                   lambda: minidl.AvgPool2D(2), lambda: minidl.AvgPool2D(3, 1, 1),
-                                   minidl.GlobalAvgPool2D])
-def test_float32_stays_float32(xp, layer):
-    pool = layer()
-    x = randn(xp, 2, 3, 8, 8, dtype=numpy.float32)
-    y = pool.forward(x)
-    dx = pool.backward(xp.ones_like(y))
-    assert y.dtype == numpy.float32 and dx.dtype == numpy.float32
-    assert dx.shape == x.shape
-
 
 @pytest.mark.parametrize("cls", [minidl.MaxPool2D, minidl.AvgPool2D])
 def test_stride_defaults_to_kernel_and_output_shape_matches_forward(xp, cls):
@@ -224,7 +219,7 @@ def with_nan_and_inf(xp, shape, seed=0):
     return xp.asarray(x)
 
 
-def test_maxpool_nan_window_gives_nan_and_its_gradient_to_a_nan(xp):
+def test_maxpool_nan_window_gives_nan_and_its_gradient_to_a_nan(xp, torch_reference):
     """PyTorch updates a window's argmax on `val > max or isnan(val)`: the output is NaN
     and the gradient goes to the window's LAST NaN in row-major order (it was dropped:
     `slab == y` never holds for NaN)."""
@@ -235,11 +230,11 @@ def test_maxpool_nan_window_gives_nan_and_its_gradient_to_a_nan(xp):
     y, dx = run(pool, x, xp.asarray(numpy.array([[[[10.0, 20.0]]]])))
     numpy.testing.assert_array_equal(to_np(y), [[[[nan, nan]]]])
     numpy.testing.assert_array_equal(to_np(dx), [[[[0, 0, 0, 20], [10, 0, 0, 0]]]])
-    y_t, dx_t = torch_pool("max", x, xp.asarray(numpy.array([[[[10.0, 20.0]]]])), 2, 2, 0)
-    numpy.testing.assert_array_equal(to_np(dx), dx_t)
+    theirs = torch_reference(torch_pool("max", x, numpy.array([[[[10.0, 20.0]]]]), 2, 2, 0))
+    numpy.testing.assert_array_equal(to_np(dx), theirs["dx"])
 
 
-def test_maxpool_padding_never_takes_the_gradient(xp):
+def test_maxpool_padding_never_takes_the_gradient(xp, torch_reference):
     """All -inf input with padding: every window's max is -inf and its gradient goes to
     a real element (the padding, also -inf, used to take it and lose it to the crop);
     PyTorch: dx sums to dy's sum."""
@@ -249,32 +244,33 @@ def test_maxpool_padding_never_takes_the_gradient(xp):
     y, dx = run(pool, x, dy)
     assert (to_np(y) == -numpy.inf).all()
     assert float(to_np(dx).sum()) == float(to_np(dy).sum()) == 18
-    y_t, dx_t = torch_pool("max", x, dy, 3, 1, 1)
-    numpy.testing.assert_array_equal(to_np(dx), dx_t)
+    theirs = torch_reference(torch_pool("max", x, dy, 3, 1, 1))
+    numpy.testing.assert_array_equal(to_np(dx), theirs["dx"])
 
 
 @pytest.mark.parametrize("kernel, stride, padding, hw", CASES)
-def test_maxpool_matches_torch_with_nan_and_inf(xp, kernel, stride, padding, hw):
+def test_maxpool_matches_torch_with_nan_and_inf(xp, kernel, stride, padding, hw,
+                                                torch_reference):
     x = with_nan_and_inf(xp, (2, 3) + hw, seed=4)
     pool = minidl.MaxPool2D(kernel, stride, padding, dtype=F64)
     dy = randn(xp, *pool.output_shape(x.shape), seed=2)
     y, dx = run(pool, x, dy)
-    y_t, dx_t = torch_pool("max", x, dy, kernel, stride or kernel, padding)
-    numpy.testing.assert_array_equal(to_np(y), y_t)                  # NaN where torch's
-    numpy.testing.assert_allclose(to_np(dx), dx_t, rtol=0, atol=1e-12)
+    theirs = torch_reference(torch_pool("max", x, dy, kernel, stride or kernel, padding))
+    numpy.testing.assert_array_equal(to_np(y), theirs["y"])          # NaN where torch's
+    numpy.testing.assert_allclose(to_np(dx), theirs["dx"], rtol=0, atol=1e-12)
     numpy.testing.assert_array_equal(to_np(pool.backward(dy)), to_np(dx))   # repeatable
 
 
-def test_maxpool_nan_in_a_channels_first_float32_input(xp):
+def test_maxpool_nan_in_a_channels_first_float32_input(xp, torch_reference):
     """The memory order of a Conv2D output, float32, NaN only in some channels."""
     x = with_nan_and_inf(xp, (4, 3, 6, 6), seed=6).astype(numpy.float32)
     x = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
     pool = minidl.MaxPool2D(3, 2, 1)
     dy = randn(xp, *pool.output_shape(x.shape), seed=2, dtype=numpy.float32)
     y, dx = run(pool, x, dy)
-    y_t, dx_t = torch_pool("max", x, dy, 3, 2, 1)
-    numpy.testing.assert_array_equal(to_np(y), y_t)
-    numpy.testing.assert_allclose(to_np(dx), dx_t, rtol=0, atol=1e-6)
+    theirs = torch_reference(torch_pool("max", x, dy, 3, 2, 1))
+    numpy.testing.assert_array_equal(to_np(y), theirs["y"])
+    numpy.testing.assert_allclose(to_np(dx), theirs["dx"], rtol=0, atol=1e-6)
 
 
 # -- dy is checked; an empty batch works ----------------------------------------------------------
@@ -298,14 +294,14 @@ def test_backward_rejects_dy_of_the_wrong_shape(xp, make):
 
 @pytest.mark.parametrize("kind, kernel, stride, padding",
                          [("max", 2, 2, 0), ("max", 3, 2, 1), ("avg", 2, 2, 0), ("avg", 3, 1, 1)])
-def test_empty_batch_matches_torch(xp, kind, kernel, stride, padding):
+def test_empty_batch_matches_torch(xp, kind, kernel, stride, padding, torch_reference):
     cls = {"max": minidl.MaxPool2D, "avg": minidl.AvgPool2D}[kind]
     pool = cls(kernel, stride, padding, dtype=F64)
     x = xp.zeros((0, 3, 7, 7))
     dy = xp.zeros(pool.output_shape(x.shape))
     y, dx = run(pool, x, dy)
-    y_t, dx_t = torch_pool(kind, x, dy, kernel, stride, padding)
-    assert y.shape == y_t.shape and dx.shape == dx_t.shape == (0, 3, 7, 7)
+    theirs = torch_reference(torch_pool(kind, x, dy, kernel, stride, padding))
+    assert y.shape == theirs["y"].shape and dx.shape == theirs["dx"].shape == (0, 3, 7, 7)
 
 
 def test_global_avgpool_empty_batch(xp):
