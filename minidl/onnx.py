@@ -42,6 +42,7 @@ def export(model, path, input_shape):
     ONNX equivalent (naming it) or a bad ``input_shape``, ValueError when the model
     does not accept ``input_shape``. Returns the ``onnx.ModelProto`` it wrote."""
     onnx = _require_onnx("export")
+    path = os.fspath(path)
     if not isinstance(model, Layer):
         raise TypeError(f"minidl.onnx.export: model must be a minidl Sequential or Layer, "
                         f"got {type(model).__name__}")
@@ -60,7 +61,7 @@ def export(model, path, input_shape):
     onnx.checker.check_model(proto, full_check=True)     # shapes inferred and checked too
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    onnx.save_model(proto, os.fspath(path))
+    onnx.save_model(proto, path)
     return proto
 
 
@@ -216,6 +217,7 @@ def load(path):
     FileNotFoundError, ValueError for a file that is not a valid ONNX model or holds a
     graph minidl cannot express (naming the node and the reason)."""
     onnx = _require_onnx("load")
+    path = os.fspath(path)
     proto = _read_model(onnx, path)
     graph = proto.graph
     weights = {w.name: onnx.numpy_helper.to_array(w) for w in graph.initializer}
@@ -244,7 +246,7 @@ def _read_model(onnx, path):
         raise FileNotFoundError(f"minidl.onnx.load: {path!r} does not exist")
     from google.protobuf.message import DecodeError
     try:
-        proto = onnx.load_model(os.fspath(path))
+        proto = onnx.load_model(path)
         onnx.checker.check_model(proto)
     except (DecodeError, onnx.checker.ValidationError, ValueError) as exc:
         raise ValueError(f"minidl.onnx.load: {path!r} is not a valid ONNX model "
