@@ -1,6 +1,8 @@
 """minidl.interop: to_torch and from_torch, compared with PyTorch's own layers."""
 import importlib.util
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +112,17 @@ def test_without_torch_the_error_says_how_to_install(monkeypatch):
         to_torch(Dense(2, 2))
     with pytest.raises(ImportError, match="from_torch needs PyTorch"):
         from_torch(object())
+
+
+@needs_torch
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                    reason="onnxruntime is not installed: pip install 'minidl[onnx]'")
+def test_the_examples_in_interop_md_run(tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).parent.parent / "docs" / "interop.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "interop.md", "exec"), {})
+    differences = [float(line) for line in capsys.readouterr().out.split()]
+    assert len(differences) == 2 and max(differences) < 1e-4
