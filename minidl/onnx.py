@@ -19,10 +19,12 @@ The activation inside a Conv2D or Dense is a node of its own, named after the la
 ("3" and "3.activation"); ``load`` puts it back inside, so a round trip gives the same
 layers and weights. Initializers carry the layer's state_dict names ("3.weight").
 """
+import numbers
 import os
 
 import numpy
 
+from . import backend
 from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                      GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU, Sigmoid,
                      Softmax, Tanh)
@@ -69,9 +71,11 @@ def _checked_shapes(model, input_shape):
     """``input_shape`` as a tuple of positive ints that the model accepts, and the
     model's output shape for one sample."""
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
-    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+    if not shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
+                            for d in shape):
         raise TypeError(f"minidl.onnx.export: input_shape must be a tuple of ints (one "
                         f"sample's shape, without the batch), got {input_shape!r}")
+    shape = tuple(int(d) for d in shape)
     if min(shape) < 1:
         raise ValueError(f"minidl.onnx.export: input_shape must be positive, got {shape}")
     try:
@@ -101,8 +105,7 @@ class _Graph:
 
     def weight(self, name, array):
         """An initializer from a numpy or cupy array, as float32."""
-        from .backend import to_numpy
-        value = numpy.asarray(to_numpy(array), dtype=numpy.float32)
+        value = numpy.asarray(backend.to_numpy(array), dtype=numpy.float32)
         self.weights.append(self.onnx.numpy_helper.from_array(value, name))
         return name
 

@@ -65,7 +65,7 @@ def test_load_gives_back_the_same_layers_and_weights(name, tmp_path):
 @needs_onnx
 def test_load_keeps_hyper_parameters(tmp_path):
     model, x = build("every_layer")
-    minidl.onnx.export(model, tmp_path / "m.onnx", x.shape[1:])
+    minidl.onnx.export(model, tmp_path / "m.onnx", [np.int64(d) for d in x.shape[1:]])
     loaded = minidl.onnx.load(tmp_path / "m.onnx")
     assert loaded[0].padding == "same" and loaded[0].activation.negative_slope == 0.2
     assert loaded[5].p == 0.3 and loaded[1].eps == 1e-5 and loaded[1].momentum == 0.1
