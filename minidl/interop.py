@@ -38,20 +38,25 @@ def to_torch(model):
     if not isinstance(model, Layer):
         raise TypeError(f"minidl.interop.to_torch: model must be a minidl Sequential or "
                         f"Layer, got {type(model).__name__}")
-    layers = model.layers if isinstance(model, Sequential) else [model]
+    if not isinstance(model, Sequential):
+        model = Sequential([model])
+    return _torch_sequential(torch, model, "").train(model.training)
+
+
+def _torch_sequential(torch, model, prefix):
     modules = OrderedDict()
-    for i, layer in enumerate(layers):
-        for suffix, module in _torch_modules(torch, layer, str(i)):
+    for i, layer in enumerate(model.layers):
+        for suffix, module in _torch_modules(torch, layer, f"{prefix}{i}"):
             modules[f"{i}{suffix}"] = module
-    return torch.nn.Sequential(modules).train(model.training)
+    return torch.nn.Sequential(modules)
 
 
 def _torch_modules(torch, layer, name):
     """[(name suffix, module)] for one layer: usually one, two for a Conv2D or Dense
     with an activation and for GlobalAvgPool2D."""
     nn = torch.nn
-    if isinstance(layer, Sequential):
-        return [("", to_torch(layer))]
+    if type(layer) is Sequential:
+        return [("", _torch_sequential(torch, layer, f"{name}."))]
     if type(layer) is Conv2D:
         (top, bottom), (left, right) = layer.pads
         padding = (top, left) if (top, left) == (bottom, right) else "same"

@@ -4,7 +4,7 @@ whose statistics are not the initial ones."""
 import numpy as np
 
 from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                    GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Sequential, Sigmoid,
+                    GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Sequential,
                     Softmax, Tanh)
 from minidl.models import lenet5, mnist_cnn
 

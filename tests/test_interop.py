@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minidl import Dense, Layer, Sequential
+from minidl import Dense, Layer, Sequential, Tanh
 from minidl.interop import from_torch, to_torch
 
 from interop_models import MODELS, assert_close, build, layer_kinds
@@ -89,6 +89,10 @@ def test_errors_name_the_layer_or_module():
     from torch import nn
     with pytest.raises(TypeError, match=r"layer 1 \(Square\) has no PyTorch equivalent"):
         to_torch(Sequential([Dense(2, 2), Square()]))
+    with pytest.raises(TypeError, match=r"layer 1\.0 \(Square\) has no PyTorch equivalent"):
+        to_torch(Sequential([Dense(2, 2), Sequential([Square()])]))
+    with pytest.raises(TypeError, match=r"layer 0\.activation \(Square\)"):
+        to_torch(Dense(2, 2, activation=Square()))
     with pytest.raises(TypeError, match="must be a minidl Sequential or Layer, got str"):
         to_torch("model")
     with pytest.raises(TypeError, match="expected a torch.nn.Module, got Sequential"):
@@ -126,3 +130,14 @@ def test_the_examples_in_interop_md_run(tmp_path, monkeypatch, capsys):
         exec(compile(block, "interop.md", "exec"), {})
     differences = [float(line) for line in capsys.readouterr().out.split()]
     assert len(differences) == 2 and max(differences) < 1e-4
+
+
+@needs_torch
+def test_nested_sequentials_stay_nested():
+    model = Sequential([Dense(4, 3, activation="relu"), Sequential([Dense(3, 2), Tanh()])])
+    module = to_torch(model)
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    assert_close(torch_output(module, x), model.predict(x))
+    back = from_torch(module)
+    assert isinstance(back[1], Sequential) and layer_kinds(back[1]) == layer_kinds(model[1])
+    np.testing.assert_array_equal(back.predict(x), model.predict(x))

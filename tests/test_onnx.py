@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import minidl
-from minidl import Conv2D, Dense, Layer, MaxPool2D, ReLU, Sequential, cli
+from minidl import Dense, Layer, ReLU, Sequential, cli
 from minidl.data import datasets
 
 from conftest import write_fake_dataset
@@ -95,6 +95,17 @@ def test_trained_model_has_the_same_accuracy_in_onnx_runtime(tmp_path, monkeypat
     assert minidl_accuracy > 0.5          # five steps do learn the stripes: a real model
 
 
+@needs_onnx
+def test_nested_sequentials_come_back_flat(tmp_path):
+    model = Sequential([Dense(4, 3, activation="relu"), Sequential([Dense(3, 2), ReLU()])])
+    minidl.onnx.export(model, tmp_path / "m.onnx", (4,))
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    assert_close(run_onnx(tmp_path / "m.onnx", x), model.predict(x))
+    loaded = minidl.onnx.load(tmp_path / "m.onnx")
+    assert layer_kinds(loaded) == [("Dense", "ReLU"), ("Dense", "Identity"), ("ReLU", "NoneType")]
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
 # -- errors ---------------------------------------------------------------------------
 class Square(Layer):
     def __init__(self):
@@ -169,7 +180,8 @@ def save_graph(path, nodes, weights=(), shape=(1, 8, 8), opset=17, output_rank=4
 def test_load_names_what_minidl_cannot_express(tmp_path):
     from onnx.helper import make_node
     cases = [
-        ([make_node("Erf", ["input"], ["y"], name="e")], [], r"node 'e' \(Erf\): minidl has no layer"),
+        ([make_node("Erf", ["input"], ["y"], name="e")], [],
+         r"node 'e' \(Erf\): minidl has no layer"),
         ([make_node("Relu", ["input"], ["a"]), make_node("Add", ["input", "a"], ["y"])], [],
          "no layer for this op"),
         ([make_node("Relu", ["input"], ["a"]), make_node("Relu", ["input"], ["y"])], [],
@@ -220,7 +232,8 @@ def test_export_without_onnx_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)       # import onnx now fails
     for call in (lambda: minidl.onnx.export(Dense(2, 2), tmp_path / "m.onnx", (2,)),
                  lambda: minidl.onnx.load(tmp_path / "m.onnx")):
-        with pytest.raises(ImportError, match=r"needs the onnx package: pip install 'minidl\[onnx\]'"):
+        with pytest.raises(ImportError, match=r"needs the onnx package: pip install "
+                                              r"'minidl\[onnx\]'"):
             call()
 
 
