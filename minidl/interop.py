@@ -19,8 +19,6 @@ so named back inside the layer before it.
 """
 from collections import OrderedDict
 
-import numpy
-
 from . import backend
 from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                      GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU, Sigmoid,
@@ -106,7 +104,7 @@ def _data(parameter):
 
 
 def _torch_dtype(torch, dtype):
-    return {"float32": torch.float32, "float64": torch.float64}[numpy.dtype(dtype).name]
+    return {"float32": torch.float32, "float64": torch.float64}[dtype.name]
 
 
 def _copy_into(torch, module, **arrays):
@@ -115,7 +113,7 @@ def _copy_into(torch, module, **arrays):
     with torch.no_grad():
         for name, array in arrays.items():
             if array is not None:
-                tensors[name].copy_(torch.from_numpy(numpy.array(backend.to_numpy(array))))
+                tensors[name].copy_(torch.from_numpy(backend.to_numpy(array).copy()))
 
 
 def from_torch(module):

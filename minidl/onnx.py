@@ -22,8 +22,6 @@ layers and weights. Initializers carry the layer's state_dict names ("3.weight")
 import numbers
 import os
 
-import numpy
-
 from . import backend
 from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                      GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU, Sigmoid,
@@ -104,8 +102,8 @@ class _Graph:
         return name
 
     def weight(self, name, array):
-        """An initializer from a numpy or cupy array, as float32."""
-        value = numpy.asarray(backend.to_numpy(array), dtype=numpy.float32)
+        """An initializer from a number or a numpy or cupy array, as float32."""
+        value = backend.to_numpy(array).astype("float32")
         self.weights.append(self.onnx.numpy_helper.from_array(value, name))
         return name
 
@@ -174,9 +172,9 @@ def _export_flatten(graph, layer, x, name):
 
 
 def _export_batch_norm(graph, layer, x, name):
-    c = layer.num_features
-    gamma = layer.weight.data if layer.affine else numpy.ones(c)       # y = x_hat without
-    beta = layer.bias.data if layer.affine else numpy.zeros(c)         # affine parameters
+    cpu, c = backend.get_module("cpu"), layer.num_features
+    gamma = layer.weight.data if layer.affine else cpu.ones(c)       # y = x_hat without
+    beta = layer.bias.data if layer.affine else cpu.zeros(c)         # affine parameters
     arrays = {"weight": gamma, "bias": beta, "running_mean": layer.running_mean,
               "running_var": layer.running_var}
     attributes = {"epsilon": layer.eps}
@@ -187,7 +185,7 @@ def _export_batch_norm(graph, layer, x, name):
 
 
 def _export_dropout(graph, layer, x, name):
-    return graph.node("Dropout", [x, graph.weight(f"{name}.ratio", numpy.array(layer.p))], name)
+    return graph.node("Dropout", [x, graph.weight(f"{name}.ratio", layer.p)], name)
 
 
 def _export_leaky_relu(graph, layer, x, name):
@@ -359,7 +357,7 @@ def _load_gemm(attributes, weights, shape):
     layer = Dense(w.shape[0], w.shape[1], bias=len(weights) > 1)
     state = {"weight": w}
     if len(weights) > 1:
-        state["bias"] = numpy.broadcast_to(weights[1] * attributes.get("beta", 1.0),
+        state["bias"] = backend.get_module("cpu").broadcast_to(weights[1] * attributes.get("beta", 1.0),
                                            (w.shape[1],))
     layer.load_state_dict(state)
     return layer
@@ -399,7 +397,7 @@ def _load_batch_norm(attributes, weights, shape):
                  eps=_decimal(attributes.get("epsilon", 1e-5)))
     keys = ("weight", "bias", "running_mean", "running_var")
     layer.load_state_dict({**dict(zip(keys, weights)),
-                           "num_batches_tracked": numpy.zeros((), dtype="int64")})
+                           "num_batches_tracked": backend.get_module("cpu").zeros((), "int64")})
     return layer
 
 
