@@ -228,6 +228,24 @@ def test_load_reads_graphs_written_elsewhere(tmp_path):
     assert_close(model.predict(x), run_onnx(path, x))
 
 
+@needs_onnx
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")      # the TorchScript exporter
+@pytest.mark.slow                                               # importing torch.onnx
+def test_load_reads_what_torch_onnx_export_writes(tmp_path):
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                           nn.AvgPool2d(3, 2, 1), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    torch.onnx.export(module, (torch.randn(2, 1, 8, 8),), str(tmp_path / "t.onnx"), dynamo=False,
+                      opset_version=17, input_names=["input"], dynamic_axes={"input": {0: "N"}})
+    model = minidl.onnx.load(tmp_path / "t.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        assert_close(model.predict(x), module(torch.from_numpy(x)).numpy())
+
+
 def test_export_without_onnx_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)       # import onnx now fails
     for call in (lambda: minidl.onnx.export(Dense(2, 2), tmp_path / "m.onnx", (2,)),
