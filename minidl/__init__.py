@@ -2,9 +2,9 @@
 
 The public names, grouped by module (docs/api.md lists them all):
 backend seam, layers, losses, Sequential, optimizers and schedulers, data,
-the Trainer and its callbacks, gradcheck.
+the Trainer and its callbacks, gradcheck; minidl.onnx and minidl.interop (to PyTorch).
 """
-from . import losses, optim, schedulers
+from . import interop, losses, onnx, optim, schedulers
 from .backend import (backend_name, device_of, get_array_module, get_backend, gpu_available,
                       set_backend, to_device, to_numpy)
 from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint

@@ -2,6 +2,7 @@
 
     minidl train [--dataset mnist] [--model cnn] [--epochs 8] [--out runs/mnist] ...
     minidl evaluate --checkpoint runs/mnist/model.npz
+    minidl export --checkpoint runs/mnist/model.npz --onnx model.onnx
 
 ``train`` prints the model summary, shows a progress bar per epoch, writes the
 checkpoint, history.csv and PNG plots to --out, and ends with the line
@@ -64,6 +65,13 @@ def build_parser():
     evaluate.add_argument("--data-root", default=None)
     evaluate.add_argument("--batch-size", type=_positive_int, default=500)
     evaluate.set_defaults(func=evaluate_command)
+
+    export = sub.add_parser("export", help="write a checkpoint as an ONNX model")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--onnx", required=True, help="the .onnx file to write")
+    export.add_argument("--model", choices=sorted(MODELS), default=None,
+                        help="default: the one recorded in run.json beside the checkpoint")
+    export.set_defaults(func=export_command)
     return parser
 
 
@@ -181,6 +189,20 @@ def evaluate_command(args):
         predictions = predict_labels(model, x_test, args.batch_size)
     print(f"{model_name} on {dataset} ({len(x_test)} test images)")
     print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
+    return 0
+
+
+# -- export -----------------------------------------------------------------------
+def export_command(args):
+    from . import onnx
+    run = _read_json(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json"))
+    model_name = args.model or run.get("model", "cnn")
+    model = build_model(model_name).load(args.checkpoint)
+    try:
+        onnx.export(model, args.onnx, input_shape=(1, 28, 28))   # the models take MNIST images
+    except ImportError as exc:        # main() reports RuntimeErrors without a traceback
+        raise RuntimeError(str(exc)) from None
+    print(f"{model_name} from {args.checkpoint} written to {args.onnx}")
     return 0
 
 

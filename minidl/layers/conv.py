@@ -264,6 +264,9 @@ class Conv2D(Layer):
                 conv_output_size(w, k2, self.stride[1], left, right))
 
     def output_shape(self, input_shape):
+        if len(input_shape) != 4:            # forward checks this in _as_input
+            raise ValueError(f"{type(self).__name__}: expected a 4-D input (N, C, H, W), "
+                             f"got shape {tuple(input_shape)}")
         ho, wo = self._check_and_output_hw(input_shape)
         return (input_shape[0], self.out_channels, ho, wo)
 

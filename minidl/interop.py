@@ -1,0 +1,250 @@
+"""Weights to and from PyTorch: the equivalent torch.nn.Sequential, and back
+(docs/interop.md). torch is optional: it is imported only when these are called.
+
+    module = minidl.interop.to_torch(model)       # torch.nn.Sequential, weights copied
+    model = minidl.interop.from_torch(module)     # minidl Sequential, weights copied
+
+    Conv2D <-> nn.Conv2d            padding "same" <-> padding="same" (uneven alike)
+    Dense <-> nn.Linear             weight (in, out) <-> weight (out, in): transposed
+    MaxPool2D <-> nn.MaxPool2d      AvgPool2D <-> nn.AvgPool2d(count_include_pad=True)
+    GlobalAvgPool2D <-> nn.AdaptiveAvgPool2d(1) followed by nn.Flatten()
+    BatchNorm1D/2D <-> nn.BatchNorm1d/2d with running_mean, running_var,
+                       num_batches_tracked; momentum and eps as they are (same meaning)
+    Flatten, Dropout, ReLU, LeakyReLU, Sigmoid, Tanh, Softmax(axis) <-> Softmax(dim),
+    Identity, Sequential: the namesakes
+
+The activation inside a Conv2D or Dense becomes a module of its own named
+"<i>_activation" (a torch module name cannot hold a dot); ``from_torch`` puts a module
+so named back inside the layer before it.
+"""
+from collections import OrderedDict
+
+from . import backend
+from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                     GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU, Sigmoid,
+                     Softmax, Tanh)
+from .layers.activations import Activation
+from .model import Sequential
+
+
+def to_torch(model):
+    """A ``torch.nn.Sequential`` computing what ``model`` (a Sequential or a Layer)
+    computes, with copies of its weights and buffers in the same dtypes, on the CPU,
+    in the same train/eval mode. Raises ImportError without torch, TypeError for a
+    layer that has no PyTorch equivalent (naming it)."""
+    torch = _require_torch("to_torch")
+    if not isinstance(model, Layer):
+        raise TypeError(f"minidl.interop.to_torch: model must be a minidl Sequential or "
+                        f"Layer, got {type(model).__name__}")
+    if not isinstance(model, Sequential):
+        model = Sequential([model])
+    return _torch_sequential(torch, model, "").train(model.training)
+
+
+def _torch_sequential(torch, model, prefix):
+    modules = OrderedDict()
+    for i, layer in enumerate(model.layers):
+        for suffix, module in _torch_modules(torch, layer, f"{prefix}{i}"):
+            modules[f"{i}{suffix}"] = module
+    return torch.nn.Sequential(modules)
+
+
+def _torch_modules(torch, layer, name):
+    """[(name suffix, module)] for one layer: usually one, two for a Conv2D or Dense
+    with an activation and for GlobalAvgPool2D."""
+    nn = torch.nn
+    if type(layer) is Sequential:
+        return [("", _torch_sequential(torch, layer, f"{name}."))]
+    if type(layer) is Conv2D:
+        (top, bottom), (left, right) = layer.pads
+        padding = (top, left) if (top, left) == (bottom, right) else "same"
+        module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                           layer.stride, padding, bias=layer.bias is not None,
+                           dtype=_torch_dtype(torch, layer.dtype))
+        _copy_into(torch, module, weight=layer.weight.data, bias=_data(layer.bias))
+        return [("", module)] + _activation_modules(torch, layer.activation, name)
+    if type(layer) is Dense:
+        module = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           dtype=_torch_dtype(torch, layer.dtype))
+        _copy_into(torch, module, weight=backend.to_numpy(layer.weight.data).T,
+                   bias=_data(layer.bias))
+        return [("", module)] + _activation_modules(torch, layer.activation, name)
+    if type(layer) in (BatchNorm1D, BatchNorm2D):
+        kind = nn.BatchNorm2d if type(layer) is BatchNorm2D else nn.BatchNorm1d
+        module = kind(layer.num_features, layer.eps, layer.momentum, layer.affine,
+                      dtype=_torch_dtype(torch, layer.dtype))
+        _copy_into(torch, module, weight=_data(layer.weight), bias=_data(layer.bias),
+                   **dict(layer.named_buffers()))
+        return [("", module)]
+    if type(layer) is GlobalAvgPool2D:
+        return [("", nn.AdaptiveAvgPool2d(1)), ("_flatten", nn.Flatten())]
+    simple = {
+        MaxPool2D: lambda: nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding),
+        AvgPool2D: lambda: nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding,
+                                        count_include_pad=True),
+        Flatten: nn.Flatten, Dropout: lambda: nn.Dropout(layer.p), ReLU: nn.ReLU,
+        LeakyReLU: lambda: nn.LeakyReLU(layer.negative_slope), Sigmoid: nn.Sigmoid,
+        Tanh: nn.Tanh, Softmax: lambda: nn.Softmax(dim=layer.axis), Identity: nn.Identity,
+    }.get(type(layer))
+    if simple is None:
+        raise TypeError(f"minidl.interop.to_torch: layer {name} ({type(layer).__name__}) "
+                        f"has no PyTorch equivalent")
+    return [("", simple())]
+
+
+def _activation_modules(torch, activation, name):
+    if type(activation) is Identity:
+        return []
+    return [("_activation", module) for _, module in
+            _torch_modules(torch, activation, f"{name}.activation")]
+
+
+def _data(parameter):
+    return None if parameter is None else parameter.data
+
+
+def _torch_dtype(torch, dtype):
+    return {"float32": torch.float32, "float64": torch.float64}[dtype.name]
+
+
+def _copy_into(torch, module, **arrays):
+    """Copy each array (numpy or cupy; None skipped) into the module's tensor of that name."""
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    with torch.no_grad():
+        for name, array in arrays.items():
+            if array is not None:
+                tensors[name].copy_(torch.from_numpy(backend.to_numpy(array).copy()))
+
+
+def from_torch(module):
+    """A minidl Sequential computing what the torch ``module`` (an nn.Sequential or a
+    single module of the table in this module's docstring) computes, with copies of
+    its weights, in the module's dtype (float32 or float64) and train/eval mode.
+    Raises ImportError without torch, TypeError for a module minidl has no layer for,
+    ValueError for settings minidl does not have (dilation, groups, ceil_mode, ...)."""
+    torch = _require_torch("from_torch")
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"minidl.interop.from_torch: expected a torch.nn.Module, "
+                        f"got {type(module).__name__}")
+    nn = torch.nn
+    children = (list(module.named_children()) if isinstance(module, nn.Sequential)
+                else [("0", module)])
+    layers, previous = [], None
+    i = 0
+    while i < len(children):
+        name, child = children[i]
+        following = children[i + 1][1] if i + 1 < len(children) else None
+        if _is_global_pool(nn, child) and isinstance(following, nn.Flatten):
+            layers.append(GlobalAvgPool2D())
+            i += 2
+            continue
+        layer = _layer_from(torch, child, name)
+        if (previous is not None and name == f"{previous}_activation"
+                and isinstance(layer, Activation) and isinstance(layers[-1], (Conv2D, Dense))
+                and type(layers[-1].activation) is Identity):
+            layers[-1].activation = layer         # what to_torch split off the layer
+        else:
+            layers.append(layer)
+        previous, i = name, i + 1
+    return Sequential(layers).train(module.training)
+
+
+def _is_global_pool(nn, child):
+    return (isinstance(child, nn.AdaptiveAvgPool2d)
+            and child.output_size in (1, (1, 1), [1, 1]))
+
+
+def _layer_from(torch, child, name):
+    """The minidl layer of one torch module (not a global-pool pair)."""
+    nn = torch.nn
+    where = f"minidl.interop.from_torch: module {name} ({type(child).__name__})"
+    kind = type(child)
+    try:
+        if kind is nn.Sequential:
+            return from_torch(child)
+        if kind is nn.Conv2d:
+            return _conv_from(child)
+        if kind is nn.Linear:
+            layer = Dense(child.in_features, child.out_features, bias=child.bias is not None,
+                          dtype=_numpy_dtype(child.weight))
+            layer.load_state_dict(_arrays(child, transpose="weight"))
+            return layer
+        if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+            return _batch_norm_from(child, BatchNorm2D if kind is nn.BatchNorm2d else BatchNorm1D)
+        if kind in (nn.MaxPool2d, nn.AvgPool2d):
+            return _pool_from(nn, child)
+        if kind is nn.Flatten:
+            _expect(child, start_dim=1, end_dim=-1)
+            return Flatten()
+        if kind is nn.Softmax and child.dim is None:
+            raise ValueError("dim=None: give the axis (minidl's Softmax takes one)")
+        simple = {nn.ReLU: ReLU, nn.Sigmoid: Sigmoid, nn.Tanh: Tanh, nn.Identity: Identity,
+                  nn.Dropout: lambda: Dropout(child.p),
+                  nn.LeakyReLU: lambda: LeakyReLU(child.negative_slope),
+                  nn.Softmax: lambda: Softmax(axis=child.dim)}.get(kind)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if simple is None:
+        raise TypeError(f"{where} has no minidl layer")
+    return simple()
+
+
+def _conv_from(child):
+    _expect(child, groups=1, dilation=(1, 1), padding_mode="zeros")
+    padding = child.padding if isinstance(child.padding, str) else tuple(child.padding)
+    layer = Conv2D(child.in_channels, child.out_channels, tuple(child.kernel_size),
+                   tuple(child.stride), padding, bias=child.bias is not None,
+                   dtype=_numpy_dtype(child.weight))
+    layer.load_state_dict(_arrays(child))
+    return layer
+
+
+def _batch_norm_from(child, kind):
+    if not child.track_running_stats:
+        raise ValueError("track_running_stats=False: minidl's BatchNorm keeps running "
+                         "statistics")
+    layer = kind(child.num_features, child.momentum, child.eps, child.affine,
+                 dtype=_numpy_dtype(child.running_mean))
+    layer.load_state_dict(_arrays(child))
+    return layer
+
+
+def _pool_from(nn, child):
+    _expect(child, ceil_mode=False)
+    if isinstance(child, nn.MaxPool2d):
+        _expect(child, dilation=1, return_indices=False)
+        return MaxPool2D(child.kernel_size, child.stride, child.padding)
+    _expect(child, divisor_override=None)
+    if child.padding not in (0, (0, 0)):
+        _expect(child, count_include_pad=True)
+    return AvgPool2D(child.kernel_size, child.stride, child.padding)
+
+
+def _expect(child, **supported):
+    """ValueError unless each setting of ``child`` has the value minidl supports."""
+    for key, value in supported.items():
+        actual = getattr(child, key)
+        if actual != value and not (isinstance(actual, (tuple, list))
+                                    and set(actual) == {value}):
+            raise ValueError(f"{key}={actual!r} is not supported (only {value!r})")
+
+
+def _arrays(child, transpose=None):
+    """The module's parameters and buffers as numpy arrays, by name."""
+    arrays = {}
+    for key, tensor in list(child.named_parameters()) + list(child.named_buffers()):
+        value = tensor.detach().cpu().numpy()
+        arrays[key] = value.T if key == transpose else value
+    return arrays
+
+
+def _numpy_dtype(tensor):
+    return str(tensor.dtype).replace("torch.", "")
+
+
+def _require_torch(function):
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"minidl.interop.{function} needs PyTorch: pip install torch") from None
+    return torch

@@ -1,0 +1,431 @@
+"""ONNX export of a minidl model, and loading such a graph back (docs/interop.md).
+
+    minidl.onnx.export(model, "model.onnx", input_shape=(1, 28, 28))
+    model = minidl.onnx.load("model.onnx")
+
+The graph has one input "input" of shape (N, *input_shape), N symbolic, one node per
+layer, opset 17, and float32 weights and values throughout (ONNX Runtime has no
+float64 Conv, so a float64 model is rounded to float32). Each layer maps to one op:
+
+    Conv2D -> Conv              pads [top, left, bottom, right]: "same" may be uneven
+    Dense -> Gemm               y = x @ W + b with W stored (in, out), so transB = 0
+    MaxPool2D -> MaxPool        padding never wins a max, in both
+    AvgPool2D -> AveragePool    count_include_pad = 1: minidl divides by k1*k2 always
+    GlobalAvgPool2D -> ReduceMean over axes (2, 3), keepdims = 0: (N, C) as minidl
+    Flatten -> Flatten (axis 1)   BatchNorm1D/2D -> BatchNormalization (running stats)
+    Dropout -> Dropout (identity at inference)   activations -> Relu, LeakyRelu, ...
+
+The activation inside a Conv2D or Dense is a node of its own, named after the layer
+("3" and "3.activation"); ``load`` puts it back inside, so a round trip gives the same
+layers and weights. Initializers carry the layer's state_dict names ("3.weight").
+"""
+import numbers
+import os
+
+from . import backend
+from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                     GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU, Sigmoid,
+                     Softmax, Tanh)
+from .layers.activations import Activation
+from .layers.arguments import padding_pairs
+from .model import Sequential
+
+OPSET = 17
+IR_VERSION = 8          # the IR version that came with opset 17: readable by older runtimes
+
+
+def export(model, path, input_shape):
+    """Write ``model`` (a Sequential or a single Layer) to ``path`` as an ONNX model.
+
+    ``input_shape`` is one sample's shape, without the batch: (C, H, W) or (features,).
+    Raises ImportError without the ``onnx`` package, TypeError for a layer that has no
+    ONNX equivalent (naming it) or a bad ``input_shape``, ValueError when the model
+    does not accept ``input_shape``. Returns the ``onnx.ModelProto`` it wrote."""
+    onnx = _require_onnx("export")
+    path = os.fspath(path)
+    if not isinstance(model, Layer):
+        raise TypeError(f"minidl.onnx.export: model must be a minidl Sequential or Layer, "
+                        f"got {type(model).__name__}")
+    if not isinstance(model, Sequential):
+        model = Sequential([model])
+    input_shape, output_shape = _checked_shapes(model, input_shape)
+    graph = _Graph(onnx)
+    y = _export_layer(graph, model, "input", "")
+    if y == "input":                      # an empty model: the graph still needs a node
+        y = graph.node("Identity", ["input"], "output")
+    proto = onnx.helper.make_model(
+        onnx.helper.make_graph(graph.nodes, "minidl", [_tensor_info(onnx, "input", input_shape)],
+                               [_tensor_info(onnx, y, output_shape[1:])], graph.weights),
+        opset_imports=[onnx.helper.make_opsetid("", OPSET)], producer_name="minidl")
+    proto.ir_version = IR_VERSION
+    onnx.checker.check_model(proto, full_check=True)     # shapes inferred and checked too
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    onnx.save_model(proto, path)
+    return proto
+
+
+def _checked_shapes(model, input_shape):
+    """``input_shape`` as a tuple of positive ints that the model accepts, and the
+    model's output shape for one sample."""
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+    if not shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
+                            for d in shape):
+        raise TypeError(f"minidl.onnx.export: input_shape must be a tuple of ints (one "
+                        f"sample's shape, without the batch), got {input_shape!r}")
+    shape = tuple(int(d) for d in shape)
+    if min(shape) < 1:
+        raise ValueError(f"minidl.onnx.export: input_shape must be positive, got {shape}")
+    try:
+        return shape, model.output_shape((1,) + shape)
+    except ValueError as exc:
+        raise ValueError(f"minidl.onnx.export: the model does not accept input_shape "
+                         f"{shape} (one sample, without the batch): {exc}") from None
+
+
+def _tensor_info(onnx, name, shape):
+    """A float32 tensor of shape (N, *shape), N the symbolic batch."""
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", *shape])
+
+
+class _Graph:
+    """The nodes and weights of the graph being built. A node's output tensor has the
+    node's name, so names are unique as long as layer names are."""
+
+    def __init__(self, onnx):
+        self.onnx = onnx
+        self.nodes, self.weights = [], []
+
+    def node(self, op, inputs, name, **attributes):
+        self.nodes.append(self.onnx.helper.make_node(op, inputs, [name], name=name,
+                                                     **attributes))
+        return name
+
+    def weight(self, name, array):
+        """An initializer from a number or a numpy or cupy array, as float32."""
+        value = backend.to_numpy(array).astype("float32")
+        self.weights.append(self.onnx.numpy_helper.from_array(value, name))
+        return name
+
+
+# -- one exporter per layer type: (graph, layer, input name, layer name) -> output name --
+def _export_layer(graph, layer, x, name):
+    exporter = _EXPORTERS.get(type(layer))
+    if exporter is None:
+        raise TypeError(f"minidl.onnx.export: layer {name} ({type(layer).__name__}) has no "
+                        f"ONNX export; exportable: {sorted(t.__name__ for t in _EXPORTERS)}")
+    return exporter(graph, layer, x, name)
+
+
+def _export_sequential(graph, model, x, name):
+    for i, layer in enumerate(model.layers):
+        x = _export_layer(graph, layer, x, f"{name}.{i}" if name else str(i))
+    return x
+
+
+def _export_conv(graph, layer, x, name):
+    (top, bottom), (left, right) = layer.pads
+    z = graph.node("Conv", [x] + _weight_and_bias(graph, layer, name), name,
+                   kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
+                   pads=[top, left, bottom, right])
+    return _export_inner_activation(graph, layer.activation, z, name)
+
+
+def _export_dense(graph, layer, x, name):
+    z = graph.node("Gemm", [x] + _weight_and_bias(graph, layer, name), name)
+    return _export_inner_activation(graph, layer.activation, z, name)
+
+
+def _weight_and_bias(graph, layer, name):
+    inputs = [graph.weight(f"{name}.weight", layer.weight.data)]
+    if layer.bias is not None:
+        inputs.append(graph.weight(f"{name}.bias", layer.bias.data))
+    return inputs
+
+
+def _export_inner_activation(graph, activation, z, name):
+    if type(activation) is Identity:
+        return z
+    return _export_layer(graph, activation, z, f"{name}.activation")
+
+
+def _window(layer):
+    p1, p2 = layer.padding
+    return {"kernel_shape": list(layer.kernel_size), "strides": list(layer.stride),
+            "pads": [p1, p2, p1, p2]}
+
+
+def _export_max_pool(graph, layer, x, name):
+    return graph.node("MaxPool", [x], name, **_window(layer))
+
+
+def _export_avg_pool(graph, layer, x, name):
+    return graph.node("AveragePool", [x], name, count_include_pad=1, **_window(layer))
+
+
+def _export_global_avg_pool(graph, layer, x, name):
+    return graph.node("ReduceMean", [x], name, axes=[2, 3], keepdims=0)
+
+
+def _export_flatten(graph, layer, x, name):
+    return graph.node("Flatten", [x], name, axis=1)
+
+
+def _export_batch_norm(graph, layer, x, name):
+    cpu, c = backend.get_module("cpu"), layer.num_features
+    gamma = layer.weight.data if layer.affine else cpu.ones(c)       # y = x_hat without
+    beta = layer.bias.data if layer.affine else cpu.zeros(c)         # affine parameters
+    arrays = {"weight": gamma, "bias": beta, "running_mean": layer.running_mean,
+              "running_var": layer.running_var}
+    attributes = {"epsilon": layer.eps}
+    if layer.momentum is not None:       # ONNX's momentum is the share of the old value
+        attributes["momentum"] = 1.0 - layer.momentum
+    inputs = [graph.weight(f"{name}.{key}", value) for key, value in arrays.items()]
+    return graph.node("BatchNormalization", [x] + inputs, name, **attributes)
+
+
+def _export_dropout(graph, layer, x, name):
+    return graph.node("Dropout", [x, graph.weight(f"{name}.ratio", layer.p)], name)
+
+
+def _export_leaky_relu(graph, layer, x, name):
+    return graph.node("LeakyRelu", [x], name, alpha=layer.negative_slope)
+
+
+def _export_softmax(graph, layer, x, name):
+    return graph.node("Softmax", [x], name, axis=layer.axis)
+
+
+def _export_elementwise(op):
+    return lambda graph, layer, x, name: graph.node(op, [x], name)
+
+
+_EXPORTERS = {
+    Sequential: _export_sequential, Conv2D: _export_conv, Dense: _export_dense,
+    MaxPool2D: _export_max_pool, AvgPool2D: _export_avg_pool,
+    GlobalAvgPool2D: _export_global_avg_pool, Flatten: _export_flatten,
+    BatchNorm1D: _export_batch_norm, BatchNorm2D: _export_batch_norm, Dropout: _export_dropout,
+    ReLU: _export_elementwise("Relu"), Sigmoid: _export_elementwise("Sigmoid"),
+    Tanh: _export_elementwise("Tanh"), Identity: _export_elementwise("Identity"),
+    LeakyReLU: _export_leaky_relu, Softmax: _export_softmax,
+}
+
+
+# -- load ---------------------------------------------------------------------------
+def load(path):
+    """A Sequential (float32) computing the ONNX graph in ``path``: a chain of the ops
+    ``export`` writes, opset 13 or newer. Raises ImportError without ``onnx``,
+    FileNotFoundError, ValueError for a file that is not a valid ONNX model or holds a
+    graph minidl cannot express (naming the node and the reason)."""
+    onnx = _require_onnx("load")
+    path = os.fspath(path)
+    proto = _read_model(onnx, path)
+    graph = proto.graph
+    weights = {w.name: onnx.numpy_helper.to_array(w) for w in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in weights]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise ValueError(f"minidl.onnx.load: {path!r} has {len(inputs)} inputs and "
+                         f"{len(graph.output)} outputs; minidl models have one of each")
+    x, shape = inputs[0].name, _input_shape(inputs[0], path)
+    layers, previous = [], None
+    for node in graph.node:
+        where = f"minidl.onnx.load: {path!r}, node {node.name or node.op_type!r} ({node.op_type})"
+        layer, shape = _load_node(onnx, node, x, weights, shape, where)
+        if _is_inner_activation(layer, node, layers, previous):
+            layers[-1].activation = layer
+        else:
+            layers.append(layer)
+        x, previous = node.output[0], node
+    if graph.output[0].name != x:
+        raise ValueError(f"minidl.onnx.load: {path!r}: the graph output "
+                         f"{graph.output[0].name!r} is not the last node's output")
+    return Sequential(layers)
+
+
+def _read_model(onnx, path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"minidl.onnx.load: {path!r} does not exist")
+    from google.protobuf.message import DecodeError
+    try:
+        proto = onnx.load_model(path)
+        onnx.checker.check_model(proto)
+    except (DecodeError, onnx.checker.ValidationError, ValueError) as exc:
+        raise ValueError(f"minidl.onnx.load: {path!r} is not a valid ONNX model "
+                         f"({type(exc).__name__}: {exc})") from None
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                default=0)
+    if opset < 13:
+        raise ValueError(f"minidl.onnx.load: {path!r} uses opset {opset}; minidl reads "
+                         f"opset 13 or newer (Softmax and Dropout changed in 13)")
+    return proto
+
+
+def _input_shape(value_info, path):
+    """(1, d1, d2, ...) from the graph input: a symbolic batch, fixed other sizes."""
+    dims = value_info.type.tensor_type.shape.dim
+    sizes = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(sizes) < 2 or None in sizes[1:]:
+        raise ValueError(f"minidl.onnx.load: {path!r}: the input needs a batch axis and "
+                         f"fixed sizes after it, got {sizes} (None: symbolic)")
+    return (1, *sizes[1:])
+
+
+def _load_node(onnx, node, x, weights, shape, where):
+    """The layer of one node, with its weights, and its output shape for an input of
+    ``shape``; ValueError saying why it cannot be."""
+    loader = _LOADERS.get(node.op_type)
+    if loader is None or node.domain not in ("", "ai.onnx"):
+        raise ValueError(f"{where}: minidl has no layer for this op; it reads "
+                         f"{sorted(_LOADERS)}")
+    if not node.input or node.input[0] != x:
+        raise ValueError(f"{where}: its input is not the previous node's output; minidl "
+                         f"reads a chain of nodes, one after another")
+    extra = [name for name in node.input[1:] if name]
+    missing = [name for name in extra if name not in weights]
+    if missing or len([o for o in node.output if o]) != 1:
+        raise ValueError(f"{where}: needs every input but the first to be a weight "
+                         f"(not {missing}) and exactly one output")
+    attributes = {a.name: _attribute(onnx, a) for a in node.attribute}
+    try:
+        layer = loader(attributes, [weights[name] for name in extra], shape)
+        return layer, layer.output_shape(shape)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _attribute(onnx, a):
+    value = onnx.helper.get_attribute_value(a)
+    if isinstance(value, bytes):
+        return value.decode()
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _is_inner_activation(layer, node, layers, previous):
+    """True for the activation node that ``export`` split off the Conv2D or Dense before."""
+    return (previous is not None and node.name == f"{previous.name}.activation"
+            and isinstance(layer, Activation) and isinstance(layers[-1], (Conv2D, Dense))
+            and type(layers[-1].activation) is Identity)
+
+
+def _expect(attributes, **supported):
+    """ValueError unless each attribute is absent or has the value minidl supports."""
+    for key, value in supported.items():
+        if attributes.get(key, value) != value:
+            raise ValueError(f"{key}={attributes[key]!r} is not supported (only {value!r})")
+
+
+def _decimal(value):
+    """A float32 attribute with 6 significant digits: 0.1 is stored as 0.10000000149."""
+    return float(f"{value:.6g}")
+
+
+def _window_arguments(attributes):
+    """(kernel, stride, padding) of a pooling node with even padding."""
+    _expect(attributes, auto_pad="NOTSET", ceil_mode=0, dilations=[1, 1], storage_order=0)
+    kernel = tuple(attributes["kernel_shape"])
+    top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
+    if (top, left) != (bottom, right):
+        raise ValueError(f"uneven pads {[top, left, bottom, right]}: minidl pools pad "
+                         f"both sides alike")
+    return kernel, tuple(attributes.get("strides", [1, 1])), (top, left)
+
+
+def _load_conv(attributes, weights, shape):
+    _expect(attributes, auto_pad="NOTSET", group=1, dilations=[1, 1])
+    w = weights[0]
+    f, c, k1, k2 = w.shape
+    stride = tuple(attributes.get("strides", [1, 1]))
+    top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
+    padding = (top, left)
+    if (top, left) != (bottom, right):
+        if stride != (1, 1) or padding_pairs("same", (k1, k2), stride, "") != (
+                (top, bottom), (left, right)):
+            raise ValueError(f"pads {[top, left, bottom, right]}: minidl's Conv2D pads both "
+                             f"sides alike, or as 'same' at stride 1")
+        padding = "same"
+    layer = Conv2D(c, f, (k1, k2), stride, padding, bias=len(weights) > 1)
+    layer.load_state_dict(dict(zip(("weight", "bias"), weights)))
+    return layer
+
+
+def _load_gemm(attributes, weights, shape):
+    _expect(attributes, transA=0)
+    w = weights[0].T if attributes.get("transB", 0) else weights[0]
+    if w.ndim != 2:
+        raise ValueError(f"the weight must be 2-D, got shape {w.shape}")
+    w = w * attributes.get("alpha", 1.0)
+    layer = Dense(w.shape[0], w.shape[1], bias=len(weights) > 1)
+    state = {"weight": w}
+    if len(weights) > 1:
+        state["bias"] = backend.get_module("cpu").broadcast_to(weights[1] * attributes.get("beta", 1.0),
+                                           (w.shape[1],))
+    layer.load_state_dict(state)
+    return layer
+
+
+def _load_max_pool(attributes, weights, shape):
+    return MaxPool2D(*_window_arguments(attributes))
+
+
+def _load_avg_pool(attributes, weights, shape):
+    kernel, stride, padding = _window_arguments(attributes)
+    if padding != (0, 0) and attributes.get("count_include_pad", 0) != 1:
+        raise ValueError("count_include_pad=0 with padding: minidl's AvgPool2D counts "
+                         "the padding in the divisor")
+    return AvgPool2D(kernel, stride, padding)
+
+
+def _load_reduce_mean(attributes, weights, shape):
+    axes = attributes.get("axes", weights[0].tolist() if weights else None)
+    axes = sorted(a % len(shape) for a in axes or ())
+    if len(shape) != 4 or axes != [2, 3] or attributes.get("keepdims", 1) != 0:
+        raise ValueError(f"only the mean over H and W of (N, C, H, W) without keepdims "
+                         f"(GlobalAvgPool2D) is supported; got axes {axes} of a "
+                         f"{len(shape)}-D input, keepdims={attributes.get('keepdims', 1)}")
+    return GlobalAvgPool2D()
+
+
+def _load_flatten(attributes, weights, shape):
+    _expect(attributes, axis=1)
+    return Flatten()
+
+
+def _load_batch_norm(attributes, weights, shape):
+    _expect(attributes, training_mode=0)
+    kind = BatchNorm2D if len(shape) == 4 else BatchNorm1D
+    layer = kind(len(weights[0]), momentum=_decimal(1.0 - attributes.get("momentum", 0.9)),
+                 eps=_decimal(attributes.get("epsilon", 1e-5)))
+    keys = ("weight", "bias", "running_mean", "running_var")
+    layer.load_state_dict({**dict(zip(keys, weights)),
+                           "num_batches_tracked": backend.get_module("cpu").zeros((), "int64")})
+    return layer
+
+
+def _load_dropout(attributes, weights, shape):
+    if len(weights) > 1 and bool(weights[1]):
+        raise ValueError("training_mode=True: minidl reads inference graphs")
+    return Dropout(_decimal(float(weights[0])) if weights else 0.5)
+
+
+def _load_elementwise(kind):
+    return lambda attributes, weights, shape: kind()
+
+
+_LOADERS = {
+    "Conv": _load_conv, "Gemm": _load_gemm, "MaxPool": _load_max_pool,
+    "AveragePool": _load_avg_pool, "ReduceMean": _load_reduce_mean, "Flatten": _load_flatten,
+    "BatchNormalization": _load_batch_norm, "Dropout": _load_dropout,
+    "Relu": _load_elementwise(ReLU), "Sigmoid": _load_elementwise(Sigmoid),
+    "Tanh": _load_elementwise(Tanh), "Identity": _load_elementwise(Identity),
+    "LeakyRelu": lambda a, w, s: LeakyReLU(_decimal(a.get("alpha", 0.01))),
+    "Softmax": lambda a, w, s: Softmax(a.get("axis", -1)),
+}
+
+
+def _require_onnx(function):
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError(f"minidl.onnx.{function} needs the onnx package: "
+                          f"pip install 'minidl[onnx]' (onnx, onnxruntime)") from None
+    return onnx

@@ -1,0 +1,268 @@
+"""minidl.onnx: exported models checked in ONNX Runtime, round trips, and errors."""
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+
+import minidl
+from minidl import Dense, Layer, ReLU, Sequential, cli
+from minidl.data import datasets
+
+from conftest import write_fake_dataset
+from interop_models import MODELS, assert_close, build, layer_kinds
+
+HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx or onnxruntime is not installed: "
+                                "pip install 'minidl[onnx]'")
+
+
+def run_onnx(path, x):
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.astype(np.float32)})[0]
+
+
+@needs_onnx
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_onnx_runtime_matches_predict(name, tmp_path):
+    model, x = build(name)
+    minidl.onnx.export(model, tmp_path / "m.onnx", x.shape[1:])
+    assert_close(run_onnx(tmp_path / "m.onnx", x), model.predict(x))
+    assert_close(run_onnx(tmp_path / "m.onnx", x[:1]), model.predict(x[:1]))  # any batch
+
+
+@needs_onnx
+def test_float64_model_is_exported_as_float32(tmp_path):
+    import onnx
+    model, x = build("every_layer", dtype="float64")
+    proto = minidl.onnx.export(model, tmp_path / "m.onnx", x.shape[1:])
+    assert {w.data_type for w in proto.graph.initializer} == {onnx.TensorProto.FLOAT}
+    assert proto.opset_import[0].version == 17
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param == "N" and not batch.HasField("dim_value")
+    assert_close(run_onnx(tmp_path / "m.onnx", x), model.predict(x))
+
+
+@needs_onnx
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_load_gives_back_the_same_layers_and_weights(name, tmp_path):
+    model, x = build(name)
+    minidl.onnx.export(model, tmp_path / "m.onnx", x.shape[1:])
+    loaded = minidl.onnx.load(tmp_path / "m.onnx")
+    assert layer_kinds(loaded) == layer_kinds(model)
+    expected = model.state_dict()
+    if name == "sequence":    # ONNX has no BatchNorm without gamma and beta: they come as 1, 0
+        expected.update({"4.weight": np.ones(10, "float32"), "4.bias": np.zeros(10, "float32")})
+    state = loaded.state_dict()
+    assert sorted(state) == sorted(expected)
+    for key, value in expected.items():
+        if not key.endswith("num_batches_tracked"):      # ONNX keeps no counter
+            np.testing.assert_array_equal(state[key], value, err_msg=key)
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
+@needs_onnx
+def test_load_keeps_hyper_parameters(tmp_path):
+    model, x = build("every_layer")
+    minidl.onnx.export(model, tmp_path / "m.onnx", [np.int64(d) for d in x.shape[1:]])
+    loaded = minidl.onnx.load(tmp_path / "m.onnx")
+    assert loaded[0].padding == "same" and loaded[0].activation.negative_slope == 0.2
+    assert loaded[5].p == 0.3 and loaded[1].eps == 1e-5 and loaded[1].momentum == 0.1
+    assert loaded[13].axis == 1
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_trained_model_has_the_same_accuracy_in_onnx_runtime(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "data"
+    monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", 200))
+    monkeypatch.setattr(cli.viz, "available", lambda: False)      # no plots: faster
+    out = tmp_path / "run"
+    assert cli.main(["train", "--limit", "160", "--epochs", "1", "--batch-size", "32",
+                     "--data-root", str(root), "--out", str(out), "--quiet"]) == 0
+    assert cli.main(["export", "--checkpoint", str(out / "model.npz"),
+                     "--onnx", str(out / "model.onnx")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    minidl_accuracy = float(printed[-2].split()[-1])      # "test accuracy: 0.xxxx"
+    assert printed[-1].endswith(f"written to {out / 'model.onnx'}")
+    x_test, y_test = datasets.mnist("test", root=root)
+    images = cli.to_float(x_test)
+    labels = run_onnx(out / "model.onnx", images).argmax(axis=1)
+    np.testing.assert_array_equal(labels, cli.predict_labels(
+        minidl.models.mnist_cnn().load(out / "model.npz"), x_test))
+    assert round(float(np.mean(labels == y_test)), 4) == minidl_accuracy
+    assert minidl_accuracy > 0.5          # five steps do learn the stripes: a real model
+
+
+@needs_onnx
+def test_nested_sequentials_come_back_flat(tmp_path):
+    model = Sequential([Dense(4, 3, activation="relu"), Sequential([Dense(3, 2), ReLU()])])
+    minidl.onnx.export(model, tmp_path / "m.onnx", (4,))
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    assert_close(run_onnx(tmp_path / "m.onnx", x), model.predict(x))
+    loaded = minidl.onnx.load(tmp_path / "m.onnx")
+    assert layer_kinds(loaded) == [("Dense", "ReLU"), ("Dense", "Identity"), ("ReLU", "NoneType")]
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
+# -- errors ---------------------------------------------------------------------------
+class Square(Layer):
+    def __init__(self):
+        super().__init__(dtype=None)
+
+    def forward(self, x, training=True):
+        return x * x
+
+
+@needs_onnx
+def test_a_layer_without_export_is_named(tmp_path):
+    model = Sequential([Dense(4, 3), Square()])
+    with pytest.raises(TypeError, match=r"layer 1 \(Square\) has no ONNX export"):
+        minidl.onnx.export(model, tmp_path / "m.onnx", (4,))
+    nested = Sequential([Dense(4, 3), Sequential([ReLU(), Square()])])
+    with pytest.raises(TypeError, match=r"layer 1\.1 \(Square\)"):
+        minidl.onnx.export(nested, tmp_path / "m.onnx", (4,))
+    with pytest.raises(TypeError, match=r"layer 0\.activation \(Square\)"):
+        minidl.onnx.export(Dense(4, 3, activation=Square()), tmp_path / "m.onnx", (4,))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@needs_onnx
+@pytest.mark.parametrize("shape, error, message", [
+    ((1, 28), ValueError, r"does not accept input_shape \(1, 28\).*Conv2D: expected a 4-D"),
+    ((1, 1, 28, 28), ValueError, "without the batch"),
+    ((0, 28, 28), ValueError, "must be positive"),
+    ("1,28,28", TypeError, "tuple of ints"),
+    ((1, 28.0, 28), TypeError, "tuple of ints"),
+    ((), TypeError, "tuple of ints"),
+])
+def test_bad_input_shape(shape, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        minidl.onnx.export(minidl.models.lenet5(), tmp_path / "m.onnx", shape)
+
+
+@needs_onnx
+def test_export_needs_a_model(tmp_path):
+    with pytest.raises(TypeError, match="must be a minidl Sequential or Layer, got list"):
+        minidl.onnx.export([Dense(2, 2)], tmp_path / "m.onnx", (2,))
+
+
+@needs_onnx
+def test_load_rejects_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        minidl.onnx.load(tmp_path / "none.onnx")
+    (tmp_path / "text.onnx").write_text("not a model at all")
+    with pytest.raises(ValueError, match="is not a valid ONNX model"):
+        minidl.onnx.load(tmp_path / "text.onnx")
+    minidl.onnx.export(minidl.models.lenet5(), tmp_path / "m.onnx", (1, 28, 28))
+    data = (tmp_path / "m.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="is not a valid ONNX model"):
+        minidl.onnx.load(tmp_path / "cut.onnx")
+
+
+def save_graph(path, nodes, weights=(), shape=(1, 8, 8), opset=17, output_rank=4):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *shape])],
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT,
+                                       ["N", "C", "H", "W"][:output_rank])],
+        [numpy_helper.from_array(np.asarray(w, dtype=np.int64 if name == "axes" else np.float32),
+                                 name) for name, w in weights])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]),
+                    str(path))
+    return path
+
+
+@needs_onnx
+def test_load_names_what_minidl_cannot_express(tmp_path):
+    from onnx.helper import make_node
+    cases = [
+        ([make_node("Erf", ["input"], ["y"], name="e")], [],
+         r"node 'e' \(Erf\): minidl has no layer"),
+        ([make_node("Relu", ["input"], ["a"]), make_node("Add", ["input", "a"], ["y"])], [],
+         "no layer for this op"),
+        ([make_node("Relu", ["input"], ["a"]), make_node("Relu", ["input"], ["y"])], [],
+         "is not the previous node's output"),
+        ([make_node("MaxPool", ["input"], ["y"], kernel_shape=[3, 3], pads=[0, 0, 1, 1])], [],
+         r"uneven pads \[0, 0, 1, 1\]"),
+        ([make_node("MaxPool", ["input"], ["y"], kernel_shape=[2, 2], ceil_mode=1)], [],
+         "ceil_mode=1 is not supported"),
+        ([make_node("Conv", ["input", "w"], ["y"], kernel_shape=[3, 3], dilations=[2, 2])],
+         [("w", np.ones((2, 1, 3, 3)))], r"dilations=\[2, 2\] is not supported"),
+        ([make_node("Conv", ["input", "w"], ["y"], strides=[2, 2], pads=[0, 0, 1, 1])],
+         [("w", np.ones((2, 1, 2, 2)))], "pads both sides alike, or as 'same' at stride 1"),
+        ([make_node("AveragePool", ["input"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+         [], "count_include_pad=0 with padding"),
+        ([make_node("Flatten", ["input"], ["a"]), make_node("Gemm", ["a", "w"], ["y"])],
+         [("w", np.ones((65, 2)))], r"Dense: expected input of shape \(N, 65\)"),
+    ]
+    for i, (nodes, weights, message) in enumerate(cases):
+        path = save_graph(tmp_path / f"{i}.onnx", nodes, weights)
+        with pytest.raises(ValueError, match=message):
+            minidl.onnx.load(path)
+    old = save_graph(tmp_path / "old.onnx", [make_node("Relu", ["input"], ["y"])], opset=11)
+    with pytest.raises(ValueError, match="uses opset 11; minidl reads opset 13 or newer"):
+        minidl.onnx.load(old)
+
+
+@needs_onnx
+def test_load_reads_graphs_written_elsewhere(tmp_path):
+    """Gemm with transB and alpha (as torch writes Linear), an unnamed activation after a
+    Conv (a layer of its own), a ReduceMean with axes as an input (opset 18)."""
+    from onnx.helper import make_node
+    rng = np.random.default_rng(0)
+    w, wl, bl = rng.normal(size=(3, 1, 3, 3)), rng.normal(size=(5, 3)), rng.normal(size=5)
+    nodes = [make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+             make_node("Relu", ["c"], ["r"]),
+             make_node("ReduceMean", ["r", "axes"], ["m"], keepdims=0),
+             make_node("Gemm", ["m", "wl", "bl"], ["y"], transB=1, alpha=2.0)]
+    path = save_graph(tmp_path / "g.onnx", nodes, [("w", w), ("axes", [2, 3]), ("wl", wl),
+                                                   ("bl", bl)], opset=18, output_rank=2)
+    model = minidl.onnx.load(path)
+    assert layer_kinds(model) == [("Conv2D", "Identity"), ("ReLU", "NoneType"),
+                                  ("GlobalAvgPool2D", "NoneType"), ("Dense", "Identity")]
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    assert_close(model.predict(x), run_onnx(path, x))
+
+
+@needs_onnx
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")      # the TorchScript exporter
+@pytest.mark.slow                                               # importing torch.onnx
+def test_load_reads_what_torch_onnx_export_writes(tmp_path):
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                           nn.AvgPool2d(3, 2, 1), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    torch.onnx.export(module, (torch.randn(2, 1, 8, 8),), str(tmp_path / "t.onnx"), dynamo=False,
+                      opset_version=17, input_names=["input"], dynamic_axes={"input": {0: "N"}})
+    model = minidl.onnx.load(tmp_path / "t.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        assert_close(model.predict(x), module(torch.from_numpy(x)).numpy())
+
+
+def test_export_without_onnx_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnx", None)       # import onnx now fails
+    for call in (lambda: minidl.onnx.export(Dense(2, 2), tmp_path / "m.onnx", (2,)),
+                 lambda: minidl.onnx.load(tmp_path / "m.onnx")):
+        with pytest.raises(ImportError, match=r"needs the onnx package: pip install "
+                                              r"'minidl\[onnx\]'"):
+            call()
+
+
+def test_cli_export_errors_without_traceback(tmp_path, capsys, monkeypatch):
+    code = cli.main(["export", "--checkpoint", str(tmp_path / "none.npz"),
+                     "--onnx", str(tmp_path / "m.onnx")])
+    assert code == 1
+    assert "minidl export: error: checkpoint" in capsys.readouterr().err
+    minidl.models.lenet5().save(tmp_path / "model.npz")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    code = cli.main(["export", "--checkpoint", str(tmp_path / "model.npz"), "--model", "lenet5",
+                     "--onnx", str(tmp_path / "m.onnx")])
+    assert code == 1
+    assert "needs the onnx package" in capsys.readouterr().err
