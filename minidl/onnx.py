@@ -27,7 +27,7 @@ from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout
                      GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU, Sigmoid,
                      Softmax, Tanh)
 from .layers.activations import Activation
-from .layers.arguments import padding_pairs
+from .checks import check_padding
 from .model import Sequential
 
 OPSET = 17
@@ -338,7 +338,7 @@ def _load_conv(attributes, weights, shape):
     top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
     padding = (top, left)
     if (top, left) != (bottom, right):
-        if stride != (1, 1) or padding_pairs("same", (k1, k2), stride, "") != (
+        if stride != (1, 1) or check_padding("same", (k1, k2), stride, "") != (
                 (top, bottom), (left, right)):
             raise ValueError(f"pads {[top, left, bottom, right]}: minidl's Conv2D pads both "
                              f"sides alike, or as 'same' at stride 1")
