@@ -19,6 +19,7 @@ from .callbacks import CSVLogger, ModelCheckpoint
 from .data import DataLoader, datasets
 from .inspect import GradientRecorder
 from .losses import SoftmaxCrossEntropy
+from .model import load_model
 from .models import MODELS, build_model
 from .optim import SGD, Adam, AdamW, RMSprop
 from .random import manual_seed
@@ -170,18 +171,30 @@ def write_plots(out, dataset, model, history, recorder, x_test, y_test, predicti
 
 # -- evaluate ---------------------------------------------------------------------
 def evaluate_command(args):
-    run = _read_json(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json"))
-    dataset = args.dataset or run.get("dataset", "mnist")
-    if dataset not in DATASETS:  # only run.json can name another
-        raise ValueError(f"run.json names an unknown dataset {dataset!r}; pass --dataset")
-    model_name = args.model or run.get("model", "cnn")
+    """Rebuild the model from the checkpoint alone (or build --model and load into it),
+    and report its test accuracy on the dataset named by --dataset or run.json."""
+    run_json = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json")
+    run = _read_json(run_json)
+    dataset = args.dataset or _setting(run, "dataset", DATASETS, run_json) or "mnist"
+    model_name = args.model or _setting(run, "model", MODELS, run_json) or "model"
     with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
-        model = build_model(model_name).load(args.checkpoint)
+        model = (build_model(args.model).load(args.checkpoint) if args.model
+                 else load_model(args.checkpoint))
         x_test, y_test = load_split(dataset, "test", args.data_root)
         predictions = predict_labels(model, x_test, args.batch_size)
     print(f"{model_name} on {dataset} ({len(x_test)} test images)")
     print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
     return 0
+
+
+def _setting(run, key, choices, path):
+    """run.json's ``key`` (None if absent); ValueError naming the file unless it is one
+    of ``choices``."""
+    value = run.get(key)
+    if value is not None and not (isinstance(value, str) and value in choices):
+        raise ValueError(f"{path}: unknown {key} {value!r}; pass --{key} "
+                         f"({', '.join(sorted(choices))})")
+    return value
 
 
 def _positive_int(text):
@@ -221,7 +234,7 @@ def _read_json(path):
     with open(path) as f:
         try:
             data = json.load(f)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:   # not JSON, not UTF-8, or too deep
             raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} should hold a JSON object like "

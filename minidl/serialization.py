@@ -147,8 +147,9 @@ class NpzReader:
             raise self.error(f"has no array {name!r}")
         saved_shape, saved = self.headers[name]
         dtype = numpy.dtype(dtype)
-        casting = "safe" if dtype.kind == "U" else "same_kind"
-        if saved_shape != tuple(shape) or not numpy.can_cast(saved, dtype, casting):
+        castable = (saved.kind == "U" and saved.itemsize <= dtype.itemsize if dtype.kind == "U"
+                    else numpy.can_cast(saved, dtype, "same_kind"))
+        if saved_shape != tuple(shape) or not castable:
             raise self.error(f"array {name!r} is {saved} of shape {saved_shape}, expected "
                              f"{dtype} of shape {tuple(shape)}")
 
