@@ -116,20 +116,20 @@ class Sequential(Layer):
     def load_state_dict(self, state):
         """Load every layer's arrays; all names and shapes are checked before any
         layer changes, so a mismatch raises ValueError and leaves the model as it was."""
-        per_layer = [{} for _ in self.layers]
+        per_layer = {str(i): {} for i in range(len(self.layers))}  # exact names: not "00"
         unexpected = []
         for key, value in state.items():
             index, _, name = key.partition(".")
-            if index.isdigit() and int(index) < len(self.layers):
-                per_layer[int(index)][name] = value
+            if index in per_layer:
+                per_layer[index][name] = value
             else:
                 unexpected.append(key)
         if unexpected:
             raise ValueError(f"Sequential.load_state_dict: unexpected keys {sorted(unexpected)}")
-        for i, (layer, sub) in enumerate(zip(self.layers, per_layer)):
+        for i, (layer, sub) in enumerate(zip(self.layers, per_layer.values())):
             layer.check_state_dict(sub, f"Sequential.load_state_dict: layer {i} "
                                         f"({type(layer).__name__})")
-        for layer, sub in zip(self.layers, per_layer):
+        for layer, sub in zip(self.layers, per_layer.values()):
             layer.load_state_dict(sub)
 
     def save(self, path):

@@ -152,6 +152,11 @@ def test_keys_must_be_exactly_the_canonical_names(tmp_path):
             target.load(tmp_path / f"{name}.npz")
         for key, value in target.state_dict().items():
             np.testing.assert_array_equal(value, before[key])
+        with pytest.raises(ValueError, match=r"unexpected keys \['00.weight'\]"):
+            target.load_state_dict({k: v for k, v in arrays.items() if k != "__model__"})
+    for key in ("+0.weight", "\u0660.weight", " 0.weight"):   # int() would take each
+        with pytest.raises(ValueError, match="unexpected keys"):
+            tiny().load_state_dict({**tiny().state_dict(), key: state["0.weight"]})
 
 
 def test_constructor_arguments_must_match(tmp_path):
