@@ -216,6 +216,8 @@ def _with_config(path, config, state=None):
      "in_features must be >= 1"),
     ({"class": "Sequential", "config": {"layers": 3}}, "Sequential: "),
     ({"class": "ReLU", "config": {}}, "describes a ReLU, not a Sequential"),
+    ({"class": "Sequential", "config": {"layers": [{"class": "Dense", "config": {
+        "in_features": 10 ** 7, "out_features": 10 ** 7}}]}}, "cannot rebuild the model"),
     ([1, 2], "expected {'class': name"),
 ])
 def test_load_model_builds_only_allowed_classes_from_valid_configs(tmp_path, spec, message):
