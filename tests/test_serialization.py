@@ -1,12 +1,25 @@
 """minidl.serialization and checkpoints: atomic writes, checked reads, load_model."""
 import io
+import json
 import os
 import stat
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+import zipfile
+import zlib
 
 import numpy as np
 import pytest
 
-from minidl.serialization import load_npz, save_npz
+import minidl
+from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                    GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Sequential, Sigmoid,
+                    Softmax, Tanh, load_model)
+from minidl.layers import Layer
+from minidl.serialization import NpzReader, load_npz, save_npz
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
@@ -35,24 +48,10 @@ def test_failed_save_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(minidl.__file__))
+
+
 # -- checkpoints: every member's header is checked before its data is read ----------
-import json  # noqa: E402
-import struct  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import tracemalloc  # noqa: E402
-import zipfile  # noqa: E402
-import zlib  # noqa: E402
-
-import minidl  # noqa: E402
-from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,  # noqa: E402
-                    GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Sequential, Sigmoid,
-                    Softmax, Tanh, load_model)
-from minidl.layers import Layer  # noqa: E402
-from minidl.serialization import NpzReader  # noqa: E402
-
-
 def tiny():
     return Sequential(Conv2D(1, 2, 3, activation="relu"), Flatten(), Dense(8, 3))
 
@@ -280,7 +279,7 @@ def test_temp_file_of_a_killed_save_is_swept_by_the_next_save(tmp_path):
             "    print(tmp, flush=True); time.sleep(60)\n")
     child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "model.npz")],
                              stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": os.getcwd()})
+                             env={**os.environ, "PYTHONPATH": PACKAGE_ROOT})
     leftover = child.stdout.readline().strip()
     child.kill()
     child.wait()
