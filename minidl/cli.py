@@ -23,6 +23,7 @@ from .model import load_model
 from .models import MODELS, build_model
 from .optim import SGD, Adam, AdamW, RMSprop
 from .random import manual_seed
+from .serialization import atomic_write
 from .schedulers import CosineAnnealingLR
 from .trainer import Trainer
 
@@ -223,7 +224,7 @@ def _int_at_least(text, low, requirement):
 
 
 def _write_json(path, data):
-    with open(path, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2)
 
 
