@@ -23,8 +23,8 @@ from .model import load_model
 from .models import MODELS, build_model
 from .optim import SGD, Adam, AdamW, RMSprop
 from .random import manual_seed
-from .serialization import atomic_write
 from .schedulers import CosineAnnealingLR
+from .serialization import atomic_write
 from .trainer import Trainer
 
 DATASETS = {"mnist": datasets.mnist, "fashion-mnist": datasets.fashion_mnist}
