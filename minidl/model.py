@@ -256,7 +256,9 @@ def _read_config(npz):
                         f"Sequential.save (or by an older minidl)")
     text = npz.read(_CONFIG_KEY, (1,), f"<U{_MAX_CONFIG_CHARS}")[0]
     try:
-        return json.loads(text)
+        config = json.loads(text)
+        _comparable(config)   # nested too deep for that: not a model's config
+        return config
     except (ValueError, RecursionError) as exc:
         raise npz.error(f"its {_CONFIG_KEY!r} entry is not valid JSON ({exc})") from None
 

@@ -241,6 +241,7 @@ def test_custom_layers_save_and_load_but_load_model_refuses_them(tmp_path):
 @pytest.mark.parametrize("config, message", [
     (np.array("{}"), r"'__model__' is <U2 of shape \(\), expected"),  # 0-d
     (np.array(["{not json"]), "'__model__' entry is not valid JSON"),
+    (np.array(["[" * 10 ** 5 + "]" * 10 ** 5]), "'__model__' entry is not valid JSON"),
     (np.array([1.0]), r"'__model__' is float64"),
     (None, "has no '__model__' entry"),
 ])
