@@ -15,7 +15,7 @@ from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout
                      GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, Parameter, ReLU,
                      Sigmoid, Softmax, Tanh)
 from .losses import MSE, Loss, SoftmaxCrossEntropy
-from .model import Sequential
+from .model import Sequential, load_model
 from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm_
 from .random import manual_seed
 from .schedulers import CosineAnnealingLR, ExponentialLR, StepLR

@@ -20,10 +20,12 @@ from .callbacks import CSVLogger, ModelCheckpoint
 from .data import DataLoader, datasets
 from .inspect import GradientRecorder
 from .losses import SoftmaxCrossEntropy
+from .model import load_model
 from .models import MODELS, build_model
 from .optim import SGD, Adam, AdamW, RMSprop
 from .random import manual_seed
 from .schedulers import CosineAnnealingLR
+from .serialization import atomic_write
 from .trainer import Trainer
 
 DATASETS = {"mnist": datasets.mnist, "fashion-mnist": datasets.fashion_mnist}
@@ -178,13 +180,15 @@ def write_plots(out, dataset, model, history, recorder, x_test, y_test, predicti
 
 # -- evaluate ---------------------------------------------------------------------
 def evaluate_command(args):
-    run = _read_json(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json"))
-    dataset = args.dataset or run.get("dataset", "mnist")
-    if dataset not in DATASETS:  # only run.json can name another
-        raise ValueError(f"run.json names an unknown dataset {dataset!r}; pass --dataset")
-    model_name = args.model or run.get("model", "cnn")
+    """Rebuild the model from the checkpoint alone (or build --model and load into it),
+    and report its test accuracy on the dataset named by --dataset or run.json."""
+    run_json = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json")
+    run = _read_json(run_json)
+    dataset = args.dataset or _setting(run, "dataset", DATASETS, run_json) or "mnist"
+    model_name = args.model or _setting(run, "model", MODELS, run_json) or "model"
     with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
-        model = build_model(model_name).load(args.checkpoint)
+        model = (build_model(args.model).load(args.checkpoint) if args.model
+                 else load_model(args.checkpoint))
         x_test, y_test = load_split(dataset, "test", args.data_root)
         predictions = predict_labels(model, x_test, args.batch_size)
     print(f"{model_name} on {dataset} ({len(x_test)} test images)")
@@ -195,15 +199,26 @@ def evaluate_command(args):
 # -- export -----------------------------------------------------------------------
 def export_command(args):
     from . import onnx
-    run = _read_json(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json"))
-    model_name = args.model or run.get("model", "cnn")
-    model = build_model(model_name).load(args.checkpoint)
+    run_json = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json")
+    model_name = args.model or _setting(_read_json(run_json), "model", MODELS, run_json) or "model"
+    model = (build_model(args.model).load(args.checkpoint) if args.model
+             else load_model(args.checkpoint))
     try:
         onnx.export(model, args.onnx, input_shape=(1, 28, 28))   # the models take MNIST images
     except ImportError as exc:        # main() reports RuntimeErrors without a traceback
         raise RuntimeError(str(exc)) from None
     print(f"{model_name} from {args.checkpoint} written to {args.onnx}")
     return 0
+
+
+def _setting(run, key, choices, path):
+    """run.json's ``key`` (None if absent); ValueError naming the file unless it is one
+    of ``choices``."""
+    value = run.get(key)
+    if value is not None and not (isinstance(value, str) and value in choices):
+        raise ValueError(f"{path}: unknown {key} {value!r}; pass --{key} "
+                         f"({', '.join(sorted(choices))})")
+    return value
 
 
 def _positive_int(text):
@@ -232,7 +247,7 @@ def _int_at_least(text, low, requirement):
 
 
 def _write_json(path, data):
-    with open(path, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2)
 
 
@@ -243,7 +258,7 @@ def _read_json(path):
     with open(path) as f:
         try:
             data = json.load(f)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:   # not JSON, not UTF-8, or too deep
             raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} should hold a JSON object like "

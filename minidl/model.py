@@ -6,11 +6,17 @@
 
 A Sequential is itself a Layer, so it nests and ``minidl.gradcheck`` applies to it.
 """
-from . import backend
-from .layers.base import Layer
-from .serialization import load_npz, save_npz
+import json
 
-_STRUCTURE_KEY = "__structure__"
+from . import backend
+from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                     GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Sigmoid, Softmax,
+                     Tanh)
+from .layers.base import Layer, layer_spec
+from .serialization import NpzReader, save_npz
+
+_CONFIG_KEY = "__model__"          # the model's layer_spec, as JSON text
+_MAX_CONFIG_CHARS = 1 << 20
 
 
 class Sequential(Layer):
@@ -110,38 +116,56 @@ class Sequential(Layer):
     def load_state_dict(self, state):
         """Load every layer's arrays; all names and shapes are checked before any
         layer changes, so a mismatch raises ValueError and leaves the model as it was."""
-        per_layer = [{} for _ in self.layers]
+        per_layer = {str(i): {} for i in range(len(self.layers))}  # exact names: not "00"
         unexpected = []
         for key, value in state.items():
             index, _, name = key.partition(".")
-            if index.isdigit() and int(index) < len(self.layers):
-                per_layer[int(index)][name] = value
+            if index in per_layer:
+                per_layer[index][name] = value
             else:
                 unexpected.append(key)
         if unexpected:
             raise ValueError(f"Sequential.load_state_dict: unexpected keys {sorted(unexpected)}")
-        for i, (layer, sub) in enumerate(zip(self.layers, per_layer)):
+        for i, (layer, sub) in enumerate(zip(self.layers, per_layer.values())):
             layer.check_state_dict(sub, f"Sequential.load_state_dict: layer {i} "
                                         f"({type(layer).__name__})")
-        for layer, sub in zip(self.layers, per_layer):
+        for layer, sub in zip(self.layers, per_layer.values()):
             layer.load_state_dict(sub)
 
     def save(self, path):
-        """Write parameters, buffers and a structure description to ``path`` (.npz)."""
+        """Write parameters, buffers and the model's config (every layer's class and
+        constructor arguments, as JSON) to ``path`` (.npz), atomically."""
         state = self.state_dict()
-        state[_STRUCTURE_KEY] = _structure(self)
+        state[_CONFIG_KEY] = backend.get_module("cpu").array([_config_text(self)])
         save_npz(path, state)
 
     def load(self, path):
-        """Load a checkpoint written by ``save``; the model is untouched on any error."""
-        state = load_npz(path)
-        saved = state.pop(_STRUCTURE_KEY, None)
-        mine = _structure(self)
-        if saved is None or list(saved) != list(mine):
-            raise ValueError(f"Sequential.load: {path!r} was saved from a different model "
-                             f"structure:\n  saved: {_describe(saved)}\n  this:  {_describe(mine)}")
-        self.load_state_dict(state)
+        """Load a checkpoint written by ``save``. ValueError naming the file, and the model
+        untouched, unless its layers have the same classes and constructor arguments
+        (dtypes aside: arrays are cast) and its arrays the same names and shapes."""
+        with NpzReader(path) as npz:
+            self._load(npz)
         return self
+
+    def _load(self, npz):
+        saved, mine = _read_config(npz), json.loads(_config_text(self))
+        if _comparable(saved) != _comparable(mine):
+            raise npz.error(f"it was saved from a different model structure "
+                            f"({_difference(saved, mine)})")
+        expected = {name: (value.shape, value.dtype)
+                    for name, value in self._state_arrays().items()}
+        expected[_CONFIG_KEY] = npz.headers[_CONFIG_KEY]
+        state = npz.read_all(expected)
+        del state[_CONFIG_KEY]
+        self.load_state_dict(state)
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        return cls(*config.pop("layers", ()), **config)
+
+    def get_config(self):
+        return {"layers": [layer_spec(layer) for layer in self.layers]}
 
     # -- description ---------------------------------------------------------
     def output_shape(self, input_shape):
@@ -172,17 +196,99 @@ class Sequential(Layer):
         return f"\n{inner}\n" if inner else ""
 
 
-def _structure(model):
-    """One string per layer: its class and the shapes of its arrays."""
-    rows = []
-    for i, layer in enumerate(model.layers):
-        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in layer.state_dict().items())
-        rows.append(f"{i}:{type(layer).__name__}[{shapes}]")
-    return backend.get_module("cpu").array(rows if rows else [""], dtype=str)
+# The classes a checkpoint may name: load_model builds nothing else.
+LAYER_CLASSES = {cls.__name__: cls for cls in (
+    AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D,
+    Identity, LeakyReLU, MaxPool2D, ReLU, Sigmoid, Softmax, Tanh, Sequential)}
 
 
-def _describe(structure):
-    return "none" if structure is None else " ".join(str(s) for s in structure)
+def load_model(path):
+    """The model saved at ``path`` by ``Sequential.save``, rebuilt from the file alone:
+    its layers from their stored classes (only minidl's, ``LAYER_CLASSES``) and
+    constructor arguments, then its arrays loaded. Nothing is unpickled."""
+    with NpzReader(path) as npz:
+        spec = _read_config(npz)
+        try:
+            model = _from_spec(spec)
+        except (TypeError, ValueError, KeyError, MemoryError, RecursionError) as exc:
+            raise npz.error(f"cannot rebuild the model from its config: {exc}") from None
+        if not isinstance(model, Sequential):
+            raise npz.error(f"its config describes a {spec['class']}, not a Sequential")
+        model._load(npz)
+    return model
+
+
+def _from_spec(spec):
+    if not (isinstance(spec, dict) and set(spec) == {"class", "config"}
+            and isinstance(spec["config"], dict)):
+        raise ValueError(f"expected {{'class': name, 'config': {{...}}}}, got {spec!r:.200}")
+    cls = LAYER_CLASSES.get(spec["class"])
+    if cls is None:
+        raise ValueError(f"unknown layer class {spec['class']!r:.100} (allowed: "
+                         f"{', '.join(LAYER_CLASSES)})")
+    try:
+        return cls.from_config({key: _from_value(value) for key, value in spec["config"].items()})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{spec['class']}: {exc}") from None
+
+
+def _from_value(value):
+    """A config value with the layer specs in it (dicts) built into layers."""
+    if isinstance(value, dict):
+        return _from_spec(value)
+    if isinstance(value, list):
+        return [_from_value(item) for item in value]
+    return value
+
+
+def _config_text(model):
+    try:
+        return json.dumps(layer_spec(model), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"Sequential.save: a layer's get_config() must return plain JSON "
+                        f"values: {exc}") from None
+
+
+def _read_config(npz):
+    """The model config stored in the checkpoint, as JSON values."""
+    if _CONFIG_KEY not in npz.headers:
+        raise npz.error(f"it has no {_CONFIG_KEY!r} entry: it was not written by "
+                        f"Sequential.save (or by an older minidl)")
+    text = npz.read(_CONFIG_KEY, (1,), f"<U{_MAX_CONFIG_CHARS}")[0]
+    try:
+        config = json.loads(text)
+        _comparable(config)   # nested too deep for that: not a model's config
+        return config
+    except (ValueError, RecursionError) as exc:
+        raise npz.error(f"its {_CONFIG_KEY!r} entry is not valid JSON ({exc})") from None
+
+
+def _comparable(config):
+    """``config`` without what does not change the model: dtypes (arrays are cast on
+    loading) and Dropout seeds."""
+    if isinstance(config, dict):
+        return {k: _comparable(v) for k, v in config.items() if k not in ("dtype", "seed")}
+    if isinstance(config, list):
+        return [_comparable(v) for v in config]
+    return config
+
+
+def _difference(saved, mine):
+    """Where two model configs differ: the first differing layer, both ways."""
+    try:
+        pairs = list(zip(saved["config"]["layers"], mine["config"]["layers"]))
+        extra = len(saved["config"]["layers"]) - len(pairs)
+    except (TypeError, KeyError):   # not a Sequential's config at all
+        return f"saved {_short(saved)}, this model {_short(mine)}"
+    for i, (a, b) in enumerate(pairs):
+        if _comparable(a) != _comparable(b):
+            return f"layer {i}: saved {_short(a)}, this model {_short(b)}"
+    return f"saved {len(pairs) + extra} layers, this model has {len(mine['config']['layers'])}"
+
+
+def _short(config, limit=1000):
+    text = json.dumps(config)
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _concatenate(arrays):

@@ -1,46 +1,193 @@
-"""Saving arrays to .npz atomically, and reading them back without pickle.
+"""Files written atomically, and .npz checkpoints read without pickle or surprises.
 
-A checkpoint is written to a temporary file in the same folder and renamed over
-the target only once complete, so a crash never leaves a half-written file. It is
-read with ``allow_pickle=False``: a checkpoint can hold arrays, never code.
+Every file minidl writes (checkpoints, dataset files) goes to a temporary name in
+the same folder and is renamed over the target only once complete, so a crash never
+leaves a half-written file. The temporary name carries the writer's process id: a
+process killed mid-write leaves its file behind, and the next write in that folder
+deletes it.
+
+An .npz is a zip of .npy members. ``NpzReader`` reads each member's header (name,
+dtype, shape) when it opens the file, and the data only after the caller has checked
+those against what it expects: a small file can claim gigabytes. Object arrays
+(pickles) are refused: a checkpoint can hold arrays, never code.
 """
+import math
 import os
+import re
 import secrets
+import shutil
 import zipfile
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy
+from numpy.lib import format as npy
+
+_TEMP_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
+
+
+def temp_path(path):
+    """A unique hidden name beside ``path``, for a file or folder being written; it
+    carries this process's id so that ``sweep_temp_files`` can tell when it is stale."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def sweep_temp_files(folder):
+    """Delete the temporary files (and folders) in ``folder`` of processes that no longer
+    run: what a kill during a save or a download leaves behind."""
+    for entry in os.scandir(folder):
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match and not _running(int(match[1])):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.remove(entry.path)
+            except OSError:
+                pass  # swept by another process first, or not ours to delete: leave it
+
+
+def _running(pid):
+    if os.name != "posix":  # os.kill would terminate the process there: never sweep
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, and belongs to another user
+        return True
+    return pid > 0
+
+
+@contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside ``path`` to write; when the block ends without an
+    error, the file is flushed to disk and renamed over ``path`` in one step. On an
+    error ``path`` is untouched and the temporary file removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temp_files(path.parent)
+    tmp = temp_path(path)
+    # Mode "x" creates it with the umask's permissions, as any new file (mkstemp would
+    # give 0600, which the rename would keep).
+    open(tmp, "xb").close()
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_npz(path, arrays):
     """Write ``arrays`` (name -> array) to ``path`` (.npz) atomically."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # A unique hidden name; mode "x" creates it with the umask's permissions, as any
-    # new file (mkstemp would give 0600, which the rename would keep).
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}."
-                               f"{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            numpy.savez(f, **{k: numpy.asarray(v) for k, v in arrays.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        numpy.savez(f, **{k: numpy.asarray(v) for k, v in arrays.items()})
 
 
-def load_npz(path):
-    """Read every array of an .npz into a dict; ValueError for a missing, corrupt,
-    truncated or pickled file, naming the file."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        with numpy.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot read checkpoint {path!r}: it is corrupt, truncated or not "
-                         f"an .npz written by minidl ({type(exc).__name__}: {exc})") from exc
+def load_npz(path, expected):
+    """The arrays of the .npz at ``path``, which must be exactly ``expected`` (name ->
+    (shape, dtype)); every member's header is checked before any data is read."""
+    with NpzReader(path) as npz:
+        return npz.read_all(expected)
+
+
+class NpzReader:
+    """An .npz opened for checked reading; ``headers`` maps each array's name to its
+    (shape, dtype), read from the member headers alone. Every problem is a ValueError
+    naming the file (FileNotFoundError when there is no file)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"checkpoint {self.path!r} does not exist")
+        self._zip = None
+        try:
+            with self._reading():
+                self._zip = zipfile.ZipFile(self.path)
+                self.headers = dict(self._header(info) for info in self._zip.infolist())
+        except BaseException:
+            if self._zip is not None:
+                self._zip.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._zip.close()
+
+    def error(self, problem):
+        return CheckpointError(f"checkpoint {self.path!r}: {problem}")
+
+    def read(self, name, shape, dtype):
+        """The array ``name``, after checking its header against ``shape`` and ``dtype``."""
+        self._check(name, shape, dtype)
+        with self._reading(), self._zip.open(f"{name}.npy") as f:
+            return npy.read_array(f, allow_pickle=False)
+
+    def read_all(self, expected):
+        """{name: array} for ``expected`` (name -> (shape, dtype)): the file must hold
+        exactly these names, and every header is checked before any data is read."""
+        missing = sorted(set(expected) - set(self.headers))
+        unexpected = sorted(set(self.headers) - set(expected))
+        if missing or unexpected:
+            raise self.error(f"missing arrays {missing}, unexpected arrays {unexpected}")
+        for name, (shape, dtype) in expected.items():
+            self._check(name, shape, dtype)
+        return {name: self.read(name, *spec) for name, spec in expected.items()}
+
+    def _check(self, name, shape, dtype):
+        """Same shape, and a dtype that casts within its kind (float64 into float32 yes,
+        float into int no); a text member may not be longer than ``dtype`` allows."""
+        if name not in self.headers:
+            raise self.error(f"has no array {name!r}")
+        saved_shape, saved = self.headers[name]
+        dtype = numpy.dtype(dtype)
+        castable = (saved.kind == "U" and saved.itemsize <= dtype.itemsize if dtype.kind == "U"
+                    else numpy.can_cast(saved, dtype, "same_kind"))
+        if saved_shape != tuple(shape) or not castable:
+            raise self.error(f"array {name!r} is {saved} of shape {saved_shape}, expected "
+                             f"{dtype} of shape {tuple(shape)}")
+
+    def _header(self, info):
+        """(name, (shape, dtype)) of one member, checked to be a plain .npy array whose
+        data is as long as its header says."""
+        if not info.filename.endswith(".npy"):
+            raise self.error(f"member {info.filename!r} is not an .npy array")
+        if info.flag_bits & 0x1:
+            raise self.error(f"member {info.filename!r} is encrypted")
+        with self._zip.open(info) as f:
+            version = npy.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise self.error(f"member {info.filename!r} has .npy version {version}")
+            read_header = npy.read_array_header_1_0 if version == (1, 0) \
+                else npy.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            size = f.tell() + math.prod(shape) * dtype.itemsize
+        if dtype.hasobject:
+            raise self.error(f"member {info.filename!r} holds Python objects (a pickle), "
+                             f"which minidl never loads")
+        if size != info.file_size:
+            raise self.error(f"member {info.filename!r} holds {info.file_size} bytes, but "
+                             f"its header says {size} ({dtype} of shape {shape})")
+        return info.filename.removesuffix(".npy"), (shape, dtype)
+
+    @contextmanager
+    def _reading(self):
+        """Turn what zipfile and numpy raise on a damaged file into one clear ValueError."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except (zipfile.BadZipFile, EOFError, OSError, KeyError, RuntimeError,
+                NotImplementedError, zlib.error, ValueError) as exc:
+            raise self.error(f"it is corrupt, truncated or not an .npz written by minidl "
+                             f"({type(exc).__name__}: {exc})") from None
+
+
+class CheckpointError(ValueError):
+    """What NpzReader raises for a file it refuses; the message names the file."""

@@ -49,7 +49,7 @@ def randn(xp, *shape, seed=0, dtype=numpy.float64):
 
 def write_fake_dataset(root, dataset, n_train=256, n_test=100):
     """MNIST-format files under root/dataset: 28x28 images whose class is the row of
-    one bright stripe. Returns their MD5s, to stand in for the official ones."""
+    one bright stripe. Returns their (MD5, .gz size), to stand in for the official ones."""
     from minidl.data import datasets, write_idx
     rng = numpy.random.default_rng(0)
     folder = root / dataset
@@ -63,7 +63,8 @@ def write_fake_dataset(root, dataset, n_train=256, n_test=100):
         for name, array in zip(datasets.SPLITS[split], (images, labels)):
             path = folder / f"{name}.gz"
             write_idx(path, array)
-            checksums[name] = hashlib.md5(gzip.decompress(path.read_bytes())).hexdigest()
+            data = path.read_bytes()
+            checksums[name] = (hashlib.md5(gzip.decompress(data)).hexdigest(), len(data))
     return checksums
 
 

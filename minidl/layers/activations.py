@@ -8,7 +8,7 @@ import copy
 
 from .. import backend
 from ..checks import check_int, check_real
-from .base import Layer
+from .base import Layer, layer_spec
 from .parallel import in_pieces
 
 
@@ -81,6 +81,9 @@ class LeakyReLU(Activation):
     def extra_repr(self):
         return f"negative_slope={self.negative_slope}"
 
+    def get_config(self):
+        return {**super().get_config(), "negative_slope": self.negative_slope}
+
 
 class Sigmoid(Activation):
     """y = 1 / (1 + exp(-x)), computed without overflow;  dx = dy * y * (1 - y)."""
@@ -143,6 +146,9 @@ class Softmax(Activation):
     def extra_repr(self):
         return f"axis={self.axis}"
 
+    def get_config(self):
+        return {**super().get_config(), "axis": int(self.axis)}
+
 
 class Identity(Activation):
     """y = x: the activation of a layer built with ``activation=None``."""
@@ -176,3 +182,8 @@ def get_activation(activation, owner, dtype):
         return ACTIVATIONS[activation.lower()](dtype=dtype)
     raise ValueError(f"{owner}: activation must be None, a Layer or one of "
                      f"{sorted(ACTIVATIONS)}, got {activation!r}")
+
+
+def activation_spec(activation):
+    """A layer's activation in its config: None for Identity, else the layer's spec."""
+    return None if isinstance(activation, Identity) else layer_spec(activation)

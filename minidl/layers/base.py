@@ -239,6 +239,17 @@ class Layer:
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
 
+    def get_config(self):
+        """The constructor arguments as plain JSON values, as Keras layers give them: a
+        checkpoint stores them, ``minidl.load_model`` rebuilds the layer from them.
+        Subclasses add theirs to this dict."""
+        return {} if self.dtype is None else {"dtype": self.dtype.name}
+
+    @classmethod
+    def from_config(cls, config):
+        """The layer built from ``get_config()``'s dict (nested layers already built)."""
+        return cls(**config)
+
     def flops(self, input_shape):
         """Multiply-adds x 2 of one forward pass for one sample (0: not counted)."""
         return 0
@@ -251,3 +262,8 @@ class Layer:
         layers override it with arithmetic."""
         x = backend.zeros(input_shape, self.dtype or backend.float32, self.device)
         return tuple(copy.deepcopy(self).forward(x, training=False).shape)
+
+
+def layer_spec(layer):
+    """``{"class": name, "config": get_config()}``: a layer as a checkpoint stores it."""
+    return {"class": type(layer).__name__, "config": layer.get_config()}

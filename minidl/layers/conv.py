@@ -31,7 +31,7 @@ import math
 from .. import backend
 from ..checks import check_allocation, check_bool, check_int, check_padding, check_pair
 from ..random import default_rng
-from .activations import get_activation
+from .activations import activation_spec, get_activation
 from .base import Layer, Parameter
 from .im2col import channels_first, col2im_add, conv_output_size, im2col, pad_channels_first
 
@@ -295,3 +295,12 @@ class Conv2D(Layer):
         if self.bias is None:
             text += ", bias=False"
         return text
+
+    def get_config(self):
+        # Not max_im2col_bytes: a memory budget of this machine, not part of the model.
+        padding = self.padding.lower() if isinstance(self.padding, str) \
+            else [p for p, _ in self.pads]
+        return {**super().get_config(), "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "kernel_size": list(self.kernel_size),
+                "stride": list(self.stride), "padding": padding,
+                "activation": activation_spec(self.activation), "bias": self.bias is not None}

@@ -17,7 +17,7 @@ import math
 from .. import backend
 from ..checks import check_allocation, check_bool, check_int
 from ..random import default_rng
-from .activations import LeakyReLU, ReLU, get_activation
+from .activations import LeakyReLU, ReLU, activation_spec, get_activation
 from .base import Layer, Parameter
 
 
@@ -104,3 +104,8 @@ class Dense(Layer):
         if self.bias is None:
             text += ", bias=False"
         return text
+
+    def get_config(self):
+        return {**super().get_config(), "in_features": self.in_features,
+                "out_features": self.out_features,
+                "activation": activation_spec(self.activation), "bias": self.bias is not None}

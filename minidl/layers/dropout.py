@@ -62,3 +62,6 @@ class Dropout(Layer):
 
     def extra_repr(self):
         return f"p={self.p}" + ("" if self.seed is None else f", seed={self.seed}")
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.p, "seed": self.seed}

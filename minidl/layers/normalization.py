@@ -164,6 +164,10 @@ class _BatchNorm(Layer):
         text = f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
         return text + ("" if self.affine else ", affine=False")
 
+    def get_config(self):
+        return {**super().get_config(), "num_features": self.num_features,
+                "momentum": self.momentum, "eps": self.eps, "affine": self.affine}
+
 
 class BatchNorm1D(_BatchNorm):
     """Batch norm of (N, C) or (N, C, L) input, per feature C (as torch.nn.BatchNorm1d)."""

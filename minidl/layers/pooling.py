@@ -126,6 +126,10 @@ class _Pool2D(Layer):
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}")
 
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": list(self.kernel_size),
+                "stride": list(self.stride), "padding": list(self.padding)}
+
 
 class MaxPool2D(_Pool2D):
     """Max over each k1 x k2 window; ``stride`` defaults to ``kernel_size``; int or pair.
