@@ -19,10 +19,17 @@ class DataLoader:
     from ``minidl.manual_seed``'s); ``drop_last`` skips a final short batch;
     ``transform`` is applied to each x batch on the CPU before it moves. ``x`` and
     ``y`` may be arrays (used as they are, never copied) or lists (made arrays).
+
+    ``rank`` and ``world_size`` shard the data for data-parallel training: every
+    epoch, all ranks draw one order (the same ``seed`` on each), and rank r takes
+    positions r, r + world_size, ... of it. The order is first padded by repeating
+    its start (``drop_last``: cut) to a multiple of ``world_size``, so that every
+    rank has the same number of batches. Batch b of all ranks together is then batch
+    b of one process with ``batch_size * world_size``.
     """
 
     def __init__(self, x, y, batch_size=64, shuffle=True, drop_last=False, seed=None,
-                 transform=None):
+                 transform=None, rank=0, world_size=1):
         # Shuffled batches index with an array of positions, which lists do not support.
         x, y = (a if backend.is_array(a) else numpy.asarray(a) for a in (x, y))
         if len(x) != len(y):
@@ -33,26 +40,44 @@ class DataLoader:
             raise ValueError(f"DataLoader: batch_size must be a positive int, got {batch_size!r}")
         if len(x) == 0:
             raise ValueError("DataLoader: the dataset is empty")
+        _check_shard(rank, world_size, len(x), drop_last)
+        if shuffle and world_size > 1 and seed is None:    # each rank would draw its own
+            raise ValueError("DataLoader: with world_size > 1 and shuffle=True, pass the "
+                             "same seed= on every rank, so that all ranks shard one order")
         self.x, self.y = x, y
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.transform = transform
+        self.rank, self.world_size = int(rank), int(world_size)
         self.rng = new_rng(seed)
 
     def __len__(self):
-        """The number of batches in one epoch."""
-        n = len(self.x)
+        """The number of batches in one epoch (on this rank)."""
+        n = self._shard_size()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     @property
     def num_samples(self):
-        """Samples seen in one epoch (less than len(x) with drop_last)."""
-        return len(self) * self.batch_size if self.drop_last else len(self.x)
+        """Samples seen in one epoch on this rank (less than len(x) with drop_last)."""
+        return len(self) * self.batch_size if self.drop_last else self._shard_size()
+
+    def _shard_size(self):
+        n, p = len(self.x), self.world_size
+        return n // p if self.drop_last else -(-n // p)
+
+    def _order(self):
+        """This epoch's sample indices for this rank; None for all, in order."""
+        n, p = len(self.x), self.world_size
+        order = self.rng.permutation(n) if self.shuffle else None
+        if p == 1:
+            return order
+        order = numpy.arange(n) if order is None else order
+        return numpy.resize(order, self._shard_size() * p)[self.rank::p]
 
     def __iter__(self):
-        n = len(self.x)
-        order = self.rng.permutation(n) if self.shuffle else None
+        order = self._order()
+        n = len(self.x) if order is None else len(order)
         for b in range(len(self)):
             start, stop = b * self.batch_size, min((b + 1) * self.batch_size, n)
             if order is None:
@@ -64,3 +89,16 @@ class DataLoader:
             if self.transform is not None:
                 xb = self.transform(xb)
             yield backend.to_backend(xb), backend.to_backend(yb)
+
+
+def _check_shard(rank, world_size, n, drop_last):
+    """ValueError unless 0 <= rank < world_size (ints) and every rank gets a sample."""
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"DataLoader: {name} must be an int, got {value!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"DataLoader: need world_size >= 1 and 0 <= rank < world_size, "
+                         f"got rank={rank!r}, world_size={world_size!r}")
+    if drop_last and n < world_size:
+        raise ValueError(f"DataLoader: drop_last with {n} samples leaves nothing for "
+                         f"{world_size} ranks")
