@@ -14,6 +14,8 @@ setup(
         "gpu": ["cupy-cuda12x>=13"],
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.6"],
         "viz": ["matplotlib>=3.6"],
+        # MPI for data-parallel training; the mpich wheel brings mpiexec onto PATH
+        "dist": ["mpi4py>=4", "mpich"],
     },
     entry_points={"console_scripts": ["minidl=minidl.cli:main"]},
 )
