@@ -27,14 +27,14 @@ def data():
 
 
 def train(comm, metrics=("accuracy",)):
-    """20 Adam steps with global batch 64 split over the ranks; (model, history)."""
+    """20 SGD steps with global batch 64 split over the ranks; (model, history)."""
     minidl.manual_seed(100 + comm.rank)   # a different start per rank: broadcast fixes it
     model = minidl.Sequential(
         minidl.Conv2D(1, 4, 3, padding=1), minidl.ReLU(), minidl.MaxPool2D(2),
         minidl.Flatten(), minidl.Dense(64, 3))
     distributed.broadcast_parameters(model, comm=comm)
     x, y = data()
-    optimizer = minidl.Adam(model.parameters(), lr=0.01)
+    optimizer = minidl.SGD(model.parameters(), lr=0.05, momentum=0.9)
     trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(), optimizer,
                              metrics=metrics, verbose=0, comm=comm)
     shard = dict(rank=comm.rank, world_size=comm.size)

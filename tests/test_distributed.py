@@ -57,7 +57,7 @@ def test_two_ranks_of_32_equal_one_process_of_64(tmp_path):
     one = model.state_dict()
     for rank in (0, 1):
         two = numpy.load(tmp_path / f"rank{rank}.npz")
-        for key, value in one.items():      # 20 Adam steps: float32 rounding only
+        for key, value in one.items():      # 20 SGD steps: float32 rounding only
             numpy.testing.assert_allclose(two[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
         for key, values in history.history.items():
             if key != "time":
