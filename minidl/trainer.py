@@ -155,7 +155,8 @@ class Trainer:
             loss, logits = self.train_step(x, y)
             totals.add(loss, logits, y)
             if verbose and (self.batch % 10 == 0 or self.batch == len(train) - 1):
-                speed = totals.count / max(time.perf_counter() - start, 1e-9)
+                # images/s of the whole job: every rank takes as many as this one
+                speed = totals.count * self.comm.size / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(**totals.means(), img_s=f"{speed:.0f}", refresh=False)
         bar.close()
         average_buffers(self.model, self.comm)   # every rank evaluates the same model
