@@ -77,10 +77,8 @@ def init(device="cpu"):
     except ImportError:     # no MPI: a single process is a job of one
         return Communicator()
     host = _MPI(MPI.COMM_WORLD, MPI)
-    if host.size == 1:
-        return Communicator(host)
-    gpu = _NCCL(host, backend.get_module("gpu")) if device == "gpu" else None
-    return Communicator(host, gpu)
+    gpu = device == "gpu" and host.size > 1
+    return Communicator(host, _NCCL(host, backend.get_module("gpu")) if gpu else None)
 
 
 def average_gradients(parameters, comm):

@@ -56,7 +56,8 @@ class Trainer:
     global gradient norm to this value before each step. ``verbose=0`` turns the
     progress bars off. ``comm``: a ``minidl.distributed`` Communicator for
     data-parallel training (gradients averaged each step, metrics summed over the
-    ranks, BatchNorm statistics averaged each epoch, progress shown on rank 0 only).
+    ranks, BatchNorm statistics averaged each epoch, progress shown on rank 0 only);
+    ``fit`` and ``evaluate`` are then collective: every rank must call them.
     """
 
     def __init__(self, model, loss, optimizer, scheduler=None, metrics=("accuracy",),

@@ -60,6 +60,9 @@ def main(argv):
     command = argv[0]
     if command == "train":
         comm = distributed.init()
+        # the MPI calls that only the NCCL set-up uses (no GPU here)
+        assert comm.host.local_rank() == comm.rank      # one node: the same numbering
+        assert comm.host.bcast_object("id" if comm.rank == 0 else None) == "id"
         model, history = train(comm)
         numpy.savez(f"{argv[1]}{comm.rank}.npz", **model.state_dict(),
                     **{f"history.{k}": numpy.array(v) for k, v in history.history.items()})

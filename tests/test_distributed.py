@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 from types import SimpleNamespace
 
@@ -24,13 +25,17 @@ JOB = os.path.join(ROOT, "tests", "distributed_job.py")
 
 
 def _mpiexec():
-    """The mpiexec of the MPI that mpi4py uses (the mpich wheel puts it beside python)."""
+    """The mpiexec of the mpich wheel: in the scripts folder of this python (or of
+    its user site), where pip puts it; None without mpi4py or that wheel."""
     try:
         import mpi4py  # noqa: F401
     except ImportError:
         return None
-    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return beside if os.path.exists(beside) else None
+    folders = [os.path.dirname(sys.executable), sysconfig.get_path("scripts"),
+               sysconfig.get_path("scripts", f"{os.name}_user")]
+    found = [os.path.join(f, "mpiexec") for f in folders
+             if os.path.exists(os.path.join(f, "mpiexec"))]
+    return found[0] if found else None
 
 
 MPIEXEC = _mpiexec()
