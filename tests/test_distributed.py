@@ -132,6 +132,41 @@ class FakeHost:
         self.calls.append(("barrier",))
 
 
+class MirrorHost(FakeHost):
+    """Rank 1 of 2 whose partner always holds the same arrays: sums are doubles."""
+
+    def __init__(self):
+        super().__init__(rank=1)
+
+    def all_reduce(self, a, out):
+        self.calls.append(("all_reduce", a.shape))
+        out[...] = 2 * a
+
+
+def test_trainer_with_a_communicator(capsys):
+    # Ranks that agree on everything must train exactly like one process; rank 1 is silent.
+    x = numpy.random.default_rng(0).standard_normal((96, 5)).astype(numpy.float32)
+    y = (x[:, 0] > 0).astype(numpy.int64)
+    runs = []
+    for comm in (None, Communicator(MirrorHost())):
+        minidl.manual_seed(0)
+        model = minidl.Sequential(minidl.Dense(5, 8), minidl.BatchNorm1D(8), minidl.ReLU(),
+                                  minidl.Dense(8, 2))
+        trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(),
+                                 minidl.SGD(model.parameters(), lr=0.1), verbose=1, comm=comm)
+        history = trainer.fit(DataLoader(x, y, 32, seed=1), epochs=2,
+                              val=DataLoader(x, y, 50, shuffle=False))
+        runs.append((model.state_dict(), history, capsys.readouterr()))
+    (one, h1, out1), (two, h2, out2) = runs
+    for key in one:
+        numpy.testing.assert_allclose(two[key], one[key], rtol=1e-6, err_msg=key)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        numpy.testing.assert_allclose(h2[key], h1[key], rtol=1e-12, err_msg=key)
+    assert "epoch 2/2" in out1.out and out2.out == "" and out2.err == ""
+    steps = 2 * 3   # one gradient allreduce per step; BatchNorm and metrics per epoch
+    assert len(comm.host.calls) == steps + 2 * 3
+
+
 def two_layer_model():
     return minidl.Sequential(minidl.Dense(3, 4), minidl.ReLU(), minidl.Dense(4, 2))
 
