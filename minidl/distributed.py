@@ -16,9 +16,9 @@ ranks with batch B/p take the same steps as one process with batch B. Host array
 travel through MPI (mpi4py's buffer form, no pickling); GPU arrays through NCCL.
 Why this design, and its cost: docs/distributed.md.
 """
-import numpy
-
 from . import backend
+
+_numpy = backend.get_module("cpu")    # host buffers: metric sums, MPI's arrays
 
 
 class Communicator:
@@ -49,7 +49,7 @@ class Communicator:
 
     def sum(self, values):
         """Each of ``values`` (Python numbers) summed over the ranks, as floats."""
-        totals = numpy.array(values, dtype=numpy.float64)
+        totals = _numpy.array(values, dtype=_numpy.float64)
         if self.size > 1:
             self.host.all_reduce(totals, totals)
         return totals.tolist()
@@ -179,7 +179,7 @@ class _MPI:
 
 
 def _check_host(a):
-    if not isinstance(a, numpy.ndarray):
+    if not isinstance(a, _numpy.ndarray):
         raise TypeError(f"distributed: MPI sums host (numpy) arrays, got "
                         f"{type(a).__module__}.{type(a).__name__}; for a model on the GPU "
                         f"use distributed.init(device='gpu'), which sums them with NCCL")
@@ -197,10 +197,10 @@ class _NCCL:
         self.nccl, self.cuda = cuda.nccl, cuda
         uid = self.nccl.get_unique_id() if host.rank == 0 else None
         self.comm = self.nccl.NcclCommunicator(host.size, host.bcast_object(uid), host.rank)
-        self.types = {numpy.dtype(numpy.float16): self.nccl.NCCL_FLOAT16,
-                      numpy.dtype(numpy.float32): self.nccl.NCCL_FLOAT32,
-                      numpy.dtype(numpy.float64): self.nccl.NCCL_FLOAT64,
-                      numpy.dtype(numpy.int64): self.nccl.NCCL_INT64}
+        self.types = {_numpy.dtype(_numpy.float16): self.nccl.NCCL_FLOAT16,
+                      _numpy.dtype(_numpy.float32): self.nccl.NCCL_FLOAT32,
+                      _numpy.dtype(_numpy.float64): self.nccl.NCCL_FLOAT64,
+                      _numpy.dtype(_numpy.int64): self.nccl.NCCL_INT64}
 
     def all_reduce(self, a, out):
         self.comm.allReduce(_device_pointer(a), _device_pointer(out), a.size, self._type(a),
