@@ -354,6 +354,13 @@ def test_shard_arguments_are_checked(kwargs, message):
         DataLoader(numpy.zeros(10), numpy.zeros(10), 2, **kwargs)
 
 
+def test_cli_warns_without_python_m_mpi4py(monkeypatch, capsys):
+    monkeypatch.setattr(distributed, "init", lambda device: Communicator(FakeHost()))
+    monkeypatch.delitem(sys.modules, "mpi4py.run", raising=False)
+    comm = cli._communicator(SimpleNamespace(distributed=True, device="cpu"))
+    assert comm.size == 2 and "python -m mpi4py -m minidl" in capsys.readouterr().err
+
+
 def test_global_batch_must_split_over_ranks():
     with pytest.raises(ValueError, match="--batch-size 63 does not split evenly over 2"):
         cli._batch_per_rank(63, 2)
