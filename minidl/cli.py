@@ -100,6 +100,8 @@ def train_command(args):
 
         model = build_model(args.model)
         distributed.broadcast_parameters(model, comm=comm)
+        if comm.size > 1:   # the weights are rank 0's; Dropout masks should differ per rank
+            manual_seed(args.seed + comm.rank)
         if root:
             model.summary(x_train.shape[1:])
         optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
