@@ -81,6 +81,21 @@ def init(device="cpu"):
     return Communicator(host, _NCCL(host, backend.get_module("gpu")) if gpu else None)
 
 
+def check_same_on_all_ranks(value, comm, what):
+    """ValueError on every rank unless the number ``value`` is the same on all ranks.
+
+    All equal exactly when p * sum(v^2) == (sum v)^2 (Cauchy-Schwarz), a test that
+    gives every rank the same verdict, so that all of them stop, none waits.
+    """
+    if comm.size == 1:
+        return
+    total, squares = comm.sum([value, value * value])
+    if comm.size * squares != total * total:
+        raise ValueError(f"{what} differ between the ranks (here {value}, mean "
+                         f"{total / comm.size:g}): a rank with fewer would leave the "
+                         f"others waiting; shard with DataLoader(..., rank=, world_size=)")
+
+
 def average_gradients(parameters, comm):
     """Replace each ``p.grad`` by its mean over the ranks: one allreduce of a flat buffer.
 

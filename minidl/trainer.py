@@ -14,7 +14,8 @@ import time
 from tqdm.auto import tqdm
 
 from . import backend
-from .distributed import Communicator, average_buffers, average_gradients
+from .distributed import (Communicator, average_buffers, average_gradients,
+                          check_same_on_all_ranks)
 from .model import Sequential
 from .optim import clip_grad_norm_
 
@@ -113,6 +114,7 @@ class Trainer:
         """
         verbose = (self.verbose if verbose is None else verbose) if self.comm.rank == 0 else 0
         self._check_device(train)
+        check_same_on_all_ranks(len(train), self.comm, "Trainer.fit: batches per epoch")
         history = History()
         self.stop_training = False
         for cb in callbacks:

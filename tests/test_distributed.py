@@ -164,11 +164,33 @@ def test_trainer_with_a_communicator(capsys):
         numpy.testing.assert_allclose(h2[key], h1[key], rtol=1e-12, err_msg=key)
     assert "epoch 2/2" in out1.out and out2.out == "" and out2.err == ""
     steps = 2 * 3   # one gradient allreduce per step; BatchNorm and metrics per epoch
-    assert len(comm.host.calls) == steps + 2 * 3
+    assert len(comm.host.calls) == 1 + steps + 2 * 3    # 1: the check of len(train)
+
+
+def test_ranks_with_different_numbers_of_batches_all_stop():
+    model = two_layer_model()
+    x, y = numpy.zeros((64, 3), numpy.float32), numpy.zeros(64, numpy.int64)
+    for mine, other in ((2, 4), (4, 2)):    # 2 batches here, 4 there; and the other way
+        host = FakeHost(numpy.array([other, other ** 2], numpy.float64))
+        trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(),
+                                 minidl.SGD(model.parameters(), lr=0.1), verbose=0,
+                                 comm=Communicator(host))
+        with pytest.raises(ValueError, match=f"batches per epoch differ between the ranks "
+                                             f"\\(here {mine}, mean 3\\)"):
+            trainer.fit(DataLoader(x, y, 64 // mine, seed=0), epochs=1)
+        assert host.calls == [("all_reduce", (2,))]     # stopped before any step
 
 
 def two_layer_model():
     return minidl.Sequential(minidl.Dense(3, 4), minidl.ReLU(), minidl.Dense(4, 2))
+
+
+def test_check_same_on_all_ranks():
+    distributed.check_same_on_all_ranks(5, Communicator(FakeHost(numpy.array([5.0, 25.0]))),
+                                        "steps")
+    with pytest.raises(ValueError, match="steps differ between the ranks"):
+        distributed.check_same_on_all_ranks(
+            5, Communicator(FakeHost(numpy.array([6.0, 36.0]))), "steps")
 
 
 def test_average_gradients_is_one_allreduce_of_a_flat_buffer():
