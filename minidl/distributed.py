@@ -102,16 +102,12 @@ def average_gradients(parameters, comm):
     A parameter without a gradient adds zeros and keeps ``grad = None``, so optimizers
     skip it as in one process. The new grads are views of the summed buffer.
     """
-    if comm.size == 1:
-        return
     parameters = list(parameters)
-    if not parameters:
+    if comm.size == 1 or not parameters:
         return
-    grads = [p.grad for p in parameters]
-    flat = _pack(grads, [p.data for p in parameters], "average_gradients")
-    comm.allreduce_(flat)
-    flat /= comm.size
-    for p, g in zip(parameters, _unpack(flat, [p.data for p in parameters])):
+    means = _mean_over_ranks([p.grad for p in parameters], [p.data for p in parameters],
+                             comm, "average_gradients")
+    for p, g in zip(parameters, means):
         if p.grad is not None:
             p.grad = g
 
@@ -134,32 +130,27 @@ def average_buffers(model, comm):
     Each rank's statistics saw only its shards; their mean is what eval mode uses.
     Integer buffers (batch counts) are equal on all ranks and stay as they are.
     """
-    if comm.size == 1:
-        return
     buffers = [value for _, value in model.named_buffers() if value.dtype.kind == "f"]
-    if not buffers:
+    if comm.size == 1 or not buffers:
         return
-    flat = _pack(buffers, buffers, "average_buffers")
-    comm.allreduce_(flat)
-    flat /= comm.size
-    for value, mean in zip(buffers, _unpack(flat, buffers)):
+    for value, mean in zip(buffers, _mean_over_ranks(buffers, buffers, comm,
+                                                     "average_buffers")):
         value[...] = mean
 
 
-def _pack(arrays, like, caller):
-    """One flat buffer holding ``arrays`` in order (zeros where an array is None)."""
+def _mean_over_ranks(arrays, like, comm, caller):
+    """The mean over the ranks of each of ``arrays`` (None: zeros), as views shaped like
+    ``like`` of one flat buffer: pack, one allreduce, divide by the number of ranks."""
     dtypes = {a.dtype for a in like}
     if len(dtypes) > 1:     # one buffer, one allreduce: mixed dtypes would be cast
         raise ValueError(f"distributed.{caller}: all arrays must share one dtype for the "
                          f"flat buffer, got {sorted(str(d) for d in dtypes)}; move the "
                          f"model to one dtype")
     xp = backend.get_array_module(like[0])
-    return xp.concatenate([(xp.zeros(t.size, t.dtype) if a is None else a.reshape(-1))
+    flat = xp.concatenate([(xp.zeros(t.size, t.dtype) if a is None else a.reshape(-1))
                            .astype(t.dtype, copy=False) for a, t in zip(arrays, like)])
-
-
-def _unpack(flat, like):
-    """Views of ``flat`` shaped as each array of ``like``."""
+    comm.allreduce_(flat)
+    flat /= comm.size
     views, start = [], 0
     for t in like:
         views.append(flat[start:start + t.size].reshape(t.shape))
