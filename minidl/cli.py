@@ -15,7 +15,7 @@ import sys
 
 import numpy
 
-from . import backend, viz
+from . import backend, distributed, viz
 from .callbacks import CSVLogger, ModelCheckpoint
 from .data import DataLoader, datasets
 from .inspect import GradientRecorder
@@ -56,6 +56,9 @@ def build_parser():
                        help="dataset cache folder (default: $MINIDL_DATA or ~/.cache/minidl)")
     train.add_argument("--out", default=None, help="output folder (default: runs/DATASET)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--distributed", action="store_true",
+                       help="data-parallel over MPI ranks (mpiexec -n N python -m mpi4py -m "
+                            "minidl train --distributed); --batch-size is the global batch")
     train.set_defaults(func=train_command)
 
     evaluate = sub.add_parser("evaluate", help="reload a checkpoint and report test accuracy")
@@ -96,31 +99,42 @@ def main(argv=None):
 def train_command(args):
     manual_seed(args.seed)
     out = args.out or os.path.join("runs", args.dataset)
-    make_output_folder(out)
+    comm = _communicator(args)
+    batch_size = _batch_per_rank(args.batch_size, comm.size)
+    root = comm.rank == 0   # the one rank that prints and writes files
+    if root:
+        make_output_folder(out)
     with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
-        x_train, y_train = load_split(args.dataset, "train", args.data_root)
-        x_test, y_test = load_split(args.dataset, "test", args.data_root)
-        if args.limit:
-            x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+        x_train, y_train, x_test, y_test = _load_train_test(args, comm)
         (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train)
 
         model = build_model(args.model)
-        model.summary(x_train.shape[1:])
+        distributed.broadcast_parameters(model, comm=comm)
+        if comm.size > 1:   # the weights are rank 0's; Dropout masks should differ per rank
+            manual_seed(args.seed + comm.rank)
+        if root:
+            model.summary(x_train.shape[1:])
         optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
         trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer,
                           scheduler=CosineAnnealingLR(optimizer, T_max=args.epochs),
-                          verbose=0 if args.quiet else 1)
+                          verbose=0 if args.quiet else 1, comm=comm)
         checkpoint = os.path.join(out, "model.npz")
         recorder = GradientRecorder(model)
-        print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
-              f"testing on {len(x_test)} ({args.device})", flush=True)
+        if root:
+            print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
+                  f"testing on {len(x_test)} ({args.device}"
+                  f"{f', {comm.size} ranks' if comm.size > 1 else ''})", flush=True)
+        shard = dict(rank=comm.rank, world_size=comm.size)
         history = trainer.fit(
-            DataLoader(x_train, y_train, args.batch_size, seed=args.seed, transform=to_float),
+            DataLoader(x_train, y_train, batch_size, seed=args.seed, transform=to_float, **shard),
             epochs=args.epochs,
-            val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float),
+            val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float, **shard),
             # The recorder first: it adds its statistics to the logs the others see.
             callbacks=[recorder, ModelCheckpoint(checkpoint, monitor="val_accuracy"),
-                       CSVLogger(os.path.join(out, "history.csv"))])
+                       CSVLogger(os.path.join(out, "history.csv"))] if root else [])
+        comm.barrier()
+        if not root:
+            return 0
         _write_json(os.path.join(out, "run.json"), {
             "dataset": args.dataset, "model": args.model, "epochs": history.epochs,
             "seed": args.seed, "checkpoint": "model.npz"})
@@ -130,6 +144,43 @@ def train_command(args):
     print(f"checkpoint and plots in {out}")
     print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
     return 0
+
+
+def _communicator(args):
+    """The job's ranks with --distributed (an error without MPI: N copies of one
+    process would each train alone and overwrite each other's files), else one."""
+    if not args.distributed:
+        return distributed.Communicator()
+    comm = distributed.init(args.device)
+    if comm.host is None:
+        raise ValueError("--distributed needs MPI: pip install 'minidl[dist]' (mpi4py, mpich)")
+    if comm.size > 1 and comm.rank == 0 and "mpi4py.run" not in sys.modules:
+        print("warning: run as 'mpiexec -n N python -m mpi4py -m minidl ...', so that an "
+              "error on one rank ends the job instead of leaving the others waiting",
+              file=sys.stderr)
+    return comm
+
+
+def _batch_per_rank(batch_size, size):
+    """--batch-size is the global batch: each of ``size`` ranks takes an equal part."""
+    if batch_size % size:
+        raise ValueError(f"--batch-size {batch_size} does not split evenly over {size} "
+                         f"ranks; pass a multiple of {size}")
+    return batch_size // size
+
+
+def _load_train_test(args, comm):
+    """The train (first --limit) and test arrays; rank 0 first, so that only one
+    rank downloads into the cache while the others wait."""
+    if comm.rank != 0:
+        comm.barrier()
+    x_train, y_train = load_split(args.dataset, "train", args.data_root)
+    x_test, y_test = load_split(args.dataset, "test", args.data_root)
+    if comm.rank == 0:
+        comm.barrier()
+    if args.limit:
+        x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+    return x_train, y_train, x_test, y_test
 
 
 def make_output_folder(out):

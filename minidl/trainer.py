@@ -14,6 +14,8 @@ import time
 from tqdm.auto import tqdm
 
 from . import backend
+from .distributed import (Communicator, average_buffers, average_gradients,
+                          check_same_on_all_ranks)
 from .model import Sequential
 from .optim import clip_grad_norm_
 
@@ -53,11 +55,14 @@ class Trainer:
     names they are logged under. Names must be unique, and not ``loss``, ``lr``,
     ``time`` or ``val_*`` (the Trainer logs those). ``clip_grad_norm``: clip the
     global gradient norm to this value before each step. ``verbose=0`` turns the
-    progress bars off.
+    progress bars off. ``comm``: a ``minidl.distributed`` Communicator for
+    data-parallel training (gradients averaged each step, metrics summed over the
+    ranks, BatchNorm statistics averaged each epoch, progress shown on rank 0 only);
+    ``fit`` and ``evaluate`` are then collective: every rank must call them.
     """
 
     def __init__(self, model, loss, optimizer, scheduler=None, metrics=("accuracy",),
-                 clip_grad_norm=None, verbose=1):
+                 clip_grad_norm=None, verbose=1, comm=None):
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
@@ -65,6 +70,7 @@ class Trainer:
         self.metrics = _build_metrics(metrics)
         self.clip_grad_norm = clip_grad_norm
         self.verbose = verbose
+        self.comm = Communicator() if comm is None else comm
         self.stop_training = False
         self.epoch = 0
         self.batch = 0
@@ -79,6 +85,7 @@ class Trainer:
             self.model.backward(dlogits, input_grad=False)   # x is data: no dL/dx needed
         else:
             self.model.backward(dlogits)
+        average_gradients(self.model.parameters(), self.comm)    # no-op in one process
         if self.clip_grad_norm is not None:
             clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
@@ -105,8 +112,9 @@ class Trainer:
         FloatingPointError of a NaN loss); the error then propagates with the
         History of the finished epochs attached as ``error.history``.
         """
-        verbose = self.verbose if verbose is None else verbose
+        verbose = (self.verbose if verbose is None else verbose) if self.comm.rank == 0 else 0
         self._check_device(train)
+        check_same_on_all_ranks(len(train), self.comm, "Trainer.fit: batches per epoch")
         history = History()
         self.stop_training = False
         for cb in callbacks:
@@ -150,10 +158,12 @@ class Trainer:
             loss, logits = self.train_step(x, y)
             totals.add(loss, logits, y)
             if verbose and (self.batch % 10 == 0 or self.batch == len(train) - 1):
-                speed = totals.count / max(time.perf_counter() - start, 1e-9)
+                # images/s of the whole job: every rank takes as many as this one
+                speed = totals.count * self.comm.size / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(**totals.means(), img_s=f"{speed:.0f}", refresh=False)
         bar.close()
-        return totals.means_as_floats()
+        average_buffers(self.model, self.comm)   # every rank evaluates the same model
+        return totals.reduce(self.comm).means_as_floats()
 
     def evaluate(self, data):
         """Mean loss and metrics over a DataLoader, in eval mode (no updates)."""
@@ -162,7 +172,7 @@ class Trainer:
         for x, y in data:
             logits = self.model.forward(x, training=False)
             totals.add(self.loss.forward(logits, y), logits, y)
-        return totals.means_as_floats()
+        return totals.reduce(self.comm).means_as_floats()
 
     def _check_device(self, data):
         device = backend.default_device()
@@ -187,6 +197,13 @@ class _Totals:
         self.sums["loss"] += loss * n
         for name, fn in self.metrics.items():
             self.sums[name] += fn(logits, y) * n
+
+    def reduce(self, comm):
+        """Sum the counts and sums over the ranks (a mean of means would weigh a
+        rank's short last batch like a full one); returns self."""
+        self.count, *sums = comm.sum([self.count, *self.sums.values()])
+        self.sums = dict(zip(self.sums, sums))
+        return self
 
     def means_as_floats(self):
         if self.count == 0:     # a mean of nothing: 0.0 would look like a real result

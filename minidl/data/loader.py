@@ -18,10 +18,17 @@ class DataLoader:
     from ``minidl.manual_seed``'s); ``drop_last`` skips a final short batch;
     ``transform`` is applied to each x batch on the CPU before it moves. ``x`` and
     ``y`` may be arrays (used as they are, never copied) or lists (made arrays).
+
+    ``rank`` and ``world_size`` shard the data for data-parallel training: every
+    epoch, all ranks draw one order (the same ``seed`` on each), and rank r takes
+    positions r, r + world_size, ... of it. The order is first padded by repeating
+    its start (``drop_last``: cut) to a multiple of ``world_size``, so that every
+    rank has the same number of batches. Batch b of all ranks together is then batch
+    b of one process with ``batch_size * world_size``.
     """
 
     def __init__(self, x, y, batch_size=64, shuffle=True, drop_last=False, seed=None,
-                 transform=None):
+                 transform=None, rank=0, world_size=1):
         x, y = _as_samples(x, "x"), _as_samples(y, "y")
         if len(x) != len(y):
             raise ValueError(f"DataLoader: x and y must have the same length, "
@@ -31,6 +38,10 @@ class DataLoader:
         if transform is not None and not callable(transform):
             raise TypeError(f"DataLoader: transform must be a function of the x batch or "
                             f"None, got {transform!r}")
+        self.rank, self.world_size = _check_shard(rank, world_size, len(x), drop_last)
+        if shuffle and self.world_size > 1 and seed is None:    # each rank would draw its own
+            raise ValueError("DataLoader: with world_size > 1 and shuffle=True, pass the "
+                             "same seed= on every rank, so that all ranks shard one order")
         self.x, self.y = x, y
         self.batch_size = check_int(batch_size, "batch_size", "DataLoader", minimum=1)
         self.shuffle = check_bool(shuffle, "shuffle", "DataLoader")
@@ -39,18 +50,31 @@ class DataLoader:
         self.rng = new_rng(check_seed(seed, "seed", "DataLoader"))
 
     def __len__(self):
-        """The number of batches in one epoch."""
-        n = len(self.x)
+        """The number of batches in one epoch (on this rank)."""
+        n = self._shard_size()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     @property
     def num_samples(self):
-        """Samples seen in one epoch (less than len(x) with drop_last)."""
-        return len(self) * self.batch_size if self.drop_last else len(self.x)
+        """Samples seen in one epoch on this rank (less than len(x) with drop_last)."""
+        return len(self) * self.batch_size if self.drop_last else self._shard_size()
+
+    def _shard_size(self):
+        n, p = len(self.x), self.world_size
+        return n // p if self.drop_last else -(-n // p)
+
+    def _order(self):
+        """This epoch's sample indices for this rank; None for all, in order."""
+        n, p = len(self.x), self.world_size
+        order = self.rng.permutation(n) if self.shuffle else None
+        if p == 1:
+            return order
+        order = numpy.arange(n) if order is None else order
+        return numpy.resize(order, self._shard_size() * p)[self.rank::p]
 
     def __iter__(self):
-        n = len(self.x)
-        order = self.rng.permutation(n) if self.shuffle else None
+        order = self._order()
+        n = len(self.x) if order is None else len(order)
         for b in range(len(self)):
             start, stop = b * self.batch_size, min((b + 1) * self.batch_size, n)
             if order is None:
@@ -72,3 +96,16 @@ def _as_samples(a, name):
         raise TypeError(f"DataLoader: {name} must be an array or a list of samples, "
                         f"got {type(a).__name__}")
     return samples
+
+
+def _check_shard(rank, world_size, n, drop_last):
+    """0 <= rank < world_size, and every rank gets a sample."""
+    rank = check_int(rank, "rank", "DataLoader", minimum=0)
+    world_size = check_int(world_size, "world_size", "DataLoader", minimum=1)
+    if rank >= world_size:
+        raise ValueError(f"DataLoader: need 0 <= rank < world_size, "
+                         f"got rank={rank!r}, world_size={world_size!r}")
+    if drop_last and n < world_size:
+        raise ValueError(f"DataLoader: drop_last with {n} samples leaves nothing for "
+                         f"{world_size} ranks")
+    return rank, world_size

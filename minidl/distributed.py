@@ -1,0 +1,228 @@
+"""Data-parallel training: every rank holds the whole model and trains on its shard.
+
+    comm = distributed.init()                       # rank and size (1 without MPI)
+    distributed.broadcast_parameters(model, comm=comm)   # all start from rank 0's weights
+    trainer = Trainer(model, loss, optimizer, comm=comm)
+    trainer.fit(DataLoader(x, y, 32, seed=0, rank=comm.rank, world_size=comm.size))
+
+and run it as ``mpiexec -n 2 python -m mpi4py script.py``. After each backward,
+``average_gradients`` packs every ``Parameter.grad`` into one flat buffer, sums it
+over the ranks with one allreduce, and divides by the number of ranks p:
+
+    g = (1/p) sum_r g_r,    g_r = dL_r/dtheta, L_r the mean loss of rank r's shard
+
+With equal shards this is the gradient of the mean loss over the global batch, so p
+ranks with batch B/p take the same steps as one process with batch B. Host arrays
+travel through MPI (mpi4py's buffer form, no pickling); GPU arrays through NCCL.
+Why this design, and its cost: docs/distributed.md.
+"""
+from . import backend
+
+_numpy = backend.get_module("cpu")    # host buffers: metric sums, MPI's arrays
+
+
+class Communicator:
+    """The job's ranks: ``rank``, ``size`` and the collectives training needs.
+
+    ``host`` (MPI) does barriers and sums of Python numbers; ``device`` (NCCL on
+    GPUs; else ``host``) sums and broadcasts the model's arrays. Without ``host``
+    it is one process: rank 0 of 1, and every collective leaves its input as it is.
+    """
+
+    def __init__(self, host=None, device=None):
+        self.host = host
+        self.device = device if device is not None else host
+        self.rank = 0 if host is None else host.rank
+        self.size = 1 if host is None else host.size
+
+    def allreduce_(self, a):
+        """Sum ``a`` over the ranks, in place; returns ``a``."""
+        if self.size > 1:
+            self.device.all_reduce(a, a)
+        return a
+
+    def broadcast_(self, a, root=0):
+        """Overwrite ``a`` with rank ``root``'s ``a``, in place; returns ``a``."""
+        if self.size > 1:
+            self.device.broadcast(a, root)
+        return a
+
+    def sum(self, values):
+        """Each of ``values`` (Python numbers) summed over the ranks, as floats."""
+        totals = _numpy.array(values, dtype=_numpy.float64)
+        if self.size > 1:
+            self.host.all_reduce(totals, totals)
+        return totals.tolist()
+
+    def barrier(self):
+        if self.size > 1:
+            self.host.barrier()
+
+    def __repr__(self):
+        return f"Communicator(rank={self.rank}, size={self.size})"
+
+
+def init(device="cpu"):
+    """The job's Communicator, from MPI when mpi4py is installed, else rank 0 of 1.
+
+    ``device="gpu"``: one GPU per rank (rank i on its node takes GPU i), and the
+    model's arrays travel through NCCL. Start the job with ``mpiexec -n N python
+    -m mpi4py ...``: ``-m mpi4py`` turns an error on one rank into an abort of all,
+    where otherwise the others would wait for it forever.
+    """
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"distributed.init: device must be 'cpu' or 'gpu', got {device!r}")
+    try:
+        from mpi4py import MPI
+    except ImportError:     # no MPI: a single process is a job of one
+        return Communicator()
+    host = _MPI(MPI.COMM_WORLD, MPI)
+    gpu = device == "gpu" and host.size > 1
+    return Communicator(host, _NCCL(host, backend.get_module("gpu")) if gpu else None)
+
+
+def check_same_on_all_ranks(value, comm, what):
+    """ValueError on every rank unless the number ``value`` is the same on all ranks.
+
+    All equal exactly when p * sum(v^2) == (sum v)^2 (Cauchy-Schwarz), a test that
+    gives every rank the same verdict, so that all of them stop, none waits.
+    """
+    if comm.size == 1:
+        return
+    total, squares = comm.sum([value, value * value])
+    if comm.size * squares != total * total:
+        raise ValueError(f"{what} differ between the ranks (here {value}, mean "
+                         f"{total / comm.size:g}): a rank with fewer would leave the "
+                         f"others waiting; shard with DataLoader(..., rank=, world_size=)")
+
+
+def average_gradients(parameters, comm):
+    """Replace each ``p.grad`` by its mean over the ranks: one allreduce of a flat buffer.
+
+    A parameter without a gradient adds zeros and keeps ``grad = None``, so optimizers
+    skip it as in one process. The new grads are views of the summed buffer.
+    """
+    parameters = list(parameters)
+    if comm.size == 1 or not parameters:
+        return
+    means = _mean_over_ranks([p.grad for p in parameters], [p.data for p in parameters],
+                             comm, "average_gradients")
+    for p, g in zip(parameters, means):
+        if p.grad is not None:
+            p.grad = g
+
+
+def broadcast_parameters(model, root=0, comm=None):
+    """Give every rank rank ``root``'s parameters and buffers (BatchNorm statistics)."""
+    comm = init() if comm is None else comm
+    if not 0 <= root < comm.size:
+        raise ValueError(f"broadcast_parameters: root must be a rank in [0, {comm.size}), "
+                         f"got {root!r}")
+    for p in model.parameters():
+        comm.broadcast_(p.data, root)
+    for _, value in model.named_buffers():
+        comm.broadcast_(value, root)
+
+
+def average_buffers(model, comm):
+    """Average the floating-point buffers (BatchNorm running statistics) over the ranks.
+
+    Each rank's statistics saw only its shards; their mean is what eval mode uses.
+    Integer buffers (batch counts) are equal on all ranks and stay as they are.
+    """
+    buffers = [value for _, value in model.named_buffers() if value.dtype.kind == "f"]
+    if comm.size == 1 or not buffers:
+        return
+    for value, mean in zip(buffers, _mean_over_ranks(buffers, buffers, comm,
+                                                     "average_buffers")):
+        value[...] = mean
+
+
+def _mean_over_ranks(arrays, like, comm, caller):
+    """The mean over the ranks of each of ``arrays`` (None: zeros), as views shaped like
+    ``like`` of one flat buffer: pack, one allreduce, divide by the number of ranks."""
+    dtypes = {a.dtype for a in like}
+    if len(dtypes) > 1:     # one buffer, one allreduce: mixed dtypes would be cast
+        raise ValueError(f"distributed.{caller}: all arrays must share one dtype for the "
+                         f"flat buffer, got {sorted(str(d) for d in dtypes)}; move the "
+                         f"model to one dtype")
+    xp = backend.get_array_module(like[0])
+    flat = xp.concatenate([(xp.zeros(t.size, t.dtype) if a is None else a.reshape(-1))
+                           .astype(t.dtype, copy=False) for a, t in zip(arrays, like)])
+    comm.allreduce_(flat)
+    flat /= comm.size
+    views, start = [], 0
+    for t in like:
+        views.append(flat[start:start + t.size].reshape(t.shape))
+        start += t.size
+    return views
+
+
+class _MPI:
+    """MPI's buffer-form collectives on host arrays (named as cupyx.distributed's)."""
+
+    def __init__(self, comm, MPI):
+        self.comm, self.MPI = comm, MPI
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+
+    def all_reduce(self, a, out):
+        _check_host(a)
+        self.comm.Allreduce(self.MPI.IN_PLACE if a is out else a, out, op=self.MPI.SUM)
+
+    def broadcast(self, a, root):
+        _check_host(a)
+        self.comm.Bcast(a, root=root)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def local_rank(self):
+        """This rank's index among the ranks on its node (which GPU it takes)."""
+        return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
+
+    def bcast_object(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+
+def _check_host(a):
+    if not isinstance(a, _numpy.ndarray):
+        raise TypeError(f"distributed: MPI sums host (numpy) arrays, got "
+                        f"{type(a).__module__}.{type(a).__name__}; for a model on the GPU "
+                        f"use distributed.init(device='gpu'), which sums them with NCCL")
+
+
+class _NCCL:
+    """NCCL collectives on GPU arrays (``cupy.cuda.nccl``), one GPU per rank.
+
+    Rank 0 makes the communicator's id; MPI carries it to the others once.
+    """
+
+    def __init__(self, host, cupy):
+        cuda = cupy.cuda
+        cuda.Device(host.local_rank() % cuda.runtime.getDeviceCount()).use()
+        self.nccl, self.cuda = cuda.nccl, cuda
+        uid = self.nccl.get_unique_id() if host.rank == 0 else None
+        self.comm = self.nccl.NcclCommunicator(host.size, host.bcast_object(uid), host.rank)
+        self.types = {_numpy.dtype(_numpy.float16): self.nccl.NCCL_FLOAT16,
+                      _numpy.dtype(_numpy.float32): self.nccl.NCCL_FLOAT32,
+                      _numpy.dtype(_numpy.float64): self.nccl.NCCL_FLOAT64,
+                      _numpy.dtype(_numpy.int64): self.nccl.NCCL_INT64}
+
+    def all_reduce(self, a, out):
+        self.comm.allReduce(_device_pointer(a), _device_pointer(out), a.size, self._type(a),
+                            self.nccl.NCCL_SUM, self.cuda.get_current_stream().ptr)
+
+    def broadcast(self, a, root):
+        self.comm.bcast(_device_pointer(a), a.size, self._type(a), root,
+                        self.cuda.get_current_stream().ptr)
+
+    def _type(self, a):
+        if a.dtype not in self.types:
+            raise TypeError(f"distributed: NCCL sums {sorted(map(str, self.types))} arrays, "
+                            f"got {a.dtype}")
+        return self.types[a.dtype]
+
+
+def _device_pointer(a):
+    """The address of a cupy array's first element (what NCCL calls take)."""
+    return a.data.ptr
