@@ -11,9 +11,9 @@ from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint
 from .data import DataLoader
 from .gradcheck import gradcheck
 from .inspect import GradientRecorder
-from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                     GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, Parameter, ReLU,
-                     Sigmoid, Softmax, Tanh)
+from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
+                     Flatten, GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, Parameter,
+                     ReLU, Residual, Sigmoid, Softmax, Tanh)
 from .losses import MSE, Loss, SoftmaxCrossEntropy
 from .model import Sequential
 from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm_
