@@ -65,13 +65,14 @@ def plot_filters(weight, path, title="First-layer filters"):
 
 
 def plot_feature_maps(model, image, path, max_maps=16):
-    """The input and, after each layer with a kernel (conv, pool), its first channels."""
+    """The input and, after each layer with a kernel (conv, pool) or branches (Residual,
+    Concat), its first channels."""
     plt = _pyplot()
     x = backend.to_device(image[None], model.device)
     stages = [("input", backend.to_numpy(x)[0])]
     for layer in model.layers:
         x = layer.forward(x, training=False)
-        if x.ndim == 4 and hasattr(layer, "kernel_size"):
+        if x.ndim == 4 and (hasattr(layer, "kernel_size") or hasattr(layer, "branches")):
             stages.append((type(layer).__name__, backend.to_numpy(x)[0]))
     cols = min(max_maps, max(len(maps) for _, maps in stages))
     fig, axes = plt.subplots(len(stages), cols, figsize=(cols * 1.1, len(stages) * 1.25),
