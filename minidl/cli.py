@@ -17,6 +17,7 @@ import numpy
 from . import backend, viz
 from .callbacks import CSVLogger, ModelCheckpoint
 from .data import DataLoader, datasets
+from .data.transforms import Compose, RandomHorizontalFlip, RandomShift
 from .inspect import GradientRecorder
 from .losses import SoftmaxCrossEntropy
 from .models import MODELS, build_model
@@ -45,6 +46,9 @@ def build_parser():
                        help="initial learning rate, annealed to 0 by a cosine schedule")
     train.add_argument("--label-smoothing", type=float, default=0.1)
     train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                       help="random shifts of up to 2 pixels, plus horizontal flips for "
+                            "fashion-mnist (default: on; --no-augment turns it off)")
     train.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     train.add_argument("--seed", type=_non_negative_int, default=0)
     train.add_argument("--limit", type=_limit, default=None,
@@ -105,7 +109,8 @@ def train_command(args):
         print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
               f"testing on {len(x_test)} ({args.device})", flush=True)
         history = trainer.fit(
-            DataLoader(x_train, y_train, args.batch_size, seed=args.seed, transform=to_float),
+            DataLoader(x_train, y_train, args.batch_size, seed=args.seed,
+                       transform=train_transform(args.dataset, args.augment)),
             epochs=args.epochs,
             val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float),
             # The recorder first: it adds its statistics to the logs the others see.
@@ -142,6 +147,15 @@ def split_validation(x, y):
 def to_float(images):
     """uint8 pixels -> float32 in [0, 1] (done per batch, so the set stays small)."""
     return images.astype(numpy.float32) * numpy.float32(1 / 255)
+
+
+def train_transform(dataset, augment):
+    """to_float, after a random shift of up to 2 pixels (and a horizontal flip, except
+    for digits: a mirrored 2 is no digit) when ``augment``."""
+    if not augment:
+        return to_float
+    steps = [RandomShift(2)] + ([RandomHorizontalFlip()] if dataset != "mnist" else [])
+    return Compose(steps + [to_float])
 
 
 def load_split(dataset, split, root):
