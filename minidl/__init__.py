@@ -7,7 +7,7 @@ the Trainer and its callbacks, gradcheck.
 from . import losses, optim, schedulers
 from .backend import (backend_name, device_of, get_array_module, get_backend, gpu_available,
                       set_backend, to_device, to_numpy)
-from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint
+from .callbacks import Callback, CSVLogger, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from .data import DataLoader
 from .gradcheck import gradcheck
 from .inspect import GradientRecorder
@@ -18,7 +18,8 @@ from .losses import MSE, Loss, SoftmaxCrossEntropy
 from .model import Sequential
 from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm_
 from .random import manual_seed
-from .schedulers import CosineAnnealingLR, ExponentialLR, StepLR
+from .schedulers import (CosineAnnealingLR, ExponentialLR, LinearLR, MultiStepLR, OneCycleLR,
+                         ReduceLROnPlateau, StepLR)
 from .trainer import History, Trainer
 
 __version__ = "0.1.0"

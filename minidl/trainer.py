@@ -109,6 +109,8 @@ class Trainer:
         self._check_device(train)
         history = History()
         self.stop_training = False
+        # The scheduler is a callback too, stepped first: the others see the next rate.
+        callbacks = ([] if self.scheduler is None else [self.scheduler]) + list(callbacks)
         for cb in callbacks:
             cb.on_train_begin(self)
         try:
@@ -125,30 +127,32 @@ class Trainer:
         for epoch in range(epochs):
             self.epoch = epoch
             start = time.perf_counter()
-            logs = self._train_epoch(train, epoch, epochs, verbose)
+            logs = self._train_epoch(train, epoch, epochs, verbose, callbacks)
             if val is not None:
                 logs.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
             logs["lr"] = self.optimizer.lr
             logs["time"] = time.perf_counter() - start
-            if self.scheduler is not None:
-                self.scheduler.step()
-            for cb in callbacks:
-                cb.on_epoch_end(self, epoch, logs)   # may add to logs (GradientRecorder)
+            for cb in callbacks:    # the scheduler steps; GradientRecorder adds to logs
+                cb.on_epoch_end(self, epoch, logs)
             history.append(logs)
             if verbose:
                 print(_format_logs(epoch, epochs, logs), flush=True)
             if self.stop_training:
                 break
 
-    def _train_epoch(self, train, epoch, epochs, verbose):
+    def _train_epoch(self, train, epoch, epochs, verbose, callbacks=()):
         self.model.train()
         totals = _Totals(self.metrics, "Trainer.fit")
         bar = tqdm(train, total=len(train), desc=f"Epoch {epoch + 1}/{epochs}",
                    unit="batch", disable=not verbose, leave=True, dynamic_ncols=True)
         start = time.perf_counter()
         for self.batch, (x, y) in enumerate(bar):
+            for cb in callbacks:
+                cb.on_batch_begin(self, self.batch)
             loss, logits = self.train_step(x, y)
             totals.add(loss, logits, y)
+            for cb in callbacks:    # a per-batch scheduler steps here
+                cb.on_batch_end(self, self.batch, {"loss": loss})
             if verbose and (self.batch % 10 == 0 or self.batch == len(train) - 1):
                 speed = totals.count / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(**totals.means(), img_s=f"{speed:.0f}", refresh=False)
