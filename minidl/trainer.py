@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import backend
 from .model import Sequential
 from .optim import clip_grad_norm_
+from .resume import load_training_state, save_training_state
 
 
 class History:
@@ -98,8 +99,15 @@ class Trainer:
         return loss
 
     # -- loops -----------------------------------------------------------------
-    def fit(self, train, epochs=1, val=None, callbacks=(), verbose=None):
+    def fit(self, train, epochs=1, val=None, callbacks=(), verbose=None, resume=None,
+            save_state=None):
         """Train for ``epochs`` over the DataLoader ``train``; returns a History.
+
+        ``save_state``: a path where the whole training state (model, optimizer,
+        scheduler, epoch, History, random generators) is written after every epoch.
+        ``resume``: such a file; training continues after its last epoch (up to
+        ``epochs`` in all), and the History holds the earlier epochs too. On the CPU
+        the result equals that of a run that never stopped (minidl/resume.py).
 
         Callbacks' ``on_train_end`` runs even when training fails (e.g. the
         FloatingPointError of a NaN loss); the error then propagates with the
@@ -113,8 +121,10 @@ class Trainer:
         callbacks = ([] if self.scheduler is None else [self.scheduler]) + list(callbacks)
         for cb in callbacks:
             cb.on_train_begin(self)
+        first = 0 if resume is None else _resume(resume, self, train, history, callbacks)
         try:
-            self._fit_epochs(train, epochs, val, callbacks, verbose, history)
+            self._fit_epochs(train, range(first, epochs), val, callbacks, verbose, history,
+                             save_state)
         except BaseException as error:
             error.history = history
             raise
@@ -123,8 +133,9 @@ class Trainer:
                 cb.on_train_end(self)
         return history
 
-    def _fit_epochs(self, train, epochs, val, callbacks, verbose, history):
-        for epoch in range(epochs):
+    def _fit_epochs(self, train, epoch_range, val, callbacks, verbose, history, save_state):
+        epochs = epoch_range.stop
+        for epoch in epoch_range:
             self.epoch = epoch
             start = time.perf_counter()
             logs = self._train_epoch(train, epoch, epochs, verbose, callbacks)
@@ -135,6 +146,8 @@ class Trainer:
             for cb in callbacks:    # the scheduler steps; GradientRecorder adds to logs
                 cb.on_epoch_end(self, epoch, logs)
             history.append(logs)
+            if save_state is not None:
+                save_training_state(save_state, self, train, history, epoch + 1)
             if verbose:
                 print(_format_logs(epoch, epochs, logs), flush=True)
             if self.stop_training:
@@ -174,6 +187,19 @@ class Trainer:
             raise ValueError(f"Trainer: the model is on the {self.model.device} but batches "
                              f"come on the {device} (the active backend); call "
                              f"model.to('{device}') or minidl.set_backend(...) to match")
+
+
+def _resume(path, trainer, train, history, callbacks):
+    """Load the training state at ``path``; returns the epochs already done. Callbacks
+    that track a best value (ModelCheckpoint, EarlyStopping) see the earlier epochs'
+    values again, so a resumed run keeps the same best (EarlyStopping's patience
+    count restarts)."""
+    done = load_training_state(path, trainer, train, history)
+    for cb in callbacks:
+        tracker = getattr(cb, "tracker", None)
+        for value in history.history.get(getattr(tracker, "monitor", None), []):
+            tracker.improved(value)
+    return done
 
 
 class _Totals:

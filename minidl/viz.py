@@ -142,6 +142,39 @@ def plot_gradient_norms(norms, path):
     return _save(fig, path)
 
 
+def plot_lr(lrs, path, steps_per_epoch=None):
+    """The learning rate of every optimizer step (``LearningRateMonitor.lrs``), with a
+    dotted line at each epoch boundary when ``steps_per_epoch`` is given."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(range(len(lrs)), lrs, "-")
+    if steps_per_epoch:
+        for step in range(steps_per_epoch, len(lrs), steps_per_epoch):
+            ax.axvline(step, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning rate per step")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_lr_find(lrs, losses, path, suggestion=None):
+    """The LR range test: smoothed loss against learning rate (log scale), with the
+    suggested rate marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(lrs, losses, "-")
+    if suggestion is not None:
+        ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.2g}")
+        ax.legend()
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss (smoothed)")
+    ax.set_title("Learning-rate range test")
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
 def _integer_epochs(ax):
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
