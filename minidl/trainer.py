@@ -121,8 +121,8 @@ class Trainer:
         callbacks = ([] if self.scheduler is None else [self.scheduler]) + list(callbacks)
         for cb in callbacks:
             cb.on_train_begin(self)
-        first = 0 if resume is None else _resume(resume, self, train, history, callbacks)
         try:
+            first = 0 if resume is None else _resume(resume, self, train, history, callbacks)
             self._fit_epochs(train, range(first, epochs), val, callbacks, verbose, history,
                              save_state)
         except BaseException as error:

@@ -20,6 +20,7 @@ from ``minidl.manual_seed``'s stream, so a seeded run is repeatable too.
 import numbers
 
 import numpy
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ..layers.arguments import as_pair
 from ..random import new_rng
@@ -62,17 +63,18 @@ class RandomCrop:
         n, c, h, w = x4.shape
         size = self.size or (h, w)
         (ph, pw) = self.padding
-        x_pad = numpy.pad(x4, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=self.fill)
-        hp, wp = x_pad.shape[2:]
+        hp, wp = h + 2 * ph, w + 2 * pw
         if size[0] > hp or size[1] > wp:
             raise ValueError(f"{type(self).__name__}: crop size {size} is larger than the "
                              f"padded image ({hp}, {wp})")
+        x_pad = numpy.full((n, c, hp, wp), self.fill, dtype=x.dtype)   # numpy.pad is 5x slower
+        x_pad[:, :, ph:ph + h, pw:pw + w] = x4
         top = self.rng.integers(0, hp - size[0] + 1, n)
         left = self.rng.integers(0, wp - size[1] + 1, n)
-        rows = (top[:, None] + numpy.arange(size[0]))[:, None, :, None]     # (N, 1, h, 1)
-        cols = (left[:, None] + numpy.arange(size[1]))[:, None, None, :]    # (N, 1, 1, w)
-        y = x_pad[numpy.arange(n)[:, None, None, None], numpy.arange(c)[None, :, None, None],
-                  rows, cols]
+        # windows[n, c, t, l] is the (h, w) window at (t, l): a view, nothing is copied
+        # until each sample picks its own window.
+        windows = sliding_window_view(x_pad, size, axis=(2, 3))
+        y = windows[numpy.arange(n), :, top, left]                   # (N, C, h, w)
         return y.reshape(x.shape[:-2] + size)
 
     def __repr__(self):
