@@ -15,8 +15,6 @@ below where it turns up: ``suggest_lr`` returns that point.
 """
 import math
 
-import numpy
-
 
 def lr_find(trainer, train, start_lr=1e-7, end_lr=10.0, steps=100, beta=0.98, diverge=4.0):
     """Run the range test with ``trainer``'s model, loss and optimizer on the DataLoader
@@ -57,8 +55,9 @@ def suggest_lr(lrs, losses):
     """The rate where the smoothed loss falls fastest against log(lr), before its
     minimum and past the first tenth of the points (where the average is still
     settling); None when that leaves too few points."""
-    start, stop = len(lrs) // 10, int(numpy.argmin(losses))
+    start, stop = len(lrs) // 10, losses.index(min(losses))
     if stop - start < 2:
         return None
-    slopes = numpy.diff(losses[start:stop + 1]) / numpy.diff(numpy.log(lrs[start:stop + 1]))
-    return float(lrs[start + int(numpy.argmin(slopes))])
+    slopes = [(losses[k + 1] - losses[k]) / (math.log(lrs[k + 1]) - math.log(lrs[k]))
+              for k in range(start, stop)]
+    return lrs[start + slopes.index(min(slopes))]

@@ -15,22 +15,23 @@ file stays free of pickles. Keys: "model/<name>", "optimizer/<name>",
 """
 import json
 
-import numpy
-
+from . import backend
 from . import random as minidl_random
 from .serialization import load_npz, save_npz
+
+_cpu = backend.get_module("cpu")   # the file holds CPU arrays
 
 
 def save_training_state(path, trainer, train, history, epoch):
     """Write the state of ``trainer`` after ``epoch`` epochs over the DataLoader ``train``."""
-    arrays = {"epoch": numpy.int64(epoch)}
+    arrays = {"epoch": _cpu.int64(epoch)}
     arrays.update(_prefixed("model/", trainer.model.state_dict()))
     arrays.update(_prefixed("optimizer/", trainer.optimizer.state_dict()))
     if trainer.scheduler is not None:
         arrays.update(_prefixed("scheduler/", trainer.scheduler.state_dict()))
-    arrays.update({f"history/{k}": numpy.asarray(v, dtype=float)
+    arrays.update({f"history/{k}": _cpu.asarray(v, dtype=float)
                    for k, v in history.history.items()})
-    arrays.update({f"rng/{name}": numpy.array(json.dumps(gen.bit_generator.state))
+    arrays.update({f"rng/{name}": _cpu.array(json.dumps(gen.bit_generator.state))
                    for name, gen in generators(trainer.model, train).items()})
     save_npz(path, arrays)
 
@@ -86,7 +87,7 @@ def _layers(layer, name):
 
 
 def _prefixed(prefix, state):
-    return {prefix + key: numpy.asarray(value) for key, value in state.items()}
+    return {prefix + key: _cpu.asarray(value) for key, value in state.items()}
 
 
 def _unprefixed(prefix, saved):
