@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 
-import minidl
 from minidl import SGD, Callback, DataLoader, Dense, Sequential, SoftmaxCrossEntropy, Trainer
 from minidl.callbacks import LearningRateMonitor
 from minidl.layers import Parameter
