@@ -14,6 +14,7 @@ import time
 from tqdm.auto import tqdm
 
 from . import backend
+from .callbacks import Callback
 from .model import Sequential
 from .optim import clip_grad_norm_
 from .resume import load_training_state, save_training_state
@@ -62,6 +63,9 @@ class Trainer:
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
+        if scheduler is not None and not isinstance(scheduler, Callback):
+            raise TypeError(f"Trainer: scheduler must be a minidl LRScheduler (which the "
+                            f"Trainer calls back), got {type(scheduler).__name__}")
         self.scheduler = scheduler
         self.metrics = _build_metrics(metrics)
         self.clip_grad_norm = clip_grad_norm

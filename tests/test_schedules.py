@@ -165,3 +165,14 @@ def test_one_cycle_refuses_to_step_past_its_end():
         sched.step()
     with pytest.raises(ValueError, match="OneCycleLR: stepped 4 times, but total_steps is 3"):
         sched.step()
+
+
+def test_trainer_takes_only_minidl_schedulers():
+    model = Sequential(Dense(3, 2))
+    opt = SGD(model.parameters(), lr=0.1)
+
+    class Steps:
+        def step(self):
+            pass
+    with pytest.raises(TypeError, match="Trainer: scheduler must be a minidl LRScheduler"):
+        Trainer(model, SoftmaxCrossEntropy(), opt, scheduler=Steps())
