@@ -195,4 +195,4 @@ class Concat(_Branches):
         self.sizes = None
 
     def extra_repr(self):
-        return super().extra_repr() + f"axis={self.axis}"
+        return f"axis={self.axis}," + super().extra_repr()
