@@ -45,7 +45,7 @@ class LRScheduler(Callback):
         self._hyper_names = tuple(hyperparameters)
         for name, value in self._checked(hyperparameters).items():
             setattr(self, name, value)
-        self.optimizer.lr = self.lr_at(0)
+        self._apply(0)
 
     # -- as a callback of Trainer.fit ------------------------------------------
     def on_batch_end(self, trainer, batch, logs):
@@ -67,7 +67,11 @@ class LRScheduler(Callback):
     def step(self):
         """End an epoch: advance ``last_epoch`` and set the optimizer's lr for the next."""
         self.last_epoch += 1
-        self.optimizer.lr = self.lr_at(self.last_epoch)
+        self._apply(self.last_epoch)
+
+    def _apply(self, t):
+        """Set the optimizer's hyper-parameters for step (or epoch) ``t``."""
+        self.optimizer.lr = self.lr_at(t)
 
     def get_last_lr(self):
         """The rate this scheduler set last (a float: minidl has no parameter groups)."""
@@ -221,22 +225,22 @@ class OneCycleLR(LRScheduler):
     ``max_lr / div_factor`` to ``max_lr`` over the first ``pct_start`` of the
     ``total_steps`` (= epochs * steps_per_epoch when not given), then anneals to
     ``max_lr / div_factor / final_div_factor``; ``three_phase`` goes back down to the
-    start before the final anneal, as in PyTorch. Between the phase ends e_k (step
-    numbers), with pct the fraction of the phase done:
+    start before the final anneal, as in PyTorch. With ``cycle_momentum`` the momentum
+    (Adam's beta1) moves the other way, between ``max_momentum`` and ``base_momentum``.
+    Between the phase ends e_k (step numbers), with pct the fraction of the phase done:
 
-        cos:     lr = end + (start - end) * (1 + cos(pi * pct)) / 2
-        linear:  lr = start + (end - start) * pct
+        cos:     v = end + (start - end) * (1 + cos(pi * pct)) / 2
+        linear:  v = start + (end - start) * pct
 
-    Unlike torch.optim.lr_scheduler.OneCycleLR it does not cycle the momentum (equal
-    to PyTorch's rates with cycle_momentum=False), and after the last step the rate
-    stays at its final value (torch extrapolates the anneal one step further).
+    After the last step the values stay at their final ones (torch extrapolates the
+    anneal one step further, which no optimizer step uses).
     """
 
     per_batch = True
 
     def __init__(self, optimizer, max_lr, total_steps=None, epochs=None, steps_per_epoch=None,
-                 pct_start=0.3, anneal_strategy="cos", div_factor=25.0, final_div_factor=1e4,
-                 three_phase=False):
+                 pct_start=0.3, anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85,
+                 max_momentum=0.95, div_factor=25.0, final_div_factor=1e4, three_phase=False):
         owner = type(self).__name__
         if total_steps is None:
             if epochs is None or steps_per_epoch is None:
@@ -245,8 +249,9 @@ class OneCycleLR(LRScheduler):
                            * _integer(owner, "steps_per_epoch", steps_per_epoch, low=1))
         super().__init__(optimizer, max_lr=max_lr, total_steps=total_steps,
                          pct_start=pct_start, anneal_strategy=anneal_strategy,
-                         div_factor=div_factor, final_div_factor=final_div_factor,
-                         three_phase=three_phase)
+                         cycle_momentum=cycle_momentum, base_momentum=base_momentum,
+                         max_momentum=max_momentum, div_factor=div_factor,
+                         final_div_factor=final_div_factor, three_phase=three_phase)
 
     def _checked(self, h):
         owner = type(self).__name__
@@ -256,29 +261,58 @@ class OneCycleLR(LRScheduler):
         if h["anneal_strategy"] not in ("cos", "linear"):
             raise ValueError(f"{owner}: anneal_strategy must be 'cos' or 'linear', got "
                              f"{h['anneal_strategy']!r}")
+        hyper = self.optimizer.hyperparameters()
+        if h["cycle_momentum"] and "momentum" not in hyper and "betas" not in hyper:
+            raise ValueError(f"{owner}: {type(self.optimizer).__name__} has no momentum or "
+                             f"betas to cycle; pass cycle_momentum=False")
         return {"max_lr": _positive(owner, "max_lr", h["max_lr"]),
                 "total_steps": _integer(owner, "total_steps", h["total_steps"], low=1),
                 "pct_start": pct_start, "anneal_strategy": str(h["anneal_strategy"]),
+                "cycle_momentum": bool(h["cycle_momentum"]),
+                "base_momentum": _positive(owner, "base_momentum", h["base_momentum"],
+                                           allow_zero=True),
+                "max_momentum": _positive(owner, "max_momentum", h["max_momentum"],
+                                          allow_zero=True),
                 "div_factor": _positive(owner, "div_factor", h["div_factor"]),
                 "final_div_factor": _positive(owner, "final_div_factor", h["final_div_factor"]),
                 "three_phase": bool(h["three_phase"])}
 
     def _phases(self):
-        """(end step, start lr, end lr) of each phase."""
+        """(end step, (start lr, end lr), (start momentum, end momentum)) of each phase."""
         initial = self.max_lr / self.div_factor
         low = initial / self.final_div_factor
         up = self.pct_start * self.total_steps - 1
+        last = self.total_steps - 1
+        m_high, m_low = self.max_momentum, self.base_momentum
         if self.three_phase:
-            return [(up, initial, self.max_lr), (2 * up, self.max_lr, initial),
-                    (self.total_steps - 1, initial, low)]
-        return [(up, initial, self.max_lr), (self.total_steps - 1, self.max_lr, low)]
+            return [(up, (initial, self.max_lr), (m_high, m_low)),
+                    (2 * up, (self.max_lr, initial), (m_low, m_high)),
+                    (last, (initial, low), (m_high, m_high))]
+        return [(up, (initial, self.max_lr), (m_high, m_low)),
+                (last, (self.max_lr, low), (m_low, m_high))]
 
     def lr_at(self, step):
+        return self._value_at(step, 1)
+
+    def momentum_at(self, step):
+        """The momentum (or beta1) of ``step`` when ``cycle_momentum`` is on."""
+        return self._value_at(step, 2)
+
+    def _apply(self, t):
+        super()._apply(t)
+        if self.cycle_momentum:
+            if "betas" in self.optimizer.hyperparameters():
+                self.optimizer.betas = (self.momentum_at(t), self.optimizer.betas[1])
+            else:
+                self.optimizer.momentum = self.momentum_at(t)
+
+    def _value_at(self, step, which):
         if step > self.total_steps:
             raise ValueError(f"OneCycleLR: stepped {step} times, but total_steps is "
                              f"{self.total_steps}")
         phases, start_step = self._phases(), 0.0
-        for k, (end_step, start, end) in enumerate(phases):
+        for k, phase in enumerate(phases):
+            end_step, (start, end) = phase[0], phase[which]
             if step <= end_step or k == len(phases) - 1:
                 # At step == total_steps (after the last batch) torch extrapolates one step
                 # past the end, which a linear anneal can take below 0: stay at the end.

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from minidl import SGD, Callback, DataLoader, Dense, Sequential, SoftmaxCrossEntropy, Trainer
+import minidl
+from minidl import SGD, Adam, Callback, DataLoader, Dense, Sequential, SoftmaxCrossEntropy, Trainer
 from minidl.callbacks import LearningRateMonitor
 from minidl.layers import Parameter
 from minidl.schedulers import (CosineAnnealingLR, LinearLR, MultiStepLR, OneCycleLR,
@@ -19,42 +20,54 @@ cases = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cases)
 
 
-def minidl_lrs(case):
+def minidl_lrs(case, optimizer="SGD"):
+    """Like cases.torch_lrs: (lr, momentum or beta1) after construction and each step."""
     cls, kwargs, steps = cases.CASES[case]
-    opt = SGD([Parameter(np.zeros(1))], lr=cases.BASE_LR, momentum=0.9)
+    opt = (SGD([Parameter(np.zeros(1))], lr=cases.BASE_LR, momentum=0.9) if optimizer == "SGD"
+           else Adam([Parameter(np.zeros(1))], lr=cases.BASE_LR))
     sched = cls(opt, **kwargs)
-    lrs = [opt.lr]
+
+    def now():
+        return opt.lr, opt.momentum if optimizer == "SGD" else opt.betas[0]
+
+    rows = [now()]
     for step in range(1, steps + 1):
         sched.step(cases.metric(case, step)) if cls is ReduceLROnPlateau else sched.step()
-        lrs.append(opt.lr)
+        rows.append(now())
         assert sched.get_last_lr() == opt.lr
-    return np.array(lrs)
+    return np.array(rows)
 
 
-@pytest.mark.parametrize("case", sorted(cases.CASES))
-def test_matches_torch_golden(case):
+RUNS = sorted(cases.CASES) + [f"{c}/adam" for c in sorted(cases.CASES) if c.startswith("onecycle")]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_matches_torch_golden(run):
     with np.load(os.path.join(GOLDEN, "schedules.npz")) as data:
-        expected = data[case]
-    compare(minidl_lrs(case), expected, case)
-    assert len(set(expected.round(12))) > 2     # the case really changes the rate
+        expected = data[run]
+    case, _, optimizer = run.partition("/")
+    compare(minidl_lrs(case, optimizer.capitalize() or "SGD"), expected, case)
+    assert len(set(expected[:, 0].round(12))) > 2     # the case really changes the rate
 
 
-@pytest.mark.parametrize("case", sorted(cases.CASES))
-def test_matches_torch_live(case):
+@pytest.mark.parametrize("run", RUNS)
+def test_matches_torch_live(run):
     pytest.importorskip("torch")
-    compare(minidl_lrs(case), cases.torch_lrs(case), case)
+    case, _, optimizer = run.partition("/")
+    optimizer = optimizer.capitalize() or "SGD"
+    compare(minidl_lrs(case, optimizer), cases.torch_lrs(case, optimizer), case)
 
 
-def compare(ours, torch_lrs, case):
-    """Equal at every step; OneCycleLR's rate after its last step (which no optimizer
-    step uses) stays at the final value where torch extrapolates the anneal."""
+def compare(ours, torch_rows, case):
+    """Equal at every step; OneCycleLR's values after its last step (which no optimizer
+    step uses) stay at the final ones where torch extrapolates the anneal."""
     if case.startswith("onecycle"):
         kwargs = cases.CASES[case][1]
         final = (kwargs["max_lr"] / kwargs.get("div_factor", 25.0)
                  / kwargs.get("final_div_factor", 1e4))
-        assert ours[-1] == pytest.approx(final, rel=1e-9)
-        ours, torch_lrs = ours[:-1], torch_lrs[:-1]
-    np.testing.assert_allclose(ours, torch_lrs, rtol=1e-12, atol=1e-15)
+        assert ours[-1, 0] == pytest.approx(final, rel=1e-9)
+        ours, torch_rows = ours[:-1], torch_rows[:-1]
+    np.testing.assert_allclose(ours, torch_rows, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("case", sorted(cases.CASES))
@@ -152,6 +165,8 @@ def test_linear_warmup_per_batch_sets_the_first_rate_at_once():
      "anneal_strategy must be 'cos' or 'linear'"),
     (lambda o: OneCycleLR(o, 0.1, total_steps=10, pct_start=1.5), ValueError, "pct_start"),
     (lambda o: ReduceLROnPlateau(o, factor=1.0), ValueError, "factor must be < 1"),
+    (lambda o: OneCycleLR(minidl.optim.Optimizer([Parameter(np.zeros(1))], 0.1), 0.1,
+                          total_steps=5), ValueError, "no momentum or betas to cycle"),
     (lambda o: ReduceLROnPlateau(o, mode="best"), ValueError, "mode must be 'min' or 'max'"),
 ])
 def test_bad_arguments(make, error, match):
