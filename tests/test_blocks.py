@@ -161,7 +161,7 @@ def test_summary_counts_flops_and_receptive_field():
     assert block.flops((1, 2, 8, 8)) == expected > 0
     assert model[2].flops((1, 4, 4, 4)) == (Conv2D(4, 2, 1).flops((1, 4, 4, 4))
                                             + Conv2D(4, 2, 5, padding=2).flops((1, 4, 4, 4)))
-    assert f"Params  " in text and "(8, 4, 4)" not in text and "(4, 4, 4)" in text
+    assert "Params  " in text and "(8, 4, 4)" not in text and "(4, 4, 4)" in text
 
 
 def test_errors_name_the_layer_and_the_shapes():
