@@ -1,6 +1,10 @@
 """Train a CNN on MNIST with minidl's public API, save it, reload it, test it.
 
-    python examples/train_mnist.py                   # 5 epochs: test accuracy ~0.992
+The recipe is that of ``minidl train``: Adam at 2e-3 annealed by a cosine over 8
+epochs, label smoothing 0.1, batches of 64, and every training image shifted by up
+to 2 pixels each way (a new shift every epoch), which the test images never are.
+
+    python examples/train_mnist.py                   # 8 epochs
     python examples/train_mnist.py --epochs 1 --limit 5000 --out /tmp/mnist
 """
 import argparse
@@ -12,6 +16,7 @@ import minidl
 from minidl import (Adam, BatchNorm2D, Conv2D, CosineAnnealingLR, DataLoader, Dense, Dropout,
                     Flatten, MaxPool2D, ReLU, Sequential, SoftmaxCrossEntropy, Trainer)
 from minidl.data import mnist
+from minidl.data.transforms import Compose, RandomShift
 
 
 def to_float(images):
@@ -29,7 +34,7 @@ def build_cnn():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train a CNN on MNIST.")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N images")
     parser.add_argument("--data-root", default=None, help="default: $MINIDL_DATA or ~/.cache/minidl")
     parser.add_argument("--out", default="runs/train_mnist", help="where model.npz goes")
@@ -40,7 +45,8 @@ def main(argv=None):
 
     x_train, y_train = mnist("train", root=args.data_root)     # uint8 (60000, 1, 28, 28)
     x_test, y_test = mnist("test", root=args.data_root)
-    train = DataLoader(x_train[:args.limit], y_train[:args.limit], 64, transform=to_float)
+    augment = Compose([RandomShift(2), to_float])                # per sample, vectorised
+    train = DataLoader(x_train[:args.limit], y_train[:args.limit], 64, transform=augment)
     test = DataLoader(x_test, y_test, 500, shuffle=False, transform=to_float)
 
     model = build_cnn()

@@ -7,18 +7,19 @@ the Trainer and its callbacks, gradcheck; minidl.onnx and minidl.interop (to PyT
 from . import interop, losses, onnx, optim, schedulers
 from .backend import (backend_name, device_of, get_array_module, get_backend, gpu_available,
                       set_backend, to_device, to_numpy)
-from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint
+from .callbacks import Callback, CSVLogger, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from .data import DataLoader
 from .gradcheck import gradcheck
 from .inspect import GradientRecorder
-from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                     GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, Parameter, ReLU,
-                     Sigmoid, Softmax, Tanh)
+from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
+                     Flatten, GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, Parameter,
+                     ReLU, Residual, Sigmoid, Softmax, Tanh)
 from .losses import MSE, Loss, SoftmaxCrossEntropy
 from .model import Sequential, load_model
 from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm_
 from .random import manual_seed
-from .schedulers import CosineAnnealingLR, ExponentialLR, StepLR
+from .schedulers import (CosineAnnealingLR, ExponentialLR, LinearLR, MultiStepLR, OneCycleLR,
+                         ReduceLROnPlateau, StepLR)
 from .trainer import History, Trainer
 
 __version__ = "0.1.0"

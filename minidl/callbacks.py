@@ -1,4 +1,4 @@
-"""Callbacks that ``Trainer.fit`` calls at the end of each epoch."""
+"""Callbacks that ``Trainer.fit`` calls around each batch and at the end of each epoch."""
 import csv
 import math
 import os
@@ -7,9 +7,16 @@ from .layers.base import Layer
 
 
 class Callback:
-    """Override any of the three hooks; ``logs`` holds the epoch's numbers."""
+    """Override any of the hooks. ``on_epoch_end``'s ``logs`` holds the epoch's numbers;
+    ``on_batch_end``'s holds the batch's ``loss``, after the optimizer's step."""
 
     def on_train_begin(self, trainer):
+        pass
+
+    def on_batch_begin(self, trainer, batch):
+        pass
+
+    def on_batch_end(self, trainer, batch, logs):
         pass
 
     def on_epoch_end(self, trainer, epoch, logs):
@@ -126,3 +133,17 @@ class CSVLogger(Callback):
             if first:
                 writer.writerow(["epoch"] + self.keys)
             writer.writerow([epoch + 1] + [logs.get(k, "") for k in self.keys])
+
+
+class LearningRateMonitor(Callback):
+    """Record the learning rate of every optimizer step in ``lrs`` (one list over the
+    whole fit), e.g. to plot a per-batch schedule with ``viz.plot_lr``."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_begin(self, trainer):
+        self.lrs = []
+
+    def on_batch_begin(self, trainer, batch):
+        self.lrs.append(trainer.optimizer.lr)

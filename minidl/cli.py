@@ -9,6 +9,7 @@ checkpoint, history.csv and PNG plots to --out, and ends with the line
 ``test accuracy: 0.99xx``.
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -18,13 +19,15 @@ import numpy
 from . import backend, distributed, viz
 from .callbacks import CSVLogger, ModelCheckpoint
 from .data import DataLoader, datasets
+from .data.transforms import Compose, RandomHorizontalFlip, RandomShift
 from .inspect import GradientRecorder
 from .losses import SoftmaxCrossEntropy
+from .lr_finder import lr_find, suggest_lr
 from .model import load_model
 from .models import MODELS, build_model
 from .optim import SGD, Adam, AdamW, RMSprop
 from .random import manual_seed
-from .schedulers import CosineAnnealingLR
+from .schedulers import CosineAnnealingLR, OneCycleLR
 from .serialization import atomic_write
 from .trainer import Trainer
 
@@ -32,6 +35,14 @@ DATASETS = {"mnist": datasets.mnist, "fashion-mnist": datasets.fashion_mnist}
 CLASS_NAMES = {"fashion-mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                                  "Shirt", "Sneaker", "Bag", "Boot"]}
 OPTIMIZERS = {"adam": Adam, "adamw": AdamW, "sgd": SGD, "rmsprop": RMSprop}
+SCHEDULES = {
+    "cosine": lambda opt, args, steps: CosineAnnealingLR(opt, T_max=args.epochs),
+    "onecycle": lambda opt, args, steps: OneCycleLR(opt, max_lr=args.lr, epochs=args.epochs,
+                                                    steps_per_epoch=steps),
+}
+# What run.json records, and --resume reads back.
+SETTINGS = ("dataset", "model", "epochs", "batch_size", "lr", "label_smoothing", "optimizer",
+            "augment", "schedule", "device", "seed", "limit", "data_root")
 VALIDATION_SIZE = 5000
 
 
@@ -39,27 +50,46 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="minidl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command")
 
-    train = sub.add_parser("train", help="train a CNN and write checkpoint, history and plots")
-    train.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
-    train.add_argument("--model", choices=sorted(MODELS), default="cnn")
-    train.add_argument("--epochs", type=_positive_int, default=8)
-    train.add_argument("--batch-size", type=_positive_int, default=64)
-    train.add_argument("--lr", type=float, default=2e-3,
-                       help="initial learning rate, annealed to 0 by a cosine schedule")
-    train.add_argument("--label-smoothing", type=float, default=0.1)
-    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
-    train.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    train.add_argument("--seed", type=_non_negative_int, default=0)
-    train.add_argument("--limit", type=_limit, default=None,
+    # The options that say what to train on, and how: shared by train and lr-find.
+    setup = argparse.ArgumentParser(add_help=False)
+    setup.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    setup.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    setup.add_argument("--batch-size", type=_positive_int, default=64)
+    setup.add_argument("--label-smoothing", type=float, default=0.1)
+    setup.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    setup.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                       help="random shifts of up to 2 pixels, plus horizontal flips for "
+                            "fashion-mnist (default: on; --no-augment turns it off)")
+    setup.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    setup.add_argument("--seed", type=_non_negative_int, default=0)
+    setup.add_argument("--limit", type=_limit, default=None,
                        help="train on the first N training images only (N >= 2)")
-    train.add_argument("--data-root", default=None,
+    setup.add_argument("--data-root", default=None,
                        help="dataset cache folder (default: $MINIDL_DATA or ~/.cache/minidl)")
-    train.add_argument("--out", default=None, help="output folder (default: runs/DATASET)")
+    setup.add_argument("--out", default=None, help="output folder (default: runs/DATASET)")
+
+    train = sub.add_parser("train", parents=[setup],
+                           help="train a CNN and write checkpoint, history and plots")
+    train.add_argument("--epochs", type=_positive_int, default=8)
+    train.add_argument("--lr", type=float, default=2e-3,
+                       help="initial learning rate (the peak for onecycle)")
+    train.add_argument("--schedule", choices=sorted(SCHEDULES), default="cosine",
+                       help="cosine: annealed to 0 per epoch; onecycle: warm-up to --lr, "
+                            "then down, per batch (plotted in lr.png)")
+    train.add_argument("--resume", metavar="DIR", default=None,
+                       help="continue the stopped run whose --out was DIR, with its settings")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--distributed", action="store_true",
                        help="data-parallel over MPI ranks (mpiexec -n N python -m mpi4py -m "
                             "minidl train --distributed); --batch-size is the global batch")
     train.set_defaults(func=train_command)
+
+    finder = sub.add_parser("lr-find", parents=[setup],
+                            help="plot the loss against a growing learning rate")
+    finder.add_argument("--start-lr", type=float, default=1e-7)
+    finder.add_argument("--end-lr", type=float, default=10.0)
+    finder.add_argument("--steps", type=_positive_int, default=100)
+    finder.set_defaults(func=lr_find_command)
 
     evaluate = sub.add_parser("evaluate", help="reload a checkpoint and report test accuracy")
     evaluate.add_argument("--checkpoint", required=True)
@@ -97,13 +127,18 @@ def main(argv=None):
 
 # -- train ----------------------------------------------------------------------
 def train_command(args):
+    if args.resume:
+        args = resumed_args(args)
     manual_seed(args.seed)
     out = args.out or os.path.join("runs", args.dataset)
     comm = _communicator(args)
     batch_size = _batch_per_rank(args.batch_size, comm.size)
     root = comm.rank == 0   # the one rank that prints and writes files
+    run_file, state = os.path.join(out, "run.json"), os.path.join(out, "state.npz")
     if root:
         make_output_folder(out)
+        _write_json(run_file, {**{k: getattr(args, k) for k in SETTINGS},
+                               "checkpoint": "model.npz"})
     with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
         x_train, y_train, x_test, y_test = _load_train_test(args, comm)
         (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train)
@@ -114,33 +149,39 @@ def train_command(args):
             manual_seed(args.seed + comm.rank)
         if root:
             model.summary(x_train.shape[1:])
+        shard = dict(rank=comm.rank, world_size=comm.size)
+        train = DataLoader(x_train, y_train, batch_size, seed=args.seed,
+                           transform=train_transform(args.dataset, args.augment), **shard)
         optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
+        scheduler = SCHEDULES[args.schedule](optimizer, args, len(train))
         trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer,
-                          scheduler=CosineAnnealingLR(optimizer, T_max=args.epochs),
-                          verbose=0 if args.quiet else 1, comm=comm)
+                          scheduler=scheduler, verbose=0 if args.quiet else 1, comm=comm)
         checkpoint = os.path.join(out, "model.npz")
         recorder = GradientRecorder(model)
         if root:
             print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
                   f"testing on {len(x_test)} ({args.device}"
                   f"{f', {comm.size} ranks' if comm.size > 1 else ''})", flush=True)
-        shard = dict(rank=comm.rank, world_size=comm.size)
         history = trainer.fit(
-            DataLoader(x_train, y_train, batch_size, seed=args.seed, transform=to_float, **shard),
-            epochs=args.epochs,
+            train, epochs=args.epochs,
             val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float, **shard),
             # The recorder first: it adds its statistics to the logs the others see.
             callbacks=[recorder, ModelCheckpoint(checkpoint, monitor="val_accuracy"),
-                       CSVLogger(os.path.join(out, "history.csv"))] if root else [])
+                       CSVLogger(os.path.join(out, "history.csv"))] if root else [],
+            resume=state if args.resume else None, save_state=state if root else None)
         comm.barrier()
         if not root:
             return 0
-        _write_json(os.path.join(out, "run.json"), {
-            "dataset": args.dataset, "model": args.model, "epochs": history.epochs,
-            "seed": args.seed, "checkpoint": "model.npz"})
+        if args.resume:     # the logger saw only the resumed epochs
+            rewrite_history_csv(os.path.join(out, "history.csv"), history)
+        _write_json(run_file, {**{k: getattr(args, k) for k in SETTINGS},
+                               "epochs_done": history.epochs, "checkpoint": "model.npz"})
         model.load(checkpoint)  # the best epoch by validation accuracy
         predictions = predict_labels(model, x_test)
         write_plots(out, args.dataset, model, history, recorder, x_test, y_test, predictions)
+        if scheduler.per_batch and viz.available():
+            viz.plot_lr([scheduler.lr_at(t) for t in range(scheduler.last_epoch)],
+                        os.path.join(out, "lr.png"), steps_per_epoch=len(train))
     print(f"checkpoint and plots in {out}")
     print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
     return 0
@@ -183,6 +224,53 @@ def _load_train_test(args, comm):
     return x_train, y_train, x_test, y_test
 
 
+def resumed_args(args):
+    """The settings of the run in ``args.resume`` (its run.json), to continue it there."""
+    folder = args.resume
+    saved = _read_json(os.path.join(folder, "run.json"))
+    if not os.path.exists(os.path.join(folder, "state.npz")) or not saved:
+        raise ValueError(f"--resume {folder!r}: no run.json and state.npz there; is it the "
+                         f"--out folder of a 'minidl train' run that finished an epoch?")
+    resumed = copy.copy(args)
+    for key in SETTINGS:
+        if key in saved:
+            setattr(resumed, key, saved[key])
+    resumed.out = folder
+    return resumed
+
+
+def rewrite_history_csv(path, history):
+    """history.csv with every epoch of ``history`` (a resumed run's logger saw only its own)."""
+    logger = CSVLogger(path)
+    logger.on_train_begin(None)
+    for epoch in range(history.epochs):
+        logger.on_epoch_end(None, epoch, {k: v[epoch] for k, v in history.history.items()})
+
+
+# -- lr-find --------------------------------------------------------------------
+def lr_find_command(args):
+    """The LR range test on the training images; writes lr_find.png, prints a rate."""
+    manual_seed(args.seed)
+    out = args.out or os.path.join("runs", args.dataset)
+    make_output_folder(out)
+    with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
+        x_train, y_train = load_split(args.dataset, "train", args.data_root)
+        if args.limit:
+            x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+        model = build_model(args.model)
+        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.start_lr)
+        trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer, verbose=0)
+        train = DataLoader(x_train, y_train, args.batch_size, seed=args.seed,
+                           transform=train_transform(args.dataset, args.augment))
+        lrs, losses = lr_find(trainer, train, args.start_lr, args.end_lr, args.steps)
+    suggestion = suggest_lr(lrs, losses)
+    print(f"{len(lrs)} steps from lr {lrs[0]:.3g} to {lrs[-1]:.3g}; the loss fell fastest "
+          f"at lr {suggestion if suggestion is None else format(suggestion, '.3g')}")
+    if viz.available():
+        print(f"plot: {viz.plot_lr_find(lrs, losses, os.path.join(out, 'lr_find.png'), suggestion)}")
+    return 0
+
+
 def make_output_folder(out):
     """Create the folder ``out``; ValueError saying why when that is impossible."""
     try:
@@ -203,6 +291,15 @@ def split_validation(x, y):
 def to_float(images):
     """uint8 pixels -> float32 in [0, 1] (done per batch, so the set stays small)."""
     return images.astype(numpy.float32) * numpy.float32(1 / 255)
+
+
+def train_transform(dataset, augment):
+    """to_float, after a random shift of up to 2 pixels (and a horizontal flip, except
+    for digits: a mirrored 2 is no digit) when ``augment``."""
+    if not augment:
+        return to_float
+    steps = [RandomShift(2)] + ([RandomHorizontalFlip()] if dataset != "mnist" else [])
+    return Compose(steps + [to_float])
 
 
 def load_split(dataset, split, root):

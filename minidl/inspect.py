@@ -6,7 +6,8 @@ before it, whose outputs are ``jump`` input pixels apart, sees
 ``rf + (k - 1) * jump`` input pixels, and its outputs are ``jump * s`` apart.
 Layers without a kernel keep (rf, jump), except those that mix every position
 (Dense, GlobalAvgPool2D): from them on each output sees the whole input, "all".
-A nested Sequential is followed through its own layers, so it counts as they would.
+A nested Sequential is followed through its own layers, so it counts as they would;
+through a Residual or Concat, an output sees what its widest branch sees.
 
 ``GradientRecorder`` uses the layers' hooks (``Layer.register_hook``) to record
 activation and gradient statistics while a Trainer fits.
@@ -62,6 +63,12 @@ def receptive_field_step(layer, rf, jump):
         for inner in layer.layers:
             rf, jump = receptive_field_step(inner, rf, jump)
         return rf, jump
+    if hasattr(layer, "branches"):      # Residual, Concat: the widest branch decides
+        ends = [receptive_field_step(branch, rf, jump) for branch in layer.branches]
+        if any(end_rf is ALL for end_rf, _ in ends):
+            return ALL, jump
+        widest = tuple(max(sizes) for sizes in zip(*(end_rf for end_rf, _ in ends)))
+        return widest, tuple(max(steps) for steps in zip(*(end_jump for _, end_jump in ends)))
     kernel, stride = getattr(layer, "kernel_size", None), getattr(layer, "stride", None)
     if kernel is None or stride is None:
         return rf, jump

@@ -9,9 +9,9 @@ A Sequential is itself a Layer, so it nests and ``minidl.gradcheck`` applies to 
 import json
 
 from . import backend
-from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                     GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Sigmoid, Softmax,
-                     Tanh)
+from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
+                     Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual,
+                     Sigmoid, Softmax, Tanh)
 from .layers.base import Layer, layer_spec
 from .serialization import NpzReader, save_npz
 
@@ -199,7 +199,8 @@ class Sequential(Layer):
 # The classes a checkpoint may name: load_model builds nothing else.
 LAYER_CLASSES = {cls.__name__: cls for cls in (
     AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D,
-    Identity, LeakyReLU, MaxPool2D, ReLU, Sigmoid, Softmax, Tanh, Sequential)}
+    Identity, LeakyReLU, MaxPool2D, ReLU, Sigmoid, Softmax, Tanh, Residual, Concat,
+    Sequential)}
 
 
 def load_model(path):

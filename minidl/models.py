@@ -1,5 +1,6 @@
 """Ready-made networks for 28x28 grey images (MNIST, Fashion-MNIST)."""
-from .layers import (BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU, Tanh)
+from .layers import (BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D,
+                     ReLU, Residual, Tanh)
 from .model import Sequential
 
 
@@ -28,7 +29,36 @@ def mnist_cnn(num_classes=10):
     ])
 
 
-MODELS = {"cnn": mnist_cnn, "lenet5": lenet5}
+def basic_block(in_channels, out_channels, stride=1):
+    """A ResNet basic block without its final ReLU: y = BN(conv3x3(ReLU(BN(conv3x3(x))))) + s(x),
+    where the shortcut s is the identity, or a strided 1x1 conv and batch norm (He et al.'s
+    "option B") when the block changes the size or the number of channels."""
+    shortcut = None
+    if stride != 1 or in_channels != out_channels:
+        shortcut = Sequential(Conv2D(in_channels, out_channels, 1, stride=stride, bias=False),
+                              BatchNorm2D(out_channels))
+    return Residual(Sequential(
+        Conv2D(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        BatchNorm2D(out_channels), ReLU(),
+        Conv2D(out_channels, out_channels, 3, padding=1, bias=False), BatchNorm2D(out_channels),
+    ), shortcut)
+
+
+def resnet_small(num_classes=10, width=16, in_channels=1):
+    """A small ResNet: a 3x3 stem, three stages of two basic blocks (``width``, 2 ``width``
+    and 4 ``width`` channels; the second and third start with stride 2: 28 -> 14 -> 7),
+    global average pooling and one Dense layer. Each block is followed by a ReLU."""
+    layers = [Conv2D(in_channels, width, 3, padding=1, bias=False), BatchNorm2D(width), ReLU()]
+    channels = width
+    for stage, out_channels in enumerate((width, 2 * width, 4 * width)):
+        for i in range(2):
+            stride = 2 if stage > 0 and i == 0 else 1
+            layers += [basic_block(channels, out_channels, stride), ReLU()]
+            channels = out_channels
+    return Sequential(layers + [GlobalAvgPool2D(), Dense(channels, num_classes)])
+
+
+MODELS = {"cnn": mnist_cnn, "lenet5": lenet5, "resnet": resnet_small}
 
 
 def build_model(name, num_classes=10):

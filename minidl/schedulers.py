@@ -1,4 +1,4 @@
-"""Learning-rate schedulers: set ``optimizer.lr`` from the epoch number.
+"""Learning-rate schedulers: set ``optimizer.lr`` from the epoch (or step) number.
 
     opt = SGD(model.parameters(), lr=0.1)
     sched = CosineAnnealingLR(opt, T_max=50)
@@ -6,23 +6,34 @@
         train_one_epoch(model, opt)
         sched.step()                    # once per epoch, after the optimizer's steps
 
-Each scheduler computes the rate in closed form from ``base_lr`` (the optimizer's
+A scheduler is also a Callback: ``Trainer(scheduler=sched)`` steps it at the end of
+each epoch, or after every batch when ``sched.per_batch`` is True (warm-up,
+one-cycle), so ``last_epoch`` then counts optimizer steps. ReduceLROnPlateau steps
+with the epoch's value of the metric it monitors.
+
+Most schedulers compute the rate in closed form from ``base_lr`` (the optimizer's
 lr when the scheduler was made) and ``last_epoch`` (how many times ``step()`` ran),
-so its whole state is a few numbers. The values equal torch.optim.lr_scheduler's
+so their whole state is a few numbers. The values equal torch.optim.lr_scheduler's
 (which updates recursively) up to floating-point rounding.
 """
+import bisect
 import math
 
-from .checks import check_int, check_real
+from .callbacks import Callback
+from .checks import check_bool, check_int, check_real
 from .optim import Optimizer
 
 
-class LRScheduler:
+class LRScheduler(Callback):
     """Base class: a subclass implements ``lr_at(epoch)``.
 
-    ``base_lr`` is the optimizer's lr at construction and the rate of epoch 0;
-    ``last_epoch`` counts the ``step()`` calls so far.
+    ``base_lr`` is the optimizer's lr at construction; the optimizer's lr is set to
+    ``lr_at(0)`` at once. ``last_epoch`` counts the ``step()`` calls so far.
+    ``per_batch``: the Trainer steps it after every batch instead of every epoch.
     """
+
+    per_batch = False
+    _counters = ()      # state beyond base_lr, last_epoch and the hyper-parameters
 
     def __init__(self, optimizer, **hyperparameters):
         if not isinstance(optimizer, Optimizer):
@@ -34,6 +45,16 @@ class LRScheduler:
         self._hyper_names = tuple(hyperparameters)
         for name, value in self._checked(hyperparameters).items():
             setattr(self, name, value)
+        self._apply(0)
+
+    # -- as a callback of Trainer.fit ------------------------------------------
+    def on_batch_end(self, trainer, batch, logs):
+        if self.per_batch:
+            self.step()
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if not self.per_batch:
+            self.step()
 
     def lr_at(self, epoch):
         """The learning rate of ``epoch`` (0 is the start, before any step)."""
@@ -46,16 +67,21 @@ class LRScheduler:
     def step(self):
         """End an epoch: advance ``last_epoch`` and set the optimizer's lr for the next."""
         self.last_epoch += 1
-        self.optimizer.lr = self.lr_at(self.last_epoch)
+        self._apply(self.last_epoch)
+
+    def _apply(self, t):
+        """Set the optimizer's hyper-parameters for step (or epoch) ``t``."""
+        self.optimizer.lr = self.lr_at(t)
 
     def get_last_lr(self):
         """The rate this scheduler set last (a float: minidl has no parameter groups)."""
         return self.lr_at(self.last_epoch)
 
     def state_dict(self):
-        """Python scalars: base_lr, last_epoch and the hyper-parameters."""
+        """Python scalars (a tuple for MultiStepLR's milestones): base_lr, last_epoch,
+        the hyper-parameters and any counters."""
         state = {"base_lr": self.base_lr, "last_epoch": self.last_epoch}
-        state.update({name: getattr(self, name) for name in self._hyper_names})
+        state.update({name: getattr(self, name) for name in self._hyper_names + self._counters})
         return state
 
     def load_state_dict(self, state):
@@ -65,16 +91,18 @@ class LRScheduler:
         load_state_dict, and the next ``step()`` sets it from the schedule anyway.
         """
         owner = f"{type(self).__name__}.load_state_dict"
-        expected = {"base_lr", "last_epoch", *self._hyper_names}
+        expected = {"base_lr", "last_epoch", *self._hyper_names, *self._counters}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(f"{owner}: missing keys {missing}, unexpected keys {unexpected}")
         last_epoch = check_int(_scalar(owner, "last_epoch", state), "last_epoch", owner,
                                minimum=0)
         base_lr = check_real(_scalar(owner, "base_lr", state), "base_lr", owner, minimum=0)
-        h = self._checked({name: _scalar(owner, name, state) for name in self._hyper_names})
+        h = self._checked({name: _plain(state[name]) for name in self._hyper_names})
+        counters = {name: type(getattr(self, name))(_scalar(owner, name, state))
+                    for name in self._counters}
         self.base_lr, self.last_epoch = base_lr, last_epoch
-        for name, value in h.items():
+        for name, value in {**h, **counters}.items():
             setattr(self, name, value)
 
     def __repr__(self):
@@ -139,7 +167,241 @@ class CosineAnnealingLR(LRScheduler):
         return self.eta_min + (self.base_lr - self.eta_min) * cosine
 
 
+class MultiStepLR(LRScheduler):
+    """Multiply the rate by ``gamma`` at each epoch in ``milestones``.
+
+        lr(epoch) = base_lr * gamma ** (number of milestones <= epoch)
+    """
+
+    def __init__(self, optimizer, milestones, gamma=0.1):
+        super().__init__(optimizer, milestones=milestones, gamma=gamma)
+
+    def _checked(self, h):
+        owner = type(self).__name__
+        try:
+            milestones = list(h["milestones"])
+        except TypeError:
+            raise TypeError(f"{owner}: milestones must be a list of epochs, got "
+                            f"{h['milestones']!r}") from None
+        return {"milestones": tuple(sorted(check_int(m, "milestones", owner, minimum=0)
+                                           for m in milestones)),
+                "gamma": check_real(h["gamma"], "gamma", owner, above=0)}
+
+    def lr_at(self, epoch):
+        return self.base_lr * self.gamma ** bisect.bisect_right(self.milestones, epoch)
+
+
+class LinearLR(LRScheduler):
+    """A linear ramp of the factor on the rate, from ``start_factor`` to ``end_factor``
+    over ``total_iters`` steps, then constant: a linear warm-up with the defaults of
+    ``per_batch=True`` (stepped after every batch).
+
+        lr(t) = base_lr * (start + (end - start) * min(t, total_iters) / total_iters)
+    """
+
+    def __init__(self, optimizer, start_factor=1 / 3, end_factor=1.0, total_iters=5,
+                 per_batch=True):
+        self.per_batch = check_bool(per_batch, "per_batch", type(self).__name__)
+        super().__init__(optimizer, start_factor=start_factor, end_factor=end_factor,
+                         total_iters=total_iters)
+
+    def _checked(self, h):
+        owner = type(self).__name__
+        start = check_real(h["start_factor"], "start_factor", owner, above=0)
+        end = check_real(h["end_factor"], "end_factor", owner, minimum=0)
+        if start > 1 or end > 1:
+            raise ValueError(f"{owner}: start_factor must be in (0, 1] and end_factor in "
+                             f"[0, 1], got {start} and {end}")
+        return {"start_factor": start, "end_factor": end,
+                "total_iters": check_int(h["total_iters"], "total_iters", owner, minimum=1)}
+
+    def lr_at(self, t):
+        ramp = min(t, self.total_iters) / self.total_iters
+        return self.base_lr * (self.start_factor + (self.end_factor - self.start_factor) * ramp)
+
+
+class OneCycleLR(LRScheduler):
+    """The 1cycle policy (Smith & Topin), stepped after every batch: the rate rises from
+    ``max_lr / div_factor`` to ``max_lr`` over the first ``pct_start`` of the
+    ``total_steps`` (= epochs * steps_per_epoch when not given), then anneals to
+    ``max_lr / div_factor / final_div_factor``; ``three_phase`` goes back down to the
+    start before the final anneal, as in PyTorch. With ``cycle_momentum`` the momentum
+    (Adam's beta1) moves the other way, between ``max_momentum`` and ``base_momentum``.
+    Between the phase ends e_k (step numbers), with pct the fraction of the phase done:
+
+        cos:     v = end + (start - end) * (1 + cos(pi * pct)) / 2
+        linear:  v = start + (end - start) * pct
+
+    After the last step the values stay at their final ones (torch extrapolates the
+    anneal one step further, which no optimizer step uses).
+    """
+
+    per_batch = True
+
+    def __init__(self, optimizer, max_lr, total_steps=None, epochs=None, steps_per_epoch=None,
+                 pct_start=0.3, anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85,
+                 max_momentum=0.95, div_factor=25.0, final_div_factor=1e4, three_phase=False):
+        owner = type(self).__name__
+        if total_steps is None:
+            if epochs is None or steps_per_epoch is None:
+                raise ValueError(f"{owner}: pass total_steps, or epochs and steps_per_epoch")
+            total_steps = (check_int(epochs, "epochs", owner, minimum=1)
+                           * check_int(steps_per_epoch, "steps_per_epoch", owner, minimum=1))
+        super().__init__(optimizer, max_lr=max_lr, total_steps=total_steps,
+                         pct_start=pct_start, anneal_strategy=anneal_strategy,
+                         cycle_momentum=cycle_momentum, base_momentum=base_momentum,
+                         max_momentum=max_momentum, div_factor=div_factor,
+                         final_div_factor=final_div_factor, three_phase=three_phase)
+
+    def _checked(self, h):
+        owner = type(self).__name__
+        pct_start = check_real(h["pct_start"], "pct_start", owner, minimum=0)
+        if pct_start > 1:
+            raise ValueError(f"{owner}: pct_start must be in [0, 1], got {pct_start}")
+        if h["anneal_strategy"] not in ("cos", "linear"):
+            raise ValueError(f"{owner}: anneal_strategy must be 'cos' or 'linear', got "
+                             f"{h['anneal_strategy']!r}")
+        hyper = self.optimizer.hyperparameters()
+        if h["cycle_momentum"] and "momentum" not in hyper and "betas" not in hyper:
+            raise ValueError(f"{owner}: {type(self.optimizer).__name__} has no momentum or "
+                             f"betas to cycle; pass cycle_momentum=False")
+        return {"max_lr": check_real(h["max_lr"], "max_lr", owner, above=0),
+                "total_steps": check_int(h["total_steps"], "total_steps", owner, minimum=1),
+                "pct_start": pct_start, "anneal_strategy": str(h["anneal_strategy"]),
+                "cycle_momentum": check_bool(h["cycle_momentum"], "cycle_momentum", owner),
+                "base_momentum": check_real(h["base_momentum"], "base_momentum", owner, minimum=0),
+                "max_momentum": check_real(h["max_momentum"], "max_momentum", owner, minimum=0),
+                "div_factor": check_real(h["div_factor"], "div_factor", owner, above=0),
+                "final_div_factor": check_real(h["final_div_factor"], "final_div_factor", owner,
+                                               above=0),
+                "three_phase": check_bool(h["three_phase"], "three_phase", owner)}
+
+    def _phases(self):
+        """(end step, (start lr, end lr), (start momentum, end momentum)) of each phase."""
+        initial = self.max_lr / self.div_factor
+        low = initial / self.final_div_factor
+        up = self.pct_start * self.total_steps - 1
+        last = self.total_steps - 1
+        m_high, m_low = self.max_momentum, self.base_momentum
+        if self.three_phase:
+            return [(up, (initial, self.max_lr), (m_high, m_low)),
+                    (2 * up, (self.max_lr, initial), (m_low, m_high)),
+                    (last, (initial, low), (m_high, m_high))]
+        return [(up, (initial, self.max_lr), (m_high, m_low)),
+                (last, (self.max_lr, low), (m_low, m_high))]
+
+    def lr_at(self, step):
+        return self._value_at(step, 1)
+
+    def momentum_at(self, step):
+        """The momentum (or beta1) of ``step`` when ``cycle_momentum`` is on."""
+        return self._value_at(step, 2)
+
+    def _apply(self, t):
+        super()._apply(t)
+        if self.cycle_momentum:
+            if "betas" in self.optimizer.hyperparameters():
+                self.optimizer.betas = (self.momentum_at(t), self.optimizer.betas[1])
+            else:
+                self.optimizer.momentum = self.momentum_at(t)
+
+    def _value_at(self, step, which):
+        if step > self.total_steps:
+            raise ValueError(f"OneCycleLR: stepped {step} times, but total_steps is "
+                             f"{self.total_steps}")
+        phases, start_step = self._phases(), 0.0
+        for k, phase in enumerate(phases):
+            end_step, (start, end) = phase[0], phase[which]
+            if step <= end_step or k == len(phases) - 1:
+                # At step == total_steps (after the last batch) torch extrapolates one step
+                # past the end, which a linear anneal can take below 0: stay at the end.
+                pct = min((step - start_step) / (end_step - start_step), 1.0)
+                if self.anneal_strategy == "linear":
+                    return start + (end - start) * pct
+                return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2
+            start_step = end_step
+
+
+class ReduceLROnPlateau(LRScheduler):
+    """Multiply the rate by ``factor`` when ``monitor`` (a logged metric; ``step(value)``
+    when used by hand) has not improved for more than ``patience`` epochs, as
+    torch.optim.lr_scheduler.ReduceLROnPlateau; then wait ``cooldown`` epochs.
+
+    Improved ("min" mode, "rel"): value < best * (1 - threshold); "abs": value <
+    best - threshold ("max" mode: > best * (1 + threshold), > best + threshold).
+    The rate never goes below ``min_lr``, and changes smaller than ``eps`` are skipped.
+    """
+
+    _counters = ("best", "num_bad_epochs", "cooldown_counter")
+
+    def __init__(self, optimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
+                 threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8, monitor="val_loss"):
+        super().__init__(optimizer, mode=mode, factor=factor, patience=patience,
+                         threshold=threshold, threshold_mode=threshold_mode,
+                         cooldown=cooldown, min_lr=min_lr, eps=eps, monitor=monitor)
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.num_bad_epochs = 0
+        self.cooldown_counter = 0
+
+    def _checked(self, h):
+        owner = type(self).__name__
+        if h["mode"] not in ("min", "max") or h["threshold_mode"] not in ("rel", "abs"):
+            raise ValueError(f"{owner}: mode must be 'min' or 'max' and threshold_mode 'rel' "
+                             f"or 'abs', got {h['mode']!r} and {h['threshold_mode']!r}")
+        factor = check_real(h["factor"], "factor", owner, minimum=0)
+        if factor >= 1:
+            raise ValueError(f"{owner}: factor must be < 1, got {factor}")
+        return {"mode": str(h["mode"]), "factor": factor,
+                "patience": check_int(h["patience"], "patience", owner, minimum=0),
+                "threshold": check_real(h["threshold"], "threshold", owner, minimum=0),
+                "threshold_mode": str(h["threshold_mode"]),
+                "cooldown": check_int(h["cooldown"], "cooldown", owner, minimum=0),
+                "min_lr": check_real(h["min_lr"], "min_lr", owner, minimum=0),
+                "eps": check_real(h["eps"], "eps", owner, minimum=0),
+                "monitor": str(h["monitor"])}
+
+    def lr_at(self, epoch):
+        return self.optimizer.lr     # no closed form: the rate is whatever it was set to
+
+    def step(self, value):
+        """End an epoch whose monitored metric was ``value``."""
+        value = float(value)
+        self.last_epoch += 1
+        if self._improved(value):
+            self.best, self.num_bad_epochs = value, 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.num_bad_epochs > self.patience:
+            old = self.optimizer.lr
+            new = max(old * self.factor, self.min_lr)
+            if old - new > self.eps:
+                self.optimizer.lr = new
+            self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
+
+    def _improved(self, value):
+        sign = 1 if self.mode == "max" else -1
+        if self.threshold_mode == "rel":
+            return sign * value > sign * self.best * (1 + sign * self.threshold)
+        return sign * value > sign * self.best + self.threshold
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if self.monitor not in logs:
+            raise ValueError(f"ReduceLROnPlateau: the metric {self.monitor!r} is not logged; "
+                             f"available: {sorted(logs)} (pass val= to fit for val_*)")
+        self.step(logs[self.monitor])
+
+
 # -- argument checking --------------------------------------------------------
+def _plain(value):
+    """A loaded hyper-parameter as Python data (numpy.load gives 0-d or 1-d arrays)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return value
+
+
 def _scalar(owner, key, state):
     """state[key] as a Python scalar (numpy.load gives 0-d arrays)."""
     value = state[key]

@@ -14,10 +14,12 @@ import time
 from tqdm.auto import tqdm
 
 from . import backend
+from .callbacks import Callback
 from .distributed import (Communicator, average_buffers, average_gradients,
                           check_same_on_all_ranks)
 from .model import Sequential
 from .optim import clip_grad_norm_
+from .resume import load_training_state, save_training_state
 
 
 class History:
@@ -66,6 +68,9 @@ class Trainer:
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
+        if scheduler is not None and not isinstance(scheduler, Callback):
+            raise TypeError(f"Trainer: scheduler must be a minidl LRScheduler (which the "
+                            f"Trainer calls back), got {type(scheduler).__name__}")
         self.scheduler = scheduler
         self.metrics = _build_metrics(metrics)
         self.clip_grad_norm = clip_grad_norm
@@ -105,8 +110,15 @@ class Trainer:
         return loss
 
     # -- loops -----------------------------------------------------------------
-    def fit(self, train, epochs=1, val=None, callbacks=(), verbose=None):
+    def fit(self, train, epochs=1, val=None, callbacks=(), verbose=None, resume=None,
+            save_state=None):
         """Train for ``epochs`` over the DataLoader ``train``; returns a History.
+
+        ``save_state``: a path where the whole training state (model, optimizer,
+        scheduler, epoch, History, random generators) is written after every epoch.
+        ``resume``: such a file; training continues after its last epoch (up to
+        ``epochs`` in all), and the History holds the earlier epochs too. On the CPU
+        the result equals that of a run that never stopped (minidl/resume.py).
 
         Callbacks' ``on_train_end`` runs even when training fails (e.g. the
         FloatingPointError of a NaN loss); the error then propagates with the
@@ -117,10 +129,14 @@ class Trainer:
         check_same_on_all_ranks(len(train), self.comm, "Trainer.fit: batches per epoch")
         history = History()
         self.stop_training = False
+        # The scheduler is a callback too, stepped first: the others see the next rate.
+        callbacks = ([] if self.scheduler is None else [self.scheduler]) + list(callbacks)
         for cb in callbacks:
             cb.on_train_begin(self)
         try:
-            self._fit_epochs(train, epochs, val, callbacks, verbose, history)
+            first = 0 if resume is None else _resume(resume, self, train, history, callbacks)
+            self._fit_epochs(train, range(first, epochs), val, callbacks, verbose, history,
+                             save_state)
         except BaseException as error:
             error.history = history
             raise
@@ -129,34 +145,39 @@ class Trainer:
                 cb.on_train_end(self)
         return history
 
-    def _fit_epochs(self, train, epochs, val, callbacks, verbose, history):
-        for epoch in range(epochs):
+    def _fit_epochs(self, train, epoch_range, val, callbacks, verbose, history, save_state):
+        epochs = epoch_range.stop
+        for epoch in epoch_range:
             self.epoch = epoch
             start = time.perf_counter()
-            logs = self._train_epoch(train, epoch, epochs, verbose)
+            logs = self._train_epoch(train, epoch, epochs, verbose, callbacks)
             if val is not None:
                 logs.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
             logs["lr"] = self.optimizer.lr
             logs["time"] = time.perf_counter() - start
-            if self.scheduler is not None:
-                self.scheduler.step()
-            for cb in callbacks:
-                cb.on_epoch_end(self, epoch, logs)   # may add to logs (GradientRecorder)
+            for cb in callbacks:    # the scheduler steps; GradientRecorder adds to logs
+                cb.on_epoch_end(self, epoch, logs)
             history.append(logs)
+            if save_state is not None:
+                save_training_state(save_state, self, train, history, epoch + 1)
             if verbose:
                 print(_format_logs(epoch, epochs, logs), flush=True)
             if self.stop_training:
                 break
 
-    def _train_epoch(self, train, epoch, epochs, verbose):
+    def _train_epoch(self, train, epoch, epochs, verbose, callbacks=()):
         self.model.train()
         totals = _Totals(self.metrics, "Trainer.fit")
         bar = tqdm(train, total=len(train), desc=f"Epoch {epoch + 1}/{epochs}",
                    unit="batch", disable=not verbose, leave=True, dynamic_ncols=True)
         start = time.perf_counter()
         for self.batch, (x, y) in enumerate(bar):
+            for cb in callbacks:
+                cb.on_batch_begin(self, self.batch)
             loss, logits = self.train_step(x, y)
             totals.add(loss, logits, y)
+            for cb in callbacks:    # a per-batch scheduler steps here
+                cb.on_batch_end(self, self.batch, {"loss": loss})
             if verbose and (self.batch % 10 == 0 or self.batch == len(train) - 1):
                 # images/s of the whole job: every rank takes as many as this one
                 speed = totals.count * self.comm.size / max(time.perf_counter() - start, 1e-9)
@@ -180,6 +201,19 @@ class Trainer:
             raise ValueError(f"Trainer: the model is on the {self.model.device} but batches "
                              f"come on the {device} (the active backend); call "
                              f"model.to('{device}') or minidl.set_backend(...) to match")
+
+
+def _resume(path, trainer, train, history, callbacks):
+    """Load the training state at ``path``; returns the epochs already done. Callbacks
+    that track a best value (ModelCheckpoint, EarlyStopping) see the earlier epochs'
+    values again, so a resumed run keeps the same best (EarlyStopping's patience
+    count restarts)."""
+    done = load_training_state(path, trainer, train, history)
+    for cb in callbacks:
+        tracker = getattr(cb, "tracker", None)
+        for value in history.history.get(getattr(tracker, "monitor", None), []):
+            tracker.improved(value)
+    return done
 
 
 class _Totals:

@@ -65,13 +65,14 @@ def plot_filters(weight, path, title="First-layer filters"):
 
 
 def plot_feature_maps(model, image, path, max_maps=16):
-    """The input and, after each layer with a kernel (conv, pool), its first channels."""
+    """The input and, after each layer with a kernel (conv, pool) or branches (Residual,
+    Concat), its first channels."""
     plt = _pyplot()
     x = backend.to_device(image[None], model.device)
     stages = [("input", backend.to_numpy(x)[0])]
     for layer in model.layers:
         x = layer.forward(x, training=False)
-        if x.ndim == 4 and hasattr(layer, "kernel_size"):
+        if x.ndim == 4 and (hasattr(layer, "kernel_size") or hasattr(layer, "branches")):
             stages.append((type(layer).__name__, backend.to_numpy(x)[0]))
     cols = min(max_maps, max(len(maps) for _, maps in stages))
     fig, axes = plt.subplots(len(stages), cols, figsize=(cols * 1.1, len(stages) * 1.25),
@@ -138,6 +139,39 @@ def plot_gradient_norms(norms, path):
     ax.set_title("Gradient norm per parameter")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+def plot_lr(lrs, path, steps_per_epoch=None):
+    """The learning rate of every optimizer step (``LearningRateMonitor.lrs``), with a
+    dotted line at each epoch boundary when ``steps_per_epoch`` is given."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(range(len(lrs)), lrs, "-")
+    if steps_per_epoch:
+        for step in range(steps_per_epoch, len(lrs), steps_per_epoch):
+            ax.axvline(step, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning rate per step")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_lr_find(lrs, losses, path, suggestion=None):
+    """The LR range test: smoothed loss against learning rate (log scale), with the
+    suggested rate marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(lrs, losses, "-")
+    if suggestion is not None:
+        ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.2g}")
+        ax.legend()
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss (smoothed)")
+    ax.set_title("Learning-rate range test")
+    ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
 

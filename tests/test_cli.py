@@ -201,7 +201,7 @@ def test_evaluate_on_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, capsys
 
 
 @pytest.mark.parametrize("text, message", [
-    ('{"model": {"a": 1}}', "unknown model {'a': 1}; pass --model (cnn, lenet5)"),
+    ('{"model": {"a": 1}}', "unknown model {'a': 1}; pass --model (cnn, lenet5, resnet)"),
     ('{"dataset": ["mnist"]}', "unknown dataset ['mnist']; pass --dataset"),
     (b'{"dataset": "\xff"}', "is not valid JSON"),
 ])

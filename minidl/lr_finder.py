@@ -1,0 +1,63 @@
+"""The learning-rate range test (L. N. Smith, 2017): which rate to train with.
+
+Train for up to ``steps`` batches while the rate grows geometrically,
+
+    lr_k = start_lr * (end_lr / start_lr) ** (k / (steps - 1)),
+
+record an exponential moving average of the loss (bias-corrected, as Adam's moments),
+
+    avg_k = beta * avg_{k-1} + (1 - beta) * loss_k,   smoothed_k = avg_k / (1 - beta ** (k + 1)),
+
+and stop once it exceeds ``diverge`` times its lowest value (or the loss is not
+finite). The model and the optimizer are put back as they were, so the test
+changes nothing. A good rate sits where the loss falls fastest against log(lr),
+below where it turns up: ``suggest_lr`` returns that point.
+"""
+import math
+
+
+def lr_find(trainer, train, start_lr=1e-7, end_lr=10.0, steps=100, beta=0.98, diverge=4.0):
+    """Run the range test with ``trainer``'s model, loss and optimizer on the DataLoader
+    ``train`` (cycled if it is shorter than ``steps``); returns (lrs, smoothed losses)."""
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"lr_find: need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+        raise ValueError(f"lr_find: steps must be an int >= 2, got {steps!r}")
+    if len(train) == 0:
+        raise ValueError("lr_find: the DataLoader yields no batches")
+    model_state, optimizer_state = trainer.model.state_dict(), trainer.optimizer.state_dict()
+    lrs, losses = [], []
+    avg, best = 0.0, math.inf
+    trainer.model.train()
+    try:
+        while len(lrs) < steps:
+            for x, y in train:
+                k = len(lrs)
+                trainer.optimizer.lr = start_lr * (end_lr / start_lr) ** (k / (steps - 1))
+                try:
+                    loss, _ = trainer.train_step(x, y)
+                except FloatingPointError:      # the loss blew up: the test is over
+                    return lrs, losses
+                avg = beta * avg + (1 - beta) * loss
+                smoothed = avg / (1 - beta ** (k + 1))
+                lrs.append(trainer.optimizer.lr)
+                losses.append(smoothed)
+                best = min(best, smoothed)
+                if smoothed > diverge * best or len(lrs) == steps:
+                    return lrs, losses
+    finally:
+        trainer.model.load_state_dict(model_state)
+        trainer.optimizer.load_state_dict(optimizer_state)
+    return lrs, losses
+
+
+def suggest_lr(lrs, losses):
+    """The rate where the smoothed loss falls fastest against log(lr), before its
+    minimum and past the first tenth of the points (where the average is still
+    settling); None when that leaves too few points."""
+    start, stop = len(lrs) // 10, losses.index(min(losses))
+    if stop - start < 2:
+        return None
+    slopes = [(losses[k + 1] - losses[k]) / (math.log(lrs[k + 1]) - math.log(lrs[k]))
+              for k in range(start, stop)]
+    return lrs[start + slopes.index(min(slopes))]

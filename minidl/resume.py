@@ -1,0 +1,108 @@
+"""Resumable training: everything a run needs to continue, in one .npz.
+
+``Trainer.fit(..., save_state=path)`` writes, after every epoch, the model's
+parameters and buffers, the optimizer's state (its moments and lr), the
+scheduler's counters, the number of epochs done, the History so far, and the
+state of every random generator the run draws from: minidl's own (``manual_seed``),
+the training DataLoader's shuffle, its transform's (augmentation), and each layer's
+(Dropout). ``Trainer.fit(..., resume=path)`` puts all of it back and continues with
+the next epoch, so on the CPU a run stopped after any epoch and resumed ends with
+the same numbers, bit for bit, as one that never stopped.
+
+A generator's state is a dict of big integers; it is stored as JSON text, so the
+file stays free of pickles. Keys: "model/<name>", "optimizer/<name>",
+"scheduler/<name>", "history/<metric>", "rng/<owner>" and "epoch".
+"""
+import json
+import math
+
+from . import backend
+from . import random as minidl_random
+from .serialization import NpzReader, save_npz
+
+_cpu = backend.get_module("cpu")   # the file holds CPU arrays
+
+
+def save_training_state(path, trainer, train, history, epoch):
+    """Write the state of ``trainer`` after ``epoch`` epochs over the DataLoader ``train``."""
+    arrays = {"epoch": _cpu.int64(epoch)}
+    arrays.update(_prefixed("model/", trainer.model.state_dict()))
+    arrays.update(_prefixed("optimizer/", trainer.optimizer.state_dict()))
+    if trainer.scheduler is not None:
+        arrays.update(_prefixed("scheduler/", trainer.scheduler.state_dict()))
+    arrays.update({f"history/{k}": _cpu.asarray(v, dtype=float)
+                   for k, v in history.history.items()})
+    arrays.update({f"rng/{name}": _cpu.array(json.dumps(gen.bit_generator.state))
+                   for name, gen in generators(trainer.model, train).items()})
+    save_npz(path, arrays)
+
+
+def load_training_state(path, trainer, train, history):
+    """Restore what ``save_training_state`` wrote into ``trainer``, ``train`` and the
+    (empty) ``history``; returns the number of epochs already done. ValueError when
+    the file was written for another model, optimizer, scheduler or data pipeline."""
+    saved = _read_state(path, trainer.model)
+    parts = {prefix: _unprefixed(prefix, saved)
+             for prefix in ("model/", "optimizer/", "scheduler/", "history/", "rng/")}
+    if bool(parts["scheduler/"]) != (trainer.scheduler is not None):
+        raise ValueError(f"resume: {path!r} was saved "
+                         f"{'with' if parts['scheduler/'] else 'without'} a scheduler, "
+                         f"this Trainer has {trainer.scheduler!r}")
+    ours = generators(trainer.model, train)
+    if set(parts["rng/"]) != set(ours):
+        raise ValueError(f"resume: {path!r} holds random generators {sorted(parts['rng/'])}, "
+                         f"this run has {sorted(ours)} (another model, loader or transform?)")
+    trainer.model.load_state_dict(parts["model/"])
+    trainer.optimizer.load_state_dict(parts["optimizer/"])
+    if trainer.scheduler is not None:
+        trainer.scheduler.load_state_dict(parts["scheduler/"])
+    history.history = {k: v.tolist() for k, v in parts["history/"].items()}
+    for name, gen in ours.items():
+        gen.bit_generator.state = json.loads(str(parts["rng/"][name]))
+    return int(saved["epoch"])
+
+
+def _read_state(path, model):
+    """The arrays of the state file, each member's header checked before its data is
+    read: none may be larger than a training state of ``model`` can hold (optimizer
+    moments of every parameter, or a History and generator text of bounded size)."""
+    with NpzReader(path) as npz:
+        if "epoch" not in npz.headers:
+            raise ValueError(f"resume: {path!r} is not a training state written by "
+                             f"Trainer.fit(save_state=...) (a model checkpoint has no 'epoch')")
+        limit = 4 * sum(p.size for p in model.parameters()) + 2**20
+        for name, (shape, _) in npz.headers.items():
+            if math.prod(shape) > limit:
+                raise npz.error(f"array {name!r} of shape {shape} is larger than any "
+                                f"training state of this model")
+        return npz.read_all(npz.headers)
+
+
+def generators(model, train):
+    """{owner: numpy Generator} for every generator a training run draws from."""
+    found = {"minidl": minidl_random.default_rng(), "loader": train.rng}
+    transform = getattr(train, "transform", None)
+    for i, t in enumerate(getattr(transform, "transforms", [transform])):
+        if hasattr(t, "rng"):
+            found[f"transform.{i}"] = t.rng
+    for name, layer in _layers(model, "model"):
+        if hasattr(layer, "rng"):
+            found[name] = layer.rng
+    return found
+
+
+def _layers(layer, name):
+    """(dotted name, layer) for ``layer`` and every layer inside it."""
+    yield name, layer
+    children = getattr(layer, "branches", None) or getattr(layer, "layers", [])
+    names = getattr(layer, "branch_names", range(len(children)))
+    for child_name, child in zip(names, children):
+        yield from _layers(child, f"{name}.{child_name}")
+
+
+def _prefixed(prefix, state):
+    return {prefix + key: _cpu.asarray(value) for key, value in state.items()}
+
+
+def _unprefixed(prefix, saved):
+    return {key[len(prefix):]: value for key, value in saved.items() if key.startswith(prefix)}

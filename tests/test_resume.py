@@ -1,0 +1,187 @@
+"""Resumable training (bit for bit on the CPU), the LR range test, and the CLI's
+--resume, --schedule onecycle (lr.png) and lr-find."""
+import json
+
+import numpy as np
+import pytest
+
+import minidl
+from minidl import (Adam, BatchNorm2D, Callback, Conv2D, DataLoader, Dense, Dropout, Flatten,
+                    MaxPool2D, ReLU, Residual, Sequential, SoftmaxCrossEntropy, Trainer, cli)
+from minidl.data import datasets
+from minidl.data.transforms import Compose, RandomHorizontalFlip, RandomShift
+from minidl.lr_finder import lr_find, suggest_lr
+from minidl.schedulers import CosineAnnealingLR, OneCycleLR
+
+from conftest import write_fake_dataset
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_images(n=48):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 60, (n, 1, 8, 8)).astype(np.uint8)
+    for image, label in zip(x, y):
+        image[0, 2 * label + 1] = 255
+    return x, y
+
+
+def to_float(images):
+    return images.astype(np.float32) / 255
+
+
+class StopAfter(Callback):
+    """Stand-in for Ctrl-C or a kill: stop once ``epochs`` epochs are done."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch + 1 == self.epochs:
+            trainer.stop_training = True
+
+
+def run(state, epochs=2, resume=None, stop_after=None, per_batch=False):
+    """A seeded run with every source of randomness: shuffles, augmentation, dropout,
+    batch norm statistics, Adam's moments and a scheduler."""
+    minidl.manual_seed(0)
+    model = Sequential(Conv2D(1, 4, 3, padding=1, bias=False), BatchNorm2D(4), ReLU(),
+                       Residual(Conv2D(4, 4, 3, padding=1)), MaxPool2D(2), Flatten(),
+                       Dropout(0.3), Dense(64, 3))
+    x, y = fake_images()
+    train = DataLoader(x, y, 16, seed=0, transform=Compose(
+        [RandomShift(1), RandomHorizontalFlip(), to_float]))
+    optimizer = Adam(model.parameters(), lr=1e-2)
+    scheduler = (OneCycleLR(optimizer, 1e-2, epochs=epochs, steps_per_epoch=len(train))
+                 if per_batch else CosineAnnealingLR(optimizer, T_max=epochs))
+    trainer = Trainer(model, SoftmaxCrossEntropy(), optimizer, scheduler=scheduler, verbose=0)
+    callbacks = [] if stop_after is None else [StopAfter(stop_after)]
+    history = trainer.fit(train, epochs=epochs, val=DataLoader(x, y, 48, transform=to_float),
+                          callbacks=callbacks, resume=resume, save_state=state)
+    return model, optimizer, history
+
+
+@pytest.mark.parametrize("per_batch", [False, True], ids=["cosine", "onecycle"])
+def test_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path, per_batch):
+    model, optimizer, history = run(tmp_path / "full.npz", per_batch=per_batch)
+    run(tmp_path / "part.npz", stop_after=1, per_batch=per_batch)
+    # a fresh process would start from other weights: the state must replace them all
+    minidl.manual_seed(123)
+    resumed, resumed_opt, resumed_history = run(tmp_path / "part.npz", per_batch=per_batch,
+                                                resume=tmp_path / "part.npz")
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert resumed_opt.lr == optimizer.lr
+    for name, value in optimizer.state_dict().items():
+        np.testing.assert_array_equal(resumed_opt.state_dict()[name], value, err_msg=name)
+    assert resumed_history.epochs == history.epochs == 2
+    for key in history.history:
+        if key != "time":
+            assert resumed_history[key] == history[key], key
+
+
+def test_resume_refuses_another_run_and_model_checkpoints(tmp_path):
+    run(tmp_path / "state.npz", epochs=1)
+    minidl.manual_seed(0)
+    model = Sequential(Flatten(), Dense(64, 3))
+    x, y = fake_images()
+    trainer = Trainer(model, SoftmaxCrossEntropy(), Adam(model.parameters()), verbose=0)
+    with pytest.raises(ValueError, match="saved with a scheduler"):
+        trainer.fit(DataLoader(x, y, 16, transform=to_float), resume=tmp_path / "state.npz")
+    model.save(tmp_path / "model.npz")
+    with pytest.raises(ValueError, match="not a training state"):
+        trainer.fit(DataLoader(x, y, 16, transform=to_float), resume=tmp_path / "model.npz")
+    with pytest.raises(FileNotFoundError):
+        trainer.fit(DataLoader(x, y, 16, transform=to_float), resume=tmp_path / "none.npz")
+    # a crafted state: a tiny file whose history member inflates to 40 MB
+    np.savez_compressed(tmp_path / "big.npz", **{"epoch": np.int64(1),
+                                                 "history/loss": np.zeros(5 * 10**6)})
+    assert (tmp_path / "big.npz").stat().st_size < 10**6
+    with pytest.raises(ValueError, match="'history/loss' of shape .* is larger than any"):
+        trainer.fit(DataLoader(x, y, 16, transform=to_float), resume=tmp_path / "big.npz")
+
+
+def test_lr_find_grows_the_rate_and_leaves_the_model_as_it_was():
+    x, y = fake_images()
+    model = Sequential(Flatten(), Dense(64, 3))
+    optimizer = Adam(model.parameters(), lr=1e-3)
+    trainer = Trainer(model, SoftmaxCrossEntropy(), optimizer, verbose=0)
+    before = model.state_dict()
+    lrs, losses = lr_find(trainer, DataLoader(x / 255, y, 8), start_lr=1e-5, end_lr=10.0,
+                          steps=30)
+    assert lrs[0] == pytest.approx(1e-5) and len(lrs) == len(losses) <= 30
+    assert np.all(np.diff(np.log(lrs)) == pytest.approx(np.log(1e6) / 29))
+    assert min(losses) < losses[0]                    # it learned at some rate
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+    assert optimizer.lr == 1e-3 and optimizer.state == {}
+    assert lrs[0] < suggest_lr(lrs, losses) < lrs[-1]
+    with pytest.raises(ValueError, match="need 0 < start_lr < end_lr"):
+        lr_find(trainer, DataLoader(x, y, 8), start_lr=1.0, end_lr=0.1)
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", n_train=200))
+    monkeypatch.setattr(cli, "GradientRecorder", _QuietRecorder)
+    return root
+
+
+class _QuietRecorder(minidl.GradientRecorder):
+    """The CLI's recorder, sampling activations rarely (faster tests, same code)."""
+
+    def __init__(self, model):
+        super().__init__(model, every=1000)
+
+
+@pytest.mark.slow
+def test_cli_resume_continues_a_killed_run(data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli.viz, "available", lambda: False)
+    common = ["train", "--limit", "120", "--epochs", "2", "--batch-size", "40", "--data-root",
+              str(data_root), "--quiet", "--schedule", "onecycle"]
+    assert cli.main(common + ["--out", str(tmp_path / "full")]) == 0
+    full = capsys.readouterr().out.strip().splitlines()[-1]
+
+    real_save = minidl.trainer.save_training_state
+
+    def save_then_die(path, trainer, *args):
+        real_save(path, trainer, *args)
+        if trainer.epoch == 0:
+            raise KeyboardInterrupt        # killed right after epoch 1 was saved
+    monkeypatch.setattr(minidl.trainer, "save_training_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(common + ["--out", str(tmp_path / "part")])
+    monkeypatch.setattr(minidl.trainer, "save_training_state", real_save)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "part"), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == full
+    a, b = np.load(tmp_path / "full" / "model.npz"), np.load(tmp_path / "part" / "model.npz")
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    rows = (tmp_path / "part" / "history.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2"]
+    assert json.loads((tmp_path / "part" / "run.json").read_text())["schedule"] == "onecycle"
+
+
+def test_cli_resume_of_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["train", "--resume", str(tmp_path)]) == 1
+    assert "no run.json and state.npz there" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_onecycle_plots_the_rate_and_lr_find_plots_the_loss(data_root, tmp_path, capsys,
+                                                                monkeypatch):
+    monkeypatch.setattr(cli, "write_plots", lambda *args: None)    # tests/test_cli.py's job
+    out = tmp_path / "run"
+    assert cli.main(["train", "--limit", "80", "--epochs", "1", "--batch-size", "40",
+                     "--schedule", "onecycle", "--data-root", str(data_root), "--out", str(out),
+                     "--quiet"]) == 0
+    assert (out / "lr.png").read_bytes().startswith(PNG_MAGIC)
+    capsys.readouterr()
+    assert cli.main(["lr-find", "--limit", "80", "--steps", "12", "--batch-size", "16",
+                     "--data-root", str(data_root), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "steps from lr 1e-07 to" in printed and "the loss fell fastest at lr" in printed
+    assert (out / "lr_find.png").read_bytes().startswith(PNG_MAGIC)
