@@ -17,7 +17,7 @@ import numpy
 from . import backend, viz
 from .callbacks import CSVLogger, ModelCheckpoint
 from .data import DataLoader, datasets
-from .inspect import GradientRecorder
+from .recorder import GradientRecorder
 from .losses import SoftmaxCrossEntropy
 from .models import MODELS, build_model
 from .optim import SGD, Adam, AdamW, RMSprop

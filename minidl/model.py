@@ -9,6 +9,7 @@ A Sequential is itself a Layer, so it nests and ``minidl.gradcheck`` applies to 
 from . import backend
 from .layers.base import Layer
 from .serialization import load_npz, save_npz
+from .summary import summary_table
 
 _STRUCTURE_KEY = "__structure__"
 
@@ -161,7 +162,6 @@ class Sequential(Layer):
         """A Keras-like table: each layer, its output shape and parameter count.
 
         ``input_shape`` excludes the batch, e.g. (1, 28, 28). Returns the text."""
-        from .inspect import summary_table
         text = summary_table(self, input_shape)
         if print_fn is not None:
             print_fn(text)
