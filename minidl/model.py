@@ -7,6 +7,7 @@
 A Sequential is itself a Layer, so it nests and ``minidl.gradcheck`` applies to it.
 """
 from . import backend
+from .layers.arguments import as_positive_int
 from .layers.base import Layer
 from .serialization import load_npz, save_npz
 from .summary import summary_table
@@ -72,7 +73,11 @@ class Sequential(Layer):
         return dy if input_grad else None
 
     def predict(self, x, batch_size=256):
-        """Outputs for ``x`` in eval mode, batch by batch, as a numpy array."""
+        """Outputs for ``x`` in eval mode, batch by batch, as a numpy array.
+
+        TypeError/ValueError unless ``batch_size`` is an int >= 1; ValueError for an
+        empty ``x``."""
+        batch_size = as_positive_int(batch_size, "batch_size", "Sequential.predict")
         xp_out = []
         for start in range(0, len(x), batch_size):
             batch = backend.to_device(x[start:start + batch_size], self.device)

@@ -9,11 +9,13 @@ One step is the whole data flow of minidl, in order:
     optimizer.step(); optimizer.zero_grad()
 """
 import math
+import numbers
 import time
 
 from tqdm.auto import tqdm
 
 from . import backend
+from .layers.arguments import as_positive_int
 from .model import Sequential
 from .optim import clip_grad_norm_
 
@@ -54,10 +56,15 @@ class Trainer:
     ``time`` or ``val_*`` (the Trainer logs those). ``clip_grad_norm``: clip the
     global gradient norm to this value before each step. ``verbose=0`` turns the
     progress bars off.
+
+    ``max_loss_ratio``: training has diverged, and ``fit`` stops with a
+    FloatingPointError, when a batch's loss exceeds this many times the first
+    batch's loss of the fit (or 1, if that is smaller); None turns this off. A loss
+    that is not finite always stops it.
     """
 
     def __init__(self, model, loss, optimizer, scheduler=None, metrics=("accuracy",),
-                 clip_grad_norm=None, verbose=1):
+                 clip_grad_norm=None, verbose=1, max_loss_ratio=1e4):
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
@@ -65,50 +72,96 @@ class Trainer:
         self.metrics = _build_metrics(metrics)
         self.clip_grad_norm = clip_grad_norm
         self.verbose = verbose
+        self.max_loss_ratio = _check_ratio(max_loss_ratio)
         self.stop_training = False
         self.epoch = 0
         self.batch = 0
+        self.batch_logs = {}
+        self._start_loss = None
 
     # -- one step ---------------------------------------------------------------
     def train_step(self, x, y):
-        """Forward, loss, backward and update on one batch; returns (loss, logits)."""
+        """Forward, loss, backward and update on one batch; returns (loss, logits).
+
+        The batch's loss and metrics (also kept as ``self.batch_logs``) are read from
+        the device in one copy, before the update: a loss that is not finite or has
+        diverged raises FloatingPointError with the parameters of the step before."""
         logits = self.model.forward(x, training=True)
-        loss = self._loss_value(logits, y)
+        values = self._batch_values(logits, y)      # on the device, not yet read
         dlogits = self.loss.backward()
         if isinstance(self.model, Sequential):
             self.model.backward(dlogits, input_grad=False)   # x is data: no dL/dx needed
         else:
             self.model.backward(dlogits)
+        self.batch_logs = _read(values)             # the step's one wait for the device
+        loss = self.batch_logs["loss"]
+        if not math.isfinite(loss):
+            self._explain_bad_labels(logits, y)
+            self._stop(f"the loss became {loss} at epoch {self.epoch + 1}, batch "
+                       f"{self.batch + 1}")
+        self._check_divergence(loss)
         if self.clip_grad_norm is not None:
             clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return loss, logits
+        return self.batch_logs["loss"], logits
 
-    def _loss_value(self, logits, y):
-        """The loss of a batch; a FloatingPointError naming where it stopped being finite."""
+    def _batch_values(self, logits, y):
+        """{"loss": ..., metric: ...} as 0-d device arrays (or floats)."""
+        values = {"loss": self.loss.value(logits, y)}
+        values.update((name, fn(logits, y)) for name, fn in self.metrics.items())
+        return values
+
+    def _explain_bad_labels(self, logits, y):
+        """After a loss that is not finite: the loss's own ValueError if the logits
+        are finite (so the labels are at fault)."""
         xp = backend.get_array_module(logits)
-        finite = bool(xp.isfinite(logits).all())
-        loss = self.loss.forward(logits, y) if finite else float("nan")
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"Trainer: the loss became {loss} at epoch {self.epoch + 1}, batch "
-                f"{self.batch + 1}; training stopped (any checkpoint already written is "
-                f"kept). Try a lower learning rate or gradient clipping.")
-        return loss
+        if bool(xp.isfinite(logits).all()):
+            self.loss.forward(logits, y)
+
+    def _check_divergence(self, loss):
+        if self._start_loss is None:
+            self._start_loss = loss
+        limit = None if self.max_loss_ratio is None else (
+            self.max_loss_ratio * max(self._start_loss, 1.0))
+        if limit is not None and loss > limit:
+            self._stop(f"the loss became {loss:.4g} at epoch {self.epoch + 1}, batch "
+                       f"{self.batch + 1}, over {self.max_loss_ratio:g} times its start "
+                       f"({self._start_loss:.4g}): it diverged")
+
+    def _check_parameters(self):
+        """FloatingPointError unless every parameter is finite (one read per epoch)."""
+        params = self.model.parameters()
+        xp = backend.get_array_module(params[0].data) if params else None
+        finite = backend.to_floats([xp.isfinite(p.data).all() for p in params])
+        if not all(finite):
+            self._stop(f"a parameter became inf or nan in epoch {self.epoch + 1}")
+
+    @staticmethod
+    def _stop(what):
+        raise FloatingPointError(f"Trainer: {what}; training stopped (any checkpoint "
+                                 f"already written is kept). Try a lower learning rate "
+                                 f"or gradient clipping.")
 
     # -- loops -----------------------------------------------------------------
     def fit(self, train, epochs=1, val=None, callbacks=(), verbose=None):
         """Train for ``epochs`` over the DataLoader ``train``; returns a History.
 
         Callbacks' ``on_train_end`` runs even when training fails (e.g. the
-        FloatingPointError of a NaN loss); the error then propagates with the
-        History of the finished epochs attached as ``error.history``.
+        FloatingPointError of a NaN or diverged loss); the error then propagates with
+        the History of the finished epochs attached as ``error.history``. TypeError
+        when ``train`` or ``val`` is not a DataLoader-like iterable of (x, y)
+        batches, ValueError for ``epochs`` < 1.
         """
         verbose = self.verbose if verbose is None else verbose
+        _check_loader(train, "Trainer.fit", "train")
+        if val is not None:
+            _check_loader(val, "Trainer.fit", "val")
+        epochs = as_positive_int(epochs, "epochs", "Trainer.fit")
         self._check_device(train)
         history = History()
         self.stop_training = False
+        self._start_loss = None
         for cb in callbacks:
             cb.on_train_begin(self)
         try:
@@ -126,6 +179,7 @@ class Trainer:
             self.epoch = epoch
             start = time.perf_counter()
             logs = self._train_epoch(train, epoch, epochs, verbose)
+            self._check_parameters()    # before evaluation and checkpoints see them
             if val is not None:
                 logs.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
             logs["lr"] = self.optimizer.lr
@@ -147,8 +201,8 @@ class Trainer:
                    unit="batch", disable=not verbose, leave=True, dynamic_ncols=True)
         start = time.perf_counter()
         for self.batch, (x, y) in enumerate(bar):
-            loss, logits = self.train_step(x, y)
-            totals.add(loss, logits, y)
+            self.train_step(x, y)
+            totals.add(self.batch_logs, len(y))
             if verbose and (self.batch % 10 == 0 or self.batch == len(train) - 1):
                 speed = totals.count / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(**totals.means(), img_s=f"{speed:.0f}", refresh=False)
@@ -156,12 +210,22 @@ class Trainer:
         return totals.means_as_floats()
 
     def evaluate(self, data):
-        """Mean loss and metrics over a DataLoader, in eval mode (no updates)."""
+        """Mean loss and metrics over a DataLoader, in eval mode (no updates).
+
+        TypeError when ``data`` is not a DataLoader-like iterable of (x, y) batches;
+        FloatingPointError when a batch's loss is not finite."""
+        _check_loader(data, "Trainer.evaluate", "data")
         self._check_device(data)
         totals = _Totals(self.metrics, "Trainer.evaluate")
-        for x, y in data:
+        for batch, (x, y) in enumerate(data):
             logits = self.model.forward(x, training=False)
-            totals.add(self.loss.forward(logits, y), logits, y)
+            logs = _read(self._batch_values(logits, y))
+            if not math.isfinite(logs["loss"]):
+                self._explain_bad_labels(logits, y)
+                raise FloatingPointError(f"Trainer.evaluate: the loss became {logs['loss']} "
+                                         f"at batch {batch + 1} (a diverged model or "
+                                         f"inputs that are not finite?)")
+            totals.add(logs, len(y))
         return totals.means_as_floats()
 
     def _check_device(self, data):
@@ -181,12 +245,11 @@ class _Totals:
         self.count = 0
         self.sums = {"loss": 0.0, **{name: 0.0 for name in metrics}}
 
-    def add(self, loss, logits, y):
-        n = len(y)
+    def add(self, logs, n):
+        """Add one batch of ``n`` samples: ``logs`` holds its loss and metrics."""
         self.count += n
-        self.sums["loss"] += loss * n
-        for name, fn in self.metrics.items():
-            self.sums[name] += fn(logits, y) * n
+        for name in self.sums:
+            self.sums[name] += logs[name] * n
 
     def means_as_floats(self):
         if self.count == 0:     # a mean of nothing: 0.0 would look like a real result
@@ -200,15 +263,16 @@ class _Totals:
 
 
 def accuracy(logits, labels):
-    """Fraction of rows whose largest logit is at the label. ``labels`` are class
-    indices (N,) or one-hot / probability rows (N, classes), as MSE takes."""
+    """Fraction of rows whose largest logit is at the label, as a 0-d array on the
+    logits' device (a numpy float on the CPU; ``float()`` reads it). ``labels`` are
+    class indices (N,) or one-hot / probability rows (N, classes), as MSE takes."""
     if labels.ndim == 2 and labels.shape == logits.shape:
         labels = labels.argmax(axis=1)
     if labels.shape != logits.shape[:1]:
         raise ValueError(f"accuracy: labels of shape {labels.shape} do not match logits "
                          f"of shape {logits.shape}; expected class indices (N,) or "
                          f"one-hot rows (N, classes)")
-    return float((logits.argmax(axis=1) == labels).mean())
+    return (logits.argmax(axis=1) == labels).mean()
 
 
 _METRICS = {"accuracy": accuracy, "acc": accuracy}
@@ -231,6 +295,32 @@ def _build_metrics(metrics):
                              f"{{name: metric}} to rename it")
         built[name] = _metric_fn(metric)
     return built
+
+
+def _read(values):
+    """{name: float} from {name: 0-d device array or float}, in one device->host copy."""
+    return dict(zip(values, backend.to_floats(list(values.values()))))
+
+
+def _check_loader(data, caller, name):
+    """TypeError unless ``data`` iterates over (x, y) batches and has a len."""
+    arrays = backend.is_array(data) or (isinstance(data, tuple)
+                                        and any(map(backend.is_array, data)))
+    if arrays or not (hasattr(data, "__iter__") and hasattr(data, "__len__")):
+        raise TypeError(f"{caller}: {name} must be a DataLoader (or an iterable of (x, y) "
+                        f"batches with a len), got {type(data).__name__}; wrap arrays "
+                        f"as DataLoader(x, y, batch_size)")
+
+
+def _check_ratio(ratio):
+    if ratio is None:
+        return None
+    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool):
+        raise TypeError(f"Trainer: max_loss_ratio must be a number or None, got {ratio!r}")
+    if not 1 < ratio < math.inf:
+        raise ValueError(f"Trainer: max_loss_ratio must be a finite number > 1 or None, "
+                         f"got {ratio!r}")
+    return float(ratio)
 
 
 def _metric_name(metric):

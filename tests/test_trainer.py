@@ -295,3 +295,122 @@ def test_error_in_fit_still_ends_callbacks_and_keeps_history():
     assert model.layers[0].forward_hooks == [] and model.layers[0].backward_hooks == []
     assert np.isfinite(model.layers[0].weight.data).all()     # best weights put back
     assert info.value.history.epochs == 2 and len(info.value.history["loss"]) == 2
+
+
+# -- divergence, bad arguments, device reads --------------------------------------
+@pytest.mark.parametrize("optimizer", [minidl.Adam, minidl.RMSprop])
+def test_a_diverging_adaptive_optimizer_stops_with_the_sgd_message(optimizer):
+    """lr=1e6 makes the loss huge but finite: before, fit ended normally with it."""
+    x, y = oriented_bars(96)
+    model = bar_model()
+    trainer = Trainer(model, SoftmaxCrossEntropy(), optimizer(model.parameters(), lr=1e6),
+                      verbose=0)
+    with pytest.raises(FloatingPointError, match=r"Trainer: the loss became .* at epoch 1, "
+                       r"batch \d+, over 10000 times its start .*lower learning rate") as info:
+        trainer.fit(DataLoader(x, y, 16, seed=0), epochs=3)
+    assert info.value.history.epochs == 0
+
+
+def test_max_loss_ratio_none_trains_on_and_bad_ratios_are_refused():
+    x, y = oriented_bars(32)
+    model = bar_model()
+    trainer = Trainer(model, SoftmaxCrossEntropy(), minidl.RMSprop(model.parameters(), lr=1e6),
+                      verbose=0, max_loss_ratio=None)
+    assert trainer.fit(DataLoader(x, y, 16, seed=0), epochs=1).epochs == 1
+    for ratio, error in ((1.0, ValueError), (float("inf"), ValueError), ("10", TypeError)):
+        with pytest.raises(error, match="max_loss_ratio must be"):
+            make_trainer(bar_model(), max_loss_ratio=ratio)
+
+
+def test_a_parameter_that_became_inf_stops_fit_before_evaluation():
+    x, y = tiny(8)
+    trainer = tiny_trainer()
+
+    class Overflow(minidl.SGD):          # the last update of the epoch overflows
+        def step(self):
+            super().step()
+            if trainer.batch == 1:
+                trainer.model.layers[0].bias.data[0] = np.inf
+
+    trainer.optimizer = Overflow(trainer.model.parameters(), lr=0.01)
+    evaluated = []
+    trainer.evaluate = lambda data: evaluated.append(1)
+    with pytest.raises(FloatingPointError, match="a parameter became inf or nan in epoch 1"):
+        trainer.fit(DataLoader(x, y, 4, shuffle=False), epochs=2, val=DataLoader(x, y, 4))
+    assert evaluated == []
+
+
+def test_a_nan_loss_leaves_the_parameters_of_the_step_before():
+    x, y = tiny(8)
+    trainer = tiny_trainer()
+    before = trainer.model.state_dict()
+    x[5] = np.nan                                   # in the second batch
+    with pytest.raises(FloatingPointError, match="loss became nan at epoch 1, batch 2"):
+        trainer.fit(DataLoader(x, y, 4, shuffle=False), epochs=1)
+    after = trainer.model.state_dict()
+    assert all(np.isfinite(v).all() for v in after.values())
+    assert not np.array_equal(after["0.weight"], before["0.weight"])   # batch 1 applied
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # inf inputs on the way
+def test_labels_out_of_range_are_the_losses_error_in_fit_and_evaluate():
+    x, y = tiny(8)
+    y[3] = 7
+    trainer = tiny_trainer()
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 3\)"):
+        trainer.fit(DataLoader(x, y, 4, shuffle=False), epochs=1)
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 3\)"):
+        trainer.evaluate(DataLoader(x, y, 4, shuffle=False))
+    x[0] = np.inf
+    with pytest.raises(FloatingPointError, match="Trainer.evaluate: the loss became nan at "
+                                                 "batch 1"):
+        trainer.evaluate(DataLoader(x, y % 3, 4, shuffle=False))
+
+
+@pytest.mark.parametrize("data", [np.zeros((8, 4), np.float32),
+                                  (np.zeros((8, 4), np.float32), np.zeros(8, int)), 5])
+def test_fit_and_evaluate_want_a_dataloader(data):
+    trainer = tiny_trainer()
+    with pytest.raises(TypeError, match="Trainer.fit: train must be a DataLoader"):
+        trainer.fit(data)
+    x, y = tiny(8)
+    with pytest.raises(TypeError, match="Trainer.fit: val must be a DataLoader"):
+        trainer.fit(DataLoader(x, y, 4), val=data)
+    with pytest.raises(TypeError, match="Trainer.evaluate: data must be a DataLoader"):
+        trainer.evaluate(data)
+
+
+@pytest.mark.parametrize("epochs, error", [(-1, ValueError), (0, ValueError),
+                                           (2.0, TypeError), ("3", TypeError)])
+def test_fit_epochs_must_be_a_positive_int(epochs, error):
+    x, y = tiny(8)
+    with pytest.raises(error, match="Trainer.fit: epochs must be"):
+        tiny_trainer().fit(DataLoader(x, y, 4), epochs=epochs)
+
+
+@pytest.mark.parametrize("batch_size, error", [(0, ValueError), (-1, ValueError),
+                                               (2.5, TypeError), (None, TypeError)])
+def test_predict_batch_size_must_be_a_positive_int(batch_size, error):
+    model = Sequential([Dense(4, 3)])
+    with pytest.raises(error, match="Sequential.predict: batch_size must be"):
+        model.predict(np.zeros((5, 4), np.float32), batch_size=batch_size)
+
+
+def test_a_training_step_reads_the_device_once(monkeypatch):
+    """Loss and metrics stay arrays until one backend.to_floats call per step; the
+    recorder reads its sums once per epoch."""
+    x, y = tiny(12)
+    trainer = tiny_trainer(metrics={"acc": "accuracy", "top": "accuracy"})
+    reads = []
+    real = minidl.backend.to_floats
+
+    def counting(values):
+        reads.append([type(v).__name__ for v in values])
+        return real(values)
+
+    monkeypatch.setattr(minidl.backend, "to_floats", counting)
+    recorder = GradientRecorder(trainer.model, every=1)
+    trainer.fit(DataLoader(x, y, 4), epochs=1, callbacks=[recorder])
+    # 3 steps, the parameter check, the recorder's epoch means
+    assert len(reads) == 5
+    assert all(name != "float" for step in reads[:3] for name in step), reads
