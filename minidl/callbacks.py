@@ -3,6 +3,7 @@ import csv
 import math
 import os
 
+from . import backend
 from .layers.base import Layer
 
 
@@ -89,7 +90,11 @@ class EarlyStopping(Callback):
 
 class ModelCheckpoint(Callback):
     """Save the model to ``path`` (.npz) after an epoch: every epoch, or only when
-    ``monitor`` reached a new best (``save_best_only``). Writes are atomic."""
+    ``monitor`` reached a new best (``save_best_only``). Writes are atomic.
+
+    A model with an inf or NaN parameter or buffer is never saved: FloatingPointError,
+    and the file at ``path`` stays as it was. TypeError for a model without ``save``;
+    ValueError when ``monitor`` is not logged (with ``save_best_only``)."""
 
     def __init__(self, path, monitor="val_accuracy", mode="auto", save_best_only=True):
         self.path = os.fspath(path)
@@ -102,27 +107,51 @@ class ModelCheckpoint(Callback):
         if self.save_best_only:   # only then is the monitored metric needed (and read)
             if not self.tracker.improved(self.tracker.value(logs, "ModelCheckpoint")):
                 return
+        _check_finite(trainer.model, self.path)
         trainer.model.save(self.path)
 
 
+def _check_finite(model, path):
+    """FloatingPointError naming the arrays of ``model`` that hold inf or NaN."""
+    named = [(name, p.data) for name, p in model.named_parameters()]
+    named += list(model.named_buffers())
+    if not named:
+        return
+    xp = backend.get_array_module(named[0][1])
+    finite = backend.to_floats([xp.isfinite(a).all() for _, a in named])  # one device read
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        raise FloatingPointError(f"ModelCheckpoint: not saving {path!r}: {', '.join(bad)} "
+                                 f"hold inf or NaN (the file keeps its last good save)")
+
+
 class CSVLogger(Callback):
-    """Append one row per epoch (epoch, then every logged number) to ``path``."""
+    """Write one row per epoch (epoch, then every logged number) to ``path``; each fit
+    starts the file afresh. A key first logged in a later epoch gets a column: the
+    file is rewritten with it, earlier rows leaving that cell empty."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self.keys = None
+        self.keys = []
+        self.rows = []
 
     def on_train_begin(self, trainer):
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
-        self.keys = None
+        self.keys, self.rows = [], []
 
     def on_epoch_end(self, trainer, epoch, logs):
-        first = self.keys is None
-        if first:
-            self.keys = list(logs)
-        with open(self.path, "w" if first else "a", newline="") as f:
-            writer = csv.writer(f)
-            if first:
-                writer.writerow(["epoch"] + self.keys)
-            writer.writerow([epoch + 1] + [logs.get(k, "") for k in self.keys])
+        self.rows.append({"epoch": epoch + 1, **logs})
+        new = [k for k in logs if k not in self.keys]
+        self.keys += new
+        if new:   # the header changes: write every row again
+            self._write("w", self.rows)
+        else:
+            self._write("a", self.rows[-1:])
+
+    def _write(self, mode, rows):
+        with open(self.path, mode, newline="") as f:
+            writer = csv.DictWriter(f, ["epoch"] + self.keys, restval="")
+            if mode == "w":
+                writer.writeheader()
+            writer.writerows(rows)
