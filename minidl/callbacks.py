@@ -100,6 +100,10 @@ class ModelCheckpoint(Callback):
         self.path = os.fspath(path)
         self.tracker = _Monitor(monitor, mode)
         self.save_best_only = save_best_only
+        self.saved_epoch = None     # the epoch (from 1) of this fit's last save
+
+    def on_train_begin(self, trainer):
+        self.saved_epoch = None
 
     def on_epoch_end(self, trainer, epoch, logs):
         if not isinstance(trainer.model, Layer) or not hasattr(trainer.model, "save"):
@@ -109,6 +113,7 @@ class ModelCheckpoint(Callback):
                 return
         _check_finite(trainer.model, self.path)
         trainer.model.save(self.path)
+        self.saved_epoch = epoch + 1
 
 
 def _check_finite(model, path):

@@ -5,12 +5,16 @@
 
 ``train`` prints the model summary, shows a progress bar per epoch, writes the
 checkpoint, history.csv and PNG plots to --out, and ends with the line
-``test accuracy: 0.99xx``.
+``test accuracy: 0.99xx``. Ctrl-C or SIGTERM stops it with one line saying where,
+and exit status 128 + the signal's number (130, 143).
 """
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
+import threading
 
 import numpy
 
@@ -74,22 +78,58 @@ def main(argv=None):
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        return run_stoppable(args.func, args)
     # Bad data, a diverging run (FloatingPointError), a folder that cannot be written:
     # the message says what to do; a traceback would only hide it.
     except (RuntimeError, ValueError, OSError, FloatingPointError) as exc:
         print(f"minidl {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as stop:       # Ctrl-C, or SIGTERM (see run_stoppable)
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"minidl {args.command}: stopped by {_signal_name(signum)}"
+              f"{': ' if str(stop) else ''}{stop}", file=sys.stderr)
+        return 128 + signum
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with the signal's number and, once known, where it stopped."""
+
+    def __init__(self, signum, where=""):
+        super().__init__(where)
+        self.signum = signum
+
+
+def run_stoppable(func, args):
+    """func(args), with SIGTERM (what `kill` and job schedulers send) raising Stopped as
+    Ctrl-C raises KeyboardInterrupt, so both end the same way."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return func(args)       # handlers can only be set from the main thread
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return func(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _signal_name(signum):
+    return "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
 # -- train ----------------------------------------------------------------------
 def train_command(args):
     manual_seed(args.seed)
     out = args.out or os.path.join("runs", args.dataset)
-    make_output_folder(out)
+    created = make_output_folder(out)
     with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
-        x_train, y_train = load_split(args.dataset, "train", args.data_root)
-        x_test, y_test = load_split(args.dataset, "test", args.data_root)
+        try:
+            x_train, y_train = load_split(args.dataset, "train", args.data_root)
+            x_test, y_test = load_split(args.dataset, "test", args.data_root)
+        except BaseException:   # nothing trained: leave no empty folder behind
+            remove_empty_folders(created)
+            raise
         if args.limit:
             x_train, y_train = x_train[:args.limit], y_train[:args.limit]
         (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train)
@@ -102,18 +142,28 @@ def train_command(args):
                           verbose=0 if args.quiet else 1)
         checkpoint = os.path.join(out, "model.npz")
         recorder = GradientRecorder(model)
+        saver = ModelCheckpoint(checkpoint, monitor="val_accuracy")
+        train = DataLoader(x_train, y_train, args.batch_size, seed=args.seed, transform=to_float)
         print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
               f"testing on {len(x_test)} ({args.device})", flush=True)
-        history = trainer.fit(
-            DataLoader(x_train, y_train, args.batch_size, seed=args.seed, transform=to_float),
-            epochs=args.epochs,
-            val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float),
-            # The recorder first: it adds its statistics to the logs the others see.
-            callbacks=[recorder, ModelCheckpoint(checkpoint, monitor="val_accuracy"),
-                       CSVLogger(os.path.join(out, "history.csv"))])
-        _write_json(os.path.join(out, "run.json"), {
-            "dataset": args.dataset, "model": args.model, "epochs": history.epochs,
-            "seed": args.seed, "checkpoint": "model.npz"})
+        try:
+            history = trainer.fit(
+                train, epochs=args.epochs,
+                val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float),
+                # The recorder first: it adds its statistics to the logs the others see.
+                callbacks=[recorder, saver, CSVLogger(os.path.join(out, "history.csv"))])
+        except BaseException as error:
+            if saver.saved_epoch is not None:   # `minidl evaluate` can use what is kept
+                write_run_json(out, args, error.history.epochs)
+            if isinstance(error, KeyboardInterrupt):
+                kept = (f"kept {checkpoint} from epoch {saver.saved_epoch} (the best "
+                        f"validation accuracy so far)" if saver.saved_epoch is not None
+                        else "no checkpoint saved (the first epoch did not end)")
+                raise Stopped(getattr(error, "signum", signal.SIGINT),
+                              f"in epoch {trainer.epoch + 1}/{args.epochs}, batch "
+                              f"{trainer.batch + 1}/{len(train)}; {kept}") from None
+            raise
+        write_run_json(out, args, history.epochs)
         model.load(checkpoint)  # the best epoch by validation accuracy
         predictions = predict_labels(model, x_test)
         write_plots(out, args.dataset, model, history, recorder, x_test, y_test, predictions)
@@ -123,14 +173,41 @@ def train_command(args):
 
 
 def make_output_folder(out):
-    """Create the folder ``out``; ValueError saying why when that is impossible."""
+    """Create the folder ``out`` and write a file in it, so that a folder that cannot
+    take the checkpoint is found before training, not after the first epoch. Returns
+    the folders it created, outermost first; ValueError saying why on failure."""
+    created = []
+    path = os.path.abspath(out)
+    while not os.path.lexists(path):
+        created.insert(0, path)
+        path = os.path.dirname(path)
     try:
         os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".minidl-write-check-"):
+            pass
     except FileExistsError:
         raise ValueError(f"--out {out!r} is a file, not a folder") from None
-    except OSError as exc:  # e.g. a file where a parent folder should be
-        raise ValueError(f"cannot create the output folder --out {out!r}: "
+    except OSError as exc:  # a file where a parent folder should be, no permission...
+        remove_empty_folders(created)
+        raise ValueError(f"cannot write to the output folder --out {out!r}: "
                          f"{exc.strerror}") from None
+    return created
+
+
+def remove_empty_folders(created):
+    """Remove the folders make_output_folder created, innermost first, while empty."""
+    for path in reversed(created):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+
+
+def write_run_json(out, args, epochs):
+    """run.json: what `minidl evaluate` needs to rebuild the model of the checkpoint."""
+    _write_json(os.path.join(out, "run.json"), {
+        "dataset": args.dataset, "model": args.model, "epochs": epochs,
+        "seed": args.seed, "checkpoint": "model.npz"})
 
 
 def split_validation(x, y):

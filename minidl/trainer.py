@@ -197,16 +197,16 @@ class Trainer:
     def _train_epoch(self, train, epoch, epochs, verbose):
         self.model.train()
         totals = _Totals(self.metrics, "Trainer.fit")
-        bar = tqdm(train, total=len(train), desc=f"Epoch {epoch + 1}/{epochs}",
-                   unit="batch", disable=not verbose, leave=True, dynamic_ncols=True)
         start = time.perf_counter()
-        for self.batch, (x, y) in enumerate(bar):
-            self.train_step(x, y)
-            totals.add(self.batch_logs, len(y))
-            if verbose and (self.batch % 10 == 0 or self.batch == len(train) - 1):
-                speed = totals.count / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(**totals.means(), img_s=f"{speed:.0f}", refresh=False)
-        bar.close()
+        # `with`: the bar ends its line even when a step fails or Ctrl-C stops it
+        with tqdm(train, total=len(train), desc=f"Epoch {epoch + 1}/{epochs}", unit="batch",
+                  disable=not verbose, leave=True, dynamic_ncols=True) as bar:
+            for self.batch, (x, y) in enumerate(bar):
+                self.train_step(x, y)
+                totals.add(self.batch_logs, len(y))
+                if verbose and (self.batch % 10 == 0 or self.batch == len(train) - 1):
+                    speed = totals.count / max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix(**totals.means(), img_s=f"{speed:.0f}", refresh=False)
         return totals.means_as_floats()
 
     def evaluate(self, data):
