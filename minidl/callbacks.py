@@ -111,23 +111,23 @@ class ModelCheckpoint(Callback):
         if self.save_best_only:   # only then is the monitored metric needed (and read)
             if not self.tracker.improved(self.tracker.value(logs, "ModelCheckpoint")):
                 return
-        _check_finite(trainer.model, self.path)
+        bad = not_finite(trainer.model)
+        if bad:
+            raise FloatingPointError(f"ModelCheckpoint: not saving {self.path!r}: "
+                                     f"{', '.join(bad)} hold inf or NaN (the file keeps its "
+                                     f"last good save)")
         trainer.model.save(self.path)
         self.saved_epoch = epoch + 1
 
 
-def _check_finite(model, path):
-    """FloatingPointError naming the arrays of ``model`` that hold inf or NaN."""
+def not_finite(model):
+    """The names of ``model``'s parameters and buffers that hold inf or NaN (read
+    from the device in one copy)."""
     named = [(name, p.data) for name, p in model.named_parameters()]
     named += list(model.named_buffers())
-    if not named:
-        return
-    xp = backend.get_array_module(named[0][1])
-    finite = backend.to_floats([xp.isfinite(a).all() for _, a in named])  # one device read
-    bad = [name for (name, _), ok in zip(named, finite) if not ok]
-    if bad:
-        raise FloatingPointError(f"ModelCheckpoint: not saving {path!r}: {', '.join(bad)} "
-                                 f"hold inf or NaN (the file keeps its last good save)")
+    finite = backend.to_floats([backend.get_array_module(a).isfinite(a).all()
+                                for _, a in named])
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 class CSVLogger(Callback):

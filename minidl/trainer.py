@@ -15,6 +15,7 @@ import time
 from tqdm.auto import tqdm
 
 from . import backend
+from .callbacks import not_finite
 from .layers.arguments import as_positive_int
 from .model import Sequential
 from .optim import clip_grad_norm_
@@ -122,20 +123,11 @@ class Trainer:
     def _check_divergence(self, loss):
         if self._start_loss is None:
             self._start_loss = loss
-        limit = None if self.max_loss_ratio is None else (
-            self.max_loss_ratio * max(self._start_loss, 1.0))
-        if limit is not None and loss > limit:
+        ratio = self.max_loss_ratio
+        if ratio is not None and loss > ratio * max(self._start_loss, 1.0):
             self._stop(f"the loss became {loss:.4g} at epoch {self.epoch + 1}, batch "
-                       f"{self.batch + 1}, over {self.max_loss_ratio:g} times its start "
+                       f"{self.batch + 1}, over {ratio:g} times its start "
                        f"({self._start_loss:.4g}): it diverged")
-
-    def _check_parameters(self):
-        """FloatingPointError unless every parameter is finite (one read per epoch)."""
-        params = self.model.parameters()
-        xp = backend.get_array_module(params[0].data) if params else None
-        finite = backend.to_floats([xp.isfinite(p.data).all() for p in params])
-        if not all(finite):
-            self._stop(f"a parameter became inf or nan in epoch {self.epoch + 1}")
 
     @staticmethod
     def _stop(what):
@@ -179,7 +171,9 @@ class Trainer:
             self.epoch = epoch
             start = time.perf_counter()
             logs = self._train_epoch(train, epoch, epochs, verbose)
-            self._check_parameters()    # before evaluation and checkpoints see them
+            bad = not_finite(self.model)    # before evaluation and checkpoints see them
+            if bad:
+                self._stop(f"{', '.join(bad)} became inf or nan in epoch {epoch + 1}")
             if val is not None:
                 logs.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
             logs["lr"] = self.optimizer.lr

@@ -335,7 +335,7 @@ def test_a_parameter_that_became_inf_stops_fit_before_evaluation():
     trainer.optimizer = Overflow(trainer.model.parameters(), lr=0.01)
     evaluated = []
     trainer.evaluate = lambda data: evaluated.append(1)
-    with pytest.raises(FloatingPointError, match="a parameter became inf or nan in epoch 1"):
+    with pytest.raises(FloatingPointError, match="0.bias became inf or nan in epoch 1"):
         trainer.fit(DataLoader(x, y, 4, shuffle=False), epochs=2, val=DataLoader(x, y, 4))
     assert evaluated == []
 
