@@ -123,53 +123,59 @@ def train_command(args):
     manual_seed(args.seed)
     out = args.out or os.path.join("runs", args.dataset)
     created = make_output_folder(out)
-    with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
-        try:
-            x_train, y_train = load_split(args.dataset, "train", args.data_root)
-            x_test, y_test = load_split(args.dataset, "test", args.data_root)
-        except BaseException:   # nothing trained: leave no empty folder behind
-            remove_empty_folders(created)
-            raise
-        if args.limit:
-            x_train, y_train = x_train[:args.limit], y_train[:args.limit]
-        (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train)
-
-        model = build_model(args.model)
-        model.summary(x_train.shape[1:])
-        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
-        trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer,
-                          scheduler=CosineAnnealingLR(optimizer, T_max=args.epochs),
-                          verbose=0 if args.quiet else 1)
-        checkpoint = os.path.join(out, "model.npz")
-        recorder = GradientRecorder(model)
-        saver = ModelCheckpoint(checkpoint, monitor="val_accuracy")
-        train = DataLoader(x_train, y_train, args.batch_size, seed=args.seed, transform=to_float)
-        print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
-              f"testing on {len(x_test)} ({args.device})", flush=True)
-        try:
-            history = trainer.fit(
-                train, epochs=args.epochs,
-                val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float),
-                # The recorder first: it adds its statistics to the logs the others see.
-                callbacks=[recorder, saver, CSVLogger(os.path.join(out, "history.csv"))])
-        except BaseException as error:
-            if saver.saved_epoch is not None:   # `minidl evaluate` can use what is kept
-                write_run_json(out, args, error.history.epochs)
-            if isinstance(error, KeyboardInterrupt):
-                kept = (f"kept {checkpoint} from epoch {saver.saved_epoch} (the best "
-                        f"validation accuracy so far)" if saver.saved_epoch is not None
-                        else "no checkpoint saved (the first epoch did not end)")
-                raise Stopped(getattr(error, "signum", signal.SIGINT),
-                              f"in epoch {trainer.epoch + 1}/{args.epochs}, batch "
-                              f"{trainer.batch + 1}/{len(train)}; {kept}") from None
-            raise
-        write_run_json(out, args, history.epochs)
-        model.load(checkpoint)  # the best epoch by validation accuracy
-        predictions = predict_labels(model, x_test)
-        write_plots(out, args.dataset, model, history, recorder, x_test, y_test, predictions)
+    try:
+        with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
+            predictions, y_test = train_and_test(args, out)
+    except BaseException:   # e.g. no data, or stopped in epoch 1: no empty folder left
+        remove_empty_folders(created)
+        raise
     print(f"checkpoint and plots in {out}")
     print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
     return 0
+
+
+def train_and_test(args, out):
+    """Train, write everything to ``out``; returns the test predictions and labels."""
+    x_train, y_train = load_split(args.dataset, "train", args.data_root)
+    x_test, y_test = load_split(args.dataset, "test", args.data_root)
+    if args.limit:
+        x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+    (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train)
+
+    model = build_model(args.model)
+    model.summary(x_train.shape[1:])
+    optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
+    trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer,
+                      scheduler=CosineAnnealingLR(optimizer, T_max=args.epochs),
+                      verbose=0 if args.quiet else 1)
+    checkpoint = os.path.join(out, "model.npz")
+    recorder = GradientRecorder(model)
+    saver = ModelCheckpoint(checkpoint, monitor="val_accuracy")
+    train = DataLoader(x_train, y_train, args.batch_size, seed=args.seed, transform=to_float)
+    print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
+          f"testing on {len(x_test)} ({args.device})", flush=True)
+    try:
+        history = trainer.fit(
+            train, epochs=args.epochs,
+            val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float),
+            # The recorder first: it adds its statistics to the logs the others see.
+            callbacks=[recorder, saver, CSVLogger(os.path.join(out, "history.csv"))])
+    except BaseException as error:
+        if saver.saved_epoch is not None:   # `minidl evaluate` can use what is kept
+            write_run_json(out, args, error.history.epochs)
+        if isinstance(error, KeyboardInterrupt):
+            kept = (f"kept {checkpoint} from epoch {saver.saved_epoch} (the best "
+                    f"validation accuracy so far)" if saver.saved_epoch is not None
+                    else "no checkpoint saved (the first epoch did not end)")
+            raise Stopped(getattr(error, "signum", signal.SIGINT),
+                          f"in epoch {trainer.epoch + 1}/{args.epochs}, batch "
+                          f"{trainer.batch + 1}/{len(train)}; {kept}") from None
+        raise
+    write_run_json(out, args, history.epochs)
+    model.load(checkpoint)  # the best epoch by validation accuracy
+    predictions = predict_labels(model, x_test)
+    write_plots(out, args.dataset, model, history, recorder, x_test, y_test, predictions)
+    return predictions, y_test
 
 
 def make_output_folder(out):
