@@ -97,7 +97,7 @@ class Trainer:
         self.batch_logs = _read(values)             # the step's one wait for the device
         loss = self.batch_logs["loss"]
         if not math.isfinite(loss):
-            self._explain_bad_labels(logits, y)
+            self._explain_bad_labels(loss, logits, y)
             self._stop(f"the loss became {loss} at epoch {self.epoch + 1}, batch "
                        f"{self.batch + 1}")
         self._check_divergence(loss)
@@ -113,11 +113,11 @@ class Trainer:
         values.update((name, fn(logits, y)) for name, fn in self.metrics.items())
         return values
 
-    def _explain_bad_labels(self, logits, y):
-        """After a loss that is not finite: the loss's own ValueError if the logits
-        are finite (so the labels are at fault)."""
+    def _explain_bad_labels(self, loss, logits, y):
+        """After a loss that is not finite: the loss's own ValueError when it is NaN
+        from finite logits (so the labels are at fault; inf is an overflow)."""
         xp = backend.get_array_module(logits)
-        if bool(xp.isfinite(logits).all()):
+        if math.isnan(loss) and bool(xp.isfinite(logits).all()):
             self.loss.forward(logits, y)
 
     def _check_divergence(self, loss):
@@ -215,7 +215,7 @@ class Trainer:
             logits = self.model.forward(x, training=False)
             logs = _read(self._batch_values(logits, y))
             if not math.isfinite(logs["loss"]):
-                self._explain_bad_labels(logits, y)
+                self._explain_bad_labels(logs["loss"], logits, y)
                 raise FloatingPointError(f"Trainer.evaluate: the loss became {logs['loss']} "
                                          f"at batch {batch + 1} (a diverged model or "
                                          f"inputs that are not finite?)")

@@ -414,3 +414,16 @@ def test_a_training_step_reads_the_device_once(monkeypatch):
     # 3 steps, the parameter check, the recorder's epoch means
     assert len(reads) == 5
     assert all(name != "float" for step in reads[:3] for name in step), reads
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # numpy's overflow note
+def test_an_mse_loss_that_overflows_is_divergence_and_a_nan_target_the_losses_error():
+    x, y = tiny(8)
+    targets = np.eye(3, dtype=np.float32)[y]
+    trainer = tiny_trainer(loss=MSE(), metrics=())
+    trainer.model.layers[0].weight.data[:] = 1e20       # finite outputs, squares overflow
+    with pytest.raises(FloatingPointError, match="the loss became inf at epoch 1, batch 1"):
+        trainer.fit(DataLoader(x, targets, 4, shuffle=False), epochs=1)
+    targets[1, 0] = np.nan
+    with pytest.raises(ValueError, match="MSE: expected a finite target"):
+        tiny_trainer(loss=MSE(), metrics=()).fit(DataLoader(x, targets, 4, shuffle=False))
