@@ -186,7 +186,8 @@ def machine_description(threads):
         blas = config().decode()
     blas_threads, torch_threads = threads
     lines = [f"- CPU: {cpu}{', ' + flags if flags else ''}; {os.cpu_count()} logical cores "
-             f"({len(os.sched_getaffinity(0))} usable); no GPU used",
+             f"({len(os.sched_getaffinity(0))} usable); "
+             + (f"GPU: {torch.cuda.get_device_name(0)}" if GPU else "no GPU used"),
              f"- Python {platform.python_version()}, numpy {np.__version__} "
              f"({' '.join(blas.split()[:2])}, {_blas_kernel(blas)} kernel), "
              f"{blas_threads} BLAS threads",
