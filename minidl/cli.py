@@ -21,11 +21,11 @@ import numpy
 from . import backend, viz
 from .callbacks import CSVLogger, ModelCheckpoint
 from .data import DataLoader, datasets
-from .recorder import GradientRecorder
 from .losses import SoftmaxCrossEntropy
 from .models import MODELS, build_model
 from .optim import SGD, Adam, AdamW, RMSprop
 from .random import manual_seed
+from .recorder import GradientRecorder
 from .schedulers import CosineAnnealingLR
 from .trainer import Trainer
 
