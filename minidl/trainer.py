@@ -234,7 +234,6 @@ class _Totals:
     """Sample-weighted running sums of the loss and each metric."""
 
     def __init__(self, metrics, caller):
-        self.metrics = metrics
         self.caller = caller    # who to name in the error of an empty loader
         self.count = 0
         self.sums = {"loss": 0.0, **{name: 0.0 for name in metrics}}
