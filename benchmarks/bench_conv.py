@@ -4,6 +4,7 @@
     python benchmarks/bench_conv.py                 # full run, ~2.5 minutes on an idle machine
     python benchmarks/bench_conv.py --quick         # smoke run, ~30 seconds
     python benchmarks/bench_conv.py --only conv,pool --repeats 40
+    python benchmarks/bench_conv.py --device gpu    # minidl on cupy against torch on CUDA
 
 Rows: Conv2D forward + grads of x, W and b on the reference shapes A-D (and C again
 with a small im2col budget, the chunked path); MaxPool2D 2x2/2 forward + backward;
@@ -92,6 +93,34 @@ _START = time.perf_counter()
 CHUNKED_BYTES = 16 * 2**20    # the extra "C, chunked" row: im2col in 16 MiB batch chunks
 STEP_TARGET = 1.5
 POOL_TARGET = 1.5
+GPU = False                   # --device gpu: minidl on cupy, torch on CUDA
+
+
+def to_minidl(a):
+    """A numpy array where minidl computes (the GPU with --device gpu)."""
+    return minidl.to_device(a, "gpu") if GPU else a
+
+
+def to_torch(a):
+    """A numpy or cupy array as a torch tensor on torch's device (sharing its memory
+    where it already is there)."""
+    if minidl.device_of(a) == "gpu":
+        return torch.from_dlpack(a)
+    t = torch.from_numpy(a)
+    return t.cuda() if GPU else t
+
+
+def synced(run):
+    """``run``, waiting for the GPU before it returns, so a call's time is its work."""
+    if not GPU:
+        return run
+
+    def run_and_wait():
+        out = run()
+        minidl.get_backend().cuda.Device().synchronize()
+        torch.cuda.synchronize()
+        return out
+    return run_and_wait
 
 
 # -- machine and threads ---------------------------------------------------------------
@@ -157,7 +186,8 @@ def machine_description(threads):
         blas = config().decode()
     blas_threads, torch_threads = threads
     lines = [f"- CPU: {cpu}{', ' + flags if flags else ''}; {os.cpu_count()} logical cores "
-             f"({len(os.sched_getaffinity(0))} usable); no GPU used",
+             f"({len(os.sched_getaffinity(0))} usable); "
+             + (f"GPU: {torch.cuda.get_device_name(0)}" if GPU else "no GPU used"),
              f"- Python {platform.python_version()}, numpy {np.__version__} "
              f"({' '.join(blas.split()[:2])}, {_blas_kernel(blas)} kernel), "
              f"{blas_threads} BLAS threads",
@@ -215,7 +245,9 @@ def _trim():
 
 def peak_memory(make):
     """Resident-set growth (bytes) over building ``make()`` and calling it twice; None
-    where /proc/self/clear_refs cannot reset the high-water mark."""
+    where /proc/self/clear_refs cannot reset the high-water mark (or on the GPU)."""
+    if GPU:
+        return None
     gc.collect()
     _trim()
     try:
@@ -303,10 +335,11 @@ def conv_row(case, args, max_bytes=None, label=None):
     kwargs = {} if max_bytes is None else {"max_im2col_bytes": max_bytes}
     minidl.manual_seed(0)
     layer = minidl.Conv2D(c, f, k, stride=s, padding=p, **kwargs)
-    layer.bias.data[...] = rng.standard_normal(f, dtype=np.float32)
+    layer.bias.data[...] = to_minidl(rng.standard_normal(f, dtype=np.float32))
     ho, wo = layer.output_shape(x.shape)[2:]
     dz = rng.standard_normal((n, f, ho, wo), dtype=np.float32)
     weight, bias = layer.weight.data.copy(), layer.bias.data.copy()
+    x, dz = to_minidl(x), to_minidl(dz)
 
     def make_minidl(cls=minidl.Conv2D):
         def make():
@@ -318,19 +351,19 @@ def conv_row(case, args, max_bytes=None, label=None):
                 conv.zero_grad()
                 conv.forward(x)
                 return conv.backward(dz)
-            return run
+            return synced(run)
         return make
 
     def make_torch():
-        xt = torch.from_numpy(x).requires_grad_()
-        wt = torch.from_numpy(weight.copy()).requires_grad_()
-        bt = torch.from_numpy(bias.copy()).requires_grad_()
-        dzt = torch.from_numpy(dz)
+        xt = to_torch(x).requires_grad_()
+        wt = to_torch(weight).clone().requires_grad_()
+        bt = to_torch(bias).clone().requires_grad_()
+        dzt = to_torch(dz)
 
         def run():
             xt.grad = wt.grad = bt.grad = None
             TF.conv2d(xt, wt, bt, stride=s, padding=p).backward(dzt)
-        return run
+        return synced(run)
 
     impls = [Impl("minidl", "numpy", make_minidl())]
     if torch is not None:
@@ -348,18 +381,19 @@ def _check_conv(layer, x, dz, sp):
     layer.zero_grad()
     y = layer.forward(x)
     dx = layer.backward(dz)
-    xt = torch.from_numpy(x).requires_grad_()
-    wt = torch.from_numpy(layer.weight.data.copy()).requires_grad_()
-    bt = torch.from_numpy(layer.bias.data.copy()).requires_grad_()
+    xt = to_torch(x).requires_grad_()
+    wt = to_torch(layer.weight.data).clone().requires_grad_()
+    bt = to_torch(layer.bias.data).clone().requires_grad_()
     yt = TF.conv2d(xt, wt, bt, stride=s, padding=p)
-    yt.backward(torch.from_numpy(dz))
+    yt.backward(to_torch(dz))
     pairs = (("y", y, yt), ("dx", dx, xt.grad), ("dW", layer.weight.grad, wt.grad),
              ("db", layer.bias.grad, bt.grad))
     for what, mine, theirs in pairs:
-        _agree(what, mine, theirs.detach().numpy())
+        _agree(what, mine, theirs.detach().cpu().numpy())
 
 
 def _agree(what, mine, theirs, rtol=1e-4):
+    mine = minidl.to_numpy(mine)
     assert mine.dtype == np.float32, f"{what}: minidl returned {mine.dtype}, not float32"
     err = float(np.max(np.abs(mine - theirs))) / max(float(np.max(np.abs(theirs))), 1e-30)
     if err > rtol:
@@ -369,8 +403,8 @@ def _agree(what, mine, theirs, rtol=1e-4):
 def pool_row(args):
     n, c, h, w = 64, 32, 28, 28
     rng = _rng()
-    x = rng.standard_normal((n, c, h, w), dtype=np.float32)
-    dy = rng.standard_normal((n, c, h // 2, w // 2), dtype=np.float32)
+    x = to_minidl(rng.standard_normal((n, c, h, w), dtype=np.float32))
+    dy = to_minidl(rng.standard_normal((n, c, h // 2, w // 2), dtype=np.float32))
 
     def make_minidl(cls=minidl.MaxPool2D):
         def make():
@@ -379,26 +413,26 @@ def pool_row(args):
             def run():
                 pool.forward(x)
                 return pool.backward(dy)
-            return run
+            return synced(run)
         return make
 
     def make_torch():
-        xt, dyt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(dy)
+        xt, dyt = to_torch(x).requires_grad_(), to_torch(dy)
 
         def run():
             xt.grad = None
             TF.max_pool2d(xt, 2).backward(dyt)
-        return run
+        return synced(run)
 
     impls = [Impl("minidl", "numpy", make_minidl())]
     if torch is not None:
         pool = minidl.MaxPool2D(2)
         y, dx = pool.forward(x), pool.backward(dy)
-        xt = torch.from_numpy(x).requires_grad_()
+        xt = to_torch(x).requires_grad_()
         yt = TF.max_pool2d(xt, 2)
-        yt.backward(torch.from_numpy(dy))
-        _agree("y", y, yt.detach().numpy())
-        _agree("dx", dx, xt.grad.numpy())
+        yt.backward(to_torch(dy))
+        _agree("y", y, yt.detach().cpu().numpy())
+        _agree("dx", dx, xt.grad.cpu().numpy())
         impls.append(Impl("torch", "torch", make_torch))
     if args.baseline:
         impls.append(Impl("before #7", "numpy", make_minidl(BaselineMaxPool2D)))
@@ -418,6 +452,11 @@ def minidl_model(kind):
 
 
 def torch_model(kind):
+    model = _torch_model(kind)
+    return model.cuda() if GPU else model
+
+
+def _torch_model(kind):
     nn = torch.nn
     if kind == "mnist_cnn":
         return nn.Sequential(
@@ -446,8 +485,8 @@ def _copy_weights(model, tmodel):
     with torch.no_grad():
         for a, b in zip(mine, theirs):
             w = a.weight.data.T if isinstance(a, minidl.Dense) else a.weight.data
-            b.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
-            b.bias.copy_(torch.from_numpy(a.bias.data))
+            b.weight.copy_(to_torch(np.ascontiguousarray(minidl.to_numpy(w))))
+            b.bias.copy_(to_torch(a.bias.data))
 
 
 def step_row(kind, args, batch=64):
@@ -462,14 +501,15 @@ def step_row(kind, args, batch=64):
         trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(),
                                  minidl.SGD(model.parameters(), lr=lr, momentum=momentum),
                                  metrics=(), verbose=0)
-        return lambda: trainer.train_step(x, y)
+        xd, yd = to_minidl(x), to_minidl(y)
+        return lambda: trainer.train_step(xd, yd)      # reads the loss: waits for the GPU
 
     def make_torch():
         torch.manual_seed(0)
         tmodel = torch_model(kind)
         tmodel.train()
         opt = torch.optim.SGD(tmodel.parameters(), lr=lr, momentum=momentum)
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        xt, yt = to_torch(x), to_torch(y)
 
         def run():
             loss = TF.cross_entropy(tmodel(xt), yt)
@@ -497,13 +537,14 @@ def _check_step(x, y, lr):
     _copy_weights(model, tmodel)
     trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(),
                              minidl.SGD(model.parameters(), lr=lr), metrics=(), verbose=0)
-    loss, _ = trainer.train_step(x, y)
+    loss, _ = trainer.train_step(to_minidl(x), to_minidl(y))
     opt = torch.optim.SGD(tmodel.parameters(), lr=lr)
-    tloss = TF.cross_entropy(tmodel(torch.from_numpy(x)), torch.from_numpy(y))
+    tloss = TF.cross_entropy(tmodel(to_torch(x)), to_torch(y))
     tloss.backward()
     opt.step()
     assert abs(loss - tloss.item()) < 1e-4 * max(1.0, abs(loss)), (loss, tloss.item())
-    _agree("W after one step", model.layers[0].weight.data, tmodel[0].weight.detach().numpy())
+    _agree("W after one step", model.layers[0].weight.data,
+           tmodel[0].weight.detach().cpu().numpy())
 
 
 def epoch_row(args, batch=64):
@@ -522,7 +563,7 @@ def epoch_row(args, batch=64):
     trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(),
                              minidl.SGD(model.parameters(), lr=lr, momentum=momentum), verbose=0)
     loader = minidl.DataLoader(x[:used], y[:used], batch_size=batch, shuffle=True, seed=0)
-    trainer.train_step(x[:batch], y[:batch])            # warm-up
+    trainer.train_step(to_minidl(x[:batch]), to_minidl(y[:batch]))     # warm-up
     t0 = time.perf_counter()
     trainer.fit(loader, epochs=1, verbose=0)
     results["minidl"] = used / (time.perf_counter() - t0)
@@ -536,7 +577,7 @@ def epoch_row(args, batch=64):
         tmodel.train()
         t0 = time.perf_counter()
         for xb, yb in tloader:                 # the same loader: the same data pipeline cost
-            xt, yt = torch.from_numpy(xb), torch.from_numpy(yb)
+            xt, yt = to_torch(xb), to_torch(yb)
             logits = tmodel(xt)
             loss = TF.cross_entropy(logits, yt)
             loss.backward()
@@ -659,7 +700,15 @@ def main(argv=None):
                              "else 4, which lets minidl thread its memory passes; 'default': "
                              "unset, OpenBLAS's own 28, and minidl's passes on one thread)")
     parser.add_argument("--output", help="also write the Markdown table to this file")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: minidl on cupy against torch on CUDA (no 'before #7' "
+                             "column, no memory column)")
     args = parser.parse_args(argv)
+    if args.device == "gpu":
+        global GPU
+        GPU = True
+        minidl.set_backend("cupy")
+        args.baseline = False
     args.min_samples, args.max_samples = 10, 60
     if args.quick:
         args.budget, args.min_samples, args.max_samples, args.pause = 0.3, 3, 10, 0.2
@@ -689,7 +738,7 @@ def main(argv=None):
     if "epoch" in only:
         rows.append(epoch_row(args))
         print("  measured: epoch", file=sys.stderr, flush=True)
-    header = (f"minidl vs PyTorch, CPU, float32, {time.strftime('%Y-%m-%d')}; "
+    header = (f"minidl vs PyTorch, {args.device.upper()}, float32, {time.strftime('%Y-%m-%d')}; "
               f"threads: OpenBLAS {threads[0]}, torch {threads[1]}, minidl memory passes "
               f"{parallel.num_threads()}; OPENBLAS_THREAD_TIMEOUT="
               f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset (OpenBLAS default, 28)')}\n\n"

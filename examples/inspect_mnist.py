@@ -14,7 +14,7 @@ import numpy
 import minidl
 from minidl import DataLoader, GradientRecorder, SoftmaxCrossEntropy, Trainer, viz
 from minidl.data import mnist
-from minidl.inspect import activation_table, grad_norm
+from minidl.recorder import activation_table, grad_norm
 from minidl.models import mnist_cnn
 
 

@@ -10,7 +10,7 @@ from .backend import (backend_name, device_of, get_array_module, get_backend, gp
 from .callbacks import Callback, CSVLogger, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from .data import DataLoader
 from .gradcheck import gradcheck
-from .inspect import GradientRecorder
+from .recorder import GradientRecorder
 from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
                      Flatten, GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, Parameter,
                      ReLU, Residual, Sigmoid, Softmax, Tanh)

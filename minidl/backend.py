@@ -174,3 +174,14 @@ def check_input(owner, x, device):
                if device == "gpu" else "minidl.to_numpy(x) or model.to('gpu')")
         raise TypeError(f"{owner}: its parameters are on the {device} but the input is a "
                         f"{where} array; move one of them ({how})")
+
+
+def to_floats(values):
+    """Python floats of ``values`` (floats, or 0-d arrays on one device), read from
+    the GPU in one copy: each copy waits for the device, so a step makes one."""
+    on_gpu = [v for v in values if _is_cupy_array(v)]
+    if not on_gpu:
+        return [float(v) for v in values]
+    cupy = _import_cupy()
+    read = iter(cupy.stack([v.astype(cupy.float64).reshape(()) for v in on_gpu]).get().tolist())
+    return [next(read) if _is_cupy_array(v) else float(v) for v in values]

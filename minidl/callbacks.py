@@ -3,6 +3,7 @@ import csv
 import math
 import os
 
+from . import backend
 from .layers.base import Layer
 
 
@@ -96,12 +97,20 @@ class EarlyStopping(Callback):
 
 class ModelCheckpoint(Callback):
     """Save the model to ``path`` (.npz) after an epoch: every epoch, or only when
-    ``monitor`` reached a new best (``save_best_only``). Writes are atomic."""
+    ``monitor`` reached a new best (``save_best_only``). Writes are atomic.
+
+    A model with an inf or NaN parameter or buffer is never saved: FloatingPointError,
+    and the file at ``path`` stays as it was. TypeError for a model without ``save``;
+    ValueError when ``monitor`` is not logged (with ``save_best_only``)."""
 
     def __init__(self, path, monitor="val_accuracy", mode="auto", save_best_only=True):
         self.path = os.fspath(path)
         self.tracker = _Monitor(monitor, mode)
         self.save_best_only = save_best_only
+        self.saved_epoch = None     # the epoch (from 1) of this fit's last save
+
+    def on_train_begin(self, trainer):
+        self.saved_epoch = None
 
     def on_epoch_end(self, trainer, epoch, logs):
         if not isinstance(trainer.model, Layer) or not hasattr(trainer.model, "save"):
@@ -109,30 +118,55 @@ class ModelCheckpoint(Callback):
         if self.save_best_only:   # only then is the monitored metric needed (and read)
             if not self.tracker.improved(self.tracker.value(logs, "ModelCheckpoint")):
                 return
+        bad = not_finite(trainer.model)
+        if bad:
+            raise FloatingPointError(f"ModelCheckpoint: not saving {self.path!r}: "
+                                     f"{', '.join(bad)} hold inf or NaN (the file keeps its "
+                                     f"last good save)")
         trainer.model.save(self.path)
+        self.saved_epoch = epoch + 1
+
+
+def not_finite(model):
+    """The names of ``model``'s parameters and buffers that hold inf or NaN (read
+    from the device in one copy)."""
+    named = [(name, p.data) for name, p in model.named_parameters()]
+    named += list(model.named_buffers())
+    finite = backend.to_floats([backend.get_array_module(a).isfinite(a).all()
+                                for _, a in named])
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 class CSVLogger(Callback):
-    """Append one row per epoch (epoch, then every logged number) to ``path``."""
+    """Write one row per epoch (epoch, then every logged number) to ``path``; each fit
+    starts the file afresh. A key first logged in a later epoch gets a column: the
+    file is rewritten with it, earlier rows leaving that cell empty."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self.keys = None
+        self.keys = []
+        self.rows = []
 
     def on_train_begin(self, trainer):
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
-        self.keys = None
+        self.keys, self.rows = [], []
 
     def on_epoch_end(self, trainer, epoch, logs):
-        first = self.keys is None
-        if first:
-            self.keys = list(logs)
-        with open(self.path, "w" if first else "a", newline="") as f:
-            writer = csv.writer(f)
-            if first:
-                writer.writerow(["epoch"] + self.keys)
-            writer.writerow([epoch + 1] + [logs.get(k, "") for k in self.keys])
+        self.rows.append({"epoch": epoch + 1, **logs})
+        new = [k for k in logs if k not in self.keys]
+        self.keys += new
+        if new:   # the header changes: write every row again
+            self._write("w", self.rows)
+        else:
+            self._write("a", self.rows[-1:])
+
+    def _write(self, mode, rows):
+        with open(self.path, mode, newline="") as f:
+            writer = csv.DictWriter(f, ["epoch"] + self.keys, restval="")
+            if mode == "w":
+                writer.writeheader()
+            writer.writerows(rows)
 
 
 class LearningRateMonitor(Callback):

@@ -6,13 +6,17 @@
 
 ``train`` prints the model summary, shows a progress bar per epoch, writes the
 checkpoint, history.csv and PNG plots to --out, and ends with the line
-``test accuracy: 0.99xx``.
+``test accuracy: 0.99xx``. Ctrl-C or SIGTERM stops it with one line saying where,
+and exit status 128 + the signal's number (130, 143).
 """
 import argparse
 import copy
 import json
 import os
+import signal
 import sys
+import tempfile
+import threading
 
 import numpy
 
@@ -20,13 +24,13 @@ from . import backend, distributed, viz
 from .callbacks import CSVLogger, ModelCheckpoint
 from .data import DataLoader, datasets
 from .data.transforms import Compose, RandomHorizontalFlip, RandomShift
-from .inspect import GradientRecorder
 from .losses import SoftmaxCrossEntropy
 from .lr_finder import lr_find, suggest_lr
 from .model import load_model
 from .models import MODELS, build_model
 from .optim import SGD, Adam, AdamW, RMSprop
 from .random import manual_seed
+from .recorder import GradientRecorder
 from .schedulers import CosineAnnealingLR, OneCycleLR
 from .serialization import atomic_write
 from .trainer import Trainer
@@ -117,12 +121,44 @@ def main(argv=None):
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        return run_stoppable(args.func, args)
     # Bad data, a diverging run (FloatingPointError), a folder that cannot be written:
     # the message says what to do; a traceback would only hide it.
     except (RuntimeError, ValueError, OSError, FloatingPointError) as exc:
         print(f"minidl {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as stop:       # Ctrl-C, or SIGTERM (see run_stoppable)
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"minidl {args.command}: stopped by {_signal_name(signum)}"
+              f"{': ' if str(stop) else ''}{stop}", file=sys.stderr)
+        return 128 + signum
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with the signal's number and, once known, where it stopped."""
+
+    def __init__(self, signum, where=""):
+        super().__init__(where)
+        self.signum = signum
+
+
+def run_stoppable(func, args):
+    """func(args), with SIGTERM (what `kill` and job schedulers send) raising Stopped as
+    Ctrl-C raises KeyboardInterrupt, so both end the same way."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return func(args)       # handlers can only be set from the main thread
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return func(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _signal_name(signum):
+    return "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
 # -- train ----------------------------------------------------------------------
@@ -133,58 +169,77 @@ def train_command(args):
     out = args.out or os.path.join("runs", args.dataset)
     comm = _communicator(args)
     batch_size = _batch_per_rank(args.batch_size, comm.size)
-    root = comm.rank == 0   # the one rank that prints and writes files
-    run_file, state = os.path.join(out, "run.json"), os.path.join(out, "state.npz")
-    if root:
-        make_output_folder(out)
-        _write_json(run_file, {**{k: getattr(args, k) for k in SETTINGS},
-                               "checkpoint": "model.npz"})
-    with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
-        x_train, y_train, x_test, y_test = _load_train_test(args, comm)
-        (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train)
+    created = make_output_folder(out) if comm.rank == 0 else []
+    try:
+        with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
+            result = train_and_test(args, out, comm, batch_size)
+    except BaseException:   # e.g. no data, or stopped in epoch 1: no empty folder left
+        remove_empty_folders(created)
+        raise
+    if result is None:      # not rank 0: rank 0 reports
+        return 0
+    predictions, y_test = result
+    print(f"checkpoint and plots in {out}")
+    print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
+    return 0
 
-        model = build_model(args.model)
-        distributed.broadcast_parameters(model, comm=comm)
-        if comm.size > 1:   # the weights are rank 0's; Dropout masks should differ per rank
-            manual_seed(args.seed + comm.rank)
-        if root:
-            model.summary(x_train.shape[1:])
-        shard = dict(rank=comm.rank, world_size=comm.size)
-        train = DataLoader(x_train, y_train, batch_size, seed=args.seed,
-                           transform=train_transform(args.dataset, args.augment), **shard)
-        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
-        scheduler = SCHEDULES[args.schedule](optimizer, args, len(train))
-        trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer,
-                          scheduler=scheduler, verbose=0 if args.quiet else 1, comm=comm)
-        checkpoint = os.path.join(out, "model.npz")
-        recorder = GradientRecorder(model)
-        if root:
-            print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
-                  f"testing on {len(x_test)} ({args.device}"
-                  f"{f', {comm.size} ranks' if comm.size > 1 else ''})", flush=True)
+
+def train_and_test(args, out, comm, batch_size):
+    """Train, write everything to ``out`` (rank 0 only); returns the test predictions
+    and labels on rank 0, None on the other ranks."""
+    root = comm.rank == 0   # the one rank that prints and writes files
+    x_train, y_train, x_test, y_test = _load_train_test(args, comm)
+    (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train)
+
+    model = build_model(args.model)
+    distributed.broadcast_parameters(model, comm=comm)
+    if comm.size > 1:   # the weights are rank 0's; Dropout masks should differ per rank
+        manual_seed(args.seed + comm.rank)
+    if root:
+        model.summary(x_train.shape[1:])
+    shard = dict(rank=comm.rank, world_size=comm.size)
+    train = DataLoader(x_train, y_train, batch_size, seed=args.seed,
+                       transform=train_transform(args.dataset, args.augment), **shard)
+    optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
+    scheduler = SCHEDULES[args.schedule](optimizer, args, len(train))
+    trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer,
+                      scheduler=scheduler, verbose=0 if args.quiet else 1, comm=comm)
+    checkpoint, state = os.path.join(out, "model.npz"), os.path.join(out, "state.npz")
+    recorder = GradientRecorder(model)
+    saver = ModelCheckpoint(checkpoint, monitor="val_accuracy")
+    if root:
+        write_run_json(out, args)       # what --resume and `minidl evaluate` read
+        print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
+              f"testing on {len(x_test)} ({args.device}"
+              f"{f', {comm.size} ranks' if comm.size > 1 else ''})", flush=True)
+    try:
         history = trainer.fit(
             train, epochs=args.epochs,
             val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float, **shard),
             # The recorder first: it adds its statistics to the logs the others see.
-            callbacks=[recorder, ModelCheckpoint(checkpoint, monitor="val_accuracy"),
-                       CSVLogger(os.path.join(out, "history.csv"))] if root else [],
+            callbacks=[recorder, saver, CSVLogger(os.path.join(out, "history.csv"))]
+            if root else [],
             resume=state if args.resume else None, save_state=state if root else None)
-        comm.barrier()
-        if not root:
-            return 0
-        if args.resume:     # the logger saw only the resumed epochs
-            rewrite_history_csv(os.path.join(out, "history.csv"), history)
-        _write_json(run_file, {**{k: getattr(args, k) for k in SETTINGS},
-                               "epochs_done": history.epochs, "checkpoint": "model.npz"})
-        model.load(checkpoint)  # the best epoch by validation accuracy
-        predictions = predict_labels(model, x_test)
-        write_plots(out, args.dataset, model, history, recorder, x_test, y_test, predictions)
-        if scheduler.per_batch and viz.available():
-            viz.plot_lr([scheduler.lr_at(t) for t in range(scheduler.last_epoch)],
-                        os.path.join(out, "lr.png"), steps_per_epoch=len(train))
-    print(f"checkpoint and plots in {out}")
-    print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
-    return 0
+    except KeyboardInterrupt as error:
+        kept = (f"kept {checkpoint} from epoch {saver.saved_epoch} (the best "
+                f"validation accuracy so far)" if saver.saved_epoch is not None
+                else "no checkpoint saved (the first epoch did not end)")
+        raise Stopped(getattr(error, "signum", signal.SIGINT),
+                      f"in epoch {trainer.epoch + 1}/{args.epochs}, batch "
+                      f"{trainer.batch + 1}/{len(train)}; {kept}") from None
+    comm.barrier()
+    if not root:
+        return None
+    if args.resume:     # the logger saw only the resumed epochs
+        rewrite_history_csv(os.path.join(out, "history.csv"), history)
+    write_run_json(out, args, epochs_done=history.epochs)
+    model.load(checkpoint)  # the best epoch by validation accuracy
+    predictions = predict_labels(model, x_test)
+    write_plots(out, args.dataset, model, history, recorder, x_test, y_test, predictions)
+    if scheduler.per_batch and viz.available():
+        viz.plot_lr([scheduler.lr_at(t) for t in range(scheduler.last_epoch)],
+                    os.path.join(out, "lr.png"), steps_per_epoch=len(train))
+    return predictions, y_test
 
 
 def _communicator(args):
@@ -247,39 +302,41 @@ def rewrite_history_csv(path, history):
         logger.on_epoch_end(None, epoch, {k: v[epoch] for k, v in history.history.items()})
 
 
-# -- lr-find --------------------------------------------------------------------
-def lr_find_command(args):
-    """The LR range test on the training images; writes lr_find.png, prints a rate."""
-    manual_seed(args.seed)
-    out = args.out or os.path.join("runs", args.dataset)
-    make_output_folder(out)
-    with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
-        x_train, y_train = load_split(args.dataset, "train", args.data_root)
-        if args.limit:
-            x_train, y_train = x_train[:args.limit], y_train[:args.limit]
-        model = build_model(args.model)
-        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.start_lr)
-        trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer, verbose=0)
-        train = DataLoader(x_train, y_train, args.batch_size, seed=args.seed,
-                           transform=train_transform(args.dataset, args.augment))
-        lrs, losses = lr_find(trainer, train, args.start_lr, args.end_lr, args.steps)
-    suggestion = suggest_lr(lrs, losses)
-    print(f"{len(lrs)} steps from lr {lrs[0]:.3g} to {lrs[-1]:.3g}; the loss fell fastest "
-          f"at lr {suggestion if suggestion is None else format(suggestion, '.3g')}")
-    if viz.available():
-        print(f"plot: {viz.plot_lr_find(lrs, losses, os.path.join(out, 'lr_find.png'), suggestion)}")
-    return 0
-
-
 def make_output_folder(out):
-    """Create the folder ``out``; ValueError saying why when that is impossible."""
+    """Create the folder ``out`` and write a file in it, so that a folder that cannot
+    take the checkpoint is found before training, not after the first epoch. Returns
+    the folders it created, outermost first; ValueError saying why on failure."""
+    created = []
+    path = os.path.abspath(out)
+    while not os.path.lexists(path):
+        created.insert(0, path)
+        path = os.path.dirname(path)
     try:
         os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".minidl-write-check-"):
+            pass
     except FileExistsError:
         raise ValueError(f"--out {out!r} is a file, not a folder") from None
-    except OSError as exc:  # e.g. a file where a parent folder should be
-        raise ValueError(f"cannot create the output folder --out {out!r}: "
+    except OSError as exc:  # a file where a parent folder should be, no permission...
+        remove_empty_folders(created)
+        raise ValueError(f"cannot write to the output folder --out {out!r}: "
                          f"{exc.strerror}") from None
+    return created
+
+
+def remove_empty_folders(created):
+    """Remove the folders make_output_folder created, innermost first, while empty."""
+    for path in reversed(created):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+
+
+def write_run_json(out, args, **extra):
+    """run.json: the run's settings, what `minidl evaluate` and --resume read."""
+    _write_json(os.path.join(out, "run.json"), {
+        **{key: getattr(args, key) for key in SETTINGS}, "checkpoint": "model.npz", **extra})
 
 
 def split_validation(x, y):
@@ -324,6 +381,30 @@ def write_plots(out, dataset, model, history, recorder, x_test, y_test, predicti
     viz.plot_confusion_matrix(counts, os.path.join(out, "confusion_matrix.png"),
                               CLASS_NAMES.get(dataset))
     viz.plot_gradient_norms(recorder.norms_per_epoch(), os.path.join(out, "gradients.png"))
+
+
+# -- lr-find --------------------------------------------------------------------
+def lr_find_command(args):
+    """The LR range test on the training images; writes lr_find.png, prints a rate."""
+    manual_seed(args.seed)
+    out = args.out or os.path.join("runs", args.dataset)
+    make_output_folder(out)
+    with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
+        x_train, y_train = load_split(args.dataset, "train", args.data_root)
+        if args.limit:
+            x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+        model = build_model(args.model)
+        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.start_lr)
+        trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer, verbose=0)
+        train = DataLoader(x_train, y_train, args.batch_size, seed=args.seed,
+                           transform=train_transform(args.dataset, args.augment))
+        lrs, losses = lr_find(trainer, train, args.start_lr, args.end_lr, args.steps)
+    suggestion = suggest_lr(lrs, losses)
+    print(f"{len(lrs)} steps from lr {lrs[0]:.3g} to {lrs[-1]:.3g}; the loss fell fastest "
+          f"at lr {suggestion if suggestion is None else format(suggestion, '.3g')}")
+    if viz.available():
+        print(f"plot: {viz.plot_lr_find(lrs, losses, os.path.join(out, 'lr_find.png'), suggestion)}")
+    return 0
 
 
 # -- evaluate ---------------------------------------------------------------------

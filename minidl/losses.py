@@ -4,6 +4,10 @@
     loss = loss_fn(logits, labels)      # a Python float
     dlogits = loss_fn.backward()        # dL/dlogits: what the model's backward starts from
 
+``loss_fn.value(logits, labels)`` is ``forward`` without the float: a 0-d array on
+the logits' device, so a training step on a GPU need not wait for it (the Trainer
+reads a step's loss and metrics in one copy).
+
 A loss has no parameters. It runs on numpy or cupy arrays, whichever the
 prediction is; the target must live on the same device.
 """
@@ -21,6 +25,12 @@ class Loss:
 
     def forward(self, prediction, target):
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def value(self, prediction, target):
+        """The loss as a 0-d array on the prediction's device, caching for ``backward``
+        like ``forward``; not finite (NaN) where ``forward`` would raise. Losses that
+        only implement ``forward`` return its float."""
+        return self.forward(prediction, target)
 
     def backward(self):
         raise NotImplementedError(f"{type(self).__name__} must implement backward")
@@ -64,7 +74,9 @@ class SoftmaxCrossEntropy(Loss):
         dL/dz = (p - q) / N
 
     The mean is over the batch. ValueError for logits that are not (N, K) finite
-    floats and labels that are not integers in [0, K) of length N.
+    floats and labels that are not integers in [0, K) of length N (``value`` gives
+    NaN for non-finite logits or labels out of range instead: checking them is a
+    reduction on the device, and saying which would wait for it).
     """
 
     def __init__(self, label_smoothing=0.0):
@@ -74,11 +86,21 @@ class SoftmaxCrossEntropy(Loss):
 
     # -- forward: L = mean_n -sum_k q log p ---------------------------------------
     def forward(self, logits, labels):
+        loss = float(self.value(logits, labels))
+        if math.isnan(loss):            # bad logits or labels: say which
+            self._explain(logits, labels)
+        return loss
+
+    def value(self, logits, labels):
         self._check(logits, labels)
         xp = backend.get_array_module(logits)
         n, k = logits.shape
         eps = self.label_smoothing
-        shifted = logits - logits.max(axis=1, keepdims=True)   # <= 0: exp cannot overflow
+        ok = xp.isfinite(logits).all() & ((labels >= 0) & (labels < k)).all()
+        labels = xp.clip(labels, 0, k - 1)    # in range, so indexing cannot fail first
+        # inf - inf is the NaN that `ok` reports: no numpy warning for it (cupy warns not)
+        with backend.get_module("cpu").errstate(invalid="ignore"):
+            shifted = logits - logits.max(axis=1, keepdims=True)   # <= 0: exp cannot overflow
         e = xp.exp(shifted)
         sum_e = e.sum(axis=1, keepdims=True)                  # >= 1: log is finite
         log_p = shifted - xp.log(sum_e)
@@ -86,7 +108,7 @@ class SoftmaxCrossEntropy(Loss):
         if eps:
             loss_n = (1.0 - eps) * loss_n - (eps / k) * log_p.sum(axis=1)
         self.cache = {"p": e / sum_e, "labels": labels}
-        return float(loss_n.mean())
+        return xp.where(ok, loss_n.mean(), xp.nan)
 
     # -- backward: dL/dz = (p - q) / N -----------------------------------------------
     def backward(self):
@@ -101,6 +123,7 @@ class SoftmaxCrossEntropy(Loss):
         return dz
 
     def _check(self, logits, labels):
+        """Shapes and dtypes (no device->host wait); values are _explain's."""
         name = type(self).__name__
         self._check_arrays(logits, labels, "logits", "labels")
         if logits.ndim != 2 or 0 in logits.shape:
@@ -110,15 +133,15 @@ class SoftmaxCrossEntropy(Loss):
         if labels.ndim != 1 or labels.shape[0] != n or labels.dtype.kind not in "iu":
             raise ValueError(f"{name}: expected integer labels of shape ({n},), got "
                              f"{labels.dtype} labels of shape {tuple(labels.shape)}")
+
+    def _explain(self, logits, labels):
+        name = type(self).__name__
         xp = backend.get_array_module(logits)
-        # One reduction and one device->host sync for both checks; details only on failure.
-        ok = xp.isfinite(logits).all() & ((labels >= 0) & (labels < k)).all()
-        if bool(ok):
-            return
         bad = int((~xp.isfinite(logits)).sum())
         if bad:
             raise ValueError(f"{name}: expected finite logits, got {bad} NaN/inf values "
                              f"(a diverging model? try a lower learning rate)")
+        k = logits.shape[1]
         raise ValueError(f"{name}: expected labels in [0, {k}) for {k} classes, got "
                          f"values from {int(labels.min())} to {int(labels.max())}")
 
@@ -138,13 +161,16 @@ class MSE(Loss):
 
     # -- forward: L = mean (y - t)^2 -----------------------------------------------
     def forward(self, prediction, target):
-        self._check(prediction, target)
-        diff = prediction - target.astype(prediction.dtype, copy=False)
-        loss = float((diff * diff).mean())
+        loss = float(self.value(prediction, target))
         if not math.isfinite(loss):   # float() synced already: this check is free
             self._explain_not_finite(prediction, target)
-        self.cache = {"diff": diff}
         return loss
+
+    def value(self, prediction, target):
+        self._check(prediction, target)
+        diff = prediction - target.astype(prediction.dtype, copy=False)
+        self.cache = {"diff": diff}
+        return (diff * diff).mean()
 
     # -- backward: dL/dy = 2 (y - t) / M ------------------------------------------------
     def backward(self):

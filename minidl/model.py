@@ -9,11 +9,13 @@ A Sequential is itself a Layer, so it nests and ``minidl.gradcheck`` applies to 
 import json
 
 from . import backend
+from .checks import check_int
 from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
                      Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual,
                      Sigmoid, Softmax, Tanh)
 from .layers.base import Layer, layer_spec
 from .serialization import NpzReader, save_npz
+from .summary import summary_table
 
 _CONFIG_KEY = "__model__"          # the model's layer_spec, as JSON text
 _MAX_CONFIG_CHARS = 1 << 20
@@ -77,7 +79,11 @@ class Sequential(Layer):
         return dy if input_grad else None
 
     def predict(self, x, batch_size=256):
-        """Outputs for ``x`` in eval mode, batch by batch, as a numpy array."""
+        """Outputs for ``x`` in eval mode, batch by batch, as a numpy array.
+
+        TypeError/ValueError unless ``batch_size`` is an int >= 1; ValueError for an
+        empty ``x``."""
+        batch_size = check_int(batch_size, "batch_size", "Sequential.predict", minimum=1)
         xp_out = []
         for start in range(0, len(x), batch_size):
             batch = backend.to_device(x[start:start + batch_size], self.device)
@@ -185,7 +191,6 @@ class Sequential(Layer):
         """A Keras-like table: each layer, its output shape and parameter count.
 
         ``input_shape`` excludes the batch, e.g. (1, 28, 28). Returns the text."""
-        from .inspect import summary_table
         text = summary_table(self, input_shape)
         if print_fn is not None:
             print_fn(text)

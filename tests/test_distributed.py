@@ -246,7 +246,7 @@ def test_average_buffers_averages_batchnorm_statistics_only():
 
 def test_metrics_are_sums_and_counts_not_means_of_means():
     totals = _Totals({}, "test")
-    totals.add(1.0, None, numpy.zeros(10))      # this rank: 10 samples, mean loss 1
+    totals.add({"loss": 1.0}, 10)                  # this rank: 10 samples, mean loss 1
     host = FakeHost(numpy.array([30, 60.0]))    # the other: 30 samples, mean loss 2
     means = totals.reduce(Communicator(host)).means_as_floats()
     assert means == {"loss": 1.75}              # not (1 + 2) / 2

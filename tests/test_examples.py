@@ -13,8 +13,9 @@ import pytest
 import minidl
 import minidl.cli
 import minidl.data
-import minidl.inspect
 import minidl.models
+import minidl.recorder
+import minidl.summary
 import minidl.viz
 from minidl.data import datasets
 
@@ -203,8 +204,8 @@ def identifiers_in_code(markdown):
 def public_names():
     names = {name for name in dir(minidl) if not name.startswith("_")}
     names |= set(minidl.data.__all__)
-    for module in (minidl.losses, minidl.optim, minidl.schedulers, minidl.inspect, minidl.viz,
-                   minidl.models):
+    for module in (minidl.losses, minidl.optim, minidl.schedulers, minidl.recorder, minidl.summary,
+                   minidl.viz, minidl.models):
         for name, value in vars(module).items():
             if name.startswith("_") or inspect.ismodule(value):
                 continue

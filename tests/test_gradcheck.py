@@ -94,3 +94,55 @@ def test_gradcheck_refuses_a_non_contiguous_parameter(xp):
     layer.weight.data = xp.asfortranarray(layer.weight.data)
     with pytest.raises(ValueError, match="not C-contiguous"):
         minidl.gradcheck(layer, randn(xp, 4, 3, seed=1))
+
+
+@pytest.mark.parametrize("eps, error", [(0, ValueError), (-1e-4, ValueError),
+                                        (float("nan"), ValueError), (float("inf"), ValueError),
+                                        ("1e-4", TypeError), (True, TypeError)])
+def test_eps_must_be_a_positive_finite_number(eps, error):
+    with pytest.raises(error, match="gradcheck: eps must be"):
+        minidl.gradcheck(Scale((2,)), randn(np, 3, 2), eps=eps)
+
+
+def hundred_seed_cases(seed):
+    """Correct layers and losses of test size, drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    f64 = np.float64
+    yield minidl.Dense(5, 4, dtype=f64), rng.standard_normal((6, 5)), None
+    yield minidl.BatchNorm2D(3, dtype=f64), rng.standard_normal((2, 3, 2, 3)) * 2 + 0.5, None
+    yield minidl.Tanh(dtype=f64), rng.standard_normal((3, 4, 5)), None
+    # Cross-entropy over 16 and 64 rows: at eps=1e-6 these failed in most seeds.
+    yield (minidl.SoftmaxCrossEntropy(0.1), rng.standard_normal((16, 10)) * 3,
+           rng.integers(0, 10, 16))
+    yield minidl.SoftmaxCrossEntropy(), rng.standard_normal((64, 10)), rng.integers(0, 10, 64)
+    yield minidl.MSE(), rng.standard_normal((8, 4)), rng.standard_normal((8, 4))
+
+
+@pytest.mark.slow
+def test_correct_layers_pass_on_a_hundred_seeds():
+    worst = {}
+    for seed in range(100):
+        minidl.manual_seed(seed)
+        for layer, x, target in hundred_seed_cases(seed):
+            # 16 random entries per tensor: 100 seeds still visit most of them
+            err = minidl.gradcheck(layer, x, target=target, seed=seed, max_entries=16)
+            name = type(layer).__name__
+            worst[name] = max(worst.get(name, 0.0), err)
+    assert max(worst.values()) < 1e-6, worst
+
+
+class WrongCrossEntropy(minidl.SoftmaxCrossEntropy):
+    """Forgets the label smoothing in backward: off by eps/K per entry."""
+
+    def backward(self):
+        p, labels = self.cache["p"], self.cache["labels"]
+        dz = p.copy()
+        dz[np.arange(len(labels)), labels] -= 1.0
+        return dz / len(labels)
+
+
+def test_a_wrong_loss_gradient_fails_on_every_seed():
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        x, labels = rng.standard_normal((16, 10)), rng.integers(0, 10, 16)
+        assert minidl.gradcheck(WrongCrossEntropy(0.01), x, target=labels) > 1e-3

@@ -113,15 +113,36 @@ def test_model_checkpoint_saves_best_only(tmp_path):
     saves = []
     real_save = model.save
     model.save = lambda path: saves.append(path) or real_save(path)
-    frozen = make_trainer(model, lr=0.0)  # the loss never improves after epoch 1
-    frozen.fit(DataLoader(x, y, 32), epochs=3, callbacks=[ModelCheckpoint(tmp_path / "m.npz",
-                                                                          monitor="loss")])
+    # lr=0 and the same batches in the same order: every epoch's loss is the same
+    # number, so only epoch 1 is a new best. (With shuffling, float32 sums of other
+    # batches differ in the last bits, and such a "better" loss is saved again.)
+    frozen = make_trainer(model, lr=0.0)
+    frozen.fit(DataLoader(x, y, 32, shuffle=False), epochs=3,
+               callbacks=[ModelCheckpoint(tmp_path / "m.npz", monitor="loss")])
     assert len(saves) == 1
     every = ModelCheckpoint(tmp_path / "m.npz", monitor="loss", save_best_only=False)
-    frozen.fit(DataLoader(x, y, 32), epochs=2, callbacks=[every])
+    frozen.fit(DataLoader(x, y, 32, shuffle=False), epochs=2, callbacks=[every])
     assert len(saves) == 3
     restored = bar_model().load(tmp_path / "m.npz")
     np.testing.assert_array_equal(restored.predict(x), model.predict(x))
+
+
+def test_model_checkpoint_saves_on_each_new_best(tmp_path):
+    """Saves follow the monitored number: better, worse, equal, better (min and max)."""
+    x, y = tiny(8)
+    for mode, scores, saved_epochs in (("min", [3.0, 4.0, 3.0, 2.0], [1, 4]),
+                                       ("max", [0.5, 0.4, 0.5, 0.7], [1, 4])):
+        trainer = tiny_trainer()
+        saves = []
+        trainer.model.save = lambda path: saves.append(trainer.epoch + 1)
+
+        class Score(Callback):
+            def on_epoch_end(self, trainer, epoch, logs):
+                logs["score"] = scores[epoch]
+
+        trainer.fit(DataLoader(x, y, 4), epochs=4,
+                    callbacks=[Score(), ModelCheckpoint(tmp_path / "m.npz", "score", mode)])
+        assert saves == saved_epochs, mode
 
 
 def test_csv_logger(tmp_path):
@@ -274,3 +295,135 @@ def test_error_in_fit_still_ends_callbacks_and_keeps_history():
     assert model.layers[0].forward_hooks == [] and model.layers[0].backward_hooks == []
     assert np.isfinite(model.layers[0].weight.data).all()     # best weights put back
     assert info.value.history.epochs == 2 and len(info.value.history["loss"]) == 2
+
+
+# -- divergence, bad arguments, device reads --------------------------------------
+@pytest.mark.parametrize("optimizer", [minidl.Adam, minidl.RMSprop])
+def test_a_diverging_adaptive_optimizer_stops_with_the_sgd_message(optimizer):
+    """lr=1e6 makes the loss huge but finite: before, fit ended normally with it."""
+    x, y = oriented_bars(96)
+    model = bar_model()
+    trainer = Trainer(model, SoftmaxCrossEntropy(), optimizer(model.parameters(), lr=1e6),
+                      verbose=0)
+    with pytest.raises(FloatingPointError, match=r"Trainer: the loss became .* at epoch 1, "
+                       r"batch \d+, over 10000 times its start .*lower learning rate") as info:
+        trainer.fit(DataLoader(x, y, 16, seed=0), epochs=3)
+    assert info.value.history.epochs == 0
+
+
+def test_max_loss_ratio_none_trains_on_and_bad_ratios_are_refused():
+    x, y = oriented_bars(32)
+    model = bar_model()
+    trainer = Trainer(model, SoftmaxCrossEntropy(), minidl.RMSprop(model.parameters(), lr=1e6),
+                      verbose=0, max_loss_ratio=None)
+    assert trainer.fit(DataLoader(x, y, 16, seed=0), epochs=1).epochs == 1
+    for ratio, error in ((1.0, ValueError), (float("inf"), ValueError), ("10", TypeError)):
+        with pytest.raises(error, match="max_loss_ratio must be"):
+            make_trainer(bar_model(), max_loss_ratio=ratio)
+
+
+def test_a_parameter_that_became_inf_stops_fit_before_evaluation():
+    x, y = tiny(8)
+    trainer = tiny_trainer()
+
+    class Overflow(minidl.SGD):          # the last update of the epoch overflows
+        def step(self):
+            super().step()
+            if trainer.batch == 1:
+                trainer.model.layers[0].bias.data[0] = np.inf
+
+    trainer.optimizer = Overflow(trainer.model.parameters(), lr=0.01)
+    evaluated = []
+    trainer.evaluate = lambda data: evaluated.append(1)
+    with pytest.raises(FloatingPointError, match="0.bias became inf or nan in epoch 1"):
+        trainer.fit(DataLoader(x, y, 4, shuffle=False), epochs=2, val=DataLoader(x, y, 4))
+    assert evaluated == []
+
+
+def test_a_nan_loss_leaves_the_parameters_of_the_step_before():
+    x, y = tiny(8)
+    trainer = tiny_trainer()
+    before = trainer.model.state_dict()
+    x[5] = np.nan                                   # in the second batch
+    with pytest.raises(FloatingPointError, match="loss became nan at epoch 1, batch 2"):
+        trainer.fit(DataLoader(x, y, 4, shuffle=False), epochs=1)
+    after = trainer.model.state_dict()
+    assert all(np.isfinite(v).all() for v in after.values())
+    assert not np.array_equal(after["0.weight"], before["0.weight"])   # batch 1 applied
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # inf inputs on the way
+def test_labels_out_of_range_are_the_losses_error_in_fit_and_evaluate():
+    x, y = tiny(8)
+    y[3] = 7
+    trainer = tiny_trainer()
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 3\)"):
+        trainer.fit(DataLoader(x, y, 4, shuffle=False), epochs=1)
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 3\)"):
+        trainer.evaluate(DataLoader(x, y, 4, shuffle=False))
+    x[0] = np.inf
+    with pytest.raises(FloatingPointError, match="Trainer.evaluate: the loss became nan at "
+                                                 "batch 1"):
+        trainer.evaluate(DataLoader(x, y % 3, 4, shuffle=False))
+
+
+@pytest.mark.parametrize("data", [np.zeros((8, 4), np.float32),
+                                  (np.zeros((8, 4), np.float32), np.zeros(8, int)), 5])
+def test_fit_and_evaluate_want_a_dataloader(data):
+    trainer = tiny_trainer()
+    with pytest.raises(TypeError, match="Trainer.fit: train must be a DataLoader"):
+        trainer.fit(data)
+    x, y = tiny(8)
+    with pytest.raises(TypeError, match="Trainer.fit: val must be a DataLoader"):
+        trainer.fit(DataLoader(x, y, 4), val=data)
+    with pytest.raises(TypeError, match="Trainer.evaluate: data must be a DataLoader"):
+        trainer.evaluate(data)
+
+
+@pytest.mark.parametrize("epochs, error", [(-1, ValueError), (0, ValueError),
+                                           (2.0, TypeError), ("3", TypeError)])
+def test_fit_epochs_must_be_a_positive_int(epochs, error):
+    x, y = tiny(8)
+    with pytest.raises(error, match="Trainer.fit: epochs must be"):
+        tiny_trainer().fit(DataLoader(x, y, 4), epochs=epochs)
+
+
+@pytest.mark.parametrize("batch_size, error", [(0, ValueError), (-1, ValueError),
+                                               (2.5, TypeError), (None, TypeError)])
+def test_predict_batch_size_must_be_a_positive_int(batch_size, error):
+    model = Sequential([Dense(4, 3)])
+    with pytest.raises(error, match="Sequential.predict: batch_size must be"):
+        model.predict(np.zeros((5, 4), np.float32), batch_size=batch_size)
+
+
+def test_a_training_step_reads_the_device_once(monkeypatch):
+    """Loss and metrics stay arrays until one backend.to_floats call per step; the
+    recorder reads its sums once per epoch."""
+    x, y = tiny(12)
+    trainer = tiny_trainer(metrics={"acc": "accuracy", "top": "accuracy"})
+    reads = []
+    real = minidl.backend.to_floats
+
+    def counting(values):
+        reads.append([type(v).__name__ for v in values])
+        return real(values)
+
+    monkeypatch.setattr(minidl.backend, "to_floats", counting)
+    recorder = GradientRecorder(trainer.model, every=1)
+    trainer.fit(DataLoader(x, y, 4), epochs=1, callbacks=[recorder])
+    # 3 steps, the parameter check, the recorder's epoch means
+    assert len(reads) == 5
+    assert all(name != "float" for step in reads[:3] for name in step), reads
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # numpy's overflow note
+def test_an_mse_loss_that_overflows_is_divergence_and_a_nan_target_the_losses_error():
+    x, y = tiny(8)
+    targets = np.eye(3, dtype=np.float32)[y]
+    trainer = tiny_trainer(loss=MSE(), metrics=())
+    trainer.model.layers[0].weight.data[:] = 1e20       # finite outputs, squares overflow
+    with pytest.raises(FloatingPointError, match="the loss became inf at epoch 1, batch 1"):
+        trainer.fit(DataLoader(x, targets, 4, shuffle=False), epochs=1)
+    targets[1, 0] = np.nan
+    with pytest.raises(ValueError, match="MSE: expected a finite target"):
+        tiny_trainer(loss=MSE(), metrics=()).fit(DataLoader(x, targets, 4, shuffle=False))

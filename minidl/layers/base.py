@@ -64,6 +64,9 @@ class Layer:
     """
 
     buffer_names = ()
+    # True for layers whose every output depends on every input position (Dense,
+    # GlobalAvgPool2D): the summary's receptive field is "all" from them on.
+    sees_whole_input = False
 
     def __init__(self, dtype=backend.float32):
         self.dtype = None if dtype is None else check_float_dtype(dtype, type(self).__name__)

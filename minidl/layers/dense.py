@@ -35,6 +35,7 @@ class Dense(Layer):
     """
 
     input_grad = True
+    sees_whole_input = True
 
     def __init__(self, in_features, out_features, activation=None, bias=True,
                  dtype=backend.float32):

@@ -287,6 +287,8 @@ class AvgPool2D(_Pool2D):
 class GlobalAvgPool2D(Layer):
     """(N, C, H, W) -> (N, C): y[n, c] = mean_{h, w} x[n, c, h, w];  dx = dy / (H W)."""
 
+    sees_whole_input = True
+
     def __init__(self, dtype=None):
         super().__init__(dtype)     # None: no parameters, so no dtype of its own
 
