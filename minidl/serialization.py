@@ -1,15 +1,12 @@
 """Files written atomically, and .npz checkpoints read without pickle or surprises.
 
-Every file minidl writes (checkpoints, dataset files) goes to a temporary name in
-the same folder and is renamed over the target only once complete, so a crash never
-leaves a half-written file. The temporary name carries the writer's process id: a
-process killed mid-write leaves its file behind, and the next write in that folder
-deletes it.
+Every file minidl writes goes to a temporary name beside its target and is renamed
+over it only once complete. The temporary name carries the writer's process id, so
+the next write in that folder can delete what a killed process left.
 
-An .npz is a zip of .npy members. ``NpzReader`` reads each member's header (name,
-dtype, shape) when it opens the file, and the data only after the caller has checked
-those against what it expects: a small file can claim gigabytes. Object arrays
-(pickles) are refused: a checkpoint can hold arrays, never code.
+``NpzReader`` reads each .npy member's header (name, dtype, shape) on opening, and
+the data only once the caller has checked those: a small file can claim gigabytes.
+Object arrays (pickles) are refused: a checkpoint holds arrays, never code.
 """
 import math
 import os
@@ -28,23 +25,18 @@ _TEMP_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
 
 
 def temp_path(path):
-    """A unique hidden name beside ``path``, for a file or folder being written; it
-    carries this process's id so that ``sweep_temp_files`` can tell when it is stale."""
+    """A unique hidden name beside ``path`` for a file or folder being written."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def sweep_temp_files(folder):
-    """Delete the temporary files (and folders) in ``folder`` of processes that no longer
-    run: what a kill during a save or a download leaves behind."""
+    """Delete the temporary files and folders in ``folder`` of processes that have ended."""
     for entry in os.scandir(folder):
         match = _TEMP_NAME.fullmatch(entry.name)
         if match and not _running(int(match[1])):
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.remove(entry.path)
+                (shutil.rmtree if entry.is_dir(follow_symlinks=False) else os.remove)(entry.path)
             except OSError:
                 pass  # swept by another process first, or not ours to delete: leave it
 
@@ -63,9 +55,8 @@ def _running(pid):
 
 @contextmanager
 def atomic_write(path):
-    """Yield a temporary path beside ``path`` to write; when the block ends without an
-    error, the file is flushed to disk and renamed over ``path`` in one step. On an
-    error ``path`` is untouched and the temporary file removed."""
+    """Yield a temporary path to write; if the block ends without an error, it is flushed
+    to disk and renamed over ``path`` in one step, else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_temp_files(path.parent)
@@ -89,30 +80,27 @@ def save_npz(path, arrays):
 
 
 def load_npz(path, expected):
-    """The arrays of the .npz at ``path``, which must be exactly ``expected`` (name ->
-    (shape, dtype)); every member's header is checked before any data is read."""
+    """``NpzReader(path).read_all(expected)``, closing the file."""
     with NpzReader(path) as npz:
         return npz.read_all(expected)
 
 
 class NpzReader:
-    """An .npz opened for checked reading; ``headers`` maps each array's name to its
-    (shape, dtype), read from the member headers alone. Every problem is a ValueError
-    naming the file (FileNotFoundError when there is no file)."""
+    """An .npz opened for checked reading; ``headers``: name -> (shape, dtype), from the
+    member headers alone. Every problem is a CheckpointError (a ValueError) naming the
+    file; FileNotFoundError when there is none."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"checkpoint {self.path!r} does not exist")
-        self._zip = None
-        try:
-            with self._reading():
-                self._zip = zipfile.ZipFile(self.path)
+        with self._reading():
+            self._zip = zipfile.ZipFile(self.path)
+            try:
                 self.headers = dict(self._header(info) for info in self._zip.infolist())
-        except BaseException:
-            if self._zip is not None:
+            except BaseException:
                 self._zip.close()
-            raise
+                raise
 
     def __enter__(self):
         return self
@@ -130,8 +118,8 @@ class NpzReader:
             return npy.read_array(f, allow_pickle=False)
 
     def read_all(self, expected):
-        """{name: array} for ``expected`` (name -> (shape, dtype)): the file must hold
-        exactly these names, and every header is checked before any data is read."""
+        """{name: array} for ``expected`` (name -> (shape, dtype)), exactly these names;
+        every header is checked before any data is read."""
         missing = sorted(set(expected) - set(self.headers))
         unexpected = sorted(set(self.headers) - set(expected))
         if missing or unexpected:
@@ -154,8 +142,7 @@ class NpzReader:
                              f"{dtype} of shape {tuple(shape)}")
 
     def _header(self, info):
-        """(name, (shape, dtype)) of one member, checked to be a plain .npy array whose
-        data is as long as its header says."""
+        """(name, (shape, dtype)) of a plain .npy member as long as its header says."""
         if not info.filename.endswith(".npy"):
             raise self.error(f"member {info.filename!r} is not an .npy array")
         if info.flag_bits & 0x1:
@@ -178,7 +165,7 @@ class NpzReader:
 
     @contextmanager
     def _reading(self):
-        """Turn what zipfile and numpy raise on a damaged file into one clear ValueError."""
+        """What zipfile and numpy raise on a damaged file, as one clear CheckpointError."""
         try:
             yield
         except CheckpointError:
