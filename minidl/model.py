@@ -280,16 +280,16 @@ def _comparable(config):
 
 
 def _difference(saved, mine):
-    """Where two model configs differ: the first differing layer, both ways."""
+    """Where two model configs differ: the first differing layer, else the layer counts."""
     try:
-        pairs = list(zip(saved["config"]["layers"], mine["config"]["layers"]))
-        extra = len(saved["config"]["layers"]) - len(pairs)
+        saved_layers, my_layers = saved["config"]["layers"], mine["config"]["layers"]
+        pairs = list(zip(saved_layers, my_layers))
     except (TypeError, KeyError):   # not a Sequential's config at all
         return f"saved {_short(saved)}, this model {_short(mine)}"
     for i, (a, b) in enumerate(pairs):
         if _comparable(a) != _comparable(b):
             return f"layer {i}: saved {_short(a)}, this model {_short(b)}"
-    return f"saved {len(pairs) + extra} layers, this model has {len(mine['config']['layers'])}"
+    return f"saved {len(saved_layers)} layers, this model has {len(my_layers)}"
 
 
 def _short(config, limit=1000):
