@@ -12,19 +12,15 @@ from ..random import new_rng
 
 
 class DataLoader:
-    """Iterate ``(x_batch, y_batch)`` over ``x`` and ``y`` (same length).
+    """Iterate ``(x_batch, y_batch)`` over ``x`` and ``y`` (same length; arrays are used
+    as they are, never copied, lists made arrays).
 
-    ``shuffle`` reorders every epoch with a generator seeded by ``seed`` (or drawn
-    from ``minidl.manual_seed``'s); ``drop_last`` skips a final short batch;
-    ``transform`` is applied to each x batch on the CPU before it moves. ``x`` and
-    ``y`` may be arrays (used as they are, never copied) or lists (made arrays).
-
-    ``rank`` and ``world_size`` shard the data for data-parallel training: every
-    epoch, all ranks draw one order (the same ``seed`` on each), and rank r takes
-    positions r, r + world_size, ... of it. The order is first padded by repeating
-    its start (``drop_last``: cut) to a multiple of ``world_size``, so that every
-    rank has the same number of batches. Batch b of all ranks together is then batch
-    b of one process with ``batch_size * world_size``.
+    ``shuffle`` reorders every epoch with a generator seeded by ``seed`` (or drawn from
+    ``minidl.manual_seed``'s); ``drop_last`` skips a final short batch; ``transform``
+    runs on each x batch on the CPU before it moves. ``rank``/``world_size`` shard each
+    epoch's order, padded by repeating its start (``drop_last``: cut) so that every rank
+    has as many batches: rank r takes positions r, r + world_size, ... (see
+    docs/distributed.md#sharding).
     """
 
     def __init__(self, x, y, batch_size=64, shuffle=True, drop_last=False, seed=None,
@@ -38,7 +34,14 @@ class DataLoader:
         if transform is not None and not callable(transform):
             raise TypeError(f"DataLoader: transform must be a function of the x batch or "
                             f"None, got {transform!r}")
-        self.rank, self.world_size = _check_shard(rank, world_size, len(x), drop_last)
+        self.rank = check_int(rank, "rank", "DataLoader", minimum=0)
+        self.world_size = check_int(world_size, "world_size", "DataLoader", minimum=1)
+        if self.rank >= self.world_size:
+            raise ValueError(f"DataLoader: need 0 <= rank < world_size, "
+                             f"got rank={rank!r}, world_size={world_size!r}")
+        if drop_last and len(x) < self.world_size:
+            raise ValueError(f"DataLoader: drop_last with {len(x)} samples leaves nothing "
+                             f"for {self.world_size} ranks")
         if shuffle and self.world_size > 1 and seed is None:    # each rank would draw its own
             raise ValueError("DataLoader: with world_size > 1 and shuffle=True, pass the "
                              "same seed= on every rank, so that all ranks shard one order")
@@ -97,15 +100,3 @@ def _as_samples(a, name):
                         f"got {type(a).__name__}")
     return samples
 
-
-def _check_shard(rank, world_size, n, drop_last):
-    """0 <= rank < world_size, and every rank gets a sample."""
-    rank = check_int(rank, "rank", "DataLoader", minimum=0)
-    world_size = check_int(world_size, "world_size", "DataLoader", minimum=1)
-    if rank >= world_size:
-        raise ValueError(f"DataLoader: need 0 <= rank < world_size, "
-                         f"got rank={rank!r}, world_size={world_size!r}")
-    if drop_last and n < world_size:
-        raise ValueError(f"DataLoader: drop_last with {n} samples leaves nothing for "
-                         f"{world_size} ranks")
-    return rank, world_size
