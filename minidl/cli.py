@@ -281,7 +281,8 @@ def lr_find_command(args):
     print(f"{len(lrs)} steps from lr {lrs[0]:.3g} to {lrs[-1]:.3g}; the loss fell fastest "
           f"at lr {suggestion if suggestion is None else format(suggestion, '.3g')}")
     if viz.available():
-        print(f"plot: {viz.plot_lr_find(lrs, losses, os.path.join(out, 'lr_find.png'), suggestion)}")
+        plot = viz.plot_lr_find(lrs, losses, os.path.join(out, "lr_find.png"), suggestion)
+        print(f"plot: {plot}")
     return 0
 
 
