@@ -48,10 +48,8 @@ class _Monitor:
         return logs[self.monitor]
 
     def improved(self, value):
-        if self.mode == "min":
-            better = value < self.best - self.min_delta
-        else:
-            better = value > self.best + self.min_delta
+        better = (value < self.best - self.min_delta if self.mode == "min"
+                  else value > self.best + self.min_delta)
         if better:
             self.best = value
         return better
@@ -66,14 +64,11 @@ class EarlyStopping(Callback):
         self.tracker = _Monitor(monitor, mode, min_delta)
         self.patience = patience
         self.restore_best_weights = restore_best_weights
-        self._reset()
+        self.on_train_begin(None)
 
     def on_train_begin(self, trainer):
         # Each fit starts afresh (as in Keras): a best, a patience count or weights
         # left from an earlier fit, maybe of another model, must not stop or undo this one.
-        self._reset()
-
-    def _reset(self):
         self.tracker.reset()
         self.wait = 0
         self.best_state = None
@@ -156,17 +151,12 @@ class CSVLogger(Callback):
         self.rows.append({"epoch": epoch + 1, **logs})
         new = [k for k in logs if k not in self.keys]
         self.keys += new
-        if new:   # the header changes: write every row again
-            self._write("w", self.rows)
-        else:
-            self._write("a", self.rows[-1:])
-
-    def _write(self, mode, rows):
-        with open(self.path, mode, newline="") as f:
+        # A new key changes the header: write every row again; else append this one.
+        with open(self.path, "w" if new else "a", newline="") as f:
             writer = csv.DictWriter(f, ["epoch"] + self.keys, restval="")
-            if mode == "w":
+            if new:
                 writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(self.rows if new else self.rows[-1:])
 
 
 class LearningRateMonitor(Callback):
