@@ -151,11 +151,8 @@ def _mean_over_ranks(arrays, like, comm, caller):
                            .astype(t.dtype, copy=False) for a, t in zip(arrays, like)])
     comm.allreduce_(flat)
     flat /= comm.size
-    views, start = [], 0
-    for t in like:
-        views.append(flat[start:start + t.size].reshape(t.shape))
-        start += t.size
-    return views
+    ends = _numpy.cumsum([t.size for t in like]).tolist()
+    return [flat[end - t.size:end].reshape(t.shape) for t, end in zip(like, ends)]
 
 
 class _MPI:
@@ -203,10 +200,8 @@ class _NCCL:
         self.nccl, self.cuda = cuda.nccl, cuda
         uid = self.nccl.get_unique_id() if host.rank == 0 else None
         self.comm = self.nccl.NcclCommunicator(host.size, host.bcast_object(uid), host.rank)
-        self.types = {_numpy.dtype(_numpy.float16): self.nccl.NCCL_FLOAT16,
-                      _numpy.dtype(_numpy.float32): self.nccl.NCCL_FLOAT32,
-                      _numpy.dtype(_numpy.float64): self.nccl.NCCL_FLOAT64,
-                      _numpy.dtype(_numpy.int64): self.nccl.NCCL_INT64}
+        self.types = {_numpy.dtype(name): getattr(self.nccl, f"NCCL_{name.upper()}")
+                      for name in ("float16", "float32", "float64", "int64")}
 
     def all_reduce(self, a, out):
         self.comm.allReduce(_device_pointer(a), _device_pointer(out), a.size, self._type(a),
