@@ -9,9 +9,14 @@ from .layers.base import Layer
 
 class Callback:
     """Override any of the hooks. ``on_epoch_end``'s ``logs`` holds the epoch's numbers;
-    ``on_batch_end``'s holds the batch's ``loss``, after the optimizer's step."""
+    ``on_batch_end``'s holds the batch's ``loss``, after the optimizer's step.
+    ``on_resume`` follows ``on_train_begin`` in ``fit(resume=...)``, with the History
+    of the epochs done before, so that a callback can carry on from them."""
 
     def on_train_begin(self, trainer):
+        pass
+
+    def on_resume(self, trainer, history):
         pass
 
     def on_batch_begin(self, trainer, batch):
@@ -47,6 +52,14 @@ class _Monitor:
                              f"available: {sorted(logs)} (pass val= to fit for val_*)")
         return logs[self.monitor]
 
+    def replay(self, history):
+        """Track the values ``history`` holds; returns the epoch (from 1) of the best."""
+        best_epoch = None
+        for epoch, value in enumerate(history.history.get(self.monitor, [])):
+            if self.improved(value):
+                best_epoch = epoch + 1
+        return best_epoch
+
     def improved(self, value):
         better = (value < self.best - self.min_delta if self.mode == "min"
                   else value > self.best + self.min_delta)
@@ -73,6 +86,9 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.best_state = None
         self.stopped_epoch = None
+
+    def on_resume(self, trainer, history):
+        self.tracker.replay(history)    # the same best (the patience count restarts)
 
     def on_epoch_end(self, trainer, epoch, logs):
         if self.tracker.improved(self.tracker.value(logs, "EarlyStopping")):
@@ -106,6 +122,10 @@ class ModelCheckpoint(Callback):
 
     def on_train_begin(self, trainer):
         self.saved_epoch = None
+
+    def on_resume(self, trainer, history):
+        best = self.tracker.replay(history)     # the epoch the file at ``path`` holds
+        self.saved_epoch = best if self.save_best_only else history.epochs or None
 
     def on_epoch_end(self, trainer, epoch, logs):
         if not isinstance(trainer.model, Layer) or not hasattr(trainer.model, "save"):
@@ -146,6 +166,10 @@ class CSVLogger(Callback):
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
         self.keys, self.rows = [], []
+
+    def on_resume(self, trainer, history):
+        for epoch in range(history.epochs):     # the file holds the earlier epochs too
+            self.on_epoch_end(trainer, epoch, {k: v[epoch] for k, v in history.history.items()})
 
     def on_epoch_end(self, trainer, epoch, logs):
         self.rows.append({"epoch": epoch + 1, **logs})

@@ -227,7 +227,6 @@ def train_and_test(args, out, comm, batch_size):
     trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer,
                       scheduler=scheduler, verbose=0 if args.quiet else 1, comm=comm)
     checkpoint, state = os.path.join(out, "model.npz"), os.path.join(out, "state.npz")
-    history_csv = os.path.join(out, "history.csv")
     recorder = GradientRecorder(model)
     saver = ModelCheckpoint(checkpoint, monitor="val_accuracy")
     if root:
@@ -240,7 +239,7 @@ def train_and_test(args, out, comm, batch_size):
             train, epochs=args.epochs,
             val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float, **shard),
             # The recorder first: it adds its statistics to the logs the others see.
-            callbacks=[recorder, saver, CSVLogger(history_csv)] if root else [],
+            callbacks=[recorder, saver, CSVLogger(os.path.join(out, "history.csv"))] if root else [],
             resume=state if args.resume else None, save_state=state if root else None)
     except KeyboardInterrupt as error:
         kept = (f"kept {checkpoint} from epoch {saver.saved_epoch} (the best "
@@ -252,11 +251,6 @@ def train_and_test(args, out, comm, batch_size):
     comm.barrier()
     if not root:
         return None
-    if args.resume:     # the logger saw only the resumed epochs: write them all
-        logger = CSVLogger(history_csv)
-        logger.on_train_begin(None)
-        for epoch in range(history.epochs):
-            logger.on_epoch_end(None, epoch, {k: v[epoch] for k, v in history.history.items()})
     model.load(checkpoint)  # the best epoch by validation accuracy
     predictions = predict_labels(model, x_test)
     write_plots(out, args.dataset, model, history, recorder, x_test, y_test, predictions)

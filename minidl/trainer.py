@@ -172,7 +172,11 @@ class Trainer:
         for cb in callbacks:
             cb.on_train_begin(self)
         try:
-            first = 0 if resume is None else _resume(resume, self, train, history, callbacks)
+            first = 0
+            if resume is not None:
+                first = load_training_state(resume, self, train, history)
+                for cb in callbacks:    # e.g. ModelCheckpoint: the earlier epochs' best
+                    cb.on_resume(self, history)
             for self.epoch in range(first, epochs):
                 start = time.perf_counter()
                 logs = self._train_epoch(train, epochs, verbose, callbacks)
@@ -248,19 +252,6 @@ class Trainer:
             raise ValueError(f"Trainer: the model is on the {self.model.device} but batches "
                              f"come on the {device} (the active backend); call "
                              f"model.to('{device}') or minidl.set_backend(...) to match")
-
-
-def _resume(path, trainer, train, history, callbacks):
-    """Load the training state at ``path``; returns the epochs already done. Callbacks
-    that track a best value (ModelCheckpoint, EarlyStopping) see the earlier epochs'
-    values again, so a resumed run keeps the same best (EarlyStopping's patience
-    count restarts)."""
-    done = load_training_state(path, trainer, train, history)
-    for cb in callbacks:
-        tracker = getattr(cb, "tracker", None)
-        for value in history.history.get(getattr(tracker, "monitor", None), []):
-            tracker.improved(value)
-    return done
 
 
 class _Totals:
