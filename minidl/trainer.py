@@ -158,11 +158,10 @@ class Trainer:
         batches, ValueError for ``epochs`` < 1.
         """
         verbose = (self.verbose if verbose is None else verbose) if self.comm.rank == 0 else 0
-        _check_loader(train, "Trainer.fit", "train")
-        if val is not None:
-            _check_loader(val, "Trainer.fit", "val")
+        for name, data in (("train", train), ("val", val)):
+            if data is not None:
+                self._check_data(data, "Trainer.fit", name)
         epochs = check_int(epochs, "epochs", "Trainer.fit", minimum=1)
-        self._check_device()
         check_same_on_all_ranks(len(train), self.comm, "Trainer.fit: batches per epoch")
         history = History()
         self.stop_training = False
@@ -232,8 +231,7 @@ class Trainer:
 
         TypeError when ``data`` is not a DataLoader-like iterable of (x, y) batches;
         FloatingPointError when a batch's loss is not finite."""
-        _check_loader(data, "Trainer.evaluate", "data")
-        self._check_device()
+        self._check_data(data, "Trainer.evaluate", "data")
         totals = _Totals(self.metrics, "Trainer.evaluate")
         for batch, (x, y) in enumerate(data):
             logits = self.model.forward(x, training=False)
@@ -246,7 +244,15 @@ class Trainer:
             totals.add(logs, len(y))
         return totals.reduce(self.comm).means_as_floats()
 
-    def _check_device(self):
+    def _check_data(self, data, caller, name):
+        """TypeError unless ``data`` iterates over (x, y) batches and has a len;
+        ValueError unless the model is on the device batches come on."""
+        arrays = backend.is_array(data) or (isinstance(data, tuple)
+                                            and any(map(backend.is_array, data)))
+        if arrays or not (hasattr(data, "__iter__") and hasattr(data, "__len__")):
+            raise TypeError(f"{caller}: {name} must be a DataLoader (or an iterable of (x, "
+                            f"y) batches with a len), got {type(data).__name__}; wrap arrays "
+                            f"as DataLoader(x, y, batch_size)")
         device = backend.default_device()
         if self.model.device != device:
             raise ValueError(f"Trainer: the model is on the {self.model.device} but batches "
@@ -324,16 +330,6 @@ def _build_metrics(metrics):
 def _read(values):
     """{name: float} from {name: 0-d device array or float}, in one device->host copy."""
     return dict(zip(values, backend.to_floats(list(values.values()))))
-
-
-def _check_loader(data, caller, name):
-    """TypeError unless ``data`` iterates over (x, y) batches and has a len."""
-    arrays = backend.is_array(data) or (isinstance(data, tuple)
-                                        and any(map(backend.is_array, data)))
-    if arrays or not (hasattr(data, "__iter__") and hasattr(data, "__len__")):
-        raise TypeError(f"{caller}: {name} must be a DataLoader (or an iterable of (x, y) "
-                        f"batches with a len), got {type(data).__name__}; wrap arrays "
-                        f"as DataLoader(x, y, batch_size)")
 
 
 def _format_logs(epoch, epochs, logs):
