@@ -229,6 +229,8 @@ def train_and_test(args, out, comm, batch_size):
     checkpoint, state = os.path.join(out, "model.npz"), os.path.join(out, "state.npz")
     recorder = GradientRecorder(model)
     saver = ModelCheckpoint(checkpoint, monitor="val_accuracy")
+    # The recorder first: it adds its statistics to the logs the others see.
+    callbacks = [recorder, saver, CSVLogger(os.path.join(out, "history.csv"))] if root else []
     if root:
         write_run_json(out, args)       # what --resume and `minidl evaluate` read
         print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
@@ -238,8 +240,7 @@ def train_and_test(args, out, comm, batch_size):
         history = trainer.fit(
             train, epochs=args.epochs,
             val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float, **shard),
-            # The recorder first: it adds its statistics to the logs the others see.
-            callbacks=[recorder, saver, CSVLogger(os.path.join(out, "history.csv"))] if root else [],
+            callbacks=callbacks,
             resume=state if args.resume else None, save_state=state if root else None)
     except KeyboardInterrupt as error:
         kept = (f"kept {checkpoint} from epoch {saver.saved_epoch} (the best "
