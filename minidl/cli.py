@@ -1,13 +1,12 @@
-"""The ``minidl`` command: train a CNN on MNIST or Fashion-MNIST, find a learning rate,
-evaluate or export a checkpoint (options and outputs: docs/api.md).
+"""The ``minidl`` command: train, evaluate or export a CNN for (Fashion-)MNIST; lr-find.
 
     minidl train [--dataset mnist] [--model cnn] [--epochs 8] [--out runs/mnist] ...
     minidl lr-find [--steps 100] ...
     minidl evaluate --checkpoint runs/mnist/model.npz
     minidl export --checkpoint runs/mnist/model.npz --onnx model.onnx
 
-An error prints one line and exits 1. Ctrl-C or SIGTERM stops with one line saying
-where, and exit status 128 + the signal's number (130, 143).
+Options and outputs: docs/api.md. An error prints one line and exits 1; Ctrl-C or
+SIGTERM stops with one line saying where, and exit 128 + the signal's number (130, 143).
 """
 import argparse
 import copy
