@@ -9,9 +9,14 @@ from .layers.base import Layer
 
 class Callback:
     """Override any of the hooks. ``on_epoch_end``'s ``logs`` holds the epoch's numbers;
-    ``on_batch_end``'s holds the batch's ``loss``, after the optimizer's step."""
+    ``on_batch_end``'s holds the batch's ``loss``, after the optimizer's step.
+    ``on_resume`` follows ``on_train_begin`` in ``fit(resume=...)``, with the History
+    of the epochs done before, so that a callback can carry on from them."""
 
     def on_train_begin(self, trainer):
+        pass
+
+    def on_resume(self, trainer, history):
         pass
 
     def on_batch_begin(self, trainer, batch):
@@ -47,11 +52,17 @@ class _Monitor:
                              f"available: {sorted(logs)} (pass val= to fit for val_*)")
         return logs[self.monitor]
 
+    def replay(self, history):
+        """Track the values ``history`` holds; returns the epoch (from 1) of the best."""
+        best_epoch = None
+        for epoch, value in enumerate(history.history.get(self.monitor, [])):
+            if self.improved(value):
+                best_epoch = epoch + 1
+        return best_epoch
+
     def improved(self, value):
-        if self.mode == "min":
-            better = value < self.best - self.min_delta
-        else:
-            better = value > self.best + self.min_delta
+        better = (value < self.best - self.min_delta if self.mode == "min"
+                  else value > self.best + self.min_delta)
         if better:
             self.best = value
         return better
@@ -66,18 +77,18 @@ class EarlyStopping(Callback):
         self.tracker = _Monitor(monitor, mode, min_delta)
         self.patience = patience
         self.restore_best_weights = restore_best_weights
-        self._reset()
+        self.on_train_begin(None)
 
     def on_train_begin(self, trainer):
         # Each fit starts afresh (as in Keras): a best, a patience count or weights
         # left from an earlier fit, maybe of another model, must not stop or undo this one.
-        self._reset()
-
-    def _reset(self):
         self.tracker.reset()
         self.wait = 0
         self.best_state = None
         self.stopped_epoch = None
+
+    def on_resume(self, trainer, history):
+        self.tracker.replay(history)    # the same best (the patience count restarts)
 
     def on_epoch_end(self, trainer, epoch, logs):
         if self.tracker.improved(self.tracker.value(logs, "EarlyStopping")):
@@ -111,6 +122,10 @@ class ModelCheckpoint(Callback):
 
     def on_train_begin(self, trainer):
         self.saved_epoch = None
+
+    def on_resume(self, trainer, history):
+        best = self.tracker.replay(history)     # the epoch the file at ``path`` holds
+        self.saved_epoch = best if self.save_best_only else history.epochs or None
 
     def on_epoch_end(self, trainer, epoch, logs):
         if not isinstance(trainer.model, Layer) or not hasattr(trainer.model, "save"):
@@ -152,21 +167,20 @@ class CSVLogger(Callback):
         os.makedirs(folder, exist_ok=True)
         self.keys, self.rows = [], []
 
+    def on_resume(self, trainer, history):
+        for epoch in range(history.epochs):     # the file holds the earlier epochs too
+            self.on_epoch_end(trainer, epoch, {k: v[epoch] for k, v in history.history.items()})
+
     def on_epoch_end(self, trainer, epoch, logs):
         self.rows.append({"epoch": epoch + 1, **logs})
         new = [k for k in logs if k not in self.keys]
         self.keys += new
-        if new:   # the header changes: write every row again
-            self._write("w", self.rows)
-        else:
-            self._write("a", self.rows[-1:])
-
-    def _write(self, mode, rows):
-        with open(self.path, mode, newline="") as f:
+        # A new key changes the header: write every row again; else append this one.
+        with open(self.path, "w" if new else "a", newline="") as f:
             writer = csv.DictWriter(f, ["epoch"] + self.keys, restval="")
-            if mode == "w":
+            if new:
                 writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(self.rows if new else self.rows[-1:])
 
 
 class LearningRateMonitor(Callback):

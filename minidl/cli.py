@@ -1,13 +1,12 @@
-"""The ``minidl`` command: train a CNN on MNIST or Fashion-MNIST, evaluate a checkpoint.
+"""The ``minidl`` command: train, evaluate or export a CNN for (Fashion-)MNIST; lr-find.
 
     minidl train [--dataset mnist] [--model cnn] [--epochs 8] [--out runs/mnist] ...
+    minidl lr-find [--steps 100] ...
     minidl evaluate --checkpoint runs/mnist/model.npz
     minidl export --checkpoint runs/mnist/model.npz --onnx model.onnx
 
-``train`` prints the model summary, shows a progress bar per epoch, writes the
-checkpoint, history.csv and PNG plots to --out, and ends with the line
-``test accuracy: 0.99xx``. Ctrl-C or SIGTERM stops it with one line saying where,
-and exit status 128 + the signal's number (130, 143).
+Options and outputs: docs/api.md. An error prints one line and exits 1; Ctrl-C or
+SIGTERM stops with one line saying where, and exit 128 + the signal's number (130, 143).
 """
 import argparse
 import copy
@@ -50,31 +49,57 @@ SETTINGS = ("dataset", "model", "epochs", "batch_size", "lr", "label_smoothing",
 VALIDATION_SIZE = 5000
 
 
+def _int_option(low, requirement):
+    """An argparse type: the text as an int >= low. ArgumentTypeError (not ValueError)
+    makes argparse print this message after the option's name: "argument --seed: ..."."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
+        return value
+    return parse
+
+
+POSITIVE = _int_option(1, "a positive integer")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minidl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command")
 
-    # The options that say what to train on, and how: shared by train and lr-find.
-    setup = argparse.ArgumentParser(add_help=False)
+    # Where to run and find the data: every command that loads images.
+    machine = argparse.ArgumentParser(add_help=False)
+    machine.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    machine.add_argument("--data-root", default=None,
+                         help="dataset cache folder (default: $MINIDL_DATA or ~/.cache/minidl)")
+    # What to train on, and how: train and lr-find.
+    setup = argparse.ArgumentParser(add_help=False, parents=[machine])
     setup.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
     setup.add_argument("--model", choices=sorted(MODELS), default="cnn")
-    setup.add_argument("--batch-size", type=_positive_int, default=64)
+    setup.add_argument("--batch-size", type=POSITIVE, default=64)
     setup.add_argument("--label-smoothing", type=float, default=0.1)
     setup.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     setup.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="random shifts of up to 2 pixels, plus horizontal flips for "
                             "fashion-mnist (default: on; --no-augment turns it off)")
-    setup.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    setup.add_argument("--seed", type=_non_negative_int, default=0)
-    setup.add_argument("--limit", type=_limit, default=None,
-                       help="train on the first N training images only (N >= 2)")
-    setup.add_argument("--data-root", default=None,
-                       help="dataset cache folder (default: $MINIDL_DATA or ~/.cache/minidl)")
+    setup.add_argument("--seed", type=_int_option(0, "a non-negative integer"), default=0)
+    # split_validation holds out at least one image, and training needs one more
+    setup.add_argument("--limit", default=None, help="train on the first N training images "
+                       "only (N >= 2)", type=_int_option(
+                           2, "at least 2 (one image is held out for validation)"))
     setup.add_argument("--out", default=None, help="output folder (default: runs/DATASET)")
+    # A checkpoint to read: evaluate and export.
+    checkpoint = argparse.ArgumentParser(add_help=False)
+    checkpoint.add_argument("--checkpoint", required=True)
+    checkpoint.add_argument("--model", choices=sorted(MODELS), default=None,
+                            help="default: the one recorded in run.json beside the checkpoint")
 
     train = sub.add_parser("train", parents=[setup],
                            help="train a CNN and write checkpoint, history and plots")
-    train.add_argument("--epochs", type=_positive_int, default=8)
+    train.add_argument("--epochs", type=POSITIVE, default=8)
     train.add_argument("--lr", type=float, default=2e-3,
                        help="initial learning rate (the peak for onecycle)")
     train.add_argument("--schedule", choices=sorted(SCHEDULES), default="cosine",
@@ -92,24 +117,19 @@ def build_parser():
                             help="plot the loss against a growing learning rate")
     finder.add_argument("--start-lr", type=float, default=1e-7)
     finder.add_argument("--end-lr", type=float, default=10.0)
-    finder.add_argument("--steps", type=_positive_int, default=100)
+    finder.add_argument("--steps", type=POSITIVE, default=100)
     finder.set_defaults(func=lr_find_command)
 
-    evaluate = sub.add_parser("evaluate", help="reload a checkpoint and report test accuracy")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate = sub.add_parser("evaluate", parents=[checkpoint, machine],
+                              help="reload a checkpoint and report test accuracy")
     evaluate.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                           help="default: the one recorded in run.json beside the checkpoint")
-    evaluate.add_argument("--model", choices=sorted(MODELS), default=None)
-    evaluate.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    evaluate.add_argument("--data-root", default=None)
-    evaluate.add_argument("--batch-size", type=_positive_int, default=500)
+    evaluate.add_argument("--batch-size", type=POSITIVE, default=500)
     evaluate.set_defaults(func=evaluate_command)
 
-    export = sub.add_parser("export", help="write a checkpoint as an ONNX model")
-    export.add_argument("--checkpoint", required=True)
+    export = sub.add_parser("export", parents=[checkpoint],
+                            help="write a checkpoint as an ONNX model")
     export.add_argument("--onnx", required=True, help="the .onnx file to write")
-    export.add_argument("--model", choices=sorted(MODELS), default=None,
-                        help="default: the one recorded in run.json beside the checkpoint")
     export.set_defaults(func=export_command)
     return parser
 
@@ -129,8 +149,9 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt as stop:       # Ctrl-C, or SIGTERM (see run_stoppable)
         signum = getattr(stop, "signum", signal.SIGINT)
-        print(f"minidl {args.command}: stopped by {_signal_name(signum)}"
-              f"{': ' if str(stop) else ''}{stop}", file=sys.stderr)
+        name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"minidl {args.command}: stopped by {name}{': ' if str(stop) else ''}{stop}",
+              file=sys.stderr)
         return 128 + signum
 
 
@@ -157,21 +178,16 @@ def run_stoppable(func, args):
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _signal_name(signum):
-    return "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
-
-
-# -- train ----------------------------------------------------------------------
+# -- train and lr-find --------------------------------------------------------------
 def train_command(args):
     if args.resume:
         args = resumed_args(args)
-    manual_seed(args.seed)
-    out = args.out or os.path.join("runs", args.dataset)
+    out = _start(args)
     comm = _communicator(args)
     batch_size = _batch_per_rank(args.batch_size, comm.size)
     created = make_output_folder(out) if comm.rank == 0 else []
     try:
-        with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
+        with _backend(args):
             result = train_and_test(args, out, comm, batch_size)
     except BaseException:   # e.g. no data, or stopped in epoch 1: no empty folder left
         remove_empty_folders(created)
@@ -188,7 +204,13 @@ def train_and_test(args, out, comm, batch_size):
     """Train, write everything to ``out`` (rank 0 only); returns the test predictions
     and labels on rank 0, None on the other ranks."""
     root = comm.rank == 0   # the one rank that prints and writes files
-    x_train, y_train, x_test, y_test = _load_train_test(args, comm)
+    # Rank 0 loads first, so that only one rank downloads into the cache.
+    if not root:
+        comm.barrier()
+    x_train, y_train = _train_images(args)
+    x_test, y_test = load_split(args.dataset, "test", args.data_root)
+    if root:
+        comm.barrier()
     (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train)
 
     model = build_model(args.model)
@@ -198,8 +220,7 @@ def train_and_test(args, out, comm, batch_size):
     if root:
         model.summary(x_train.shape[1:])
     shard = dict(rank=comm.rank, world_size=comm.size)
-    train = DataLoader(x_train, y_train, batch_size, seed=args.seed,
-                       transform=train_transform(args.dataset, args.augment), **shard)
+    train = _train_loader(args, x_train, y_train, batch_size, **shard)
     optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr)
     scheduler = SCHEDULES[args.schedule](optimizer, args, len(train))
     trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer,
@@ -207,6 +228,8 @@ def train_and_test(args, out, comm, batch_size):
     checkpoint, state = os.path.join(out, "model.npz"), os.path.join(out, "state.npz")
     recorder = GradientRecorder(model)
     saver = ModelCheckpoint(checkpoint, monitor="val_accuracy")
+    # The recorder first: it adds its statistics to the logs the others see.
+    callbacks = [recorder, saver, CSVLogger(os.path.join(out, "history.csv"))] if root else []
     if root:
         write_run_json(out, args)       # what --resume and `minidl evaluate` read
         print(f"training on {len(x_train)} images, validating on {len(x_val)}, "
@@ -216,9 +239,7 @@ def train_and_test(args, out, comm, batch_size):
         history = trainer.fit(
             train, epochs=args.epochs,
             val=DataLoader(x_val, y_val, 500, shuffle=False, transform=to_float, **shard),
-            # The recorder first: it adds its statistics to the logs the others see.
-            callbacks=[recorder, saver, CSVLogger(os.path.join(out, "history.csv"))]
-            if root else [],
+            callbacks=callbacks,
             resume=state if args.resume else None, save_state=state if root else None)
     except KeyboardInterrupt as error:
         kept = (f"kept {checkpoint} from epoch {saver.saved_epoch} (the best "
@@ -230,9 +251,6 @@ def train_and_test(args, out, comm, batch_size):
     comm.barrier()
     if not root:
         return None
-    if args.resume:     # the logger saw only the resumed epochs
-        rewrite_history_csv(os.path.join(out, "history.csv"), history)
-    write_run_json(out, args, epochs_done=history.epochs)
     model.load(checkpoint)  # the best epoch by validation accuracy
     predictions = predict_labels(model, x_test)
     write_plots(out, args.dataset, model, history, recorder, x_test, y_test, predictions)
@@ -240,6 +258,36 @@ def train_and_test(args, out, comm, batch_size):
         viz.plot_lr([scheduler.lr_at(t) for t in range(scheduler.last_epoch)],
                     os.path.join(out, "lr.png"), steps_per_epoch=len(train))
     return predictions, y_test
+
+
+def lr_find_command(args):
+    """The LR range test on the training images; writes lr_find.png, prints a rate."""
+    out = _start(args)
+    make_output_folder(out)
+    with _backend(args):
+        x_train, y_train = _train_images(args)
+        model = build_model(args.model)
+        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.start_lr)
+        trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer, verbose=0)
+        train = _train_loader(args, x_train, y_train, args.batch_size)
+        lrs, losses = lr_find(trainer, train, args.start_lr, args.end_lr, args.steps)
+    suggestion = suggest_lr(lrs, losses)
+    print(f"{len(lrs)} steps from lr {lrs[0]:.3g} to {lrs[-1]:.3g}; the loss fell fastest "
+          f"at lr {suggestion if suggestion is None else format(suggestion, '.3g')}")
+    if viz.available():
+        plot = viz.plot_lr_find(lrs, losses, os.path.join(out, "lr_find.png"), suggestion)
+        print(f"plot: {plot}")
+    return 0
+
+
+def _start(args):
+    """Seed the generators; returns the output folder."""
+    manual_seed(args.seed)
+    return args.out or os.path.join("runs", args.dataset)
+
+
+def _backend(args):
+    return backend.set_backend("cupy" if args.device == "gpu" else "numpy")
 
 
 def _communicator(args):
@@ -265,20 +313,6 @@ def _batch_per_rank(batch_size, size):
     return batch_size // size
 
 
-def _load_train_test(args, comm):
-    """The train (first --limit) and test arrays; rank 0 first, so that only one
-    rank downloads into the cache while the others wait."""
-    if comm.rank != 0:
-        comm.barrier()
-    x_train, y_train = load_split(args.dataset, "train", args.data_root)
-    x_test, y_test = load_split(args.dataset, "test", args.data_root)
-    if comm.rank == 0:
-        comm.barrier()
-    if args.limit:
-        x_train, y_train = x_train[:args.limit], y_train[:args.limit]
-    return x_train, y_train, x_test, y_test
-
-
 def resumed_args(args):
     """The settings of the run in ``args.resume`` (its run.json), to continue it there."""
     folder = args.resume
@@ -292,14 +326,6 @@ def resumed_args(args):
             setattr(resumed, key, saved[key])
     resumed.out = folder
     return resumed
-
-
-def rewrite_history_csv(path, history):
-    """history.csv with every epoch of ``history`` (a resumed run's logger saw only its own)."""
-    logger = CSVLogger(path)
-    logger.on_train_begin(None)
-    for epoch in range(history.epochs):
-        logger.on_epoch_end(None, epoch, {k: v[epoch] for k, v in history.history.items()})
 
 
 def make_output_folder(out):
@@ -333,10 +359,21 @@ def remove_empty_folders(created):
             return
 
 
-def write_run_json(out, args, **extra):
+def write_run_json(out, args):
     """run.json: the run's settings, what `minidl evaluate` and --resume read."""
-    _write_json(os.path.join(out, "run.json"), {
-        **{key: getattr(args, key) for key in SETTINGS}, "checkpoint": "model.npz", **extra})
+    with atomic_write(os.path.join(out, "run.json")) as tmp, open(tmp, "w") as f:
+        json.dump({**{key: getattr(args, key) for key in SETTINGS}, "checkpoint": "model.npz"},
+                  f, indent=2)
+
+
+def load_split(dataset, split, root):
+    return DATASETS[dataset](split=split, root=root)
+
+
+def _train_images(args):
+    """The training images and labels (the first --limit of them)."""
+    x, y = load_split(args.dataset, "train", args.data_root)
+    return (x[:args.limit], y[:args.limit]) if args.limit else (x, y)
 
 
 def split_validation(x, y):
@@ -359,8 +396,9 @@ def train_transform(dataset, augment):
     return Compose(steps + [to_float])
 
 
-def load_split(dataset, split, root):
-    return DATASETS[dataset](split=split, root=root)
+def _train_loader(args, x, y, batch_size, **shard):
+    return DataLoader(x, y, batch_size, seed=args.seed,
+                      transform=train_transform(args.dataset, args.augment), **shard)
 
 
 def predict_labels(model, images, batch_size=500):
@@ -383,101 +421,53 @@ def write_plots(out, dataset, model, history, recorder, x_test, y_test, predicti
     viz.plot_gradient_norms(recorder.norms_per_epoch(), os.path.join(out, "gradients.png"))
 
 
-# -- lr-find --------------------------------------------------------------------
-def lr_find_command(args):
-    """The LR range test on the training images; writes lr_find.png, prints a rate."""
-    manual_seed(args.seed)
-    out = args.out or os.path.join("runs", args.dataset)
-    make_output_folder(out)
-    with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
-        x_train, y_train = load_split(args.dataset, "train", args.data_root)
-        if args.limit:
-            x_train, y_train = x_train[:args.limit], y_train[:args.limit]
-        model = build_model(args.model)
-        optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.start_lr)
-        trainer = Trainer(model, SoftmaxCrossEntropy(args.label_smoothing), optimizer, verbose=0)
-        train = DataLoader(x_train, y_train, args.batch_size, seed=args.seed,
-                           transform=train_transform(args.dataset, args.augment))
-        lrs, losses = lr_find(trainer, train, args.start_lr, args.end_lr, args.steps)
-    suggestion = suggest_lr(lrs, losses)
-    print(f"{len(lrs)} steps from lr {lrs[0]:.3g} to {lrs[-1]:.3g}; the loss fell fastest "
-          f"at lr {suggestion if suggestion is None else format(suggestion, '.3g')}")
-    if viz.available():
-        print(f"plot: {viz.plot_lr_find(lrs, losses, os.path.join(out, 'lr_find.png'), suggestion)}")
-    return 0
-
-
-# -- evaluate ---------------------------------------------------------------------
+# -- evaluate and export --------------------------------------------------------------
 def evaluate_command(args):
     """Rebuild the model from the checkpoint alone (or build --model and load into it),
     and report its test accuracy on the dataset named by --dataset or run.json."""
-    run_json = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json")
-    run = _read_json(run_json)
-    dataset = args.dataset or _setting(run, "dataset", DATASETS, run_json) or "mnist"
-    model_name = args.model or _setting(run, "model", MODELS, run_json) or "model"
-    with backend.set_backend("cupy" if args.device == "gpu" else "numpy"):
-        model = (build_model(args.model).load(args.checkpoint) if args.model
-                 else load_model(args.checkpoint))
-        x_test, y_test = load_split(dataset, "test", args.data_root)
+    dataset, model_name = _checkpoint_settings(args, "dataset", "model")
+    with _backend(args):
+        model = _load_checkpoint(args)
+        x_test, y_test = load_split(dataset or "mnist", "test", args.data_root)
         predictions = predict_labels(model, x_test, args.batch_size)
-    print(f"{model_name} on {dataset} ({len(x_test)} test images)")
+    print(f"{model_name or 'model'} on {dataset or 'mnist'} ({len(x_test)} test images)")
     print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
     return 0
 
 
-# -- export -----------------------------------------------------------------------
 def export_command(args):
     from . import onnx
-    run_json = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json")
-    model_name = args.model or _setting(_read_json(run_json), "model", MODELS, run_json) or "model"
-    model = (build_model(args.model).load(args.checkpoint) if args.model
-             else load_model(args.checkpoint))
+    model_name, = _checkpoint_settings(args, "model")
+    model = _load_checkpoint(args)
     try:
         onnx.export(model, args.onnx, input_shape=(1, 28, 28))   # the models take MNIST images
     except ImportError as exc:        # main() reports RuntimeErrors without a traceback
         raise RuntimeError(str(exc)) from None
-    print(f"{model_name} from {args.checkpoint} written to {args.onnx}")
+    print(f"{model_name or 'model'} from {args.checkpoint} written to {args.onnx}")
     return 0
 
 
-def _setting(run, key, choices, path):
-    """run.json's ``key`` (None if absent); ValueError naming the file unless it is one
-    of ``choices``."""
-    value = run.get(key)
-    if value is not None and not (isinstance(value, str) and value in choices):
-        raise ValueError(f"{path}: unknown {key} {value!r}; pass --{key} "
-                         f"({', '.join(sorted(choices))})")
-    return value
+def _checkpoint_settings(args, *keys):
+    """Each option of ``keys`` ("dataset", "model"), else its value in the run.json beside
+    --checkpoint, else None; ValueError naming the file for an unknown value there."""
+    path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json")
+    run = _read_json(path)
+    values = []
+    for key in keys:
+        choices = DATASETS if key == "dataset" else MODELS
+        value = getattr(args, key) or run.get(key)
+        if value is not None and not (isinstance(value, str) and value in choices):
+            raise ValueError(f"{path}: unknown {key} {value!r}; pass --{key} "
+                             f"({', '.join(sorted(choices))})")
+        values.append(value)
+    return values
 
 
-def _positive_int(text):
-    return _int_at_least(text, 1, "a positive integer")
-
-
-def _non_negative_int(text):
-    return _int_at_least(text, 0, "a non-negative integer")
-
-
-def _limit(text):
-    # split_validation holds out at least one image, and training needs one more
-    return _int_at_least(text, 2, "at least 2 (one image is held out for validation)")
-
-
-def _int_at_least(text, low, requirement):
-    """``text`` as an int >= low. ArgumentTypeError (not ValueError) makes argparse
-    print this message after the option's name: "argument --seed: must be ..."."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
-    return value
-
-
-def _write_json(path, data):
-    with atomic_write(path) as tmp, open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
+def _load_checkpoint(args):
+    """--model built and loaded from --checkpoint, or the model the checkpoint describes."""
+    if args.model:
+        return build_model(args.model).load(args.checkpoint)
+    return load_model(args.checkpoint)
 
 
 def _read_json(path):

@@ -5,16 +5,13 @@
     trainer = Trainer(model, loss, optimizer, comm=comm)
     trainer.fit(DataLoader(x, y, 32, seed=0, rank=comm.rank, world_size=comm.size))
 
-and run it as ``mpiexec -n 2 python -m mpi4py script.py``. After each backward,
-``average_gradients`` packs every ``Parameter.grad`` into one flat buffer, sums it
-over the ranks with one allreduce, and divides by the number of ranks p:
+and run it as ``mpiexec -n 2 python -m mpi4py script.py``. After each backward the
+gradients are averaged over the p ranks in one allreduce of a flat buffer,
 
     g = (1/p) sum_r g_r,    g_r = dL_r/dtheta, L_r the mean loss of rank r's shard
 
-With equal shards this is the gradient of the mean loss over the global batch, so p
-ranks with batch B/p take the same steps as one process with batch B. Host arrays
-travel through MPI (mpi4py's buffer form, no pickling); GPU arrays through NCCL.
-Why this design, and its cost: docs/distributed.md.
+so with equal shards p ranks with batch B/p take the steps of one process with batch
+B. Host arrays travel through MPI, GPU arrays through NCCL (docs/distributed.md).
 """
 from . import backend
 
@@ -67,8 +64,7 @@ def init(device="cpu"):
 
     ``device="gpu"``: one GPU per rank (rank i on its node takes GPU i), and the
     model's arrays travel through NCCL. Start the job with ``mpiexec -n N python
-    -m mpi4py ...``: ``-m mpi4py`` turns an error on one rank into an abort of all,
-    where otherwise the others would wait for it forever.
+    -m mpi4py ...``, so that an error on one rank aborts all (none waits forever).
     """
     if device not in ("cpu", "gpu"):
         raise ValueError(f"distributed.init: device must be 'cpu' or 'gpu', got {device!r}")
@@ -151,11 +147,8 @@ def _mean_over_ranks(arrays, like, comm, caller):
                            .astype(t.dtype, copy=False) for a, t in zip(arrays, like)])
     comm.allreduce_(flat)
     flat /= comm.size
-    views, start = [], 0
-    for t in like:
-        views.append(flat[start:start + t.size].reshape(t.shape))
-        start += t.size
-    return views
+    ends = _numpy.cumsum([t.size for t in like]).tolist()
+    return [flat[end - t.size:end].reshape(t.shape) for t, end in zip(like, ends)]
 
 
 class _MPI:
@@ -203,10 +196,8 @@ class _NCCL:
         self.nccl, self.cuda = cuda.nccl, cuda
         uid = self.nccl.get_unique_id() if host.rank == 0 else None
         self.comm = self.nccl.NcclCommunicator(host.size, host.bcast_object(uid), host.rank)
-        self.types = {_numpy.dtype(_numpy.float16): self.nccl.NCCL_FLOAT16,
-                      _numpy.dtype(_numpy.float32): self.nccl.NCCL_FLOAT32,
-                      _numpy.dtype(_numpy.float64): self.nccl.NCCL_FLOAT64,
-                      _numpy.dtype(_numpy.int64): self.nccl.NCCL_INT64}
+        self.types = {_numpy.dtype(name): getattr(self.nccl, f"NCCL_{name.upper()}")
+                      for name in ("float16", "float32", "float64", "int64")}
 
     def all_reduce(self, a, out):
         self.comm.allReduce(_device_pointer(a), _device_pointer(out), a.size, self._type(a),

@@ -1,9 +1,5 @@
 """``GradientRecorder``: activation and gradient statistics recorded through the
-layers' hooks while a Trainer fits (docs/architecture.md, "Inspection").
-
-The statistics stay on the arrays' device as running sums; they are read to the
-host once per epoch, so on a GPU the recorder adds no wait to a training step.
-"""
+layers' hooks while a Trainer fits (docs/architecture.md, "Inspection")."""
 from . import backend
 from .callbacks import Callback
 
@@ -19,6 +15,7 @@ class GradientRecorder(Callback):
     gradient norms are taken on every training batch, right after each layer's
     backward, so they are the norms of the ``.grad`` the optimizer then uses (before
     any ``clip_grad_norm``). ``model`` is a Sequential; its top-level layers are hooked.
+    The sums stay on the device until the epoch ends: no wait in a training step.
     """
 
     def __init__(self, model, every=10):
@@ -31,9 +28,6 @@ class GradientRecorder(Callback):
         self.every = every
         self.epoch_logs = []        # one dict per epoch
         self._removers = []
-        self._sums = {}
-        self._counts = {}
-        self._batch = 0
 
     # -- hooks -------------------------------------------------------------------
     def on_train_begin(self, trainer):
@@ -64,7 +58,6 @@ class GradientRecorder(Callback):
         return hook
 
     def _add(self, key, value):
-        """Add a device scalar to a running sum (no device->host copy)."""
         self._sums[key] = self._sums.get(key, 0.0) + value
         self._counts[key] = self._counts.get(key, 0) + 1
 

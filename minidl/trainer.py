@@ -9,14 +9,13 @@ One step is the whole data flow of minidl, in order:
     optimizer.step(); optimizer.zero_grad()
 """
 import math
-import numbers
 import time
 
 from tqdm.auto import tqdm
 
 from . import backend
 from .callbacks import Callback, not_finite
-from .checks import check_int
+from .checks import check_int, check_real
 from .distributed import (Communicator, average_buffers, average_gradients,
                           check_same_on_all_ranks)
 from .model import Sequential
@@ -60,13 +59,10 @@ class Trainer:
     ``time`` or ``val_*`` (the Trainer logs those). ``clip_grad_norm``: clip the
     global gradient norm to this value before each step. ``verbose=0`` turns the
     progress bars off. ``comm``: a ``minidl.distributed`` Communicator for
-    data-parallel training (gradients averaged each step, metrics summed over the
-    ranks, BatchNorm statistics averaged each epoch, progress shown on rank 0 only);
-    ``fit`` and ``evaluate`` are then collective: every rank must call them.
-
-    ``max_loss_ratio``: training has diverged, and ``fit`` stops with a
-    FloatingPointError, when a batch's loss exceeds this many times the first
-    batch's loss of the fit (or 1, if that is smaller); None turns this off. A loss
+    data-parallel training (docs/distributed.md); ``fit`` and ``evaluate`` are then
+    collective: every rank must call them. ``max_loss_ratio``: ``fit`` stops with a
+    FloatingPointError (diverged) when a batch's loss exceeds this many times the
+    fit's first batch loss (or 1, if that is smaller); None turns this off. A loss
     that is not finite always stops it.
     """
 
@@ -83,7 +79,8 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         self.verbose = verbose
         self.comm = Communicator() if comm is None else comm
-        self.max_loss_ratio = _check_ratio(max_loss_ratio)
+        self.max_loss_ratio = (None if max_loss_ratio is None else
+                               check_real(max_loss_ratio, "max_loss_ratio", "Trainer", above=1))
         self.stop_training = False
         self.epoch = 0
         self.batch = 0
@@ -110,7 +107,13 @@ class Trainer:
             self._explain_bad_labels(loss, logits, y)
             self._stop(f"the loss became {loss} at epoch {self.epoch + 1}, batch "
                        f"{self.batch + 1}")
-        self._check_divergence(loss)
+        if self._start_loss is None:
+            self._start_loss = loss
+        ratio = self.max_loss_ratio
+        if ratio is not None and loss > ratio * max(self._start_loss, 1.0):
+            self._stop(f"the loss became {loss:.4g} at epoch {self.epoch + 1}, batch "
+                       f"{self.batch + 1}, over {ratio:g} times its start "
+                       f"({self._start_loss:.4g}): it diverged")
         average_gradients(self.model.parameters(), self.comm)    # no-op in one process
         if self.clip_grad_norm is not None:
             clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
@@ -130,15 +133,6 @@ class Trainer:
         xp = backend.get_array_module(logits)
         if math.isnan(loss) and bool(xp.isfinite(logits).all()):
             self.loss.forward(logits, y)
-
-    def _check_divergence(self, loss):
-        if self._start_loss is None:
-            self._start_loss = loss
-        ratio = self.max_loss_ratio
-        if ratio is not None and loss > ratio * max(self._start_loss, 1.0):
-            self._stop(f"the loss became {loss:.4g} at epoch {self.epoch + 1}, batch "
-                       f"{self.batch + 1}, over {ratio:g} times its start "
-                       f"({self._start_loss:.4g}): it diverged")
 
     @staticmethod
     def _stop(what):
@@ -164,11 +158,10 @@ class Trainer:
         batches, ValueError for ``epochs`` < 1.
         """
         verbose = (self.verbose if verbose is None else verbose) if self.comm.rank == 0 else 0
-        _check_loader(train, "Trainer.fit", "train")
-        if val is not None:
-            _check_loader(val, "Trainer.fit", "val")
+        for name, data in (("train", train), ("val", val)):
+            if data is not None:
+                self._check_data(data, "Trainer.fit", name)
         epochs = check_int(epochs, "epochs", "Trainer.fit", minimum=1)
-        self._check_device(train)
         check_same_on_all_ranks(len(train), self.comm, "Trainer.fit: batches per epoch")
         history = History()
         self.stop_training = False
@@ -178,9 +171,30 @@ class Trainer:
         for cb in callbacks:
             cb.on_train_begin(self)
         try:
-            first = 0 if resume is None else _resume(resume, self, train, history, callbacks)
-            self._fit_epochs(train, range(first, epochs), val, callbacks, verbose, history,
-                             save_state)
+            first = 0
+            if resume is not None:
+                first = load_training_state(resume, self, train, history)
+                for cb in callbacks:    # e.g. ModelCheckpoint: the earlier epochs' best
+                    cb.on_resume(self, history)
+            for self.epoch in range(first, epochs):
+                start = time.perf_counter()
+                logs = self._train_epoch(train, epochs, verbose, callbacks)
+                bad = not_finite(self.model)    # before evaluation and checkpoints see them
+                if bad:
+                    self._stop(f"{', '.join(bad)} became inf or nan in epoch {self.epoch + 1}")
+                if val is not None:
+                    logs.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
+                logs["lr"] = self.optimizer.lr
+                logs["time"] = time.perf_counter() - start
+                for cb in callbacks:    # the scheduler steps; GradientRecorder adds to logs
+                    cb.on_epoch_end(self, self.epoch, logs)
+                history.append(logs)
+                if save_state is not None:
+                    save_training_state(save_state, self, train, history, self.epoch + 1)
+                if verbose:
+                    print(_format_logs(self.epoch, epochs, logs), flush=True)
+                if self.stop_training:
+                    break
         except BaseException as error:
             error.history = history
             raise
@@ -189,35 +203,12 @@ class Trainer:
                 cb.on_train_end(self)
         return history
 
-    def _fit_epochs(self, train, epoch_range, val, callbacks, verbose, history, save_state):
-        epochs = epoch_range.stop
-        for epoch in epoch_range:
-            self.epoch = epoch
-            start = time.perf_counter()
-            logs = self._train_epoch(train, epoch, epochs, verbose, callbacks)
-            bad = not_finite(self.model)    # before evaluation and checkpoints see them
-            if bad:
-                self._stop(f"{', '.join(bad)} became inf or nan in epoch {epoch + 1}")
-            if val is not None:
-                logs.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
-            logs["lr"] = self.optimizer.lr
-            logs["time"] = time.perf_counter() - start
-            for cb in callbacks:    # the scheduler steps; GradientRecorder adds to logs
-                cb.on_epoch_end(self, epoch, logs)
-            history.append(logs)
-            if save_state is not None:
-                save_training_state(save_state, self, train, history, epoch + 1)
-            if verbose:
-                print(_format_logs(epoch, epochs, logs), flush=True)
-            if self.stop_training:
-                break
-
-    def _train_epoch(self, train, epoch, epochs, verbose, callbacks=()):
+    def _train_epoch(self, train, epochs, verbose, callbacks):
         self.model.train()
         totals = _Totals(self.metrics, "Trainer.fit")
         start = time.perf_counter()
         # `with`: the bar ends its line even when a step fails or Ctrl-C stops it
-        with tqdm(train, total=len(train), desc=f"Epoch {epoch + 1}/{epochs}", unit="batch",
+        with tqdm(train, total=len(train), desc=f"Epoch {self.epoch + 1}/{epochs}", unit="batch",
                   disable=not verbose, leave=True, dynamic_ncols=True) as bar:
             for self.batch, (x, y) in enumerate(bar):
                 for cb in callbacks:
@@ -230,7 +221,8 @@ class Trainer:
                     # images/s of the whole job: every rank takes as many as this one
                     speed = totals.count * self.comm.size / max(time.perf_counter() - start,
                                                                 1e-9)
-                    bar.set_postfix(**totals.means(), img_s=f"{speed:.0f}", refresh=False)
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in totals.means_as_floats().items()},
+                                    img_s=f"{speed:.0f}", refresh=False)
         average_buffers(self.model, self.comm)   # every rank evaluates the same model
         return totals.reduce(self.comm).means_as_floats()
 
@@ -239,8 +231,7 @@ class Trainer:
 
         TypeError when ``data`` is not a DataLoader-like iterable of (x, y) batches;
         FloatingPointError when a batch's loss is not finite."""
-        _check_loader(data, "Trainer.evaluate", "data")
-        self._check_device(data)
+        self._check_data(data, "Trainer.evaluate", "data")
         totals = _Totals(self.metrics, "Trainer.evaluate")
         for batch, (x, y) in enumerate(data):
             logits = self.model.forward(x, training=False)
@@ -253,25 +244,20 @@ class Trainer:
             totals.add(logs, len(y))
         return totals.reduce(self.comm).means_as_floats()
 
-    def _check_device(self, data):
+    def _check_data(self, data, caller, name):
+        """TypeError unless ``data`` iterates over (x, y) batches and has a len;
+        ValueError unless the model is on the device batches come on."""
+        arrays = backend.is_array(data) or (isinstance(data, tuple)
+                                            and any(map(backend.is_array, data)))
+        if arrays or not (hasattr(data, "__iter__") and hasattr(data, "__len__")):
+            raise TypeError(f"{caller}: {name} must be a DataLoader (or an iterable of (x, "
+                            f"y) batches with a len), got {type(data).__name__}; wrap arrays "
+                            f"as DataLoader(x, y, batch_size)")
         device = backend.default_device()
         if self.model.device != device:
             raise ValueError(f"Trainer: the model is on the {self.model.device} but batches "
                              f"come on the {device} (the active backend); call "
                              f"model.to('{device}') or minidl.set_backend(...) to match")
-
-
-def _resume(path, trainer, train, history, callbacks):
-    """Load the training state at ``path``; returns the epochs already done. Callbacks
-    that track a best value (ModelCheckpoint, EarlyStopping) see the earlier epochs'
-    values again, so a resumed run keeps the same best (EarlyStopping's patience
-    count restarts)."""
-    done = load_training_state(path, trainer, train, history)
-    for cb in callbacks:
-        tracker = getattr(cb, "tracker", None)
-        for value in history.history.get(getattr(tracker, "monitor", None), []):
-            tracker.improved(value)
-    return done
 
 
 class _Totals:
@@ -302,9 +288,6 @@ class _Totals:
                              f"batch_size?)")
         return {k: v / self.count for k, v in self.sums.items()}
 
-    def means(self):
-        return {k: f"{v:.4f}" for k, v in self.means_as_floats().items()}
-
 
 def accuracy(logits, labels):
     """Fraction of rows whose largest logit is at the label, as a 0-d array on the
@@ -325,8 +308,8 @@ _RESERVED = ("loss", "lr", "time")     # keys the Trainer itself logs
 
 def _build_metrics(metrics):
     """{name: fn} from a list of names / callables, or from a dict {name: metric}."""
-    pairs = (metrics.items() if isinstance(metrics, dict)
-             else [(_metric_name(m), m) for m in metrics])
+    pairs = (metrics.items() if isinstance(metrics, dict) else
+             [(m if isinstance(m, str) else getattr(m, "__name__", "metric"), m) for m in metrics])
     built = {}
     for name, metric in pairs:
         # A repeated name would overwrite a metric; a reserved one, a logged number.
@@ -337,47 +320,16 @@ def _build_metrics(metrics):
             raise ValueError(f"Trainer: the metric name {name!r} is reserved (the Trainer "
                              f"logs loss, lr, time and val_*); pass a dict "
                              f"{{name: metric}} to rename it")
-        built[name] = _metric_fn(metric)
+        if not callable(metric) and metric not in _METRICS:
+            raise ValueError(f"Trainer: unknown metric {metric!r}; known: {sorted(_METRICS)} "
+                             f"or a callable f(logits, labels)")
+        built[name] = metric if callable(metric) else _METRICS[metric]
     return built
 
 
 def _read(values):
     """{name: float} from {name: 0-d device array or float}, in one device->host copy."""
     return dict(zip(values, backend.to_floats(list(values.values()))))
-
-
-def _check_loader(data, caller, name):
-    """TypeError unless ``data`` iterates over (x, y) batches and has a len."""
-    arrays = backend.is_array(data) or (isinstance(data, tuple)
-                                        and any(map(backend.is_array, data)))
-    if arrays or not (hasattr(data, "__iter__") and hasattr(data, "__len__")):
-        raise TypeError(f"{caller}: {name} must be a DataLoader (or an iterable of (x, y) "
-                        f"batches with a len), got {type(data).__name__}; wrap arrays "
-                        f"as DataLoader(x, y, batch_size)")
-
-
-def _check_ratio(ratio):
-    if ratio is None:
-        return None
-    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool):
-        raise TypeError(f"Trainer: max_loss_ratio must be a number or None, got {ratio!r}")
-    if not 1 < ratio < math.inf:
-        raise ValueError(f"Trainer: max_loss_ratio must be a finite number > 1 or None, "
-                         f"got {ratio!r}")
-    return float(ratio)
-
-
-def _metric_name(metric):
-    return metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
-
-
-def _metric_fn(metric):
-    if callable(metric):
-        return metric
-    if metric not in _METRICS:
-        raise ValueError(f"Trainer: unknown metric {metric!r}; known: {sorted(_METRICS)} "
-                         f"or a callable f(logits, labels)")
-    return _METRICS[metric]
 
 
 def _format_logs(epoch, epochs, logs):

@@ -41,10 +41,7 @@ def plot_history(history, path):
             if values:
                 ax.plot(range(1, len(values) + 1), values, style,
                         label=(prefix or "train_") + metric)
-        ax.set_xlabel("epoch")
-        _integer_epochs(ax)
-        ax.set_title(metric)
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax, title=metric)
         ax.legend()
     return _save(fig, path)
 
@@ -53,7 +50,8 @@ def plot_filters(weight, path, title="First-layer filters"):
     """Each filter's first input channel as a small image (weight: F, C, k1, k2)."""
     weight = backend.to_numpy(weight)
     plt = _pyplot()
-    rows, cols = _grid(len(weight))
+    cols = min(8, len(weight))
+    rows = -(-len(weight) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.2 + 0.4), squeeze=False)
     limit = float(numpy.abs(weight).max()) or 1.0
     for k, ax in enumerate(axes.flat):
@@ -117,10 +115,8 @@ def plot_confusion_matrix(counts, path, class_names=None):
                     color="white" if counts[i, j] > counts.max() / 2 else "black")
     ax.set_xticks(range(n), names, rotation=45)
     ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
     accuracy = numpy.trace(counts) / max(counts.sum(), 1)
-    ax.set_title(f"Confusion matrix (accuracy {accuracy:.4f})")
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix (accuracy {accuracy:.4f})")
     return _save(fig, path)
 
 
@@ -132,12 +128,8 @@ def plot_gradient_norms(norms, path):
     for k, (name, values) in enumerate(norms.items()):
         ax.plot(range(1, len(values) + 1), values, "-o", label=name, markersize=3,
                 color=colors[k % len(colors)])
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    _integer_epochs(ax)
-    ax.set_ylabel("mean gradient L2 norm")
-    ax.set_title("Gradient norm per parameter")
-    ax.grid(alpha=0.3)
+    _epoch_axis(ax, yscale="log", ylabel="mean gradient L2 norm",
+                title="Gradient norm per parameter")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
@@ -151,9 +143,7 @@ def plot_lr(lrs, path, steps_per_epoch=None):
     if steps_per_epoch:
         for step in range(steps_per_epoch, len(lrs), steps_per_epoch):
             ax.axvline(step, color="grey", linestyle=":", linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.set_title("Learning rate per step")
+    ax.set(xlabel="step", ylabel="learning rate", title="Learning rate per step")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -167,19 +157,15 @@ def plot_lr_find(lrs, losses, path, suggestion=None):
     if suggestion is not None:
         ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.2g}")
         ax.legend()
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("loss (smoothed)")
-    ax.set_title("Learning-rate range test")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="loss (smoothed)",
+           title="Learning-rate range test")
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
 
-def _integer_epochs(ax):
+def _epoch_axis(ax, **labels):
+    """x: whole epochs; a light grid; ``labels``: what ``ax.set`` takes (title...)."""
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _grid(count):
-    cols = min(8, count)
-    return -(-count // cols), cols
+    ax.set(xlabel="epoch", **labels)
+    ax.grid(alpha=0.3)

@@ -42,7 +42,7 @@ class StopAfter(Callback):
             trainer.stop_training = True
 
 
-def run(state, epochs=2, resume=None, stop_after=None, per_batch=False):
+def run(state, epochs=2, resume=None, stop_after=None, per_batch=False, callbacks=()):
     """A seeded run with every source of randomness: shuffles, augmentation, dropout,
     batch norm statistics, Adam's moments and a scheduler."""
     minidl.manual_seed(0)
@@ -56,10 +56,36 @@ def run(state, epochs=2, resume=None, stop_after=None, per_batch=False):
     scheduler = (OneCycleLR(optimizer, 1e-2, epochs=epochs, steps_per_epoch=len(train))
                  if per_batch else CosineAnnealingLR(optimizer, T_max=epochs))
     trainer = Trainer(model, SoftmaxCrossEntropy(), optimizer, scheduler=scheduler, verbose=0)
-    callbacks = [] if stop_after is None else [StopAfter(stop_after)]
+    callbacks = list(callbacks) + ([] if stop_after is None else [StopAfter(stop_after)])
     history = trainer.fit(train, epochs=epochs, val=DataLoader(x, y, 48, transform=to_float),
                           callbacks=callbacks, resume=resume, save_state=state)
     return model, optimizer, history
+
+
+class InterruptIn(Callback):
+    """Ctrl-C at the first batch of ``epoch`` (from 0)."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_batch_begin(self, trainer, batch):
+        if trainer.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_run_stopped_again_keeps_the_earlier_epochs(tmp_path):
+    """history.csv used to lose the epochs before the resume when the resumed run was
+    stopped again, and ModelCheckpoint forgot which epoch its file held."""
+    state, csv_path = tmp_path / "state.npz", tmp_path / "history.csv"
+    run(state, epochs=4, stop_after=2, callbacks=[minidl.CSVLogger(csv_path)])
+    saver = minidl.ModelCheckpoint(tmp_path / "model.npz")
+    with pytest.raises(KeyboardInterrupt) as info:
+        run(state, epochs=4, resume=state,
+            callbacks=[saver, minidl.CSVLogger(csv_path), InterruptIn(3)])
+    assert [row.split(",")[0] for row in csv_path.read_text().splitlines()] == [
+        "epoch", "1", "2", "3"]
+    accuracies = info.value.history["val_accuracy"]
+    assert len(accuracies) == 3 and saver.saved_epoch == accuracies.index(max(accuracies)) + 1
 
 
 @pytest.mark.parametrize("per_batch", [False, True], ids=["cosine", "onecycle"])
