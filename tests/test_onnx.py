@@ -184,10 +184,20 @@ def test_load_names_what_minidl_cannot_express(tmp_path):
     cases = [
         ([make_node("Erf", ["input"], ["y"], name="e")], [],
          r"node 'e' \(Erf\): minidl has no layer"),
-        ([make_node("Relu", ["input"], ["a"]), make_node("Add", ["input", "a"], ["y"])], [],
-         "no layer for this op"),
+        ([make_node("Add", ["input", "b"], ["y"], name="plus")], [("b", np.ones(8))],
+         r"node 'plus' \(Add\): minidl has no layer for this op"),       # a bias, not a branch
         ([make_node("Relu", ["input"], ["a"]), make_node("Relu", ["input"], ["y"])], [],
-         "is not the previous node's output"),
+         r"node 'Relu' \(Relu\): its output is not on the way from the input"),
+        ([make_node("Relu", ["w"], ["y"])], [("w", np.ones((1, 1, 8, 8)))],
+         "tensor 'y' is not computed from 'input'"),
+        ([make_node("Relu", ["input"], ["a"]), make_node("Sigmoid", ["input"], ["b"]),
+          make_node("Add", ["a", "b"], ["c"]), make_node("Add", ["c", "a"], ["y"])], [],
+         r"node 'Relu' \(Relu\): it is in two branches that do not split at one tensor"),
+        ([make_node("Conv", ["input", "w"], ["a"]), make_node("Add", ["a", "input"], ["y"])],
+         [("w", np.ones((2, 1, 1, 1)))],
+         r"\(Add\): Residual: .* the block gives \(1, 2, 8, 8\) but the input"),
+        ([make_node("Relu", ["input"], ["a"]), make_node("Concat", ["a", "input"], ["y"], axis=0)],
+         [], r"\(Concat\): Concat: axis must be a non-zero int"),
         ([make_node("MaxPool", ["input"], ["y"], kernel_shape=[3, 3], pads=[0, 0, 1, 1])], [],
          r"uneven pads \[0, 0, 1, 1\]"),
         ([make_node("MaxPool", ["input"], ["y"], kernel_shape=[2, 2], ceil_mode=1)], [],
@@ -227,6 +237,25 @@ def test_load_reads_graphs_written_elsewhere(tmp_path):
     assert layer_kinds(model) == [("Conv2D", "Identity"), ("ReLU", "NoneType"),
                                   ("GlobalAvgPool2D", "NoneType"), ("Dense", "Identity")]
     x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    assert_close(model.predict(x), run_onnx(path, x))
+
+
+@needs_onnx
+def test_load_reads_branches_in_any_order(tmp_path):
+    """An identity branch is the split tensor itself: the Residual's shortcut whichever
+    input of the Add it is, an Identity layer in a Concat. Nodes in any topological
+    order; names that follow no rule."""
+    from onnx.helper import make_node
+    nodes = [make_node("Tanh", ["input"], ["t"]), make_node("Relu", ["input"], ["r"]),
+             make_node("Add", ["input", "r"], ["a"]), make_node("Sigmoid", ["t"], ["s"]),
+             make_node("Concat", ["a", "input", "s"], ["y"], axis=1)]
+    path = save_graph(tmp_path / "g.onnx", nodes, shape=(2, 3, 3))
+    model = minidl.onnx.load(path)
+    assert layer_kinds(model) == [("Concat", [("Residual", [("ReLU", "NoneType")]),
+                                              ("Identity", "NoneType"),
+                                              [("Tanh", "NoneType"), ("Sigmoid", "NoneType")]])]
+    assert model[0].branches[0].shortcut is None
+    x = np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32)
     assert_close(model.predict(x), run_onnx(path, x))
 
 
