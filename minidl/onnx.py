@@ -291,9 +291,14 @@ class _Reader:
         self.nodes = list(graph.node)
         self.producer = {t: node for node in self.nodes for t in node.output if t}
         self.sources, self.loaded = {}, set()
+        for node in self.nodes:      # torch.onnx.export shares equal weights: Identity(w)
+            if node.op_type == "Identity" and node.input[0] in self.weights:
+                self.weights[node.output[0]] = self.weights[node.input[0]]
+                self.loaded.add(id(node))
 
     def where(self, node):
-        return f"minidl.onnx.load: {self.path!r}, node {node.name or node.op_type!r} ({node.op_type})"
+        name = node.name or node.op_type
+        return f"minidl.onnx.load: {self.path!r}, node {name!r} ({node.op_type})"
 
     def data_inputs(self, node):
         return [t for t in node.input if t and t not in self.weights]
@@ -425,21 +430,30 @@ def _window_arguments(attributes):
 
 
 def _load_conv(attributes, weights, shape):
-    _expect(attributes, auto_pad="NOTSET", group=1, dilations=[1, 1])
-    w = weights[0]
-    f, c, k1, k2 = w.shape
+    _expect(attributes, group=1, dilations=[1, 1])
+    f, c, k1, k2 = weights[0].shape
     stride = tuple(attributes.get("strides", [1, 1]))
-    top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
-    padding = (top, left)
-    if (top, left) != (bottom, right):
-        if stride != (1, 1) or check_padding("same", (k1, k2), stride, "") != (
-                (top, bottom), (left, right)):
-            raise ValueError(f"pads {[top, left, bottom, right]}: minidl's Conv2D pads both "
-                             f"sides alike, or as 'same' at stride 1")
-        padding = "same"
-    layer = Conv2D(c, f, (k1, k2), stride, padding, bias=len(weights) > 1)
+    layer = Conv2D(c, f, (k1, k2), stride, _conv_padding(attributes, (k1, k2), stride),
+                   bias=len(weights) > 1)
     layer.load_state_dict(dict(zip(("weight", "bias"), weights)))
     return layer
+
+
+def _conv_padding(attributes, kernel, stride):
+    """Conv2D's padding: the pads of both sides when they are alike, else "same" (at
+    stride 1, the extra row and column at the bottom and right: ONNX's auto_pad
+    SAME_UPPER, which torch writes for padding="same")."""
+    if attributes.get("auto_pad") == "SAME_UPPER" and stride == (1, 1):
+        return "same"
+    _expect(attributes, auto_pad="NOTSET")
+    top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
+    if (top, left) == (bottom, right):
+        return top, left
+    if stride == (1, 1) and check_padding("same", kernel, stride, "") == ((top, bottom),
+                                                                         (left, right)):
+        return "same"
+    raise ValueError(f"pads {[top, left, bottom, right]}: minidl's Conv2D pads both sides "
+                     f"alike, or as 'same' at stride 1")
 
 
 def _load_gemm(attributes, weights, shape):

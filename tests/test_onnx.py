@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import minidl
-from minidl import Dense, Layer, ReLU, Sequential, cli
+from minidl import Dense, Flatten, Layer, ReLU, Sequential, cli
+from minidl.interop import to_torch
 from minidl.data import datasets
 
 from conftest import write_fake_dataset
@@ -262,6 +263,7 @@ def test_load_reads_branches_in_any_order(tmp_path):
 @needs_onnx
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")      # the TorchScript exporter
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")   # torch's note
 @pytest.mark.slow                                               # importing torch.onnx
 def test_load_reads_what_torch_onnx_export_writes(tmp_path):
     import torch
@@ -269,12 +271,18 @@ def test_load_reads_what_torch_onnx_export_writes(tmp_path):
     torch.manual_seed(0)
     module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                            nn.AvgPool2d(3, 2, 1), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
-    torch.onnx.export(module, (torch.randn(2, 1, 8, 8),), str(tmp_path / "t.onnx"), dynamo=False,
-                      opset_version=17, input_names=["input"], dynamic_axes={"input": {0: "N"}})
-    model = minidl.onnx.load(tmp_path / "t.onnx")
-    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
-    with torch.no_grad():
-        assert_close(model.predict(x), module(torch.from_numpy(x)).numpy())
+    # branches as torch writes them: "/1/Add", the batch norm folded into the Conv
+    blocks, _ = build("branches")
+    with_branches = to_torch(Sequential(blocks.layers[:3] + [Flatten(), Dense(28 * 12 * 10, 3)])).eval()
+    for i, module in enumerate([module, with_branches]):
+        x = np.random.default_rng(0).standard_normal((3, 1 + 2 * i, 8 + 4 * i, 8 + 2 * i))
+        path = str(tmp_path / f"{i}.onnx")
+        torch.onnx.export(module, (torch.randn(2, *x.shape[1:]),), path, dynamo=False,
+                          opset_version=17, input_names=["input"],
+                          dynamic_axes={"input": {0: "N"}})
+        model = minidl.onnx.load(path)
+        with torch.no_grad():
+            assert_close(model.predict(x), module(torch.from_numpy(x.astype(np.float32))).numpy())
 
 
 def test_export_without_onnx_says_how_to_install(monkeypatch, tmp_path):
