@@ -12,6 +12,8 @@
                        num_batches_tracked; momentum and eps as they are (same meaning)
     Flatten, Dropout, ReLU, LeakyReLU, Sigmoid, Tanh, Softmax(axis) <-> Softmax(dim),
     Identity, Sequential: the namesakes
+    Residual, Concat <-> two small modules of this file, made when torch is first
+                         used: Residual(block, shortcut), Concat (branches "0", "1", ...)
 
 The activation inside a Conv2D or Dense becomes a module of its own named
 "<i>_activation" (a torch module name cannot hold a dot); ``from_torch`` puts a module

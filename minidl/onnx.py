@@ -14,10 +14,13 @@ float64 Conv, so a float64 model is rounded to float32). Each layer maps to one 
     GlobalAvgPool2D -> ReduceMean over axes (2, 3), keepdims = 0: (N, C) as minidl
     Flatten -> Flatten (axis 1)   BatchNorm1D/2D -> BatchNormalization (running stats)
     Dropout -> Dropout (identity at inference)   activations -> Relu, LeakyRelu, ...
+    Residual -> its branches from one input, joined by Add     Concat -> ..., by Concat
 
 The activation inside a Conv2D or Dense is a node of its own, named after the layer
 ("3" and "3.activation"); ``load`` puts it back inside, so a round trip gives the same
-layers and weights. Initializers carry the layer's state_dict names ("3.weight").
+layers and weights. Initializers carry the layer's state_dict names ("3.weight",
+"3.block.0.weight"). ``load`` reads a join backwards: from an Add or Concat along each
+input to the tensor where the branches split.
 """
 import numbers
 import os
