@@ -212,6 +212,8 @@ def _sequential_from(torch, module, prefix):
 
 def _branch_from(torch, module, name):
     """One branch of a Residual or Concat: its one layer, or a Sequential of several."""
+    if not isinstance(module, torch.nn.Sequential):
+        return _layer_from(torch, module, name)
     layers = _sequential_from(torch, module, f"{name}.")
     return layers[0] if len(layers) == 1 else layers
 

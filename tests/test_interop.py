@@ -108,7 +108,7 @@ def test_errors_name_the_layer_or_module():
         from_torch(nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.GELU())))
     residual = to_torch(Residual(Dense(2, 2), shortcut=Dense(2, 2)))
     residual[0].shortcut = nn.GELU()
-    with pytest.raises(TypeError, match=r"module 0\.shortcut\.0 \(GELU\) has no minidl"):
+    with pytest.raises(TypeError, match=r"module 0\.shortcut \(GELU\) has no minidl layer"):
         from_torch(residual)
     cases = [(nn.Conv2d(1, 2, 3, dilation=2), r"module 0 \(Conv2d\): dilation=\(2, 2\)"),
              (nn.Conv2d(2, 2, 3, groups=2), "groups=2 is not supported"),
