@@ -307,7 +307,8 @@ class _Reader:
         return [t for t in node.input if t and t not in self.weights]
 
     def is_join(self, node):
-        return node.op_type in ("Add", "Concat") and len(self.data_inputs(node)) > 1
+        return (node.op_type in _JOINS and node.domain in ("", "ai.onnx")
+                and len(self.data_inputs(node)) > 1)
 
     def source(self, t):
         """The tensor ``t`` is computed from; None for the graph input (remembered:
@@ -322,9 +323,10 @@ class _Reader:
         return self.sources[t]
 
     def split(self, inputs):
-        """The nearest tensor on every input's chain of sources: where the branches split."""
+        """The nearest tensor on every input's chain of sources: where the branches split
+        (None when they come from different inputs or weights)."""
         chains = [self.back_from(t) for t in inputs]
-        return next(t for t in chains[0] if all(t in chain for chain in chains[1:]))
+        return next((t for t in chains[0] if all(t in chain for chain in chains[1:])), None)
 
     def back_from(self, t):
         """``t``, its source, the source's source, ... up to the graph input."""

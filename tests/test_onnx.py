@@ -191,6 +191,8 @@ def test_load_names_what_minidl_cannot_express(tmp_path):
          r"node 'Relu' \(Relu\): its output is not on the way from the input"),
         ([make_node("Relu", ["w"], ["y"])], [("w", np.ones((1, 1, 8, 8)))],
          "tensor 'y' is not computed from 'input'"),
+        ([make_node("Relu", ["w"], ["a"]), make_node("Add", ["input", "a"], ["y"])],
+         [("w", np.ones((1, 1, 8, 8)))], "tensor 'y' is not computed from 'input'"),
         ([make_node("Relu", ["input"], ["a"]), make_node("Sigmoid", ["input"], ["b"]),
           make_node("Add", ["a", "b"], ["c"]), make_node("Add", ["c", "a"], ["y"])], [],
          r"node 'Relu' \(Relu\): it is in two branches that do not split at one tensor"),
