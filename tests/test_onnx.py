@@ -99,6 +99,15 @@ def test_trained_model_has_the_same_accuracy_in_onnx_runtime(tmp_path, monkeypat
 
 
 @needs_onnx
+def test_cli_exports_a_resnet_checkpoint(tmp_path, capsys):
+    model, x = build("resnet", width=4)
+    model.save(tmp_path / "model.npz")          # no run.json: the layers come from the file
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "model.npz"),
+                     "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert_close(run_onnx(tmp_path / "m.onnx", x), model.predict(x))
+
+
+@needs_onnx
 def test_nested_sequentials_come_back_flat(tmp_path):
     model = Sequential([Dense(4, 3, activation="relu"), Sequential([Dense(3, 2), ReLU()])])
     minidl.onnx.export(model, tmp_path / "m.onnx", (4,))
