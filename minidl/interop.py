@@ -12,17 +12,21 @@
                        num_batches_tracked; momentum and eps as they are (same meaning)
     Flatten, Dropout, ReLU, LeakyReLU, Sigmoid, Tanh, Softmax(axis) <-> Softmax(dim),
     Identity, Sequential: the namesakes
+    Residual, Concat <-> two small modules of this file, made when torch is first
+                         used: Residual(block, shortcut), Concat (branches "0", "1", ...)
 
 The activation inside a Conv2D or Dense becomes a module of its own named
 "<i>_activation" (a torch module name cannot hold a dot); ``from_torch`` puts a module
 so named back inside the layer before it.
 """
+import functools
 from collections import OrderedDict
+from types import SimpleNamespace
 
 from . import backend
-from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                     GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU, Sigmoid,
-                     Softmax, Tanh)
+from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
+                     Flatten, GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU,
+                     Residual, Sigmoid, Softmax, Tanh)
 from .layers.activations import Activation
 from .model import Sequential
 
@@ -76,6 +80,15 @@ def _torch_modules(torch, layer, name):
         _copy_into(torch, module, weight=_data(layer.weight), bias=_data(layer.bias),
                    **dict(layer.named_buffers()))
         return [("", module)]
+    if type(layer) is Residual:
+        shortcut = (None if layer.shortcut is None
+                    else _torch_branch(torch, layer.shortcut, f"{name}.shortcut"))
+        block = _torch_branch(torch, layer.block, f"{name}.block")
+        return [("", _torch_blocks(torch).Residual(block, shortcut))]
+    if type(layer) is Concat:
+        branches = [_torch_branch(torch, branch, f"{name}.{i}")
+                    for i, branch in enumerate(layer.branches)]
+        return [("", _torch_blocks(torch).Concat(branches, layer.axis))]
     if type(layer) is GlobalAvgPool2D:
         return [("", nn.AdaptiveAvgPool2d(1)), ("_flatten", nn.Flatten())]
     simple = {
@@ -90,6 +103,48 @@ def _torch_modules(torch, layer, name):
         raise TypeError(f"minidl.interop.to_torch: layer {name} ({type(layer).__name__}) "
                         f"has no PyTorch equivalent")
     return [("", simple())]
+
+
+def _torch_branch(torch, layer, name):
+    """One module for one branch: an nn.Sequential when the layer needs several."""
+    modules = _torch_modules(torch, layer, name)
+    if len(modules) == 1:
+        return modules[0][1]
+    return torch.nn.Sequential(OrderedDict((f"0{suffix}", module) for suffix, module in modules))
+
+
+@functools.cache
+def _torch_blocks(torch):
+    """The torch modules for Residual and Concat. They need torch, which is optional,
+    so they are made here, once: from_torch recognises them by their class."""
+    nn = torch.nn
+
+    class Residual(nn.Module):
+        """``block(x) + shortcut(x)``, the shortcut None for the identity (minidl's Residual)."""
+
+        def __init__(self, block, shortcut=None):
+            super().__init__()
+            self.block, self.shortcut = block, shortcut
+
+        def forward(self, x):
+            return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
+
+    class Concat(nn.Module):
+        """Branches "0", "1", ... on one input, joined along ``axis`` (minidl's Concat)."""
+
+        def __init__(self, branches, axis=1):
+            super().__init__()
+            for i, branch in enumerate(branches):
+                self.add_module(str(i), branch)
+            self.axis = axis
+
+        def forward(self, x):
+            return torch.cat([branch(x) for branch in self.children()], dim=self.axis)
+
+        def extra_repr(self):
+            return f"axis={self.axis}"
+
+    return SimpleNamespace(Residual=Residual, Concat=Concat)
 
 
 def _activation_modules(torch, activation, name):
@@ -126,6 +181,12 @@ def from_torch(module):
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"minidl.interop.from_torch: expected a torch.nn.Module, "
                         f"got {type(module).__name__}")
+    return _sequential_from(torch, module, "").train(module.training)
+
+
+def _sequential_from(torch, module, prefix):
+    """The layers of an nn.Sequential (or of one module) as a Sequential; ``prefix``
+    names where it sits in the module that from_torch was given ("3.block.")."""
     nn = torch.nn
     children = (list(module.named_children()) if isinstance(module, nn.Sequential)
                 else [("0", module)])
@@ -138,7 +199,7 @@ def from_torch(module):
             layers.append(GlobalAvgPool2D())
             i += 2
             continue
-        layer = _layer_from(torch, child, name)
+        layer = _layer_from(torch, child, prefix + name)
         if (previous is not None and name == f"{previous}_activation"
                 and isinstance(layer, Activation) and isinstance(layers[-1], (Conv2D, Dense))
                 and type(layers[-1].activation) is Identity):
@@ -146,7 +207,15 @@ def from_torch(module):
         else:
             layers.append(layer)
         previous, i = name, i + 1
-    return Sequential(layers).train(module.training)
+    return Sequential(layers)
+
+
+def _branch_from(torch, module, name):
+    """One branch of a Residual or Concat: its one layer, or a Sequential of several."""
+    if not isinstance(module, torch.nn.Sequential):
+        return _layer_from(torch, module, name)
+    layers = _sequential_from(torch, module, f"{name}.")
+    return layers[0] if len(layers) == 1 else layers
 
 
 def _is_global_pool(nn, child):
@@ -156,12 +225,19 @@ def _is_global_pool(nn, child):
 
 def _layer_from(torch, child, name):
     """The minidl layer of one torch module (not a global-pool pair)."""
-    nn = torch.nn
-    where = f"minidl.interop.from_torch: module {name} ({type(child).__name__})"
+    nn, blocks = torch.nn, _torch_blocks(torch)
     kind = type(child)
+    if kind is nn.Sequential:
+        return _sequential_from(torch, child, f"{name}.")
+    if kind is blocks.Residual:
+        shortcut = (None if child.shortcut is None
+                    else _branch_from(torch, child.shortcut, f"{name}.shortcut"))
+        return Residual(_branch_from(torch, child.block, f"{name}.block"), shortcut)
+    if kind is blocks.Concat:
+        return Concat([_branch_from(torch, branch, f"{name}.{i}")
+                       for i, branch in child.named_children()], child.axis)
+    where = f"minidl.interop.from_torch: module {name} ({type(child).__name__})"
     try:
-        if kind is nn.Sequential:
-            return from_torch(child)
         if kind is nn.Conv2d:
             return _conv_from(child)
         if kind is nn.Linear:

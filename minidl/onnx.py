@@ -14,18 +14,21 @@ float64 Conv, so a float64 model is rounded to float32). Each layer maps to one 
     GlobalAvgPool2D -> ReduceMean over axes (2, 3), keepdims = 0: (N, C) as minidl
     Flatten -> Flatten (axis 1)   BatchNorm1D/2D -> BatchNormalization (running stats)
     Dropout -> Dropout (identity at inference)   activations -> Relu, LeakyRelu, ...
+    Residual -> its branches from one input, joined by Add     Concat -> ..., by Concat
 
 The activation inside a Conv2D or Dense is a node of its own, named after the layer
 ("3" and "3.activation"); ``load`` puts it back inside, so a round trip gives the same
-layers and weights. Initializers carry the layer's state_dict names ("3.weight").
+layers and weights. Initializers carry the layer's state_dict names ("3.weight",
+"3.block.0.weight"). ``load`` reads a join backwards: from an Add or Concat along each
+input to the tensor where the branches split.
 """
 import numbers
 import os
 
 from . import backend
-from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                     GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU, Sigmoid,
-                     Softmax, Tanh)
+from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
+                     Flatten, GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU,
+                     Residual, Sigmoid, Softmax, Tanh)
 from .layers.activations import Activation
 from .checks import check_padding
 from .model import Sequential
@@ -196,6 +199,21 @@ def _export_softmax(graph, layer, x, name):
     return graph.node("Softmax", [x], name, axis=layer.axis)
 
 
+def _export_residual(graph, layer, x, name):
+    """y = block(x) + shortcut(x): both branches read ``x``; an Add joins them."""
+    y = _export_layer(graph, layer.block, x, f"{name}.block")
+    s = x if layer.shortcut is None else _export_layer(graph, layer.shortcut, x,
+                                                       f"{name}.shortcut")
+    return graph.node("Add", [y, s], name)
+
+
+def _export_concat(graph, layer, x, name):
+    """Every branch reads ``x``; a Concat joins them along the layer's axis."""
+    ys = [_export_layer(graph, branch, x, f"{name}.{i}")
+          for i, branch in enumerate(layer.branches)]
+    return graph.node("Concat", ys, name, axis=layer.axis)
+
+
 def _export_elementwise(op):
     return lambda graph, layer, x, name: graph.node(op, [x], name)
 
@@ -208,37 +226,23 @@ _EXPORTERS = {
     ReLU: _export_elementwise("Relu"), Sigmoid: _export_elementwise("Sigmoid"),
     Tanh: _export_elementwise("Tanh"), Identity: _export_elementwise("Identity"),
     LeakyReLU: _export_leaky_relu, Softmax: _export_softmax,
+    Residual: _export_residual, Concat: _export_concat,
 }
 
 
 # -- load ---------------------------------------------------------------------------
 def load(path):
-    """A Sequential (float32) computing the ONNX graph in ``path``: a chain of the ops
-    ``export`` writes, opset 13 or newer. Raises ImportError without ``onnx``,
-    FileNotFoundError, ValueError for a file that is not a valid ONNX model or holds a
-    graph minidl cannot express (naming the node and the reason)."""
+    """A Sequential (float32) computing the ONNX graph in ``path``, opset 13 or newer:
+    chains of the ops ``export`` writes, with branches that split at one tensor and
+    join at an ``Add`` (a Residual) or a ``Concat`` (a Concat layer), nested in any
+    way. Raises ImportError without ``onnx``, FileNotFoundError, ValueError for a file
+    that is not a valid ONNX model or holds a graph minidl cannot express (naming the
+    node and the reason)."""
     onnx = _require_onnx("load")
     path = os.fspath(path)
-    proto = _read_model(onnx, path)
-    graph = proto.graph
-    weights = {w.name: onnx.numpy_helper.to_array(w) for w in graph.initializer}
-    inputs = [v for v in graph.input if v.name not in weights]
-    if len(inputs) != 1 or len(graph.output) != 1:
-        raise ValueError(f"minidl.onnx.load: {path!r} has {len(inputs)} inputs and "
-                         f"{len(graph.output)} outputs; minidl models have one of each")
-    x, shape = inputs[0].name, _input_shape(inputs[0], path)
-    layers, previous = [], None
-    for node in graph.node:
-        where = f"minidl.onnx.load: {path!r}, node {node.name or node.op_type!r} ({node.op_type})"
-        layer, shape = _load_node(onnx, node, x, weights, shape, where)
-        if _is_inner_activation(layer, node, layers, previous):
-            layers[-1].activation = layer
-        else:
-            layers.append(layer)
-        x, previous = node.output[0], node
-    if graph.output[0].name != x:
-        raise ValueError(f"minidl.onnx.load: {path!r}: the graph output "
-                         f"{graph.output[0].name!r} is not the last node's output")
+    graph = _Reader(onnx, _read_model(onnx, path).graph, path)
+    layers, _ = graph.layers(graph.input, graph.output, graph.input_shape)
+    graph.check_all_loaded()
     return Sequential(layers)
 
 
@@ -270,27 +274,127 @@ def _input_shape(value_info, path):
     return (1, *sizes[1:])
 
 
-def _load_node(onnx, node, x, weights, shape, where):
-    """The layer of one node, with its weights, and its output shape for an input of
-    ``shape``; ValueError saying why it cannot be."""
-    loader = _LOADERS.get(node.op_type)
-    if loader is None or node.domain not in ("", "ai.onnx"):
-        raise ValueError(f"{where}: minidl has no layer for this op; it reads "
-                         f"{sorted(_LOADERS)}")
-    if not node.input or node.input[0] != x:
-        raise ValueError(f"{where}: its input is not the previous node's output; minidl "
-                         f"reads a chain of nodes, one after another")
-    extra = [name for name in node.input[1:] if name]
-    missing = [name for name in extra if name not in weights]
-    if missing or len([o for o in node.output if o]) != 1:
-        raise ValueError(f"{where}: needs every input but the first to be a weight "
-                         f"(not {missing}) and exactly one output")
-    attributes = {a.name: _attribute(onnx, a) for a in node.attribute}
-    try:
-        layer = loader(attributes, [weights[name] for name in extra], shape)
-        return layer, layer.output_shape(shape)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: {exc}") from None
+class _Reader:
+    """An ONNX graph read as minidl layers. Each tensor is computed from one earlier
+    tensor, its source: the data input of its node or, for an Add or Concat of
+    branches, the tensor where those branches split (the nearest tensor that every
+    branch comes from). So the layers from one tensor to a later one are a chain of
+    sources, and a join is a Residual or Concat whose branches are the chains from the
+    split to each of its inputs: the graph read backwards, from the output."""
+
+    def __init__(self, onnx, graph, path):
+        self.onnx, self.path = onnx, path
+        self.weights = {w.name: onnx.numpy_helper.to_array(w) for w in graph.initializer}
+        inputs = [v for v in graph.input if v.name not in self.weights]
+        if len(inputs) != 1 or len(graph.output) != 1:
+            raise ValueError(f"minidl.onnx.load: {path!r} has {len(inputs)} inputs and "
+                             f"{len(graph.output)} outputs; minidl models have one of each")
+        self.input, self.input_shape = inputs[0].name, _input_shape(inputs[0], path)
+        self.output = graph.output[0].name
+        self.nodes = list(graph.node)
+        self.producer = {t: node for node in self.nodes for t in node.output if t}
+        self.sources, self.loaded = {}, set()
+        for node in self.nodes:      # torch.onnx.export shares equal weights: Identity(w)
+            if node.op_type == "Identity" and node.input[0] in self.weights:
+                self.weights[node.output[0]] = self.weights[node.input[0]]
+                self.loaded.add(id(node))
+
+    def where(self, node):
+        name = node.name or node.op_type
+        return f"minidl.onnx.load: {self.path!r}, node {name!r} ({node.op_type})"
+
+    def data_inputs(self, node):
+        return [t for t in node.input if t and t not in self.weights]
+
+    def is_join(self, node):
+        return (node.op_type in _JOINS and node.domain in ("", "ai.onnx")
+                and len(self.data_inputs(node)) > 1)
+
+    def source(self, t):
+        """The tensor ``t`` is computed from; None for the graph input (remembered:
+        nested joins ask again for the same tensors)."""
+        if t not in self.sources:
+            node = self.producer.get(t)
+            inputs = [] if node is None else self.data_inputs(node)
+            if node is not None and self.is_join(node):
+                self.sources[t] = self.split(inputs)
+            else:
+                self.sources[t] = inputs[0] if inputs else None
+        return self.sources[t]
+
+    def split(self, inputs):
+        """The nearest tensor on every input's chain of sources: where the branches split
+        (None when they come from different inputs or weights)."""
+        chains = [self.back_from(t) for t in inputs]
+        return next((t for t in chains[0] if all(t in chain for chain in chains[1:])), None)
+
+    def back_from(self, t):
+        """``t``, its source, the source's source, ... up to the graph input."""
+        chain = [t]
+        while self.source(chain[-1]) is not None:
+            chain.append(self.source(chain[-1]))
+        return chain
+
+    def layers(self, start, end, shape):
+        """The layers computing tensor ``end`` from tensor ``start`` of ``shape``, and
+        the shape of ``end``."""
+        chain = self.back_from(end)
+        if start not in chain:
+            raise ValueError(f"minidl.onnx.load: {self.path!r}: tensor {end!r} is not "
+                             f"computed from {start!r}; minidl reads one input, chains of "
+                             f"nodes and branches that join at an Add or a Concat")
+        layers, previous = [], None
+        for t in reversed(chain[:chain.index(start)]):
+            node = self.producer[t]
+            layer, shape = self.layer(node, self.source(t), shape)
+            if _is_inner_activation(layer, node, layers, previous):
+                layers[-1].activation = layer
+            else:
+                layers.append(layer)
+            previous = node
+        return layers, shape
+
+    def layer(self, node, source, shape):
+        """The layer of one node that reads ``source`` of ``shape``, and its output shape.
+        A join's loader takes the layers of each branch where a node's takes its weights."""
+        where = self.where(node)
+        if id(node) in self.loaded:
+            raise ValueError(f"{where}: it is in two branches that do not split at one "
+                             f"tensor; minidl's Residual and Concat split at one and join "
+                             f"at one")
+        self.loaded.add(id(node))
+        if self.is_join(node):
+            loader = _JOINS[node.op_type]
+            inputs = [self.layers(source, t, shape)[0] for t in node.input if t]
+        else:
+            loader, inputs = self.loader_and_weights(node, source, where)
+        attributes = {a.name: _attribute(self.onnx, a) for a in node.attribute}
+        try:
+            layer = loader(attributes, inputs, shape)
+            return layer, layer.output_shape(shape)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    def loader_and_weights(self, node, source, where):
+        """The loader of a node that reads ``source`` as its first input, and the other
+        inputs, which must be weights."""
+        loader = _LOADERS.get(node.op_type)
+        if loader is None or node.domain not in ("", "ai.onnx"):
+            raise ValueError(f"{where}: minidl has no layer for this op; it reads "
+                             f"{sorted(_LOADERS) + sorted(_JOINS)}")
+        extra = [t for t in node.input[1:] if t]
+        missing = [t for t in extra if t not in self.weights]
+        if node.input[0] != source or missing or len([t for t in node.output if t]) != 1:
+            raise ValueError(f"{where}: needs the data as its first input, every other "
+                             f"input a weight (not {missing}) and exactly one output")
+        return loader, [self.weights[t] for t in extra]
+
+    def check_all_loaded(self):
+        for node in self.nodes:
+            if id(node) not in self.loaded:
+                raise ValueError(f"{self.where(node)}: its output is not on the way from "
+                                 f"the input to the graph output; minidl reads graphs whose "
+                                 f"every node is")
 
 
 def _attribute(onnx, a):
@@ -331,21 +435,30 @@ def _window_arguments(attributes):
 
 
 def _load_conv(attributes, weights, shape):
-    _expect(attributes, auto_pad="NOTSET", group=1, dilations=[1, 1])
-    w = weights[0]
-    f, c, k1, k2 = w.shape
+    _expect(attributes, group=1, dilations=[1, 1])
+    f, c, k1, k2 = weights[0].shape
     stride = tuple(attributes.get("strides", [1, 1]))
-    top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
-    padding = (top, left)
-    if (top, left) != (bottom, right):
-        if stride != (1, 1) or check_padding("same", (k1, k2), stride, "") != (
-                (top, bottom), (left, right)):
-            raise ValueError(f"pads {[top, left, bottom, right]}: minidl's Conv2D pads both "
-                             f"sides alike, or as 'same' at stride 1")
-        padding = "same"
-    layer = Conv2D(c, f, (k1, k2), stride, padding, bias=len(weights) > 1)
+    layer = Conv2D(c, f, (k1, k2), stride, _conv_padding(attributes, (k1, k2), stride),
+                   bias=len(weights) > 1)
     layer.load_state_dict(dict(zip(("weight", "bias"), weights)))
     return layer
+
+
+def _conv_padding(attributes, kernel, stride):
+    """Conv2D's padding: the pads of both sides when they are alike, else "same" (at
+    stride 1, the extra row and column at the bottom and right: ONNX's auto_pad
+    SAME_UPPER, which torch writes for padding="same")."""
+    if attributes.get("auto_pad") == "SAME_UPPER" and stride == (1, 1):
+        return "same"
+    _expect(attributes, auto_pad="NOTSET")
+    top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
+    if (top, left) == (bottom, right):
+        return top, left
+    if stride == (1, 1) and check_padding("same", kernel, stride, "") == ((top, bottom),
+                                                                         (left, right)):
+        return "same"
+    raise ValueError(f"pads {[top, left, bottom, right]}: minidl's Conv2D pads both sides "
+                     f"alike, or as 'same' at stride 1")
 
 
 def _load_gemm(attributes, weights, shape):
@@ -420,6 +533,27 @@ _LOADERS = {
     "LeakyRelu": lambda a, w, s: LeakyReLU(_decimal(a.get("alpha", 0.01))),
     "Softmax": lambda a, w, s: Softmax(a.get("axis", -1)),
 }
+
+
+def _load_residual(attributes, branches, shape):
+    """An Add of two branches: the block and the shortcut. An empty branch (the split
+    tensor itself) is the identity, so it becomes the shortcut, None."""
+    block, shortcut = branches if branches[0] else branches[::-1]
+    return Residual(_branch(block), _branch(shortcut) if shortcut else None)
+
+
+def _load_concat(attributes, branches, shape):
+    return Concat([_branch(layers) for layers in branches], attributes["axis"])
+
+
+def _branch(layers):
+    """One branch as one layer: Identity when empty, the layer itself when alone."""
+    if len(layers) <= 1:
+        return layers[0] if layers else Identity()
+    return Sequential(layers)
+
+
+_JOINS = {"Add": _load_residual, "Concat": _load_concat}
 
 
 def _require_onnx(function):

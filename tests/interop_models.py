@@ -3,10 +3,10 @@ kernels, strides, uneven "same" padding, overlapping padded pools, and batch nor
 whose statistics are not the initial ones."""
 import numpy as np
 
-from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                    GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Sequential,
-                    Softmax, Tanh)
-from minidl.models import lenet5, mnist_cnn
+from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
+                    Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual,
+                    Sequential, Softmax, Tanh)
+from minidl.models import lenet5, mnist_cnn, resnet_small
 
 
 def every_layer(dtype="float32"):
@@ -31,8 +31,30 @@ def sequence_model():
                        BatchNorm1D(10, affine=False, eps=1e-3), Dense(10, 3)])
 
 
+def branches_model():
+    """(3, 12, 10) -> 5 classes through Concat and Residual nested in each other: branches
+    that are one layer (with an activation), a Sequential, a Residual, a pool, an
+    Identity; a projection shortcut; a Residual whose block is a Residual (three
+    consumers of one tensor); a Concat along the width."""
+    return Sequential([
+        Conv2D(3, 6, 3, padding=1, activation="relu"),
+        Concat([Conv2D(6, 4, 1, activation="relu"),
+                Sequential([Conv2D(6, 4, 1, bias=False), BatchNorm2D(4), ReLU(),
+                            Conv2D(4, 4, (2, 4), padding="same")]),
+                Residual(Sequential([Conv2D(6, 6, 3, padding=1), BatchNorm2D(6)])),
+                MaxPool2D(3, stride=1, padding=1)]),                       # 4 + 4 + 6 + 6
+        Residual(Concat([Conv2D(20, 8, 3, padding=1), Identity()]),
+                 shortcut=Conv2D(20, 28, 1, bias=False)),
+        ReLU(),
+        Residual(Residual(Sequential([Conv2D(28, 28, 1), Tanh()]))),
+        Concat([AvgPool2D(2), MaxPool2D(2)], axis=-1),                     # (28, 6, 10)
+        BatchNorm2D(28), GlobalAvgPool2D(), Dense(28, 5),
+    ])
+
+
 MODELS = {"cnn": (mnist_cnn, (1, 28, 28)), "lenet5": (lenet5, (1, 28, 28)),
-          "every_layer": (every_layer, (3, 13, 11)), "sequence": (sequence_model, (4, 9))}
+          "every_layer": (every_layer, (3, 13, 11)), "sequence": (sequence_model, (4, 9)),
+          "resnet": (resnet_small, (1, 28, 28)), "branches": (branches_model, (3, 12, 10))}
 
 
 def build(name, **kwargs):
@@ -40,7 +62,7 @@ def build(name, **kwargs):
     make, shape = MODELS[name]
     model = make(**kwargs)
     rng = np.random.default_rng(7)
-    for layer in model.layers:
+    for layer in inner_layers(model):
         if isinstance(layer, (BatchNorm1D, BatchNorm2D)):
             c = layer.num_features
             layer.running_mean[...] = rng.normal(size=c)
@@ -53,6 +75,12 @@ def build(name, **kwargs):
     return model, x
 
 
+def inner_layers(layer):
+    """``layer`` and every layer inside it, depth first."""
+    inner = getattr(layer, "layers", None) or getattr(layer, "branches", [])
+    return [layer] + [x for child in inner for x in inner_layers(child)]
+
+
 def assert_close(actual, expected):
     """Equal within 1e-5 relative, elementwise, or to 1e-5 of the output's scale."""
     scale = float(np.abs(expected).max())
@@ -60,6 +88,10 @@ def assert_close(actual, expected):
 
 
 def layer_kinds(model):
-    """Each layer's class, with the activation inside a Conv2D or Dense."""
-    return [(type(layer).__name__, type(getattr(layer, "activation", None)).__name__)
-            for layer in model.layers]
+    """Each layer's class, with the activation inside a Conv2D or Dense, or with the
+    kinds of its branches; a list for a Sequential."""
+    if isinstance(model, Sequential):
+        return [layer_kinds(layer) for layer in model.layers]
+    if isinstance(model, (Residual, Concat)):
+        return (type(model).__name__, [layer_kinds(branch) for branch in model.branches])
+    return (type(model).__name__, type(getattr(model, "activation", None)).__name__)

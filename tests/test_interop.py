@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minidl import Dense, Layer, Sequential, Tanh
+from minidl import Concat, Dense, Layer, ReLU, Residual, Sequential, Tanh
 from minidl.interop import from_torch, to_torch
+from minidl.models import resnet_small
 
 from interop_models import MODELS, assert_close, build, layer_kinds
 
@@ -97,8 +98,18 @@ def test_errors_name_the_layer_or_module():
         to_torch("model")
     with pytest.raises(TypeError, match="expected a torch.nn.Module, got Sequential"):
         from_torch(Sequential([Dense(2, 2)]))
+    with pytest.raises(TypeError, match=r"layer 0\.block\.1 \(Square\) has no PyTorch"):
+        to_torch(Residual(Sequential([Dense(2, 2), Square()])))
+    with pytest.raises(TypeError, match=r"layer 0\.1 \(Square\) has no PyTorch"):
+        to_torch(Concat([Dense(2, 2), Square()]))
     with pytest.raises(TypeError, match=r"module 1 \(GELU\) has no minidl layer"):
         from_torch(nn.Sequential(nn.Linear(2, 2), nn.GELU()))
+    with pytest.raises(TypeError, match=r"module 1\.0 \(GELU\) has no minidl layer"):
+        from_torch(nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.GELU())))
+    residual = to_torch(Residual(Dense(2, 2), shortcut=Dense(2, 2)))
+    residual[0].shortcut = nn.GELU()
+    with pytest.raises(TypeError, match=r"module 0\.shortcut \(GELU\) has no minidl layer"):
+        from_torch(residual)
     cases = [(nn.Conv2d(1, 2, 3, dilation=2), r"module 0 \(Conv2d\): dilation=\(2, 2\)"),
              (nn.Conv2d(2, 2, 3, groups=2), "groups=2 is not supported"),
              (nn.MaxPool2d(2, ceil_mode=True), "ceil_mode=True is not supported"),
@@ -141,3 +152,23 @@ def test_nested_sequentials_stay_nested():
     back = from_torch(module)
     assert isinstance(back[1], Sequential) and layer_kinds(back[1]) == layer_kinds(model[1])
     np.testing.assert_array_equal(back.predict(x), model.predict(x))
+
+
+@needs_torch
+def test_blocks_keep_their_branches_and_modes():
+    """An empty branch (the identity) both ways; a branch that torch needs two modules
+    for (a Dense and its activation) comes back as one layer; train mode reaches every
+    branch; torch's state_dict names are minidl's where each branch is one module."""
+    model = Sequential([Residual(Dense(4, 4), shortcut=Sequential([])),
+                        Concat([Sequential([]), Dense(4, 3, activation="relu"), ReLU()]),
+                        Residual(Sequential([Dense(11, 11), Tanh()]))])
+    module = to_torch(model)
+    resnet = resnet_small(width=4)
+    assert sorted(to_torch(resnet).state_dict()) == sorted(resnet.state_dict())
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    assert_close(torch_output(module, x), model.predict(x))
+    back = from_torch(module.eval())
+    assert layer_kinds(back) == layer_kinds(model) and back[1].axis == 1
+    assert not back.training and not back[2].block[0].training
+    np.testing.assert_array_equal(back.predict(x), model.predict(x))
+    assert from_torch(module.train())[2].block[1].training

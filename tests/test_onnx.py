@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import minidl
-from minidl import Dense, Layer, ReLU, Sequential, cli
+from minidl import Dense, Flatten, Layer, ReLU, Sequential, cli
+from minidl.interop import to_torch
 from minidl.data import datasets
 
 from conftest import write_fake_dataset
@@ -98,6 +99,15 @@ def test_trained_model_has_the_same_accuracy_in_onnx_runtime(tmp_path, monkeypat
 
 
 @needs_onnx
+def test_cli_exports_a_resnet_checkpoint(tmp_path, capsys):
+    model, x = build("resnet", width=4)
+    model.save(tmp_path / "model.npz")          # no run.json: the layers come from the file
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "model.npz"),
+                     "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert_close(run_onnx(tmp_path / "m.onnx", x), model.predict(x))
+
+
+@needs_onnx
 def test_nested_sequentials_come_back_flat(tmp_path):
     model = Sequential([Dense(4, 3, activation="relu"), Sequential([Dense(3, 2), ReLU()])])
     minidl.onnx.export(model, tmp_path / "m.onnx", (4,))
@@ -184,10 +194,22 @@ def test_load_names_what_minidl_cannot_express(tmp_path):
     cases = [
         ([make_node("Erf", ["input"], ["y"], name="e")], [],
          r"node 'e' \(Erf\): minidl has no layer"),
-        ([make_node("Relu", ["input"], ["a"]), make_node("Add", ["input", "a"], ["y"])], [],
-         "no layer for this op"),
+        ([make_node("Add", ["input", "b"], ["y"], name="plus")], [("b", np.ones(8))],
+         r"node 'plus' \(Add\): minidl has no layer for this op"),       # a bias, not a branch
         ([make_node("Relu", ["input"], ["a"]), make_node("Relu", ["input"], ["y"])], [],
-         "is not the previous node's output"),
+         r"node 'Relu' \(Relu\): its output is not on the way from the input"),
+        ([make_node("Relu", ["w"], ["y"])], [("w", np.ones((1, 1, 8, 8)))],
+         "tensor 'y' is not computed from 'input'"),
+        ([make_node("Relu", ["w"], ["a"]), make_node("Add", ["input", "a"], ["y"])],
+         [("w", np.ones((1, 1, 8, 8)))], "tensor 'y' is not computed from 'input'"),
+        ([make_node("Relu", ["input"], ["a"]), make_node("Sigmoid", ["input"], ["b"]),
+          make_node("Add", ["a", "b"], ["c"]), make_node("Add", ["c", "a"], ["y"])], [],
+         r"node 'Relu' \(Relu\): it is in two branches that do not split at one tensor"),
+        ([make_node("Conv", ["input", "w"], ["a"]), make_node("Add", ["a", "input"], ["y"])],
+         [("w", np.ones((2, 1, 1, 1)))],
+         r"\(Add\): Residual: .* the block gives \(1, 2, 8, 8\) but the input"),
+        ([make_node("Relu", ["input"], ["a"]), make_node("Concat", ["a", "input"], ["y"], axis=0)],
+         [], r"\(Concat\): Concat: axis must be a non-zero int"),
         ([make_node("MaxPool", ["input"], ["y"], kernel_shape=[3, 3], pads=[0, 0, 1, 1])], [],
          r"uneven pads \[0, 0, 1, 1\]"),
         ([make_node("MaxPool", ["input"], ["y"], kernel_shape=[2, 2], ceil_mode=1)], [],
@@ -231,8 +253,28 @@ def test_load_reads_graphs_written_elsewhere(tmp_path):
 
 
 @needs_onnx
+def test_load_reads_branches_in_any_order(tmp_path):
+    """An identity branch is the split tensor itself: the Residual's shortcut whichever
+    input of the Add it is, an Identity layer in a Concat. Nodes in any topological
+    order; names that follow no rule."""
+    from onnx.helper import make_node
+    nodes = [make_node("Tanh", ["input"], ["t"]), make_node("Relu", ["input"], ["r"]),
+             make_node("Add", ["input", "r"], ["a"]), make_node("Sigmoid", ["t"], ["s"]),
+             make_node("Concat", ["a", "input", "s"], ["y"], axis=1)]
+    path = save_graph(tmp_path / "g.onnx", nodes, shape=(2, 3, 3))
+    model = minidl.onnx.load(path)
+    assert layer_kinds(model) == [("Concat", [("Residual", [("ReLU", "NoneType")]),
+                                              ("Identity", "NoneType"),
+                                              [("Tanh", "NoneType"), ("Sigmoid", "NoneType")]])]
+    assert model[0].branches[0].shortcut is None
+    x = np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32)
+    assert_close(model.predict(x), run_onnx(path, x))
+
+
+@needs_onnx
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")      # the TorchScript exporter
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")   # torch's note
 @pytest.mark.slow                                               # importing torch.onnx
 def test_load_reads_what_torch_onnx_export_writes(tmp_path):
     import torch
@@ -240,12 +282,18 @@ def test_load_reads_what_torch_onnx_export_writes(tmp_path):
     torch.manual_seed(0)
     module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                            nn.AvgPool2d(3, 2, 1), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
-    torch.onnx.export(module, (torch.randn(2, 1, 8, 8),), str(tmp_path / "t.onnx"), dynamo=False,
-                      opset_version=17, input_names=["input"], dynamic_axes={"input": {0: "N"}})
-    model = minidl.onnx.load(tmp_path / "t.onnx")
-    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
-    with torch.no_grad():
-        assert_close(model.predict(x), module(torch.from_numpy(x)).numpy())
+    # branches as torch writes them: "/1/Add", the batch norm folded into the Conv
+    blocks, _ = build("branches")
+    with_branches = to_torch(Sequential(blocks.layers[:3] + [Flatten(), Dense(28 * 12 * 10, 3)])).eval()
+    for i, module in enumerate([module, with_branches]):
+        x = np.random.default_rng(0).standard_normal((3, 1 + 2 * i, 8 + 4 * i, 8 + 2 * i))
+        path = str(tmp_path / f"{i}.onnx")
+        torch.onnx.export(module, (torch.randn(2, *x.shape[1:]),), path, dynamo=False,
+                          opset_version=17, input_names=["input"],
+                          dynamic_axes={"input": {0: "N"}})
+        model = minidl.onnx.load(path)
+        with torch.no_grad():
+            assert_close(model.predict(x), module(torch.from_numpy(x.astype(np.float32))).numpy())
 
 
 def test_export_without_onnx_says_how_to_install(monkeypatch, tmp_path):
