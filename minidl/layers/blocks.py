@@ -53,7 +53,8 @@ class Residual(_Branches):
     """
 
     def __init__(self, block, shortcut=None):
-        super().__init__([("block", block)] + ([] if shortcut is None else [("shortcut", shortcut)]))
+        super().__init__([("block", block)]
+                         + ([] if shortcut is None else [("shortcut", shortcut)]))
         self.block = block
         self.shortcut = shortcut
 
