@@ -71,9 +71,6 @@ class LeakyReLU(Activation):
         mask = self._checked_cache(dy)["mask"]
         return backend.get_array_module(dy).where(mask, dy, dy * dy.dtype.type(self.negative_slope))
 
-    def extra_repr(self):
-        return f"negative_slope={self.negative_slope}"
-
     def get_config(self):
         return {**super().get_config(), "negative_slope": self.negative_slope}
 
@@ -132,9 +129,6 @@ class Softmax(Activation):
     def backward(self, dy):
         y = self._checked_cache(dy)["y"]
         return y * (dy - (dy * y).sum(axis=self.axis, keepdims=True))
-
-    def extra_repr(self):
-        return f"axis={self.axis}"
 
     def get_config(self):
         return {**super().get_config(), "axis": self.axis}

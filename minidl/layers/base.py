@@ -216,8 +216,9 @@ class Layer:
 
     # -- description ---------------------------------------------------------
     def extra_repr(self):
-        """The constructor arguments shown by repr; subclasses override."""
-        return ""
+        """What repr shows: by default ``get_config()``'s values but dtype and None."""
+        return ", ".join(f"{key}={value}" for key, value in self.get_config().items()
+                         if key != "dtype" and value is not None)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"

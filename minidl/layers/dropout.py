@@ -55,8 +55,5 @@ class Dropout(Layer):
     def output_shape(self, input_shape):
         return tuple(input_shape)
 
-    def extra_repr(self):
-        return f"p={self.p}" + ("" if self.seed is None else f", seed={self.seed}")
-
     def get_config(self):
         return {**super().get_config(), "p": self.p, "seed": self.seed}
