@@ -1,9 +1,8 @@
-"""The backend seam: the one place that chooses the array module.
+"""The backend seam: the one place that chooses the array module, NumPy (CPU) or CuPy.
 
-minidl computes with NumPy on the CPU or CuPy on a GPU. New arrays (parameters,
-data batches) are created with the *active* backend, chosen by ``set_backend``.
-Layers never import numpy or cupy to compute: they ask ``get_array_module(x)``
-for the module that owns their data, so a layer runs wherever its arrays live.
+New arrays (parameters, data batches) go to the *active* backend, chosen by
+``set_backend``. Layers compute with ``get_array_module(x)``, the module that owns
+their data, so a layer runs wherever its arrays live.
 
     minidl.set_backend("cupy")          # from now on
     with minidl.set_backend("numpy"):   # only inside the block
@@ -18,8 +17,7 @@ _DEVICES = ("cpu", "gpu")
 _GPU_HELP = ("Install the GPU extra (pip install 'minidl[gpu]', which brings "
              "cupy-cuda12x) on a machine with an NVIDIA GPU and CUDA driver.")
 
-# dtype names for layer signatures, so layers need not import numpy
-float32 = numpy.float32
+float32 = numpy.float32     # dtype names for layer signatures: layers do not import numpy
 float64 = numpy.float64
 
 _active = "numpy"  # the only global mutable state in minidl besides the RNG seed
@@ -27,10 +25,8 @@ _active = "numpy"  # the only global mutable state in minidl besides the RNG see
 
 @functools.cache
 def _import_cupy():
-    """Import cupy and prove a CUDA device exists; raise RuntimeError otherwise.
-
-    Cached once it succeeds: layers ask for the module of every array they touch,
-    and asking CUDA for the device count each time would cost a driver call."""
+    """cupy, once it imports and a CUDA device answers; RuntimeError otherwise. Cached:
+    layers ask for the module of every array, and asking CUDA each time costs a call."""
     try:
         import cupy
     except ImportError as exc:
@@ -65,9 +61,7 @@ class _BackendContext:
         return get_backend()
 
     def __exit__(self, *exc_info):
-        global _active
-        _active = self.previous
-        return False
+        set_backend(self.previous)
 
 
 def set_backend(name):
@@ -88,7 +82,7 @@ def backend_name():
 
 def get_backend():
     """The active array module (numpy or cupy): where new arrays are created."""
-    return _import_cupy() if _active == "cupy" else numpy
+    return get_module(default_device())
 
 
 def default_device():
@@ -113,36 +107,25 @@ def device_of(a):
 
 def get_array_module(a):
     """The module (numpy or cupy) that owns array ``a``: compute with this."""
-    if _is_cupy_array(a):
-        return _import_cupy()
-    return numpy
-
-
-def to_numpy(a):
-    """A numpy array with the contents of ``a`` (copied off the GPU if needed)."""
-    if _is_cupy_array(a):
-        return a.get()
-    return numpy.asarray(a)
-
-
-def to_device(a, device):
-    """``a`` as an array on ``device`` ("cpu" or "gpu"); no copy when already there."""
-    _check_device_name(device)
-    if device == "cpu":
-        return to_numpy(a)
-    cupy = _import_cupy()
-    return cupy.asarray(a)
-
-
-def zeros(shape, dtype, device):
-    """A zero array on ``device``."""
-    return get_module(device).zeros(shape, dtype=dtype)
+    return _import_cupy() if _is_cupy_array(a) else numpy
 
 
 def get_module(device):
     """The array module for ``device``: numpy for "cpu", cupy for "gpu"."""
-    _check_device_name(device)
+    if device not in _DEVICES:
+        raise ValueError(f"device must be one of {_DEVICES}, got {device!r}")
     return _import_cupy() if device == "gpu" else numpy
+
+
+def to_numpy(a):
+    """A numpy array with the contents of ``a`` (copied off the GPU if needed)."""
+    return a.get() if _is_cupy_array(a) else numpy.asarray(a)
+
+
+def to_device(a, device):
+    """``a`` as an array on ``device`` ("cpu" or "gpu"); no copy when already there."""
+    xp = get_module(device)
+    return to_numpy(a) if xp is numpy else xp.asarray(a)
 
 
 def to_backend(a):
@@ -150,19 +133,14 @@ def to_backend(a):
     return to_device(a, default_device())
 
 
-def _check_device_name(device):
-    if device not in _DEVICES:
-        raise ValueError(f"device must be one of {_DEVICES}, got {device!r}")
+def zeros(shape, dtype, device):
+    return get_module(device).zeros(shape, dtype=dtype)
 
 
 def check_input(owner, x, device):
-    """Raise a clear TypeError unless ``x`` is an array of real numbers on ``device``.
-
-    ``owner`` names the layer in the message. This is where a numpy batch fed to a
-    GPU layer (or the reverse) is caught, before cupy/numpy fail cryptically, and
-    where bool, complex, string, object and datetime arrays are refused (a cast to
-    float would drop an imaginary part or turn None into NaN); ints and floats pass.
-    """
+    """TypeError, naming ``owner``, unless ``x`` is an array of real numbers (ints or
+    floats: a cast would drop an imaginary part or turn None into NaN) on ``device``,
+    so that a numpy batch fed to a GPU layer (or the reverse) fails clearly."""
     if not is_array(x):
         raise TypeError(f"{owner}: expected a numpy or cupy array, got {type(x).__name__}")
     if x.dtype.kind not in "fiu":

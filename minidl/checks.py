@@ -68,11 +68,9 @@ def check_pair(value, name, owner, minimum):
 
 
 def check_padding(padding, kernel, stride, owner):
-    """((top, bottom), (left, right)) from an int, an (h, w) pair, "valid" or "same".
-
-    "same" keeps H and W at stride 1; an even kernel puts the extra row/column at the
-    bottom/right, as PyTorch does.
-    """
+    """((top, bottom), (left, right)) from an int, an (h, w) pair, "valid" or "same"
+    (H and W kept at stride 1; an even kernel pads one more at the bottom/right, as
+    PyTorch)."""
     if isinstance(padding, str):
         mode = padding.lower()
         if mode == "valid":
@@ -115,19 +113,14 @@ def check_float_dtype(dtype, owner):
 
 def check_allocation(shape, name, owner, itemsize=8):
     """ValueError when an array of ``shape`` (``itemsize`` bytes per value: initial
-    weights are drawn in float64) would not fit in this machine's memory, so that an
-    absurd size is refused before numpy tries to allocate it."""
+    weights are drawn in float64) would not fit in this machine's RAM, so that an absurd
+    size is refused before numpy tries to allocate it."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):      # the OS does not say: allow it
+        return
     count = math.prod(shape)
-    memory = _physical_memory()
-    if memory is not None and count * itemsize > memory:
+    if count * itemsize > memory:
         raise ValueError(f"{owner}: {name} of shape {tuple(shape)} would hold {count:.3g} "
                          f"values ({count * itemsize / 2**30:.3g} GiB), more than this "
                          f"machine's memory ({memory / 2**30:.3g} GiB)")
-
-
-def _physical_memory():
-    """Bytes of RAM, or None where the OS does not say (then nothing is refused)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):
-        return None

@@ -13,7 +13,7 @@ from .checks import check_int
 from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
                      Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual,
                      Sigmoid, Softmax, Tanh)
-from .layers.base import Layer, layer_spec
+from .layers.base import Container, Layer, layer_spec
 from .serialization import NpzReader, save_npz
 from .summary import summary_table
 
@@ -21,11 +21,11 @@ _CONFIG_KEY = "__model__"          # the model's layer_spec, as JSON text
 _MAX_CONFIG_CHARS = 1 << 20
 
 
-class Sequential(Layer):
+class Sequential(Container):
     """Layers applied in order: ``Sequential([a, b, c])`` or ``Sequential(a, b, c)``."""
 
     def __init__(self, *layers):
-        super().__init__(dtype=None)          # each layer has its own dtype
+        super().__init__()
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         self.layers = []
@@ -93,50 +93,8 @@ class Sequential(Layer):
         return _concatenate(xp_out)
 
     # -- parameters and state ------------------------------------------------
-    def named_parameters(self):
-        return [(f"{i}.{name}", p) for i, layer in enumerate(self.layers)
-                for name, p in layer.named_parameters()]
-
-    def named_buffers(self):
-        return [(f"{i}.{name}", value) for i, layer in enumerate(self.layers)
-                for name, value in layer.named_buffers()]
-
-    def to(self, device):
-        for layer in self.layers:
-            layer.to(device)
-        self.device = device
-        return self
-
-    def train(self, mode=True):
-        self.training = mode
-        for layer in self.layers:
-            layer.train(mode)
-        return self
-
-    def state_dict(self):
-        state = {}
-        for i, layer in enumerate(self.layers):
-            state.update({f"{i}.{k}": v for k, v in layer.state_dict().items()})
-        return state
-
-    def load_state_dict(self, state):
-        """Load every layer's arrays; all names and shapes are checked before any
-        layer changes, so a mismatch raises ValueError and leaves the model as it was."""
-        per_layer = {str(i): {} for i in range(len(self.layers))}  # exact names: not "00"
-        unexpected = []
-        for key, value in state.items():
-            index, _, name = key.partition(".")
-            if index in per_layer:
-                per_layer[index][name] = value
-            else:
-                unexpected.append(key)
-        if unexpected:
-            raise ValueError(f"Sequential.load_state_dict: unexpected keys {sorted(unexpected)}")
-        for i, (layer, sub) in enumerate(zip(self.layers, per_layer.values())):
-            layer.check_state_dict(sub, f"Sequential.load_state_dict: layer {i} "
-                                        f"({type(layer).__name__})")
-        for layer, sub in zip(self.layers, per_layer.values()):
-            layer.load_state_dict(sub)
+    def named_layers(self):
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
     def save(self, path):
         """Write parameters, buffers and the model's config (every layer's class and
@@ -195,10 +153,6 @@ class Sequential(Layer):
         if print_fn is not None:
             print_fn(text)
         return text
-
-    def extra_repr(self):
-        inner = ",\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
-        return f"\n{inner}\n" if inner else ""
 
 
 # The classes a checkpoint may name: load_model builds nothing else.

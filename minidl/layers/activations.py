@@ -1,8 +1,6 @@
-"""Activation functions as layers (docs/layers.md, "Activations").
-
-These are also what ``Conv2D(..., activation="relu")`` and ``Dense`` apply
-inside themselves, through ``get_activation``: one implementation, not two.
-Each caches only what its derivative needs.
+"""Activation functions as layers (docs/layers.md, "Activations"): elementwise, no
+parameters, each caching only what its derivative needs. ``Dense`` and ``Conv2D``
+apply the same classes inside themselves (``get_activation``).
 """
 import copy
 
@@ -13,11 +11,10 @@ from .parallel import in_pieces
 
 
 class Activation(Layer):
-    """An elementwise layer without parameters: keeps a float input's dtype.
-    Subclasses cache only what the derivative needs (``y`` or ``mask``)."""
+    """A layer without parameters, hence no dtype of its own: keeps a float input's."""
 
     def __init__(self, dtype=None):
-        super().__init__(dtype)     # None: no parameters, so no dtype of its own
+        super().__init__(dtype)
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
@@ -26,15 +23,13 @@ class Activation(Layer):
 class ReLU(Activation):
     """y = max(x, 0);  dx = dy * [x > 0].
 
-    Both passes run over channel slices in parallel threads on the CPU (see
-    parallel.in_pieces): they are memory-bound, and numpy's own loops use one core.
-    Outputs keep the input's memory order (a Conv2D output stays channels first)."""
+    Both passes are memory-bound, so on the CPU they run over slices of axis 1 in
+    threads (parallel.in_pieces). The output keeps the input's memory order."""
 
     def forward(self, x, training=True):
         x = self._as_input(x)
         xp = backend.get_array_module(x)
-        y = xp.empty_like(x)
-        mask = xp.empty_like(x, dtype=bool)
+        y, mask = xp.empty_like(x), xp.empty_like(x, dtype=bool)
 
         def relu(x, y, mask):
             xp.greater(x, 0, out=mask)
@@ -52,7 +47,7 @@ class ReLU(Activation):
 
 
 def _elementwise(fn, *arrays):
-    """fn on all of ``arrays`` (same shape), split over axis 1 between threads."""
+    """fn on ``arrays`` (of one shape), split along axis 1 between threads if it exists."""
     if arrays[0].ndim < 2:
         fn(*arrays)
     else:
@@ -68,18 +63,13 @@ class LeakyReLU(Activation):
 
     def forward(self, x, training=True):
         x = self._as_input(x)
-        xp = backend.get_array_module(x)
         mask = x > 0
         self.cache = {"mask": mask, "y_shape": x.shape}
-        return xp.where(mask, x, x * x.dtype.type(self.negative_slope))
+        return backend.get_array_module(x).where(mask, x, x * x.dtype.type(self.negative_slope))
 
     def backward(self, dy):
         mask = self._checked_cache(dy)["mask"]
-        xp = backend.get_array_module(dy)
-        return xp.where(mask, dy, dy * dy.dtype.type(self.negative_slope))
-
-    def extra_repr(self):
-        return f"negative_slope={self.negative_slope}"
+        return backend.get_array_module(dy).where(mask, dy, dy * dy.dtype.type(self.negative_slope))
 
     def get_config(self):
         return {**super().get_config(), "negative_slope": self.negative_slope}
@@ -91,8 +81,7 @@ class Sigmoid(Activation):
     def forward(self, x, training=True):
         x = self._as_input(x)
         xp = backend.get_array_module(x)
-        # exp of a non-positive number never overflows: use exp(-|x|) on both sides.
-        e = xp.exp(-xp.abs(x))
+        e = xp.exp(-xp.abs(x))          # exp of a non-positive number never overflows
         y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
         self.cache = {"y": y, "y_shape": y.shape}
         return y
@@ -107,8 +96,7 @@ class Tanh(Activation):
 
     def forward(self, x, training=True):
         x = self._as_input(x)
-        xp = backend.get_array_module(x)
-        y = xp.tanh(x)
+        y = backend.get_array_module(x).tanh(x)
         self.cache = {"y": y, "y_shape": y.shape}
         return y
 
@@ -127,14 +115,13 @@ class Softmax(Activation):
 
     def forward(self, x, training=True):
         x = self._as_input(x)
-        xp = backend.get_array_module(x)
         if not -x.ndim <= self.axis < x.ndim:
             raise ValueError(f"Softmax: axis {self.axis} is out of range for a "
                              f"{x.ndim}-D input of shape {tuple(x.shape)}")
         if x.size == 0:               # nothing to normalise (max has no identity): as torch
             y = x.copy()
         else:
-            e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
+            e = backend.get_array_module(x).exp(x - x.max(axis=self.axis, keepdims=True))
             y = e / e.sum(axis=self.axis, keepdims=True)
         self.cache = {"y": y, "y_shape": y.shape}
         return y
@@ -143,20 +130,16 @@ class Softmax(Activation):
         y = self._checked_cache(dy)["y"]
         return y * (dy - (dy * y).sum(axis=self.axis, keepdims=True))
 
-    def extra_repr(self):
-        return f"axis={self.axis}"
-
     def get_config(self):
-        return {**super().get_config(), "axis": int(self.axis)}
+        return {**super().get_config(), "axis": self.axis}
 
 
 class Identity(Activation):
-    """y = x: the activation of a layer built with ``activation=None``."""
+    """y = x;  dx = dy: the activation of a layer built with ``activation=None``."""
 
     def forward(self, x, training=True):
         x = self._as_input(x)
-        # Only the shape: holding y itself would keep a big array alive between steps,
-        # and its memory could not be reused for the next step's output.
+        # Not y itself: holding it would keep a big array alive between steps.
         self.cache = {"y_shape": x.shape}
         return x
 
@@ -170,10 +153,8 @@ ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid,
 
 
 def get_activation(activation, owner, dtype):
-    """The activation layer for ``activation``: None, a name, or a Layer instance.
-
-    An instance is copied: it caches its forward pass for backward, so two layers
-    given the same instance must not share that cache."""
+    """The activation layer for ``activation``: None, a name, or a Layer instance,
+    which is copied (two layers given one instance must not share its cache)."""
     if activation is None:
         return Identity(dtype=dtype)
     if isinstance(activation, Layer):

@@ -1,9 +1,8 @@
-"""Parameter and Layer: the contract every layer of minidl fulfils.
+"""Parameter, Layer and Container: the contract every layer of minidl fulfils.
 
-A layer has an explicit ``forward(x, training)`` that caches what its backward
-needs, and ``backward(dy)`` that returns dL/dx and *accumulates* dL/dparam into
-each ``Parameter.grad`` (as PyTorch does; an optimizer's ``zero_grad`` clears it).
-See docs/architecture.md for how layers, losses and optimizers fit together.
+``forward(x, training)`` caches what backward needs in ``self.cache``; ``backward(dy)``
+returns dL/dx and *accumulates* dL/dparam into each ``Parameter.grad`` (as PyTorch;
+an optimizer's ``zero_grad`` clears it). See docs/architecture.md, "The contracts".
 """
 import copy
 
@@ -28,8 +27,8 @@ class Parameter:
         return int(self.data.size)
 
     def accumulate_grad(self, g):
-        """Add ``g`` to ``.grad`` (allocated on first use, like PyTorch). The gradient
-        keeps the parameter's dtype even when ``g`` comes from a float64 ``dy``."""
+        """``.grad += g``, allocated on first use in the parameter's dtype (even when
+        ``g`` comes from a float64 ``dy``)."""
         if self.grad is None:
             self.grad = g.astype(self.data.dtype, copy=True)
         else:
@@ -49,23 +48,18 @@ class Parameter:
 
 
 class Layer:
-    """Base class: subclasses implement ``forward`` and ``backward`` side by side.
+    """Base class: subclasses write ``forward`` and ``backward`` side by side.
 
-    Parameters are found as ``Parameter`` attributes (in the order they were set);
-    non-trainable state that must be saved (BatchNorm's running statistics) is
-    listed by name in the class attribute ``buffer_names``.
-
-    ``dtype`` is the float type of the parameters, and inputs are cast to it. A layer
-    without parameters may leave it None: it then keeps a float input's dtype (so a
-    float64 gradient check stays float64) and casts other inputs to float32.
-
-    ``cache`` holds what forward keeps for backward: a dict whose "y_shape" is the
-    shape of the output, which backward's ``dy`` must have (see ``_checked_cache``).
+    Parameters are the ``Parameter`` attributes, in the order they were set; state
+    that is saved but not trained (BatchNorm's running statistics) is named in
+    ``buffer_names``. ``dtype`` is the parameters' float type, and inputs are cast to
+    it; a layer without parameters may pass None to keep a float input's dtype.
+    ``cache`` is None or a dict with the output's shape under "y_shape".
     """
 
     buffer_names = ()
-    # True for layers whose every output depends on every input position (Dense,
-    # GlobalAvgPool2D): the summary's receptive field is "all" from them on.
+    # True when every output depends on every input position (Dense, GlobalAvgPool2D):
+    # the summary's receptive field is "all" from such a layer on.
     sees_whole_input = False
 
     def __init__(self, dtype=backend.float32):
@@ -84,9 +78,8 @@ class Layer:
         raise NotImplementedError(f"{type(self).__name__} must implement backward(dy)")
 
     def __call__(self, x, training=None):
-        """``forward`` with the hooks. ``training=None`` uses the mode set by ``train()``
-        or ``eval()``; True or False overrides it for this call only (forward hooks
-        read it as ``layer.training``; the mode is restored afterwards)."""
+        """``forward``, then the forward hooks. ``training=None`` uses the mode of
+        ``train()``/``eval()``; True or False holds for this call only."""
         mode = self.training
         self.training = mode if training is None else training
         try:
@@ -98,7 +91,7 @@ class Layer:
         return y
 
     def backward_with_hooks(self, dy):
-        """``backward`` followed by the backward hooks: what a model calls."""
+        """``backward``, then the backward hooks: what a model calls."""
         dx = self.backward(dy)
         for hook in self.backward_hooks:
             hook(self, dy, dx)
@@ -114,9 +107,9 @@ class Layer:
         hooks.append(fn)
         return lambda: hooks.remove(fn) if fn in hooks else None
 
-    # -- inputs --------------------------------------------------------------
+    # -- checks of what the passes receive -------------------------------------
     def _as_input(self, x, ndim=None):
-        """Check device (and rank), and cast ``x`` to the layer's dtype."""
+        """``x`` checked (device, real dtype, rank) and cast to the layer's dtype."""
         name = type(self).__name__
         backend.check_input(name, x, self.device)
         if ndim is not None and x.ndim != ndim:
@@ -124,25 +117,20 @@ class Layer:
         dtype = self.dtype or (x.dtype if x.dtype.kind == "f" else backend.float32)
         return x.astype(dtype, copy=False)
 
-    def _check_grad(self, dy, expected_shape):
-        """Check the ``dy`` given to backward: a float array on the layer's device with
-        the shape of the output of the last forward pass. Raises RuntimeError before any
-        forward (``expected_shape`` None), TypeError or ValueError on a bad ``dy``."""
+    def _checked_cache(self, dy):
+        """The last forward's cache, once ``dy`` is known to be a float array on the
+        layer's device of that forward's output shape: RuntimeError before any forward,
+        TypeError or ValueError for a bad ``dy``."""
         name = f"{type(self).__name__}.backward"
-        if expected_shape is None:
+        if self.cache is None:
             raise RuntimeError(f"{name} called before forward")
         backend.check_input(name, dy, self.device)
         if dy.dtype.kind != "f":
             raise TypeError(f"{name}: expected a float dy, got dtype {dy.dtype}")
-        if tuple(dy.shape) != tuple(expected_shape):
-            raise ValueError(f"{name}: expected dy of shape {tuple(expected_shape)} "
+        expected = tuple(self.cache["y_shape"])
+        if tuple(dy.shape) != expected:
+            raise ValueError(f"{name}: expected dy of shape {expected} "
                              f"(the output of the last forward), got {tuple(dy.shape)}")
-        return dy
-
-    def _checked_cache(self, dy):
-        """The cache of the last forward, once ``dy`` is checked against the shape of
-        that forward's output, ``cache["y_shape"]`` (see ``_check_grad``)."""
-        self._check_grad(dy, None if self.cache is None else self.cache["y_shape"])
         return self.cache
 
     # -- parameters and state ------------------------------------------------
@@ -186,66 +174,58 @@ class Layer:
 
     def state_dict(self):
         """Parameters and buffers as numpy arrays, by name."""
-        state = {name: backend.to_numpy(p.data).copy() for name, p in self.named_parameters()}
-        for name, value in self.named_buffers():
-            state[name] = backend.to_numpy(value).copy()
-        return state
+        return {name: backend.to_numpy(value).copy()
+                for name, value in self._state_arrays().items()}
+
+    def _state_arrays(self):
+        """Parameters and buffers by name, as they are (no copies)."""
+        return {name: p.data for name, p in self.named_parameters()} | dict(self.named_buffers())
 
     def check_state_dict(self, state, where=None):
         """Raise ValueError (TypeError for a non-array) unless ``state`` has exactly this
         layer's names and shapes, in dtypes that load without loss of kind."""
         where = where or f"{type(self).__name__}.load_state_dict"
         current = self._state_arrays()
-        expected = {key: tuple(value.shape) for key, value in current.items()}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
+        missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
         if missing or unexpected:
             raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
-        for key, shape in expected.items():
-            value = state[key]
+        for key, value in state.items():
             if not backend.is_array(value):
                 raise TypeError(f"{where}: '{key}' must be a numpy or cupy array, "
                                 f"got {type(value).__name__}")
-            if tuple(value.shape) != shape:
+            if value.shape != current[key].shape:
                 raise ValueError(f"{where}: '{key}' has shape {tuple(value.shape)}, "
-                                 f"expected {shape}")
+                                 f"expected {tuple(current[key].shape)}")
             # Integers load into floats; floats into integer buffers would be truncated.
-            allowed = "iu" if current[key].dtype.kind in "iu" else "fiu"
-            if value.dtype.kind not in allowed:
+            if value.dtype.kind not in ("iu" if current[key].dtype.kind in "iu" else "fiu"):
                 raise ValueError(f"{where}: '{key}' has dtype {value.dtype}, which cannot be "
                                  f"loaded into {current[key].dtype}")
 
     def load_state_dict(self, state):
-        """Load arrays saved by ``state_dict``; every name, shape and dtype is checked
-        first, so a mismatch raises ValueError (or TypeError) and leaves the layer
-        untouched. The arrays are copied, C-contiguous, in the layer's dtypes."""
+        """Load arrays saved by ``state_dict``, copied, C-contiguous, in the layer's
+        dtypes. Everything is checked first (``check_state_dict``): on a mismatch the
+        layer is left untouched."""
         self.check_state_dict(state)
         for key, p in self.named_parameters():
             p.data = self._loaded(state[key], p.data.dtype)
         for key, value in self.named_buffers():
             setattr(self, key, self._loaded(state[key], value.dtype))
 
-    def _state_arrays(self):
-        """Parameters and buffers by name, as they are (no copies)."""
-        arrays = {name: p.data for name, p in self.named_parameters()}
-        arrays.update(self.named_buffers())
-        return arrays
-
     def _loaded(self, value, dtype):
         return backend.to_device(value, self.device).astype(dtype, order="C", copy=True)
 
     # -- description ---------------------------------------------------------
     def extra_repr(self):
-        """The constructor arguments shown by repr; subclasses override."""
-        return ""
+        """What repr shows: by default ``get_config()``'s values but dtype and None."""
+        return ", ".join(f"{key}={value}" for key, value in self.get_config().items()
+                         if key != "dtype" and value is not None)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
 
     def get_config(self):
-        """The constructor arguments as plain JSON values, as Keras layers give them: a
-        checkpoint stores them, ``minidl.load_model`` rebuilds the layer from them.
-        Subclasses add theirs to this dict."""
+        """The constructor arguments as plain JSON values (as Keras' get_config): what a
+        checkpoint stores and ``minidl.load_model`` rebuilds the layer from."""
         return {} if self.dtype is None else {"dtype": self.dtype.name}
 
     @classmethod
@@ -258,13 +238,72 @@ class Layer:
         return 0
 
     def output_shape(self, input_shape):
-        """Shape of the output for an input of ``input_shape`` (batch included).
-
-        The default runs a forward pass on zeros, on a deep copy of the layer so that
-        what the layer and the layers it holds cached for backward stays as it was;
-        layers override it with arithmetic."""
+        """The output's shape for an input of ``input_shape`` (batch included). This
+        default runs a forward on zeros, on a deep copy so that no cache changes."""
         x = backend.zeros(input_shape, self.dtype or backend.float32, self.device)
         return tuple(copy.deepcopy(self).forward(x, training=False).shape)
+
+
+class Container(Layer):
+    """A layer made of named sub-layers (a Sequential's layers, a Residual's branches).
+    Their parameters and buffers are its own, named "<sub-layer>.<name>"; ``to``,
+    ``train`` and ``load_state_dict`` reach every one of them."""
+
+    def __init__(self):
+        super().__init__(dtype=None)          # each sub-layer has its own dtype
+
+    def named_layers(self):
+        """``(name, layer)`` for each sub-layer, in order."""
+        raise NotImplementedError(f"{type(self).__name__} must implement named_layers()")
+
+    def named_parameters(self):
+        return [(f"{name}.{key}", p) for name, layer in self.named_layers()
+                for key, p in layer.named_parameters()]
+
+    def named_buffers(self):
+        return [(f"{name}.{key}", value) for name, layer in self.named_layers()
+                for key, value in layer.named_buffers()]
+
+    def to(self, device):
+        for _, layer in self.named_layers():
+            layer.to(device)
+        self.device = device
+        self._clear_cache()
+        return self
+
+    def train(self, mode=True):
+        self.training = mode
+        for _, layer in self.named_layers():
+            layer.train(mode)
+        return self
+
+    def check_state_dict(self, state, where=None):
+        """As ``Layer.check_state_dict``, sub-layer by sub-layer, so that the message
+        names the sub-layer at fault."""
+        where = where or f"{type(self).__name__}.load_state_dict"
+        names = {name for name, _ in self.named_layers()}
+        unexpected = sorted(key for key in state if key.partition(".")[0] not in names)
+        if unexpected:
+            raise ValueError(f"{where}: unexpected keys {unexpected}")
+        for name, layer in self.named_layers():
+            layer.check_state_dict(_part(state, name),
+                                   f"{where}: layer {name} ({type(layer).__name__})")
+
+    def load_state_dict(self, state):
+        self.check_state_dict(state)          # before any sub-layer changes
+        for name, layer in self.named_layers():
+            layer.load_state_dict(_part(state, name))
+
+    def extra_repr(self):
+        inner = ",\n".join(f"  ({name}) {layer!r}".replace("\n", "\n  ")
+                           for name, layer in self.named_layers())
+        return f"\n{inner}\n" if inner else ""
+
+
+def _part(state, name):
+    """The entries of ``state`` under "<name>.", without that prefix."""
+    prefix = name + "."
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def layer_spec(layer):

@@ -17,21 +17,17 @@ import math
 from .. import backend
 from ..checks import check_allocation, check_bool, check_int
 from ..random import default_rng
-from .activations import LeakyReLU, ReLU, activation_spec, get_activation
+from .activations import Identity, LeakyReLU, ReLU, activation_spec, get_activation
 from .base import Layer, Parameter
 
 
 class Dense(Layer):
-    """y = g(x @ W + b) for x of shape (N, in_features).
+    """y = g(x @ W + b) for x of shape (N, in_features); ``activation`` g is None, a
+    name ("relu", "tanh", ...) or a Layer. ``W`` starts He-normal before a (Leaky)ReLU,
+    Glorot-uniform otherwise (seed with ``minidl.manual_seed``), ``b`` at zero.
 
-    ``activation``: None, "relu", "sigmoid", "tanh", ... or a Layer, applied inside
-    the layer. ``weight`` (in_features, out_features) starts He-normal (std
-    sqrt(2 / in)) before a ReLU or LeakyReLU, Glorot-uniform (limit sqrt(6 / (in +
-    out))) otherwise; ``bias`` (out_features,) starts at zero. Seed with
-    ``minidl.manual_seed``.
-
-    ``input_grad``: when False, ``backward`` computes only dW and db and returns None
-    (``Sequential.backward(dy, input_grad=False)`` sets it on its first layer).
+    ``input_grad = False`` (set by ``Sequential.backward(dy, input_grad=False)`` on
+    its first layer) makes ``backward`` compute only dW and db and return None.
     """
 
     input_grad = True
@@ -50,8 +46,7 @@ class Dense(Layer):
 
     def _initial_weight(self):
         """Drawn on the CPU in float64, then cast and moved: same seed, same weights anywhere."""
-        fan_in, fan_out = self.in_features, self.out_features
-        shape = (fan_in, fan_out)
+        fan_in, fan_out = shape = (self.in_features, self.out_features)
         check_allocation(shape, "weight", type(self).__name__)
         if isinstance(self.activation, (ReLU, LeakyReLU)):   # He-normal keeps ReLU variance
             w = default_rng().standard_normal(shape) * math.sqrt(2.0 / fan_in)
@@ -60,37 +55,28 @@ class Dense(Layer):
             w = default_rng().uniform(-limit, limit, shape)
         return backend.to_device(w.astype(self.dtype), self.device)
 
-    # -- forward: z = x @ W + b, y = g(z) --------------------------------------
     def forward(self, x, training=True):
         x = self._as_input(x, ndim=2)
-        self._check_features(x.shape)
+        self.output_shape(x.shape)                       # checks in_features
         z = x @ self.weight.data
         if self.bias is not None:
             z += self.bias.data
         y = self.activation.forward(z, training=training)
-        self.cache = {"x": x, "y_shape": y.shape}     # backward checks dy against it
+        self.cache = {"x": x, "y_shape": y.shape}
         return y
 
-    # -- backward: dz, dW, db, dx ----------------------------------------------
     def backward(self, dy):
-        """``dy`` must have the shape of the last forward's output, (N, out_features)."""
         x = self._checked_cache(dy)["x"]
         dz = self.activation.backward(dy)
         self.weight.accumulate_grad(x.T @ dz)
         if self.bias is not None:
             self.bias.accumulate_grad(dz.sum(axis=0))
-        if not self.input_grad:
-            return None
-        return dz @ self.weight.data.T
-
-    # -- shapes ----------------------------------------------------------------
-    def _check_features(self, x_shape):
-        if len(x_shape) != 2 or x_shape[1] != self.in_features:
-            raise ValueError(f"{type(self).__name__}: expected input of shape "
-                             f"(N, {self.in_features}), got {tuple(x_shape)}")
+        return dz @ self.weight.data.T if self.input_grad else None
 
     def output_shape(self, input_shape):
-        self._check_features(input_shape)
+        if len(input_shape) != 2 or input_shape[1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: expected input of shape "
+                             f"(N, {self.in_features}), got {tuple(input_shape)}")
         return (input_shape[0], self.out_features)
 
     def flops(self, input_shape):
@@ -99,12 +85,9 @@ class Dense(Layer):
 
     def extra_repr(self):
         text = f"{self.in_features}, {self.out_features}"
-        act = type(self.activation).__name__
-        if act != "Identity":
-            text += f", activation={act}"
-        if self.bias is None:
-            text += ", bias=False"
-        return text
+        if not isinstance(self.activation, Identity):
+            text += f", activation={type(self.activation).__name__}"
+        return text + (", bias=False" if self.bias is None else "")
 
     def get_config(self):
         return {**super().get_config(), "in_features": self.in_features,

@@ -8,13 +8,10 @@ Training, with keep_i ~ Bernoulli(1 - p) drawn afresh on every forward:
 
 Evaluation (``training=False``) and p = 0: y = x, dx = dy.
 
-Randomness: each Dropout owns a generator, ``minidl.random.new_rng(seed)``, so its
-masks do not disturb the initialisation stream and ``seed`` makes them repeatable.
-On the numpy backend masks come straight from that generator. On the cupy backend
-they are drawn on the GPU (copying a mask from the host every step would cost more
-than the layer itself), by a cupy RandomState seeded once from the layer's
-generator: a seed gives the same masks run after run on one backend, but numpy and
-cupy masks differ.
+Each Dropout owns a generator, ``minidl.random.new_rng(seed)``, apart from the
+initialisation stream. On the GPU masks are drawn there (a copy from the host each
+step would cost more than the layer), by a cupy RandomState seeded once from that
+generator: a seed repeats the masks on one backend, but numpy's and cupy's differ.
 """
 from .. import backend
 from ..checks import check_real, check_seed
@@ -32,7 +29,6 @@ class Dropout(Layer):
         self.rng = new_rng(seed)
         self.gpu_rng = None          # made on the first GPU forward, seeded from self.rng
 
-    # -- forward: y = x * mask ---------------------------------------------------
     def forward(self, x, training=True):
         x = self._as_input(x)
         if not training or self.p == 0:
@@ -43,7 +39,6 @@ class Dropout(Layer):
         self.cache = {"mask": mask, "y_shape": x.shape}
         return x * mask
 
-    # -- backward: dx = dy * mask --------------------------------------------------
     def backward(self, dy):
         mask = self._checked_cache(dy)["mask"]
         return dy if mask is None else dy * mask
@@ -59,9 +54,6 @@ class Dropout(Layer):
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
-
-    def extra_repr(self):
-        return f"p={self.p}" + ("" if self.seed is None else f", seed={self.seed}")
 
     def get_config(self):
         return {**super().get_config(), "p": self.p, "seed": self.seed}

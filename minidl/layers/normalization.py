@@ -56,9 +56,8 @@ class _BatchNorm(Layer):
     # -- forward: x_hat = (x - mu) s,  y = gamma x_hat + beta -----------------------
     def forward(self, x, training=True):
         x = self._as_input(x)
-        self._check_shape(x.shape)
-        xp = backend.get_array_module(x)
-        axes = self._axes(x.ndim)
+        self.output_shape(x.shape)                       # checks rank and C
+        xp, axes = backend.get_array_module(x), self._axes(x.ndim)
         shape = self._channel_shape(x.ndim)
         m = x.size // self.num_features
         if training and m < 2:        # also an empty batch (N = 0): no statistics at all
@@ -99,8 +98,7 @@ class _BatchNorm(Layer):
         so each full-size array is touched by one multiply and two in-place updates."""
         cache = self._checked_cache(dy)
         xc, s, training = cache["xc"], cache["s"], cache["training"]
-        xp = backend.get_array_module(dy)
-        axes = self._axes(dy.ndim)
+        xp, axes = backend.get_array_module(dy), self._axes(dy.ndim)
         shape = self._channel_shape(dy.ndim)
         m = dy.size // self.num_features
         gamma, _ = self._affine(shape, xp)
@@ -125,16 +123,13 @@ class _BatchNorm(Layer):
         """gamma and beta shaped to broadcast; 1 and 0 without affine parameters."""
         if self.affine:
             return self.weight.data.reshape(shape), self.bias.data.reshape(shape)
-        one = xp.ones(shape, dtype=self.dtype)
-        return one, xp.zeros(shape, dtype=self.dtype)
+        return xp.ones(shape, dtype=self.dtype), xp.zeros(shape, dtype=self.dtype)
 
     def _update_running_stats(self, mu, var, m):
         """PyTorch's update: the unbiased variance goes into running_var."""
         self.num_batches_tracked += 1
-        if self.momentum is None:
-            factor = 1.0 / int(self.num_batches_tracked)   # cumulative moving average
-        else:
-            factor = self.momentum
+        # momentum None: the cumulative moving average
+        factor = 1.0 / int(self.num_batches_tracked) if self.momentum is None else self.momentum
         self.running_mean *= 1.0 - factor
         self.running_mean += factor * mu.reshape(-1)
         self.running_var *= 1.0 - factor
@@ -150,14 +145,11 @@ class _BatchNorm(Layer):
         """(1, C, 1, ...): per-channel vectors shaped to broadcast against the input."""
         return (1, self.num_features) + (1,) * (ndim - 2)
 
-    def _check_shape(self, x_shape):
-        if len(x_shape) not in self.input_ranks or x_shape[1] != self.num_features:
+    def output_shape(self, input_shape):
+        if len(input_shape) not in self.input_ranks or input_shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}: expected input of shape "
                              f"{self.input_layout} with C={self.num_features}, "
-                             f"got shape {tuple(x_shape)}")
-
-    def output_shape(self, input_shape):
-        self._check_shape(input_shape)
+                             f"got shape {tuple(input_shape)}")
         return tuple(input_shape)
 
     def extra_repr(self):
@@ -177,8 +169,7 @@ class BatchNorm1D(_BatchNorm):
 
 
 class BatchNorm2D(_BatchNorm):
-    """Batch norm of (N, C, H, W) input, per channel C over axes (0, 2, 3)
-    (as torch.nn.BatchNorm2d)."""
+    """Batch norm of (N, C, H, W) input, per channel C (as torch.nn.BatchNorm2d)."""
 
     input_ranks = (4,)
     input_layout = "(N, C, H, W)"
@@ -187,7 +178,6 @@ class BatchNorm2D(_BatchNorm):
 def _channel_dot(a, b):
     """sum over every axis but 1 of a * b, per channel, without a temporary the size of a
     (einsum reduces as it multiplies: about 3x faster than (a * b).sum here)."""
-    xp = backend.get_array_module(a)
     letters = "abcdefgh"[:a.ndim]
-    return xp.einsum(f"{letters},{letters}->b", a, b)
+    return backend.get_array_module(a).einsum(f"{letters},{letters}->b", a, b)
 
