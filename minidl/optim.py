@@ -113,8 +113,8 @@ class Optimizer:
         if _saved_int(owner, "num_params", saved["num_params"]) != n:
             raise ValueError(f"{owner}: saved for {int(saved['num_params'])} parameters, "
                              f"this optimizer has {n}")
-        h = self._checked({name: _like(owner, name, value, saved[name])
-                           for name, value in self.hyperparameters().items()})
+        # numpy.load gives 0-d or 1-d arrays: tolist() makes them Python data again
+        h = self._checked({name: backend.to_numpy(saved[name]).tolist() for name in self._names})
         grouped = {}
         for key in per_param:
             parts = key.split(".")
@@ -335,17 +335,6 @@ def _parameter_list(owner, params, allow_empty=False):
         # state is kept per position, so one array would be updated twice per step
         raise ValueError(f"{owner}: a Parameter appears more than once in params")
     return params
-
-
-def _like(owner, name, current, saved):
-    """A saved hyper-parameter as the Python type of the current one (float, bool, tuple)."""
-    try:
-        value = backend.to_numpy(saved)
-        if isinstance(current, tuple):
-            return tuple(map(float, value.ravel()))
-        return type(current)(value.item())
-    except (TypeError, ValueError):
-        raise ValueError(f"{owner}: '{name}' = {saved!r} is not a valid value") from None
 
 
 def _saved_int(owner, key, value):
