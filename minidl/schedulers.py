@@ -19,6 +19,15 @@ from .callbacks import Callback
 from .checks import check_bool, check_int, check_real
 from .optim import Optimizer
 
+
+def _check_choice(value, name, owner, options):
+    """``value`` if it is one of the strings ``options``, else ValueError."""
+    if value not in options:
+        raise ValueError(f"{owner}: {name} must be {' or '.join(map(repr, options))}, "
+                         f"got {value!r}")
+    return str(value)
+
+
 _POSITIVE = (check_real, {"above": 0})
 _NON_NEGATIVE = (check_real, {"minimum": 0})
 
@@ -223,6 +232,7 @@ class OneCycleLR(LRScheduler):
     per_batch = True
     _checks = {"max_lr": _POSITIVE, "total_steps": (check_int, {"minimum": 1}),
                "pct_start": (check_real, {"minimum": 0, "maximum": 1}),
+               "anneal_strategy": (_check_choice, {"options": ("cos", "linear")}),
                "cycle_momentum": (check_bool, {}), "base_momentum": _NON_NEGATIVE,
                "max_momentum": _NON_NEGATIVE, "div_factor": _POSITIVE,
                "final_div_factor": _POSITIVE, "three_phase": (check_bool, {})}
@@ -244,8 +254,6 @@ class OneCycleLR(LRScheduler):
 
     def _checked(self, h):
         h, owner = super()._checked(h), type(self).__name__
-        h["anneal_strategy"] = _check_choice(h["anneal_strategy"], "anneal_strategy", owner,
-                                             ("cos", "linear"))
         hyper = self.optimizer.hyperparameters()
         if h["cycle_momentum"] and "momentum" not in hyper and "betas" not in hyper:
             raise ValueError(f"{owner}: {type(self.optimizer).__name__} has no momentum or "
@@ -308,7 +316,9 @@ class ReduceLROnPlateau(LRScheduler):
     """
 
     _counters = ("best", "num_bad_epochs", "cooldown_counter")
-    _checks = {"factor": _NON_NEGATIVE, "patience": (check_int, {"minimum": 0}),
+    _checks = {"mode": (_check_choice, {"options": ("min", "max")}),
+               "threshold_mode": (_check_choice, {"options": ("rel", "abs")}),
+               "factor": _NON_NEGATIVE, "patience": (check_int, {"minimum": 0}),
                "threshold": _NON_NEGATIVE, "cooldown": (check_int, {"minimum": 0}),
                "min_lr": _NON_NEGATIVE, "eps": _NON_NEGATIVE}
 
@@ -323,9 +333,6 @@ class ReduceLROnPlateau(LRScheduler):
 
     def _checked(self, h):
         h, owner = super()._checked(h), type(self).__name__
-        h["mode"] = _check_choice(h["mode"], "mode", owner, ("min", "max"))
-        h["threshold_mode"] = _check_choice(h["threshold_mode"], "threshold_mode", owner,
-                                            ("rel", "abs"))
         if h["factor"] >= 1:
             raise ValueError(f"{owner}: factor must be < 1, got {h['factor']}")
         h["monitor"] = str(h["monitor"])
@@ -363,13 +370,6 @@ class ReduceLROnPlateau(LRScheduler):
             raise ValueError(f"ReduceLROnPlateau: the metric {self.monitor!r} is not logged; "
                              f"available: {sorted(logs)} (pass val= to fit for val_*)")
         self.step(logs[self.monitor])
-
-
-def _check_choice(value, name, owner, options):
-    if value not in options:
-        raise ValueError(f"{owner}: {name} must be {' or '.join(map(repr, options))}, "
-                         f"got {value!r}")
-    return str(value)
 
 
 def _scalar(owner, key, state):
