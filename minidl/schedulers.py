@@ -30,6 +30,7 @@ def _check_choice(value, name, owner, options):
 
 _POSITIVE = (check_real, {"above": 0})
 _NON_NEGATIVE = (check_real, {"minimum": 0})
+_COUNT = (check_int, {"minimum": 0})
 
 
 class LRScheduler(Callback):
@@ -37,12 +38,13 @@ class LRScheduler(Callback):
 
     The optimizer's lr is set to ``lr_at(0)`` at once; ``last_epoch`` counts the
     ``step()`` calls. ``_checks`` maps a hyper-parameter to (check, bounds) from
-    minidl.checks, applied when made and when loaded; ``_counters`` is further state.
+    minidl.checks, applied when made and when loaded; ``_counters`` (further state)
+    are checked likewise when loaded.
     """
 
     per_batch = False
     _checks = {}
-    _counters = ()
+    _counters = {}
 
     def __init__(self, optimizer, **hyperparameters):
         if not isinstance(optimizer, Optimizer):
@@ -104,15 +106,12 @@ class LRScheduler(Callback):
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(f"{owner}: missing keys {missing}, unexpected keys {unexpected}")
-        last_epoch = check_int(_scalar(owner, "last_epoch", state), "last_epoch", owner,
-                               minimum=0)
-        base_lr = check_real(_scalar(owner, "base_lr", state), "base_lr", owner, minimum=0)
         # numpy.load gives 0-d or 1-d arrays: tolist() makes them Python data again
-        h = self._checked({name: to_numpy(state[name]).tolist() for name in self._hyper_names})
-        counters = {name: type(getattr(self, name))(_scalar(owner, name, state))
-                    for name in self._counters}
-        self.base_lr, self.last_epoch = base_lr, last_epoch
-        self._set({**h, **counters})
+        values = {name: to_numpy(state[name]).tolist() for name in expected}
+        h = self._checked({name: values[name] for name in self._hyper_names})
+        checks = {"base_lr": _NON_NEGATIVE, "last_epoch": _COUNT, **self._counters}
+        self._set({**h, **{name: check(values[name], name, owner, **bounds)
+                           for name, (check, bounds) in checks.items()}})
 
     def __repr__(self):
         args = ", ".join(f"{name}={getattr(self, name)}" for name in self._hyper_names)
@@ -315,11 +314,12 @@ class ReduceLROnPlateau(LRScheduler):
     The rate never goes below ``min_lr``, and changes smaller than ``eps`` are skipped.
     """
 
-    _counters = ("best", "num_bad_epochs", "cooldown_counter")
+    _counters = {"best": (check_real, {"finite": False}), "num_bad_epochs": _COUNT,
+                 "cooldown_counter": _COUNT}
     _checks = {"mode": (_check_choice, {"options": ("min", "max")}),
                "threshold_mode": (_check_choice, {"options": ("rel", "abs")}),
-               "factor": _NON_NEGATIVE, "patience": (check_int, {"minimum": 0}),
-               "threshold": _NON_NEGATIVE, "cooldown": (check_int, {"minimum": 0}),
+               "factor": _NON_NEGATIVE, "patience": _COUNT,
+               "threshold": _NON_NEGATIVE, "cooldown": _COUNT,
                "min_lr": _NON_NEGATIVE, "eps": _NON_NEGATIVE}
 
     def __init__(self, optimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
@@ -371,11 +371,3 @@ class ReduceLROnPlateau(LRScheduler):
                              f"available: {sorted(logs)} (pass val= to fit for val_*)")
         self.step(logs[self.monitor])
 
-
-def _scalar(owner, key, state):
-    """state[key] as a Python scalar (numpy.load gives 0-d arrays)."""
-    value = state[key]
-    if getattr(value, "size", 1) != 1:
-        raise ValueError(f"{owner}: '{key}' must be a single number, got shape "
-                         f"{tuple(value.shape)}")
-    return value.item() if hasattr(value, "item") else value
