@@ -1,15 +1,12 @@
 """Loss functions (docs/layers.md, "Losses"): the scalar a model is trained to lower.
 
-    loss_fn = minidl.SoftmaxCrossEntropy()
     loss = loss_fn(logits, labels)      # a Python float
     dlogits = loss_fn.backward()        # dL/dlogits: what the model's backward starts from
 
 ``loss_fn.value(logits, labels)`` is ``forward`` without the float: a 0-d array on
-the logits' device, so a training step on a GPU need not wait for it (the Trainer
-reads a step's loss and metrics in one copy).
-
-A loss has no parameters. It runs on numpy or cupy arrays, whichever the
-prediction is; the target must live on the same device.
+the logits' device, so a GPU step need not wait for it (the Trainer reads a step's
+loss and metrics in one copy). A loss has no parameters; its target lives on the
+prediction's device (numpy or cupy).
 """
 import math
 
@@ -27,9 +24,8 @@ class Loss:
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
 
     def value(self, prediction, target):
-        """The loss as a 0-d array on the prediction's device, caching for ``backward``
-        like ``forward``; not finite (NaN) where ``forward`` would raise. Losses that
-        only implement ``forward`` return its float."""
+        """The loss as a 0-d array on the prediction's device, cached for ``backward``;
+        NaN where ``forward`` would raise. By default ``forward``'s float."""
         return self.forward(prediction, target)
 
     def backward(self):
@@ -64,19 +60,16 @@ class Loss:
 
 
 class SoftmaxCrossEntropy(Loss):
-    """Softmax and cross-entropy fused, for logits (N, K) and integer labels (N,).
+    """Softmax and cross-entropy fused, for logits z (N, K) and integer labels (N,).
 
-    With log p = log softmax(z) computed as (z - max) - log sum exp(z - max), so
-    logits of any size give finite results, and the target distribution
-    q = (1 - eps) onehot(label) + eps/K  (eps = ``label_smoothing``, as PyTorch):
+    log p = (z - max) - log sum exp(z - max) stays finite for logits of any size;
+    q = (1 - eps) onehot(label) + eps / K with eps = ``label_smoothing`` (as PyTorch):
 
         L = 1/N sum_n  - sum_k q[n, k] log p[n, k]
         dL/dz = (p - q) / N
 
-    The mean is over the batch. ValueError for logits that are not (N, K) finite
-    floats and labels that are not integers in [0, K) of length N (``value`` gives
-    NaN for non-finite logits or labels out of range instead: checking them is a
-    reduction on the device, and saying which would wait for it).
+    ValueError for non-finite logits or labels outside [0, K) (``value`` gives NaN
+    instead: finding which is a device reduction, and saying which would wait for it).
     """
 
     def __init__(self, label_smoothing=0.0):
@@ -84,18 +77,29 @@ class SoftmaxCrossEntropy(Loss):
         self.label_smoothing = check_real(label_smoothing, "label_smoothing",
                                           "SoftmaxCrossEntropy", minimum=0, maximum=1)
 
-    # -- forward: L = mean_n -sum_k q log p ---------------------------------------
     def forward(self, logits, labels):
         loss = float(self.value(logits, labels))
         if math.isnan(loss):            # bad logits or labels: say which
-            self._explain(logits, labels)
+            xp, k = backend.get_array_module(logits), logits.shape[1]
+            bad = int((~xp.isfinite(logits)).sum())
+            if bad:
+                raise ValueError(f"SoftmaxCrossEntropy: expected finite logits, got {bad} "
+                                 f"NaN/inf values (a diverging model? try a lower learning rate)")
+            raise ValueError(f"SoftmaxCrossEntropy: expected labels in [0, {k}) for {k} "
+                             f"classes, got values from {int(labels.min())} to "
+                             f"{int(labels.max())}")
         return loss
 
     def value(self, logits, labels):
-        self._check(logits, labels)
-        xp = backend.get_array_module(logits)
+        self._check_arrays(logits, labels, "logits", "labels")
+        if logits.ndim != 2 or 0 in logits.shape:
+            raise ValueError(f"SoftmaxCrossEntropy: expected logits of shape (N, num_classes) "
+                             f"with N, num_classes >= 1, got shape {tuple(logits.shape)}")
         n, k = logits.shape
-        eps = self.label_smoothing
+        if labels.ndim != 1 or labels.shape[0] != n or labels.dtype.kind not in "iu":
+            raise ValueError(f"SoftmaxCrossEntropy: expected integer labels of shape ({n},), "
+                             f"got {labels.dtype} labels of shape {tuple(labels.shape)}")
+        xp, eps = backend.get_array_module(logits), self.label_smoothing
         ok = xp.isfinite(logits).all() & ((labels >= 0) & (labels < k)).all()
         labels = xp.clip(labels, 0, k - 1)    # in range, so indexing cannot fail first
         # inf - inf is the NaN that `ok` reports: no numpy warning for it (cupy warns not)
@@ -110,85 +114,51 @@ class SoftmaxCrossEntropy(Loss):
         self.cache = {"p": e / sum_e, "labels": labels}
         return xp.where(ok, loss_n.mean(), xp.nan)
 
-    # -- backward: dL/dz = (p - q) / N -----------------------------------------------
     def backward(self):
+        """dL/dz = (p - q) / N"""
         cache = self._require_cache()
         p, labels = cache["p"], cache["labels"]
-        xp = backend.get_array_module(p)
         n, k = p.shape
         eps = self.label_smoothing
         dz = p - eps / k if eps else p.copy()
-        dz[xp.arange(n), labels] -= 1.0 - eps
+        dz[backend.get_array_module(p).arange(n), labels] -= 1.0 - eps
         dz *= 1.0 / n
         return dz
-
-    def _check(self, logits, labels):
-        """Shapes and dtypes (no device->host wait); values are _explain's."""
-        name = type(self).__name__
-        self._check_arrays(logits, labels, "logits", "labels")
-        if logits.ndim != 2 or 0 in logits.shape:
-            raise ValueError(f"{name}: expected logits of shape (N, num_classes) with N, "
-                             f"num_classes >= 1, got shape {tuple(logits.shape)}")
-        n, k = logits.shape
-        if labels.ndim != 1 or labels.shape[0] != n or labels.dtype.kind not in "iu":
-            raise ValueError(f"{name}: expected integer labels of shape ({n},), got "
-                             f"{labels.dtype} labels of shape {tuple(labels.shape)}")
-
-    def _explain(self, logits, labels):
-        name = type(self).__name__
-        xp = backend.get_array_module(logits)
-        bad = int((~xp.isfinite(logits)).sum())
-        if bad:
-            raise ValueError(f"{name}: expected finite logits, got {bad} NaN/inf values "
-                             f"(a diverging model? try a lower learning rate)")
-        k = logits.shape[1]
-        raise ValueError(f"{name}: expected labels in [0, {k}) for {k} classes, got "
-                         f"values from {int(labels.min())} to {int(labels.max())}")
 
     def __repr__(self):
         return f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing})"
 
 
 class MSE(Loss):
-    """Mean squared error over all elements, as torch.nn.MSELoss():
+    """Mean squared error over all M elements, as torch.nn.MSELoss():
 
-        L = 1/M sum_i (y_i - t_i)^2          (M = number of elements)
-        dL/dy = 2 (y - t) / M
+        L = 1/M sum_i (y_i - t_i)^2,     dL/dy = 2 (y - t) / M
 
     ``target`` must have the prediction's shape (no broadcasting); it is cast to
     the prediction's dtype.
     """
 
-    # -- forward: L = mean (y - t)^2 -----------------------------------------------
     def forward(self, prediction, target):
         loss = float(self.value(prediction, target))
         if not math.isfinite(loss):   # float() synced already: this check is free
-            self._explain_not_finite(prediction, target)
+            xp = backend.get_array_module(prediction)
+            for what, a in (("prediction", prediction), ("target", target)):
+                bad = int((~xp.isfinite(a)).sum()) if a.dtype.kind in "fc" else 0
+                if bad:
+                    raise ValueError(f"MSE: expected a finite {what}, got {bad} NaN/inf values")
+            raise ValueError(f"MSE: the loss overflowed to inf in {prediction.dtype} "
+                             f"(prediction and target are finite but too far apart)")
         return loss
 
     def value(self, prediction, target):
-        self._check(prediction, target)
-        diff = prediction - target.astype(prediction.dtype, copy=False)
-        self.cache = {"diff": diff}
-        return (diff * diff).mean()
-
-    # -- backward: dL/dy = 2 (y - t) / M ------------------------------------------------
-    def backward(self):
-        diff = self._require_cache()["diff"]
-        return diff * (2.0 / diff.size)
-
-    def _check(self, prediction, target):
         self._check_arrays(prediction, target, "prediction", "target")
         if tuple(target.shape) != tuple(prediction.shape) or prediction.size == 0:
             raise ValueError(f"MSE: expected a non-empty target of the prediction's shape "
                              f"{tuple(prediction.shape)}, got shape {tuple(target.shape)}")
+        diff = prediction - target.astype(prediction.dtype, copy=False)
+        self.cache = {"diff": diff}
+        return (diff * diff).mean()
 
-    @staticmethod
-    def _explain_not_finite(prediction, target):
-        xp = backend.get_array_module(prediction)
-        for what, a in (("prediction", prediction), ("target", target)):
-            bad = int((~xp.isfinite(a)).sum()) if a.dtype.kind in "fc" else 0
-            if bad:
-                raise ValueError(f"MSE: expected a finite {what}, got {bad} NaN/inf values")
-        raise ValueError(f"MSE: the loss overflowed to inf in {prediction.dtype} "
-                         f"(prediction and target are finite but too far apart)")
+    def backward(self):
+        diff = self._require_cache()["diff"]
+        return diff * (2.0 / diff.size)

@@ -15,14 +15,17 @@ below where it turns up: ``suggest_lr`` returns that point.
 """
 import math
 
+from .checks import check_int, check_real
+
 
 def lr_find(trainer, train, start_lr=1e-7, end_lr=10.0, steps=100, beta=0.98, diverge=4.0):
     """Run the range test with ``trainer``'s model, loss and optimizer on the DataLoader
     ``train`` (cycled if it is shorter than ``steps``); returns (lrs, smoothed losses)."""
-    if not 0 < start_lr < end_lr:
+    start_lr = check_real(start_lr, "start_lr", "lr_find", above=0)
+    end_lr = check_real(end_lr, "end_lr", "lr_find", above=0)
+    if start_lr >= end_lr:
         raise ValueError(f"lr_find: need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-        raise ValueError(f"lr_find: steps must be an int >= 2, got {steps!r}")
+    steps = check_int(steps, "steps", "lr_find", minimum=2)
     if len(train) == 0:
         raise ValueError("lr_find: the DataLoader yields no batches")
     model_state, optimizer_state = trainer.model.state_dict(), trainer.optimizer.state_dict()
@@ -30,7 +33,7 @@ def lr_find(trainer, train, start_lr=1e-7, end_lr=10.0, steps=100, beta=0.98, di
     avg, best = 0.0, math.inf
     trainer.model.train()
     try:
-        while len(lrs) < steps:
+        while True:
             for x, y in train:
                 k = len(lrs)
                 trainer.optimizer.lr = start_lr * (end_lr / start_lr) ** (k / (steps - 1))
@@ -48,7 +51,6 @@ def lr_find(trainer, train, start_lr=1e-7, end_lr=10.0, steps=100, beta=0.98, di
     finally:
         trainer.model.load_state_dict(model_state)
         trainer.optimizer.load_state_dict(optimizer_state)
-    return lrs, losses
 
 
 def suggest_lr(lrs, losses):

@@ -1,49 +1,34 @@
 """Optimizers: turn each ``Parameter.grad`` into an in-place update of ``Parameter.data``.
 
     opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for x, y in batches:
-        opt.zero_grad()                 # grads accumulate, so clear them first
-        ...forward, loss, backward...   # fills p.grad
-        opt.step()                      # p.data changes in place
+    opt.zero_grad(); ...forward, loss, backward...; opt.step()
 
-Every update rule follows PyTorch's documented algorithm, so the same start and
-the same gradients give the same numbers as ``torch.optim`` (tests/test_optim.py
-checks this). As in PyTorch:
+Each rule is PyTorch's documented algorithm, so equal starts and gradients give
+torch.optim's numbers (tests/test_optim.py). As in PyTorch, a parameter whose grad
+is None is skipped and its step count ``t`` (per parameter: Adam's bias correction)
+does not advance, and a buffer is created by the first update that needs it, so
+momentum or amsgrad may be switched on between steps. Buffers are
+``zeros_like(p.data)`` and hyper-parameters Python floats: dtype and device are kept.
 
-* a parameter whose ``grad`` is None is skipped, and its step count ``t`` does not
-  advance (the count is per parameter, which matters for Adam's bias correction);
-* per-parameter state (moment buffers) is created by the update that first needs it,
-  so momentum or amsgrad may be switched on between steps.
-
-Hyper-parameters are attributes (``opt.lr``, ``opt.momentum``, ...), checked by the
-constructor; ``lr``, which schedulers set between epochs, is checked on assignment too.
-
-Updates keep the parameter's dtype and device: state is made with
-``xp.zeros_like(p.data)`` and hyper-parameters are Python floats, so float32 stays
-float32 and cupy arrays stay on the GPU.
-
-``state_dict()`` is flat and pickle-free, ready for ``numpy.savez``: hyper-parameters
-under their constructor names ("lr", "momentum", "betas", ...), "num_params", and
-per-parameter state as "state.<index>.<name>" ("state.3.t" is a step count, the
-other names are numpy arrays of the parameter's shape, named as in the update
-equations: "b" momentum buffer, "m"/"v" first/second moments, "v_max", "g_avg").
+``state_dict()`` is flat and pickle-free (for ``numpy.savez``): the hyper-parameters
+by constructor name, "num_params", and "state.<i>.<name>": "t" (step count) and the
+buffers named as in the equations ("b" momentum, "m"/"v" moments, "v_max", "g_avg").
 """
 import math
 
 from . import backend
-from .checks import check_bool, check_real, check_real_pair
+from .checks import check_bool, check_real, check_real_pair, is_int
 from .layers.base import Parameter
 
 
 class Optimizer:
-    """Base class: holds the parameters, their state and the hyper-parameters.
+    """Base class: the parameters, their state and the hyper-parameters (attributes).
 
-    A subclass implements ``_update(theta, g, state)`` (one parameter's rule, which
-    creates the buffers it uses in ``state``), lists those buffers in ``buffer_names``
-    and extends ``_checked(h)`` to validate its hyper-parameters.
+    A subclass implements ``_update(theta, g, state)`` (one parameter's rule; it
+    creates the buffers it uses, listed in ``buffer_names``) and extends ``_checked``.
     """
 
-    buffer_names = ()   # the per-parameter state arrays _update may create
+    buffer_names = ()
 
     def __init__(self, params, lr, **hyperparameters):
         self.params = _parameter_list(type(self).__name__, params)
@@ -60,7 +45,6 @@ class Optimizer:
     def lr(self, value):
         self._lr = check_real(value, "lr", type(self).__name__, minimum=0)
 
-    # -- training ------------------------------------------------------------
     def step(self):
         """Update every parameter that has a gradient (in place)."""
         for i, p in enumerate(self.params):
@@ -83,23 +67,26 @@ class Optimizer:
     def _update(self, theta, g, state):
         raise NotImplementedError(f"{type(self).__name__} must implement _update")
 
-    # -- hyper-parameters ----------------------------------------------------
+    def _decay(self, theta, g):
+        """L2 weight decay, folded into the gradient: g + weight_decay * theta."""
+        return g + self.weight_decay * theta if self.weight_decay else g
+
     def hyperparameters(self):
         """The constructor's hyper-parameters, by name (lr included)."""
         return {name: getattr(self, name) for name in self._names}
 
     def _checked(self, h):
-        """``h`` validated and normalised (floats, bools): TypeError for a value of the
-        wrong kind, ValueError for one out of range."""
-        h = dict(h)
-        h["lr"] = check_real(h["lr"], "lr", type(self).__name__, minimum=0)
+        """``h`` normalised (floats, bools), or TypeError (wrong kind) / ValueError."""
+        owner, h = type(self).__name__, dict(h)
+        for name in ("lr", "eps", "momentum", "weight_decay"):  # whichever the rule has
+            if name in h:
+                h[name] = check_real(h[name], name, owner, minimum=0)
         return h
 
     def _set(self, h):
         for name, value in h.items():
             setattr(self, name, value)
 
-    # -- saving --------------------------------------------------------------
     def state_dict(self):
         """Hyper-parameters and per-parameter state as numpy arrays and Python scalars."""
         out = {"num_params": len(self.params)}
@@ -108,40 +95,35 @@ class Optimizer:
             out[name] = backend.to_numpy(value) if isinstance(value, tuple) else value
         for i, state in sorted(self.state.items()):
             for name, value in state.items():
-                out[f"state.{i}.{name}"] = (value if name == "t"
-                                            else backend.to_numpy(value).copy())
+                out[f"state.{i}.{name}"] = value if name == "t" else backend.to_numpy(value).copy()
         return out
 
     def load_state_dict(self, state_dict):
-        """Load what ``state_dict`` saved (also after a numpy.savez/load round trip).
-
-        Everything is checked first (keys, parameter count, hyper-parameter ranges,
-        buffer shapes), so a mismatch raises ValueError and changes nothing.
-        """
-        owner = f"{type(self).__name__}.load_state_dict"
+        """Load what ``state_dict`` saved (also after numpy.savez/load). Everything is
+        checked first, so a mismatch raises ValueError and changes nothing."""
+        owner, n = f"{type(self).__name__}.load_state_dict", len(self.params)
         saved = dict(state_dict)
-        expected = set(self._names) | {"num_params"}
-        per_param_keys = {key for key in saved if key.startswith("state.")}
+        expected = {*self._names, "num_params"}
+        per_param = sorted(key for key in saved if key.startswith("state."))
         missing = sorted(expected - set(saved))
-        unexpected = sorted(set(saved) - expected - per_param_keys)
+        unexpected = sorted(set(saved) - expected - set(per_param))
         if missing or unexpected:
             raise ValueError(f"{owner}: missing keys {missing}, unexpected keys {unexpected} "
                              f"(was it saved by another optimizer?)")
-        if _saved_int(owner, "num_params", saved["num_params"]) != len(self.params):
+        if _saved_int(owner, "num_params", saved["num_params"]) != n:
             raise ValueError(f"{owner}: saved for {int(saved['num_params'])} parameters, "
-                             f"this optimizer has {len(self.params)}")
-        h = self._checked({name: _like(owner, name, value, saved[name])
-                           for name, value in self.hyperparameters().items()})
-        state = self._loaded_state(owner, saved, per_param_keys)
-        self._set(h)
-        self.state = state
-
-    def _loaded_state(self, owner, saved, keys):
-        """Group "state.<i>.<name>" entries by parameter, check them, move them on device."""
+                             f"this optimizer has {n}")
+        # numpy.load gives 0-d or 1-d arrays: tolist() makes them Python data again
+        h = self._checked({name: backend.to_numpy(saved[name]).tolist() for name in self._names})
         grouped = {}
-        for key in keys:
-            i, name = _split_state_key(owner, key, len(self.params))
-            grouped.setdefault(i, {})[name] = saved[key]
+        for key in per_param:
+            parts = key.split(".")
+            if len(parts) != 3 or not parts[1].isdigit():
+                raise ValueError(f"{owner}: malformed key {key!r}; expected 'state.<index>.<name>'")
+            if int(parts[1]) >= n:
+                raise ValueError(f"{owner}: key {key!r} refers to parameter {parts[1]}, but "
+                                 f"there are only {n}")
+            grouped.setdefault(int(parts[1]), {})[parts[2]] = saved[key]
         state = {}
         for i, entries in grouped.items():
             # a buffer may be missing (its option was switched on after the last step)
@@ -149,16 +131,17 @@ class Optimizer:
                 raise ValueError(f"{owner}: parameter {i} has state {sorted(entries)}, "
                                  f"expected 't' and some of {sorted(self.buffer_names)}")
             theta = self.params[i].data
-            state[i] = {"t": _saved_int(owner, f"state.{i}.t", entries["t"])}
-            for name in set(entries) - {"t"}:
-                value = backend.to_numpy(entries[name])
+            state[i] = {"t": _saved_int(owner, f"state.{i}.t", entries.pop("t"))}
+            for name, value in entries.items():
+                value = backend.to_numpy(value)
                 if tuple(value.shape) != tuple(theta.shape):
                     raise ValueError(f"{owner}: 'state.{i}.{name}' has shape "
                                      f"{tuple(value.shape)}, parameter {i} has shape "
                                      f"{tuple(theta.shape)}")
                 on_device = backend.to_device(value, backend.device_of(theta))
                 state[i][name] = on_device.astype(theta.dtype, copy=True)
-        return state
+        self._set(h)
+        self.state = state
 
     def __repr__(self):
         args = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
@@ -183,10 +166,7 @@ class SGD(Optimizer):
                          nesterov=nesterov, weight_decay=weight_decay)
 
     def _checked(self, h):
-        h = super()._checked(h)
-        owner = type(self).__name__
-        for name in ("momentum", "weight_decay"):
-            h[name] = check_real(h[name], name, owner, minimum=0)
+        h, owner = super()._checked(h), type(self).__name__
         h["dampening"] = check_real(h["dampening"], "dampening", owner, minimum=0, maximum=1)
         h["nesterov"] = check_bool(h["nesterov"], "nesterov", owner)
         if h["nesterov"] and (h["momentum"] == 0 or h["dampening"] != 0):
@@ -194,9 +174,7 @@ class SGD(Optimizer):
         return h
 
     def _update(self, theta, g, state):
-        mu = self.momentum
-        if self.weight_decay:
-            g = g + self.weight_decay * theta
+        mu, g = self.momentum, self._decay(theta, g)
         if mu:
             first = "b" not in state  # the first step with momentum: b starts as g
             b = _zeros(state, "b", theta)
@@ -225,17 +203,10 @@ class Adam(Optimizer):
                          amsgrad=amsgrad)
 
     def _checked(self, h):
-        h = super()._checked(h)
-        owner = type(self).__name__
+        h, owner = super()._checked(h), type(self).__name__
         h["betas"] = check_real_pair(h["betas"], "betas", owner, minimum=0, below=1)
-        for name in ("eps", "weight_decay"):
-            h[name] = check_real(h[name], name, owner, minimum=0)
         h["amsgrad"] = check_bool(h["amsgrad"], "amsgrad", owner)
         return h
-
-    def _decay(self, theta, g):
-        """Adam's weight decay: an L2 penalty added to the gradient."""
-        return g + self.weight_decay * theta if self.weight_decay else g
 
     def _update(self, theta, g, state):
         xp = backend.get_array_module(theta)
@@ -254,13 +225,8 @@ class Adam(Optimizer):
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW.
-
-    The decay shrinks the parameter directly instead of entering the moments:
-
-        theta <- theta * (1 - lr * weight_decay)
-        then Adam's update (see Adam) with the raw gradient g.
-    """
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW:
+    theta <- theta * (1 - lr * weight_decay), then Adam's update with the raw g."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False):
@@ -293,19 +259,14 @@ class RMSprop(Optimizer):
                          momentum=momentum, centered=centered)
 
     def _checked(self, h):
-        h = super()._checked(h)
-        owner = type(self).__name__
+        h, owner = super()._checked(h), type(self).__name__
         h["alpha"] = check_real(h["alpha"], "alpha", owner, minimum=0, maximum=1)
-        for name in ("eps", "weight_decay", "momentum"):
-            h[name] = check_real(h[name], name, owner, minimum=0)
         h["centered"] = check_bool(h["centered"], "centered", owner)
         return h
 
     def _update(self, theta, g, state):
         xp = backend.get_array_module(theta)
-        alpha, v = self.alpha, _zeros(state, "v", theta)
-        if self.weight_decay:
-            g = g + self.weight_decay * theta
+        alpha, v, g = self.alpha, _zeros(state, "v", theta), self._decay(theta, g)
         v[...] = alpha * v + (1 - alpha) * g * g
         if self.centered:
             g_avg = _zeros(state, "g_avg", theta)
@@ -324,26 +285,23 @@ class RMSprop(Optimizer):
 def clip_grad_norm_(params, max_norm, norm_type=2.0):
     """Scale all gradients together so their joint norm is at most ``max_norm``.
 
-    The norm is taken over all grads as if concatenated into one vector (params
-    without a grad are ignored). When it exceeds ``max_norm`` every grad is
-    multiplied in place by max_norm / (total + 1e-6), as
-    torch.nn.utils.clip_grad_norm_ does (the 1e-6 guards a zero norm).
-    Returns the total norm before clipping, as a Python float.
+    The norm is over all grads as one vector (params without a grad are ignored); when
+    it exceeds ``max_norm`` every grad is multiplied in place by max_norm / (total +
+    1e-6), as torch.nn.utils.clip_grad_norm_. Returns the norm before clipping (a float).
     """
-    params = [params] if isinstance(params, Parameter) else _parameter_list(
-        "clip_grad_norm_", params, allow_empty=True)
-    max_norm = check_real(max_norm, "max_norm", "clip_grad_norm_", minimum=0, finite=False)
-    norm_type = check_real(norm_type, "norm_type", "clip_grad_norm_", above=0, finite=False)
+    owner = "clip_grad_norm_"
+    params = [params] if isinstance(params, Parameter) else _parameter_list(owner, params,
+                                                                           allow_empty=True)
+    max_norm = check_real(max_norm, "max_norm", owner, minimum=0, finite=False)
+    norm_type = check_real(norm_type, "norm_type", owner, above=0, finite=False)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
     # the norm of the per-grad norms equals the norm of everything concatenated
     norms = [float(backend.get_array_module(g).linalg.norm(g.ravel(), ord=norm_type))
              for g in grads]
-    if math.isinf(norm_type):
-        total = max(norms)
-    else:
-        total = math.fsum(n ** norm_type for n in norms) ** (1.0 / norm_type)
+    total = (max(norms) if math.isinf(norm_type)
+             else math.fsum(n ** norm_type for n in norms) ** (1.0 / norm_type))
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:
         for g in grads:
@@ -358,7 +316,6 @@ def _zeros(state, name, theta):
     return state[name]
 
 
-# -- argument checking --------------------------------------------------------
 def _parameter_list(owner, params, allow_empty=False):
     """``params`` as a list of distinct Parameters, or a clear TypeError/ValueError."""
     if isinstance(params, Parameter):
@@ -373,46 +330,16 @@ def _parameter_list(owner, params, allow_empty=False):
         raise ValueError(f"{owner}: got an empty parameter list; nothing to optimize")
     for i, p in enumerate(params):
         if not isinstance(p, Parameter):
-            raise TypeError(f"{owner}: params[{i}] is a {type(p).__name__}, expected a "
-                            f"Parameter")
+            raise TypeError(f"{owner}: params[{i}] is a {type(p).__name__}, expected a Parameter")
     if len({id(p) for p in params}) != len(params):
         # state is kept per position, so one array would be updated twice per step
         raise ValueError(f"{owner}: a Parameter appears more than once in params")
     return params
 
 
-def _like(owner, name, current, saved):
-    """A saved hyper-parameter converted to the Python type of the current one."""
-    try:
-        if isinstance(current, tuple):
-            return tuple(float(x) for x in backend.to_numpy(saved).ravel())
-        if isinstance(current, bool):
-            return bool(backend.to_numpy(saved).item())
-        return float(backend.to_numpy(saved).item())
-    except (TypeError, ValueError):
-        raise ValueError(f"{owner}: '{name}' = {saved!r} is not a valid value") from None
-
-
 def _saved_int(owner, key, value):
     """A saved count (a Python int or a 0-d numpy array) as a non-negative int."""
-    try:
-        number = backend.to_numpy(value).item()
-        ok = (not isinstance(number, bool) and float(number).is_integer()
-              and number >= 0)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    number = backend.to_numpy(value).tolist()
+    if not is_int(number) or number < 0:
         raise ValueError(f"{owner}: '{key}' must be a non-negative integer, got {value!r}")
-    return int(number)
-
-
-def _split_state_key(owner, key, num_params):
-    """"state.3.m" -> (3, "m"), checking the index."""
-    parts = key.split(".")
-    if len(parts) != 3 or not parts[1].isdigit():
-        raise ValueError(f"{owner}: malformed key {key!r}; expected 'state.<index>.<name>'")
-    i = int(parts[1])
-    if i >= num_params:
-        raise ValueError(f"{owner}: key {key!r} refers to parameter {i}, but there are "
-                         f"only {num_params}")
-    return i, parts[2]
+    return number

@@ -1,17 +1,11 @@
-"""Resumable training: everything a run needs to continue, in one .npz.
+"""Resumable training: everything a run needs to continue, in one pickle-free .npz.
 
-``Trainer.fit(..., save_state=path)`` writes, after every epoch, the model's
-parameters and buffers, the optimizer's state (its moments and lr), the
-scheduler's counters, the number of epochs done, the History so far, and the
-state of every random generator the run draws from: minidl's own (``manual_seed``),
-the training DataLoader's shuffle, its transform's (augmentation), and each layer's
-(Dropout). ``Trainer.fit(..., resume=path)`` puts all of it back and continues with
-the next epoch, so on the CPU a run stopped after any epoch and resumed ends with
-the same numbers, bit for bit, as one that never stopped.
-
-A generator's state is a dict of big integers; it is stored as JSON text, so the
-file stays free of pickles. Keys: "model/<name>", "optimizer/<name>",
-"scheduler/<name>", "history/<metric>", "rng/<owner>" and "epoch".
+``Trainer.fit(..., save_state=path)`` writes after every epoch the model's state, the
+optimizer's and scheduler's, the epochs done, the History and the state of every
+random generator the run draws from (minidl's, the loader's shuffle, its transform's,
+each layer's), as JSON text. ``fit(..., resume=path)`` puts it all back, so on the CPU
+a resumed run ends bit for bit as one that never stopped. Keys: "model/<name>",
+"optimizer/<name>", "scheduler/<name>", "history/<metric>", "rng/<owner>", "epoch".
 """
 import json
 import math
@@ -42,7 +36,8 @@ def load_training_state(path, trainer, train, history):
     (empty) ``history``; returns the number of epochs already done. ValueError when
     the file was written for another model, optimizer, scheduler or data pipeline."""
     saved = _read_state(path, trainer.model)
-    parts = {prefix: _unprefixed(prefix, saved)
+    parts = {prefix: {key[len(prefix):]: value for key, value in saved.items()
+                      if key.startswith(prefix)}
              for prefix in ("model/", "optimizer/", "scheduler/", "history/", "rng/")}
     if bool(parts["scheduler/"]) != (trainer.scheduler is not None):
         raise ValueError(f"resume: {path!r} was saved "
@@ -102,7 +97,3 @@ def _layers(layer, name):
 
 def _prefixed(prefix, state):
     return {prefix + key: _cpu.asarray(value) for key, value in state.items()}
-
-
-def _unprefixed(prefix, saved):
-    return {key[len(prefix):]: value for key, value in saved.items() if key.startswith(prefix)}

@@ -1,39 +1,50 @@
 """Learning-rate schedulers: set ``optimizer.lr`` from the epoch (or step) number.
 
-    opt = SGD(model.parameters(), lr=0.1)
     sched = CosineAnnealingLR(opt, T_max=50)
     for epoch in range(50):
         train_one_epoch(model, opt)
         sched.step()                    # once per epoch, after the optimizer's steps
 
-A scheduler is also a Callback: ``Trainer(scheduler=sched)`` steps it at the end of
-each epoch, or after every batch when ``sched.per_batch`` is True (warm-up,
-one-cycle), so ``last_epoch`` then counts optimizer steps. ReduceLROnPlateau steps
-with the epoch's value of the metric it monitors.
-
-Most schedulers compute the rate in closed form from ``base_lr`` (the optimizer's
-lr when the scheduler was made) and ``last_epoch`` (how many times ``step()`` ran),
-so their whole state is a few numbers. The values equal torch.optim.lr_scheduler's
-(which updates recursively) up to floating-point rounding.
+A scheduler is a Callback: ``Trainer(scheduler=sched)`` steps it after each epoch,
+or after every batch when ``per_batch`` is True (warm-up, one-cycle; ``last_epoch``
+then counts optimizer steps). Most compute the rate in closed form from ``base_lr``
+(the optimizer's lr when made) and ``last_epoch``, so their state is a few numbers;
+they equal torch.optim.lr_scheduler's (recursive) values up to rounding.
 """
 import bisect
 import math
 
+from .backend import to_numpy
 from .callbacks import Callback
 from .checks import check_bool, check_int, check_real
 from .optim import Optimizer
 
 
-class LRScheduler(Callback):
-    """Base class: a subclass implements ``lr_at(epoch)``.
+def _check_choice(value, name, owner, options):
+    """``value`` if it is one of the strings ``options``, else ValueError."""
+    if value not in options:
+        raise ValueError(f"{owner}: {name} must be {' or '.join(map(repr, options))}, "
+                         f"got {value!r}")
+    return str(value)
 
-    ``base_lr`` is the optimizer's lr at construction; the optimizer's lr is set to
-    ``lr_at(0)`` at once. ``last_epoch`` counts the ``step()`` calls so far.
-    ``per_batch``: the Trainer steps it after every batch instead of every epoch.
+
+_POSITIVE = (check_real, {"above": 0})
+_NON_NEGATIVE = (check_real, {"minimum": 0})
+_COUNT = (check_int, {"minimum": 0})
+
+
+class LRScheduler(Callback):
+    """Base class: a subclass implements ``lr_at(epoch)`` and lists its checks.
+
+    The optimizer's lr is set to ``lr_at(0)`` at once; ``last_epoch`` counts the
+    ``step()`` calls. ``_checks`` maps a hyper-parameter to (check, bounds) from
+    minidl.checks, applied when made and when loaded; ``_counters`` (further state)
+    are checked likewise when loaded.
     """
 
     per_batch = False
-    _counters = ()      # state beyond base_lr, last_epoch and the hyper-parameters
+    _checks = {}
+    _counters = {}
 
     def __init__(self, optimizer, **hyperparameters):
         if not isinstance(optimizer, Optimizer):
@@ -43,11 +54,9 @@ class LRScheduler(Callback):
         self.base_lr = optimizer.lr
         self.last_epoch = 0
         self._hyper_names = tuple(hyperparameters)
-        for name, value in self._checked(hyperparameters).items():
-            setattr(self, name, value)
+        self._set(self._checked(hyperparameters))
         self._apply(0)
 
-    # -- as a callback of Trainer.fit ------------------------------------------
     def on_batch_end(self, trainer, batch, logs):
         if self.per_batch:
             self.step()
@@ -61,8 +70,14 @@ class LRScheduler(Callback):
         raise NotImplementedError(f"{type(self).__name__} must implement lr_at(epoch)")
 
     def _checked(self, h):
-        """``h`` validated and normalised; ValueError when out of range."""
-        return dict(h)
+        """``h`` normalised by ``_checks``: TypeError (wrong kind) or ValueError."""
+        owner = type(self).__name__
+        return {**h, **{name: check(h[name], name, owner, **bounds)
+                        for name, (check, bounds) in self._checks.items()}}
+
+    def _set(self, values):
+        for name, value in values.items():
+            setattr(self, name, value)
 
     def step(self):
         """End an epoch: advance ``last_epoch`` and set the optimizer's lr for the next."""
@@ -80,30 +95,23 @@ class LRScheduler(Callback):
     def state_dict(self):
         """Python scalars (a tuple for MultiStepLR's milestones): base_lr, last_epoch,
         the hyper-parameters and any counters."""
-        state = {"base_lr": self.base_lr, "last_epoch": self.last_epoch}
-        state.update({name: getattr(self, name) for name in self._hyper_names + self._counters})
-        return state
+        names = ("base_lr", "last_epoch", *self._hyper_names, *self._counters)
+        return {name: getattr(self, name) for name in names}
 
     def load_state_dict(self, state):
         """Restore ``state_dict()``'s output (numpy 0-d arrays from numpy.load are fine).
-
-        The optimizer's lr is not touched: it is restored by the optimizer's own
-        load_state_dict, and the next ``step()`` sets it from the schedule anyway.
-        """
+        The optimizer's lr is left alone: its own load_state_dict restores it."""
         owner = f"{type(self).__name__}.load_state_dict"
         expected = {"base_lr", "last_epoch", *self._hyper_names, *self._counters}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(f"{owner}: missing keys {missing}, unexpected keys {unexpected}")
-        last_epoch = check_int(_scalar(owner, "last_epoch", state), "last_epoch", owner,
-                               minimum=0)
-        base_lr = check_real(_scalar(owner, "base_lr", state), "base_lr", owner, minimum=0)
-        h = self._checked({name: _plain(state[name]) for name in self._hyper_names})
-        counters = {name: type(getattr(self, name))(_scalar(owner, name, state))
-                    for name in self._counters}
-        self.base_lr, self.last_epoch = base_lr, last_epoch
-        for name, value in {**h, **counters}.items():
-            setattr(self, name, value)
+        # numpy.load gives 0-d or 1-d arrays: tolist() makes them Python data again
+        values = {name: to_numpy(state[name]).tolist() for name in expected}
+        h = self._checked({name: values[name] for name in self._hyper_names})
+        checks = {"base_lr": _NON_NEGATIVE, "last_epoch": _COUNT, **self._counters}
+        self._set({**h, **{name: check(values[name], name, owner, **bounds)
+                           for name, (check, bounds) in checks.items()}})
 
     def __repr__(self):
         args = ", ".join(f"{name}={getattr(self, name)}" for name in self._hyper_names)
@@ -112,55 +120,41 @@ class LRScheduler(Callback):
 
 
 class StepLR(LRScheduler):
-    """Multiply the rate by ``gamma`` every ``step_size`` epochs.
+    """lr(epoch) = base_lr * gamma ** (epoch // step_size)"""
 
-        lr(epoch) = base_lr * gamma ** (epoch // step_size)
-    """
+    _checks = {"step_size": (check_int, {"minimum": 1}), "gamma": _POSITIVE}
 
     def __init__(self, optimizer, step_size, gamma=0.1):
         super().__init__(optimizer, step_size=step_size, gamma=gamma)
-
-    def _checked(self, h):
-        owner = type(self).__name__
-        return {"step_size": check_int(h["step_size"], "step_size", owner, minimum=1),
-                "gamma": check_real(h["gamma"], "gamma", owner, above=0)}
 
     def lr_at(self, epoch):
         return self.base_lr * self.gamma ** (epoch // self.step_size)
 
 
 class ExponentialLR(LRScheduler):
-    """Multiply the rate by ``gamma`` every epoch.
+    """lr(epoch) = base_lr * gamma ** epoch"""
 
-        lr(epoch) = base_lr * gamma ** epoch
-    """
+    _checks = {"gamma": _POSITIVE}
 
     def __init__(self, optimizer, gamma):
         super().__init__(optimizer, gamma=gamma)
-
-    def _checked(self, h):
-        return {"gamma": check_real(h["gamma"], "gamma", type(self).__name__, above=0)}
 
     def lr_at(self, epoch):
         return self.base_lr * self.gamma ** epoch
 
 
 class CosineAnnealingLR(LRScheduler):
-    """Follow half a cosine from ``base_lr`` down to ``eta_min`` over ``T_max`` epochs.
+    """Half a cosine from ``base_lr`` down to ``eta_min`` over ``T_max`` epochs:
 
         lr(epoch) = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2
 
-    Past ``T_max`` the cosine continues, so the rate climbs back (period 2 * T_max),
-    as in PyTorch (SGDR's warm restarts are a different scheduler).
+    Past ``T_max`` the cosine continues (period 2 * T_max), as in PyTorch.
     """
+
+    _checks = {"T_max": (check_int, {"minimum": 1}), "eta_min": _NON_NEGATIVE}
 
     def __init__(self, optimizer, T_max, eta_min=0.0):
         super().__init__(optimizer, T_max=T_max, eta_min=eta_min)
-
-    def _checked(self, h):
-        owner = type(self).__name__
-        return {"T_max": check_int(h["T_max"], "T_max", owner, minimum=1),
-                "eta_min": check_real(h["eta_min"], "eta_min", owner, minimum=0)}
 
     def lr_at(self, epoch):
         cosine = (1 + math.cos(math.pi * epoch / self.T_max)) / 2
@@ -168,36 +162,37 @@ class CosineAnnealingLR(LRScheduler):
 
 
 class MultiStepLR(LRScheduler):
-    """Multiply the rate by ``gamma`` at each epoch in ``milestones``.
+    """lr(epoch) = base_lr * gamma ** (number of milestones <= epoch)"""
 
-        lr(epoch) = base_lr * gamma ** (number of milestones <= epoch)
-    """
+    _checks = {"gamma": _POSITIVE}
 
     def __init__(self, optimizer, milestones, gamma=0.1):
         super().__init__(optimizer, milestones=milestones, gamma=gamma)
 
     def _checked(self, h):
-        owner = type(self).__name__
+        h, owner = super()._checked(h), type(self).__name__
         try:
             milestones = list(h["milestones"])
         except TypeError:
             raise TypeError(f"{owner}: milestones must be a list of epochs, got "
                             f"{h['milestones']!r}") from None
-        return {"milestones": tuple(sorted(check_int(m, "milestones", owner, minimum=0)
-                                           for m in milestones)),
-                "gamma": check_real(h["gamma"], "gamma", owner, above=0)}
+        h["milestones"] = tuple(sorted(check_int(m, "milestones", owner, minimum=0)
+                                       for m in milestones))
+        return h
 
     def lr_at(self, epoch):
         return self.base_lr * self.gamma ** bisect.bisect_right(self.milestones, epoch)
 
 
 class LinearLR(LRScheduler):
-    """A linear ramp of the factor on the rate, from ``start_factor`` to ``end_factor``
-    over ``total_iters`` steps, then constant: a linear warm-up with the defaults of
-    ``per_batch=True`` (stepped after every batch).
+    """A linear ramp of the rate's factor from ``start_factor`` to ``end_factor`` over
+    ``total_iters`` steps, then constant (a warm-up, stepped per batch by default):
 
         lr(t) = base_lr * (start + (end - start) * min(t, total_iters) / total_iters)
     """
+
+    _checks = {"start_factor": _POSITIVE, "end_factor": _NON_NEGATIVE,
+               "total_iters": (check_int, {"minimum": 1})}
 
     def __init__(self, optimizer, start_factor=1 / 3, end_factor=1.0, total_iters=5,
                  per_batch=True):
@@ -206,14 +201,12 @@ class LinearLR(LRScheduler):
                          total_iters=total_iters)
 
     def _checked(self, h):
-        owner = type(self).__name__
-        start = check_real(h["start_factor"], "start_factor", owner, above=0)
-        end = check_real(h["end_factor"], "end_factor", owner, minimum=0)
-        if start > 1 or end > 1:
-            raise ValueError(f"{owner}: start_factor must be in (0, 1] and end_factor in "
-                             f"[0, 1], got {start} and {end}")
-        return {"start_factor": start, "end_factor": end,
-                "total_iters": check_int(h["total_iters"], "total_iters", owner, minimum=1)}
+        h = super()._checked(h)
+        if h["start_factor"] > 1 or h["end_factor"] > 1:
+            raise ValueError(f"{type(self).__name__}: start_factor must be in (0, 1] and "
+                             f"end_factor in [0, 1], got {h['start_factor']} and "
+                             f"{h['end_factor']}")
+        return h
 
     def lr_at(self, t):
         ramp = min(t, self.total_iters) / self.total_iters
@@ -221,22 +214,27 @@ class LinearLR(LRScheduler):
 
 
 class OneCycleLR(LRScheduler):
-    """The 1cycle policy (Smith & Topin), stepped after every batch: the rate rises from
-    ``max_lr / div_factor`` to ``max_lr`` over the first ``pct_start`` of the
-    ``total_steps`` (= epochs * steps_per_epoch when not given), then anneals to
-    ``max_lr / div_factor / final_div_factor``; ``three_phase`` goes back down to the
-    start before the final anneal, as in PyTorch. With ``cycle_momentum`` the momentum
-    (Adam's beta1) moves the other way, between ``max_momentum`` and ``base_momentum``.
-    Between the phase ends e_k (step numbers), with pct the fraction of the phase done:
+    """The 1cycle policy (Smith & Topin), as PyTorch's, stepped after every batch.
+
+    The rate rises from ``max_lr / div_factor`` to ``max_lr`` over the first
+    ``pct_start`` of ``total_steps`` (default epochs * steps_per_epoch), then anneals to
+    ``max_lr / div_factor / final_div_factor`` (``three_phase``: back down to the start
+    first). With ``cycle_momentum`` the momentum (Adam's beta1) moves the other way,
+    between ``max_momentum`` and ``base_momentum``. Within a phase, pct its part done:
 
         cos:     v = end + (start - end) * (1 + cos(pi * pct)) / 2
         linear:  v = start + (end - start) * pct
 
-    After the last step the values stay at their final ones (torch extrapolates the
-    anneal one step further, which no optimizer step uses).
+    After the last step the values stay final (torch extrapolates one step further).
     """
 
     per_batch = True
+    _checks = {"max_lr": _POSITIVE, "total_steps": (check_int, {"minimum": 1}),
+               "pct_start": (check_real, {"minimum": 0, "maximum": 1}),
+               "anneal_strategy": (_check_choice, {"options": ("cos", "linear")}),
+               "cycle_momentum": (check_bool, {}), "base_momentum": _NON_NEGATIVE,
+               "max_momentum": _NON_NEGATIVE, "div_factor": _POSITIVE,
+               "final_div_factor": _POSITIVE, "three_phase": (check_bool, {})}
 
     def __init__(self, optimizer, max_lr, total_steps=None, epochs=None, steps_per_epoch=None,
                  pct_start=0.3, anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85,
@@ -254,34 +252,18 @@ class OneCycleLR(LRScheduler):
                          final_div_factor=final_div_factor, three_phase=three_phase)
 
     def _checked(self, h):
-        owner = type(self).__name__
-        pct_start = check_real(h["pct_start"], "pct_start", owner, minimum=0)
-        if pct_start > 1:
-            raise ValueError(f"{owner}: pct_start must be in [0, 1], got {pct_start}")
-        if h["anneal_strategy"] not in ("cos", "linear"):
-            raise ValueError(f"{owner}: anneal_strategy must be 'cos' or 'linear', got "
-                             f"{h['anneal_strategy']!r}")
+        h, owner = super()._checked(h), type(self).__name__
         hyper = self.optimizer.hyperparameters()
         if h["cycle_momentum"] and "momentum" not in hyper and "betas" not in hyper:
             raise ValueError(f"{owner}: {type(self.optimizer).__name__} has no momentum or "
                              f"betas to cycle; pass cycle_momentum=False")
-        return {"max_lr": check_real(h["max_lr"], "max_lr", owner, above=0),
-                "total_steps": check_int(h["total_steps"], "total_steps", owner, minimum=1),
-                "pct_start": pct_start, "anneal_strategy": str(h["anneal_strategy"]),
-                "cycle_momentum": check_bool(h["cycle_momentum"], "cycle_momentum", owner),
-                "base_momentum": check_real(h["base_momentum"], "base_momentum", owner, minimum=0),
-                "max_momentum": check_real(h["max_momentum"], "max_momentum", owner, minimum=0),
-                "div_factor": check_real(h["div_factor"], "div_factor", owner, above=0),
-                "final_div_factor": check_real(h["final_div_factor"], "final_div_factor", owner,
-                                               above=0),
-                "three_phase": check_bool(h["three_phase"], "three_phase", owner)}
+        return h
 
     def _phases(self):
         """(end step, (start lr, end lr), (start momentum, end momentum)) of each phase."""
         initial = self.max_lr / self.div_factor
         low = initial / self.final_div_factor
-        up = self.pct_start * self.total_steps - 1
-        last = self.total_steps - 1
+        up, last = self.pct_start * self.total_steps - 1, self.total_steps - 1
         m_high, m_low = self.max_momentum, self.base_momentum
         if self.three_phase:
             return [(up, (initial, self.max_lr), (m_high, m_low)),
@@ -313,8 +295,8 @@ class OneCycleLR(LRScheduler):
         for k, phase in enumerate(phases):
             end_step, (start, end) = phase[0], phase[which]
             if step <= end_step or k == len(phases) - 1:
-                # At step == total_steps (after the last batch) torch extrapolates one step
-                # past the end, which a linear anneal can take below 0: stay at the end.
+                # at step == total_steps torch extrapolates past the end, which a linear
+                # anneal can take below 0: stay at the end
                 pct = min((step - start_step) / (end_step - start_step), 1.0)
                 if self.anneal_strategy == "linear":
                     return start + (end - start) * pct
@@ -324,15 +306,21 @@ class OneCycleLR(LRScheduler):
 
 class ReduceLROnPlateau(LRScheduler):
     """Multiply the rate by ``factor`` when ``monitor`` (a logged metric; ``step(value)``
-    when used by hand) has not improved for more than ``patience`` epochs, as
-    torch.optim.lr_scheduler.ReduceLROnPlateau; then wait ``cooldown`` epochs.
+    by hand) has not improved for more than ``patience`` epochs, then wait ``cooldown``
+    epochs, as torch.optim.lr_scheduler.ReduceLROnPlateau.
 
     Improved ("min" mode, "rel"): value < best * (1 - threshold); "abs": value <
     best - threshold ("max" mode: > best * (1 + threshold), > best + threshold).
     The rate never goes below ``min_lr``, and changes smaller than ``eps`` are skipped.
     """
 
-    _counters = ("best", "num_bad_epochs", "cooldown_counter")
+    _counters = {"best": (check_real, {"finite": False}), "num_bad_epochs": _COUNT,
+                 "cooldown_counter": _COUNT}
+    _checks = {"mode": (_check_choice, {"options": ("min", "max")}),
+               "threshold_mode": (_check_choice, {"options": ("rel", "abs")}),
+               "factor": _NON_NEGATIVE, "patience": _COUNT,
+               "threshold": _NON_NEGATIVE, "cooldown": _COUNT,
+               "min_lr": _NON_NEGATIVE, "eps": _NON_NEGATIVE}
 
     def __init__(self, optimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
                  threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8, monitor="val_loss"):
@@ -344,21 +332,11 @@ class ReduceLROnPlateau(LRScheduler):
         self.cooldown_counter = 0
 
     def _checked(self, h):
-        owner = type(self).__name__
-        if h["mode"] not in ("min", "max") or h["threshold_mode"] not in ("rel", "abs"):
-            raise ValueError(f"{owner}: mode must be 'min' or 'max' and threshold_mode 'rel' "
-                             f"or 'abs', got {h['mode']!r} and {h['threshold_mode']!r}")
-        factor = check_real(h["factor"], "factor", owner, minimum=0)
-        if factor >= 1:
-            raise ValueError(f"{owner}: factor must be < 1, got {factor}")
-        return {"mode": str(h["mode"]), "factor": factor,
-                "patience": check_int(h["patience"], "patience", owner, minimum=0),
-                "threshold": check_real(h["threshold"], "threshold", owner, minimum=0),
-                "threshold_mode": str(h["threshold_mode"]),
-                "cooldown": check_int(h["cooldown"], "cooldown", owner, minimum=0),
-                "min_lr": check_real(h["min_lr"], "min_lr", owner, minimum=0),
-                "eps": check_real(h["eps"], "eps", owner, minimum=0),
-                "monitor": str(h["monitor"])}
+        h, owner = super()._checked(h), type(self).__name__
+        if h["factor"] >= 1:
+            raise ValueError(f"{owner}: factor must be < 1, got {h['factor']}")
+        h["monitor"] = str(h["monitor"])
+        return h
 
     def lr_at(self, epoch):
         return self.optimizer.lr     # no closed form: the rate is whatever it was set to
@@ -393,21 +371,3 @@ class ReduceLROnPlateau(LRScheduler):
                              f"available: {sorted(logs)} (pass val= to fit for val_*)")
         self.step(logs[self.monitor])
 
-
-# -- argument checking --------------------------------------------------------
-def _plain(value):
-    """A loaded hyper-parameter as Python data (numpy.load gives 0-d or 1-d arrays)."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    return value
-
-
-def _scalar(owner, key, state):
-    """state[key] as a Python scalar (numpy.load gives 0-d arrays)."""
-    value = state[key]
-    if hasattr(value, "item"):
-        if getattr(value, "size", 1) != 1:
-            raise ValueError(f"{owner}: '{key}' must be a single number, got shape "
-                             f"{tuple(value.shape)}")
-        value = value.item()
-    return value
