@@ -14,6 +14,7 @@ setup(
         "gpu": ["cupy-cuda12x>=13"],
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.6"],
         "viz": ["matplotlib>=3.6"],
+        "bench": ["threadpoolctl>=3"],
     },
     entry_points={"console_scripts": ["minidl=minidl.cli:main"]},
 )
