@@ -1,6 +1,6 @@
 """The fast paths of issue #7 against the loop references.
 
-Every path a layer can take for speed (1x1 convolution, reused im2col buffers, chunked
+Every path a layer can take for speed (per-sample products, reused im2col buffers, chunked
 im2col, threaded im2col/col2im, skipping dx for a model's first layer, layouts kept
 channels first between layers) must give the numbers of tests/reference_conv.py and
 tests/reference_layers.py. Timing lives in benchmarks/bench_conv.py, never here.
@@ -52,35 +52,16 @@ def channels_first_view(xp, n, c, h, w, seed):
     return randn(xp, c, n, h, w, seed=seed).transpose(1, 0, 2, 3)
 
 
-# -- 1x1 convolution: plain products, no im2col, no col2im -----------------------------
+# -- 1x1 convolution ------------------------------------------------------------------
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_pointwise_conv_matches_reference(xp, bias):
-    layer = conv64(xp, 5, 3, 1, bias=bias)
-    assert layer._pointwise()
-    x = randn(xp, 2, 5, 4, 6, seed=1)
-    dz = randn(xp, 2, 3, 4, 6, seed=2)
-    check_against_reference(layer, x, dz, (1, 1), (0, 0))
-
-
-def test_pointwise_conv_on_a_channels_first_input(xp):
-    """The output of a Conv2D is an NCHW view of channels-first memory: the 1x1 layer
-    after it then reads its input without any copy, and must still be right."""
+def test_1x1_conv_on_a_channels_first_input(xp, bias):
+    """The output of a Conv2D is an NCHW view of channels-first memory: a 1x1 layer
+    after it must still give the reference's numbers."""
     first = conv64(xp, 2, 4, 3, padding=1)
     x = first.forward(randn(xp, 3, 2, 5, 5, seed=3))
-    assert not x.flags.c_contiguous                 # the channels-first view
-    layer = conv64(xp, 4, 6, 1)
+    layer = conv64(xp, 4, 6, 1, bias=bias)
     check_against_reference(layer, x, randn(xp, 3, 6, 5, 5, seed=4), (1, 1), (0, 0))
-
-
-def test_pointwise_with_stride_or_padding_takes_the_general_path(xp):
-    for stride, padding in [(2, 0), (1, 1)]:
-        layer = conv64(xp, 3, 2, 1, stride=stride, padding=padding)
-        assert not layer._pointwise()
-        x = randn(xp, 2, 3, 5, 5, seed=5)
-        ho = (5 + 2 * padding - 1) // stride + 1
-        check_against_reference(layer, x, randn(xp, 2, 2, ho, ho, seed=6),
-                                (stride, stride), (padding, padding))
 
 
 # -- buffer reuse ------------------------------------------------------------------------
@@ -160,7 +141,6 @@ def test_both_backward_product_paths_match_reference(xp, monkeypatch, small_k, d
         "max_im2col_bytes": chunk_samples * c * kernel[0] * kernel[1] * ho * wo * 8}
     layer = conv64(xp, c, f, kernel, stride=stride, padding=padding, **budget)
     layer.input_grad = input_grad
-    assert layer._per_sample_products() == bool(small_k)
     if dz_layout == "nchw":
         dz = randn(xp, n, f, ho, wo, seed=2)
     else:
