@@ -115,15 +115,13 @@ class Conv2D(Layer):
         f = self.out_channels
         ho, wo = dz.shape[2:]
         k = c * self.kernel_size[0] * self.kernel_size[1]        # rows of cols
-        per_sample = k <= SMALL_K       # few rows: see SMALL_K
+        if self.bias is not None:
+            self.bias.accumulate_grad(dz.sum(axis=(0, 2, 3)))             # db
+        per_sample = k <= SMALL_K                                # few rows: see SMALL_K
         if per_sample:
             dz_s = dz.reshape(n, f, ho * wo)                     # a view in NCHW or CNHW order
-            if self.bias is not None:
-                self.bias.accumulate_grad(dz_s.sum(axis=(0, 2)))        # db
         else:
             dz_t = channels_first(dz).reshape(f, n, ho * wo)    # copies only if needed
-            if self.bias is not None:
-                self.bias.accumulate_grad(dz_t.sum(axis=(1, 2)))        # db
         dw_t = xp.zeros((k, f), dtype=self.dtype)                 # dW2 transposed
         dx_pad_t = xp.zeros((c,) + x_pad_t.shape[1:], dtype=self.dtype) if self.input_grad else None
         w2 = self.weight.data.reshape(f, k)
