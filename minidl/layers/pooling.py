@@ -72,10 +72,7 @@ class _Pool2D(Layer):
         if p1 == p2 == 0:
             return x
         xp = backend.get_array_module(x)
-        n, c, h, w = x.shape
-        x_pad = xp.full((n, c, h + 2 * p1, w + 2 * p2), value, dtype=x.dtype)
-        x_pad[:, :, p1:p1 + h, p2:p2 + w] = x
-        return x_pad
+        return xp.pad(x, ((0, 0), (0, 0), (p1, p1), (p2, p2)), constant_values=value)
 
     def _new_dx_pad(self, like, x_pad_shape, out_hw):
         """Zeros shaped like x_pad, stored in the memory order of ``like``; left
