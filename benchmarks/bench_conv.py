@@ -293,6 +293,23 @@ def set_threads(threads):
     parallel.NUM_THREADS = min(threads, parallel.num_threads())
 
 
+def one_thread_passes(make):
+    """``make`` with minidl's memory passes on one thread during each call."""
+    from minidl.layers import parallel
+
+    def make_single():
+        fn = make()
+
+        def run():
+            threads, parallel.NUM_THREADS = parallel.NUM_THREADS, 1
+            try:
+                return fn()
+            finally:
+                parallel.NUM_THREADS = threads
+        return run
+    return make_single
+
+
 def traced_peak(make):
     """tracemalloc's peak (bytes) over building ``make()`` and calling it twice."""
     gc.collect()
@@ -331,12 +348,15 @@ def measure(columns, samples, block, pause):
 def run_row(key, args, tree):
     title, target, make_minidl, make_torch = build_row(key)
     columns = [Column("minidl", make_minidl)]
+    if args.one_thread_passes:
+        columns.append(Column("minidl, passes on 1 thread", one_thread_passes(make_minidl)))
     if torch is not None:
         check_agreement(key, make_minidl, make_torch)
         columns.append(Column("torch", make_torch))
     if tree:
         columns.append(ChildColumn(f"minidl {args.baseline}", key, tree, args.threads))
-    peaks = {c.name: c.peak_bytes() for c in columns if c.name != "torch"}
+    peaks = {c.name: c.peak_bytes() for c in columns
+             if c.name == "minidl" or isinstance(c, ChildColumn)}
     columns[0].start()
     estimate = min(columns[0].block(3))
     samples = args.repeats or int(min(60, max(args.min_samples, args.budget / estimate)))
@@ -353,7 +373,10 @@ def run_row(key, args, tree):
 
 def markdown(rows, baseline):
     base = f"minidl {baseline}" if baseline else None
+    single = "minidl, passes on 1 thread"
     head = ["Case", "minidl ms, median (p25-p75)", "torch ms", "minidl / torch", "target"]
+    if any(single in row["medians"] for row in rows):
+        head += [f"{single} ms", "minidl / that"]
     if base:
         head += [f"{base} ms", f"minidl / {baseline}"]
     head += ["peak MiB minidl" + (f" / {baseline}" if base else "")]
@@ -368,6 +391,8 @@ def markdown(rows, baseline):
                       f"<= {row['target']:.1f}x"]
         else:
             cells += ["-", "-", "-"]
+        if single in q:
+            cells += [_ms(q[single]), f"**{mine / q[single][1]:.2f}x**"]
         if base:
             cells += [_ms(q[base]), f"**{mine / q[base][1]:.2f}x**"]
         cells.append(" / ".join(f"{p / 2**20:.0f}" for p in row["peaks"].values()))
@@ -413,6 +438,8 @@ def main(argv=None):
                         help="comma-separated prefixes of rows: " + ", ".join(ROWS))
     parser.add_argument("--baseline", metavar="REV",
                         help="also time the minidl of git revision REV, side by side")
+    parser.add_argument("--one-thread-passes", action="store_true",
+                        help="add a column: minidl with its memory passes on one thread")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="threads for BLAS and torch (default: all usable cores)")
     parser.add_argument("--repeats", type=int, default=0,
