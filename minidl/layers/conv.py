@@ -28,7 +28,7 @@ from ..random import default_rng
 from .activations import get_activation
 from .arguments import as_pair, as_positive_int, padding_pairs
 from .base import Layer, Parameter
-from .im2col import channels_first, col2im_add, conv_output_size, im2col, pad_channels_first
+from .im2col import col2im_add, conv_output_size, im2col, pad_channels_first
 
 DEFAULT_IM2COL_BYTES = 256 * 2**20
 # Up to this many rows of cols (C*k1*k2), one product over all positions is thin and
@@ -121,7 +121,8 @@ class Conv2D(Layer):
         if per_sample:
             dz_s = dz.reshape(n, f, ho * wo)                     # a view in NCHW or CNHW order
         else:
-            dz_t = channels_first(dz).reshape(f, n, ho * wo)    # copies only if needed
+            # (F, N, Ho*Wo): a view of a Conv2D output's gradient, else one copy
+            dz_t = xp.ascontiguousarray(dz.swapaxes(0, 1)).reshape(f, n, ho * wo)
         dw_t = xp.zeros((k, f), dtype=self.dtype)                 # dW2 transposed
         dx_pad_t = xp.zeros((c,) + x_pad_t.shape[1:], dtype=self.dtype) if self.input_grad else None
         w2 = self.weight.data.reshape(f, k)

@@ -38,29 +38,9 @@ def pad_channels_first(x, pads):
     x_t = x.transpose(1, 0, 2, 3)
     if top == bottom == left == right == 0:
         return x_t
-    xp = backend.get_array_module(x)
-    x_pad_t = xp.zeros((c, n, h + top + bottom, w + left + right), dtype=x.dtype)
-
-    def copy_interior(x_pad_t, x_t):
-        x_pad_t[:, :, top:top + h, left:left + w] = x_t
-    in_pieces(copy_interior, x_pad_t, x_t, axis=_split_axis(c))
+    x_pad_t = backend.get_array_module(x).zeros((c, n, h + top + bottom, w + left + right), x.dtype)
+    x_pad_t[:, :, top:top + h, left:left + w] = x_t      # (xp.pad is ~30% slower here)
     return x_pad_t
-
-
-def channels_first(a):
-    """a (N, C, ...) as a C-contiguous (C, N, ...) array: a view when a is stored channels
-    first already (a Conv2D output, or what BatchNorm, ReLU and pooling make of one),
-    else one copy."""
-    a_t = a.swapaxes(0, 1)
-    if a_t.flags.c_contiguous:
-        return a_t
-    xp = backend.get_array_module(a)
-    out = xp.empty(a_t.shape, dtype=a.dtype)
-
-    def copy(out, a_t):
-        out[...] = a_t
-    in_pieces(copy, out, a_t, axis=_split_axis(a_t.shape[0]))
-    return out
 
 
 def im2col(x_pad_t, kernel, stride, out_hw, out=None):
