@@ -141,12 +141,8 @@ class MaxPool2D(_Pool2D):
         y = _empty_in_layout_of(x, x.shape[:2] + out_hw)
 
         def max_over_windows(x_pad, y):
-            first = slab(x_pad, *offsets[0], self.stride, out_hw)
-            if len(offsets) == 1:
-                y[...] = first
-            else:
-                xp.maximum(first, slab(x_pad, *offsets[1], self.stride, out_hw), out=y)
-            for m, l in offsets[2:]:
+            y[...] = slab(x_pad, *offsets[0], self.stride, out_hw)
+            for m, l in offsets[1:]:
                 xp.maximum(y, slab(x_pad, m, l, self.stride, out_hw), out=y)
         in_pieces(max_over_windows, x_pad, y)                 # channels split over threads
         if x_pad is not x:
