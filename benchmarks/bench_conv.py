@@ -32,6 +32,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -428,6 +429,7 @@ def baseline_tree(rev, stack):
                    check=True)
     stack.append(lambda: subprocess.run(["git", "-C", root, "worktree", "remove", "--force",
                                          tree], check=False))
+    stack.append(lambda: shutil.rmtree(tmp, ignore_errors=True))
     return tree
 
 
