@@ -17,6 +17,7 @@ setup(
         "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
         # MPI for data-parallel training; the mpich wheel brings mpiexec onto PATH
         "dist": ["mpi4py>=4", "mpich"],
+        "bench": ["threadpoolctl>=3"],
     },
     entry_points={"console_scripts": ["minidl=minidl.cli:main"]},
 )

@@ -12,6 +12,7 @@ import numpy
 
 import minidl
 from minidl.data import mnist
+from minidl.layers.im2col import conv_output_size, slab
 from minidl.random import default_rng
 
 
@@ -36,11 +37,6 @@ class DepthwiseConv2D(minidl.Layer):
         self.bias = minidl.Parameter(minidl.to_device(b, self.device), "bias")
         self.cache = None
 
-    def _slab(self, a, m, l, out_hw):
-        """a[:, :, i*s + m, j*s + l] for every output position (i, j): a strided view."""
-        (ho, wo), s = out_hw, self.stride[0]
-        return a[:, :, m:m + s * (ho - 1) + 1:s, l:l + s * (wo - 1) + 1:s]
-
     def _offsets(self):
         k = self.kernel_size[0]
         return [(m, l) for m in range(k) for l in range(k)]
@@ -54,7 +50,7 @@ class DepthwiseConv2D(minidl.Layer):
         y = xp.zeros(out_shape, dtype=x.dtype)
         for m, l in self._offsets():
             w_ml = self.weight.data[:, m, l, None, None]           # (C, 1, 1)
-            y += w_ml * self._slab(x_pad, m, l, out_shape[2:])
+            y += w_ml * slab(x_pad, m, l, self.stride, out_shape[2:])
         y += self.bias.data[:, None, None]
         self.cache = {"x_pad": x_pad, "x_shape": x.shape}
         return y
@@ -68,8 +64,8 @@ class DepthwiseConv2D(minidl.Layer):
         dw = xp.empty_like(self.weight.data)
         dx_pad = xp.zeros_like(x_pad)
         for m, l in self._offsets():
-            dw[:, m, l] = (dy * self._slab(x_pad, m, l, out_hw)).sum(axis=(0, 2, 3))
-            dx_slab = self._slab(dx_pad, m, l, out_hw)     # a view: += writes into dx_pad
+            dw[:, m, l] = (dy * slab(x_pad, m, l, self.stride, out_hw)).sum(axis=(0, 2, 3))
+            dx_slab = slab(dx_pad, m, l, self.stride, out_hw)   # a view: += adds into dx_pad
             dx_slab += dy * self.weight.data[:, m, l, None, None]
         self.weight.accumulate_grad(dw)                    # add, never assign
         self.bias.accumulate_grad(dy.sum(axis=(0, 2, 3)))
@@ -82,7 +78,7 @@ class DepthwiseConv2D(minidl.Layer):
             raise ValueError(f"DepthwiseConv2D: expected {self.channels} channels, "
                              f"got input of shape {tuple(input_shape)}")
         (k, _), (s, _), p = self.kernel_size, self.stride, self.padding
-        return (n, c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
+        return (n, c, conv_output_size(h, k, s, p, p), conv_output_size(w, k, s, p, p))
 
     def flops(self, input_shape):
         """k*k multiply-adds (2 FLOPs each) per output value, for one sample."""

@@ -4,6 +4,16 @@ The public names, grouped by module (docs/api.md lists them all):
 backend seam, layers, losses, Sequential, optimizers and schedulers, data,
 the Trainer and its callbacks, gradcheck; minidl.onnx and minidl.interop (to PyTorch).
 """
+import os as _os
+import sys as _sys
+
+# OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when numpy loads it. By default its idle
+# threads spin for ~0.1 s after every product and take the cores that minidl's threaded
+# memory passes need (layers/parallel.py); 4 makes them sleep at once. Set here, before
+# numpy loads, unless numpy is loaded already or the user chose a value.
+if "numpy" not in _sys.modules:
+    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 from . import interop, losses, onnx, optim, schedulers
 from .backend import (backend_name, device_of, get_array_module, get_backend, gpu_available,
                       set_backend, to_device, to_numpy)

@@ -1,7 +1,7 @@
 """A slow, obviously-correct Conv2D: the seed's equations as plain Python loops.
 
 Everything is float64 NumPy, one sample and one output position at a time, so
-each line can be read against shared/seed/equations.md. The fast layer must
+each line can be read against docs/conv2d.md ("The seed's equations"). The fast layer must
 match these to 1e-10.
 """
 import numpy as np

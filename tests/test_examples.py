@@ -78,7 +78,8 @@ def test_custom_layer(data_root, capsys):
 
 @pytest.mark.parametrize("bug", [
     ("dx_slab += dy", "dx_slab[...] = dy"),                      # '=' where '+=' is needed
-    ("_slab(x_pad, m, l, out_hw)).sum", "_slab(x_pad, l, m, out_hw)).sum"),   # m, l swapped
+    ("slab(x_pad, m, l, self.stride, out_hw)).sum",
+     "slab(x_pad, l, m, self.stride, out_hw)).sum"),                  # m, l swapped
 ])
 def test_custom_layer_checks_catch_the_bugs_extending_md_suggests(bug):
     """The tutorial's checks are real: make the breakages docs/extending.md suggests,

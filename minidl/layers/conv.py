@@ -1,7 +1,6 @@
 """Conv2D: the 2-D convolution layer (docs/conv2d.md derives every line here).
 
-Forward, Eq. [1] of the seed (shared/seed/equations.md, outside this repository;
-docs/conv2d.md restates it), NCHW:
+Forward, Eq. [1] (docs/conv2d.md), NCHW:
 
     Z[n, f, i, j] = b[f] + sum_{c,m,l} W[f, c, m, l] * A_pad[n, c, i*s1 + m, j*s2 + l]
     A = g(Z)
@@ -18,13 +17,9 @@ and W2 = W reshaped to (F, C*k1*k2), these become three matrix products:
 
     Z2 = W2 @ cols,   dW2 = dZ2 @ cols.T,   dcols = W2.T @ dZ2,   dA_pad = col2im(dcols)
 
-How they are computed (measured choices, docs/performance.md): cols is written into a
-buffer the layer keeps between calls, and backward reuses it for dcols; a row of ones
-at the end of cols carries the bias, so [W2 | b] @ [cols; 1] adds it and
-[cols; 1] @ dZ2.T gives [dW2 | db] transposed in one product each; when cols has few
-rows (a first layer on gray or RGB images), backward runs these products one sample at
-a time instead; 1x1 convolutions (stride 1, no padding) use the input itself as cols
-and need no col2im.
+cols lives in a buffer the layer keeps between calls, and backward writes dcols into
+it once cols is used up; when cols has few rows (a first layer on gray or RGB images)
+backward runs one product per sample (docs/performance.md says what each buys).
 """
 import math
 
@@ -33,10 +28,12 @@ from ..checks import check_allocation, check_bool, check_int, check_padding, che
 from ..random import default_rng
 from .activations import activation_spec, get_activation
 from .base import Layer, Parameter
-from .im2col import channels_first, col2im_add, conv_output_size, im2col, pad_channels_first
+from .im2col import col2im_add, conv_output_size, im2col, pad_channels_first
 
 DEFAULT_IM2COL_BYTES = 256 * 2**20
-SMALL_K = 32    # up to this many rows of cols, backward runs one product per sample
+# Up to this many rows of cols (C*k1*k2), one product over all positions is thin and
+# memory-bound in OpenBLAS: backward runs one small product per sample instead.
+SMALL_K = 32
 
 
 class Conv2D(Layer):
@@ -47,7 +44,7 @@ class Conv2D(Layer):
     applied inside the layer. Weights ``weight`` (F, C, k1, k2) start He-normal
     (std sqrt(2 / (C*k1*k2))), biases ``bias`` (F,) at zero; seed with
     ``minidl.manual_seed``. The im2col buffer is built in batch chunks of at most
-    ``max_im2col_bytes`` (plus one row of ones for the bias) and kept between calls.
+    ``max_im2col_bytes`` and kept between calls.
 
     ``input_grad``: when False, ``backward`` computes only dW and db and returns None
     (``Sequential.backward(dy, input_grad=False)`` sets it on its first layer, whose
@@ -89,24 +86,18 @@ class Conv2D(Layer):
         ho, wo = self._check_and_output_hw(x.shape)
         f = self.out_channels
         z_t = xp.empty((f, n, ho * wo), dtype=self.dtype)     # Z, channels first
-        if self._pointwise():
-            # 1x1 kernel, stride 1, no padding: cols is the input itself, (C, N*H*W).
-            cols = channels_first(x).reshape(self.in_channels, n * ho * wo)   # N may be 0
-            xp.matmul(self.weight.data.reshape(f, -1), cols, out=z_t.reshape(f, -1))
-            if self.bias is not None:
-                z_t += self.bias.data[:, None, None]
-            self.cache = {"x_shape": x.shape, "cols": cols}
-        else:
-            x_pad_t = pad_channels_first(x, self.pads)
-            w2b = self._weight_matrix()                     # [W2 | b]: (F, C*k1*k2 + 1)
-            chunks = self._batch_chunks(n, ho * wo)
-            for n0, n1 in chunks:
-                cols = self._columns(x_pad_t, n0, n1, (ho, wo))
-                xp.matmul(w2b, cols, out=z_t[:, n0:n1].reshape(f, -1))   # Z2 = W2 @ cols + b
-            # Keep cols for backward when it was built in one piece; else rebuild per chunk
-            # (no chunk at all for an empty batch, N = 0).
-            self.cache = {"x_shape": x.shape, "x_pad_t": x_pad_t,
-                          "cols": cols if len(chunks) == 1 else None}
+        x_pad_t = pad_channels_first(x, self.pads)
+        w2 = self.weight.data.reshape(f, -1)
+        chunks = self._batch_chunks(n, ho * wo)
+        for n0, n1 in chunks:
+            cols = self._columns(x_pad_t, n0, n1, (ho, wo))
+            xp.matmul(w2, cols, out=z_t[:, n0:n1].reshape(f, -1))    # Z2 = W2 @ cols
+        if self.bias is not None:
+            z_t += self.bias.data[:, None, None]                     # + b
+        # Keep cols for backward when it was built in one piece; else rebuild per chunk
+        # (no chunk at all for an empty batch, N = 0).
+        self.cache = {"x_shape": x.shape, "x_pad_t": x_pad_t,
+                      "cols": cols if len(chunks) == 1 else None}
         z = z_t.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)   # a view in NCHW order
         a = self.activation.forward(z, training=training)
         self.cache["y_shape"] = a.shape                       # backward checks dA against it
@@ -118,134 +109,64 @@ class Conv2D(Layer):
         ``da`` must have the shape of the last forward's output (ValueError otherwise)."""
         self._checked_cache(da)
         dz = self.activation.backward(da)                        # Eq. [2]
-        if self._pointwise():
-            return self._pointwise_backward(dz)
         n, c, h, w = self.cache["x_shape"]
         x_pad_t, cols = self.cache["x_pad_t"], self.cache["cols"]
         xp = backend.get_array_module(dz)
         f = self.out_channels
         ho, wo = dz.shape[2:]
-        per_sample = self._per_sample_products()
+        k = c * self.kernel_size[0] * self.kernel_size[1]        # rows of cols
+        if self.bias is not None:
+            self.bias.accumulate_grad(dz.sum(axis=(0, 2, 3)))             # db
+        per_sample = k <= SMALL_K                                # few rows: see SMALL_K
         if per_sample:
             dz_s = dz.reshape(n, f, ho * wo)                     # a view in NCHW or CNHW order
         else:
-            dz_t = channels_first(dz).reshape(f, n, ho * wo)    # copies only if needed
-
-        dwb_t = None                  # [dW2 | db] transposed, (C*k1*k2 + 1, F), summed over chunks
+            # (F, N, Ho*Wo): a view of a Conv2D output's gradient, else one copy
+            dz_t = xp.ascontiguousarray(dz.swapaxes(0, 1)).reshape(f, n, ho * wo)
+        dw_t = xp.zeros((k, f), dtype=self.dtype)                 # dW2 transposed
         dx_pad_t = xp.zeros((c,) + x_pad_t.shape[1:], dtype=self.dtype) if self.input_grad else None
+        w2 = self.weight.data.reshape(f, k)
         chunks = self._batch_chunks(n, ho * wo)
         for n0, n1 in chunks:
             if cols is None or len(chunks) > 1:
                 cols = self._columns(x_pad_t, n0, n1, (ho, wo))
             if per_sample:
-                part, dcols = self._grad_products_per_sample(cols, dz_s[n0:n1])
+                m = n1 - n0
+                cols_s = cols.reshape(k, m, -1).transpose(1, 0, 2)          # (m, k, Ho*Wo)
+                dz_m = dz_s[n0:n1]
+                dw_t += xp.matmul(cols_s, dz_m.transpose(0, 2, 1)).sum(axis=0)
+                if self.input_grad:
+                    dcols = xp.matmul(w2.T, dz_m).transpose(1, 0, 2)
             else:
-                part, dcols = self._grad_products(cols, dz_t[:, n0:n1].reshape(f, -1))
-            if dwb_t is None:
-                dwb_t = part
-            else:
-                dwb_t += part
+                dz2 = dz_t[:, n0:n1].reshape(f, -1)
+                # dW2 = dZ2 @ cols.T, computed transposed: OpenBLAS runs cols @ dZ2.T faster
+                dw_t += cols @ dz2.T
+                if self.input_grad:                                          # Eq. [9]
+                    dcols = xp.matmul(w2.T, dz2, out=cols)   # cols is used up
             if self.input_grad:
                 col2im_add(dcols, dx_pad_t[:, n0:n1], self.kernel_size, self.stride, (ho, wo))
         if self.input_grad:
-            self.cache["cols"] = None                            # its buffer holds dcols now
-        k = c * self.kernel_size[0] * self.kernel_size[1]        # rows of cols without the ones
-        if dwb_t is None:             # an empty batch (N = 0) has no chunk: dW and db are 0
-            dwb_t = xp.zeros((k + (self.bias is not None), f), dtype=self.dtype)
-        self.weight.accumulate_grad(dwb_t[:k].T.reshape(self.weight.shape))       # dW
-        if self.bias is not None:
-            self.bias.accumulate_grad(dwb_t[k])                                    # db
+            self.cache["cols"] = None                            # its buffer may hold dcols now
+        self.weight.accumulate_grad(dw_t.T.reshape(self.weight.shape))       # dW
         if not self.input_grad:
             return None
         (top, _), (left, _) = self.pads                           # crop the padding
         return dx_pad_t[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
 
-    def _grad_products(self, cols, dz2):
-        """[dW2 | db] transposed and dcols (or None) for one chunk, cols (C*k1*k2 [+ 1], P)
-        and dZ2 (F, P) channels first, each as one product over all P positions."""
-        xp = backend.get_array_module(cols)
-        k = cols.shape[0] - (self.bias is not None)
-        # dW2 = dZ2 @ cols.T and db = dZ2 @ ones, computed transposed as cols @ dZ2.T:
-        # the same numbers, and OpenBLAS runs this orientation 10-40% faster.
-        part = cols @ dz2.T
-        if not self.input_grad:
-            return part, None
-        w2 = self.weight.data.reshape(self.out_channels, -1)
-        # cols is used up: its buffer takes dcols = W2.T @ dZ2 (Eq. [9]).
-        dcols = xp.matmul(w2.T, dz2, out=cols[:k])
-        return part, dcols
-
-    def _grad_products_per_sample(self, cols, dz_s):
-        """The same as _grad_products with one product per sample: dz_s is (m, F, Ho*Wo),
-        dZ in whatever memory order it came, so no channels-first copy is needed."""
-        xp = backend.get_array_module(cols)
-        k = cols.shape[0] - (self.bias is not None)
-        m, f, positions = dz_s.shape
-        cols_s = cols.reshape(-1, m, positions).transpose(1, 0, 2)     # (m, rows, Ho*Wo)
-        part = xp.matmul(cols_s, dz_s.transpose(0, 2, 1)).sum(axis=0)  # sum_n cols_n @ dZ_n.T
-        if not self.input_grad:
-            return part, None
-        w2 = self.weight.data.reshape(f, -1)
-        # dcols_n = W2.T @ dZ_n into cols's used-up buffer, laid out (m, k, Ho*Wo);
-        # col2im reads it through the (k, m, Ho*Wo) view.
-        dcols_s = cols.reshape(-1)[:m * k * positions].reshape(m, k, positions)
-        xp.matmul(w2.T, dz_s, out=dcols_s)
-        return part, dcols_s.transpose(1, 0, 2)
-
-    def _pointwise_backward(self, dz):
-        """The 1x1 / stride 1 / no padding case: three plain products, no col2im."""
-        n, c, h, w = self.cache["x_shape"]
-        cols = self.cache["cols"]                                 # x as (C, N*H*W)
-        f = self.out_channels
-        dz2 = channels_first(dz).reshape(f, n * h * w)            # copies only if needed
-        self.weight.accumulate_grad((cols @ dz2.T).T.reshape(self.weight.shape))  # dW
-        if self.bias is not None:
-            self.bias.accumulate_grad(dz2.sum(axis=1))                               # db
-        if not self.input_grad:
-            return None
-        dx_t = self.weight.data.reshape(f, c).T @ dz2             # Eq. [9]: dx = W2.T @ dZ2
-        return dx_t.reshape(c, n, h, w).transpose(1, 0, 2, 3)
-
     # -- the column matrix and its buffer -------------------------------------
-    def _per_sample_products(self):
-        """True when cols has few rows (C*k1*k2 <= SMALL_K, e.g. a first layer on gray or
-        RGB images). One product over all positions is then memory-bound and runs slowly
-        in OpenBLAS; one small product per sample runs about 2x faster, straight on dZ
-        in NCHW order (docs/performance.md)."""
-        return self.in_channels * self.kernel_size[0] * self.kernel_size[1] <= SMALL_K
-
-    def _pointwise(self):
-        return (self.kernel_size == (1, 1) and self.stride == (1, 1)
-                and self.pads == ((0, 0), (0, 0)))
-
-    def _weight_matrix(self):
-        """W2 = W reshaped to (F, C*k1*k2), with b appended as a last column when there
-        is a bias: cols then ends in a row of ones, so one product adds the bias too."""
-        w2 = self.weight.data.reshape(self.out_channels, -1)
-        if self.bias is None:
-            return w2
-        xp = backend.get_array_module(w2)
-        return xp.concatenate([w2, self.bias.data[:, None]], axis=1)
-
     def _columns(self, x_pad_t, n0, n1, out_hw):
-        """cols of samples n0..n1: (C*k1*k2 [+ 1 row of ones with a bias], (n1-n0)*Ho*Wo).
+        """cols of samples n0..n1: (C*k1*k2, (n1-n0)*Ho*Wo).
 
         It is written into a buffer the layer keeps between calls: a fresh buffer of
-        tens of MiB costs page faults on every call, about as much as filling it.
-        Backward reuses the same buffer for dcols once cols is used up."""
+        tens of MiB costs page faults on every call, about as much as filling it."""
         xp = backend.get_array_module(x_pad_t)
-        k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        rows = k + (self.bias is not None)
-        positions = (n1 - n0) * out_hw[0] * out_hw[1]
+        rows = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        size = rows * (n1 - n0) * out_hw[0] * out_hw[1]
         buf = self._buffer
-        if (buf is None or buf.size < rows * positions or buf.dtype != self.dtype
+        if (buf is None or buf.size < size or buf.dtype != self.dtype
                 or backend.get_array_module(buf) is not xp):
-            buf = self._buffer = xp.empty(rows * positions, dtype=self.dtype)
-        cols = buf[:rows * positions].reshape(rows, positions)
-        im2col(x_pad_t[:, n0:n1], self.kernel_size, self.stride, out_hw, out=cols[:k])
-        if rows > k:
-            cols[k] = 1
-        return cols
+            buf = self._buffer = xp.empty(size, dtype=self.dtype)
+        return im2col(x_pad_t[:, n0:n1], self.kernel_size, self.stride, out_hw, out=buf[:size])
 
     # -- shapes ---------------------------------------------------------------
     def _check_and_output_hw(self, x_shape):

@@ -1,18 +1,13 @@
 """Splitting a memory-bound numpy pass between threads (``in_pieces``).
 
-These copies and adds are memory passes that numpy runs on one core, while
-the matrix products around them already use every core. Slabs of different channels
-(or, for a single channel, of different samples) touch disjoint memory, so on the CPU
-a big pass can be split into one piece per core, the pieces running in threads (numpy
-releases the GIL inside a copy or an add); ``in_pieces`` does this, for pooling,
-ReLU and batch norm too. It pays only while OpenBLAS's own threads sleep between
-products: by default they spin for ~0.1 s after each one and take the cores our
-threads need. So by default (``NUM_THREADS = None``) passes are split only when
-OPENBLAS_THREAD_TIMEOUT was set to 16 or less before numpy was imported (4 is what
-docs/performance.md recommends); otherwise they run on one thread, as numpy would.
-Set ``NUM_THREADS`` to force a count. A pass smaller than ``MIN_PARALLEL_ELEMENTS``
-stays on one thread, where the hand-off would cost more than it saves. On the GPU
-(cupy) nothing is split.
+Copies, adds and elementwise passes (im2col, col2im, pooling, ReLU, batch norm) run on
+one core in numpy, while the matrix products around them use every core. Slices of
+different channels (or, for one channel, of different samples) touch disjoint memory,
+so a big pass can be cut into one piece per core, run in threads (numpy releases the
+GIL inside a copy or an add). This pays only while OpenBLAS's own threads sleep
+between products: ``minidl/__init__.py`` sets OPENBLAS_THREAD_TIMEOUT=4 before numpy
+loads, and passes are split only when that value (or the user's, <= 16) is in effect.
+Set ``NUM_THREADS`` to force a count. On the GPU (cupy) nothing is split.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,21 +24,12 @@ def num_threads():
     """How many threads a big copy or add is split into (see NUM_THREADS)."""
     if NUM_THREADS is not None:
         return max(1, int(NUM_THREADS))
-    if not _blas_threads_sleep():
-        return 1
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:                       # not Linux
-        return os.cpu_count() or 1
-
-
-def _blas_threads_sleep():
-    """True when OPENBLAS_THREAD_TIMEOUT (read by OpenBLAS when numpy loads it) makes
-    its idle threads sleep within 2**16 cycles instead of spinning for 2**28."""
-    try:
-        return int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")) <= 16
+    try:        # OpenBLAS's idle threads sleep within 2**16 cycles, not spin for 2**28
+        if int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")) > 16:
+            return 1
     except ValueError:
-        return False
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def in_pieces(fn, *arrays, axis=1):
@@ -61,10 +47,8 @@ def in_pieces(fn, *arrays, axis=1):
         fn(*arrays)
         return
     step = -(-length // pieces)
-    parts = []
-    for start in range(0, length, step):
-        cut = slice(start, min(start + step, length))
-        parts.append([a[(slice(None),) * ax + (cut,)] for a, ax in zip(arrays, axes)])
+    parts = [[a[(slice(None),) * ax + (slice(start, start + step),)] for a, ax in zip(arrays, axes)]
+             for start in range(0, length, step)]
     global _executor
     workers = len(parts) - 1
     # A forked child inherits the executor but not its threads: make a new one there.

@@ -22,29 +22,22 @@ AvgPool2D (x_pad padded with zeros that count in the divisor, count_include_pad=
 dx is dx_pad with the padding cropped off. GlobalAvgPool2D: y[n, c] = mean_{h, w} x,
 dx[n, c, h, w] = dy[n, c] / (H W).
 
-How it is computed: one loop over the k1*k2 window offsets (m, l). The "slab"
-x_pad[:, :, m::s1, l::s2] (cut to Ho x Wo) is a strided view holding element (m, l)
-of every window at once, so each step is one vectorised pass over the output.
-MaxPool2D's backward does not store the argmax: it walks the slabs again in
-row-major order and gives each window's gradient to the first slab equal to its max
-(an "unclaimed" mask stops later ties). When windows do not overlap (stride >=
-kernel) no input element is in two windows, so gradients are assigned instead of
-accumulated; for 2x2/2 pooling that is the whole fast path. Two cases the equality
-test would get wrong are handled apart: forward overwrites the padding of its cached
-x_pad with NaN once y is known, so padding never equals y (an all -inf window gives
-its gradient to a real element); and NaN windows, which nothing equals, are found by
-one reduction (y.min() is NaN) and routed by a slower exact path only when present.
-
-Speed (issue #7, docs/performance.md): channels never interact, so MaxPool2D runs
-both passes on slices of channels in parallel threads on the CPU (parallel.in_pieces);
-y and dx are stored in the input's memory order, so a Conv2D output, which is
-channels first, stays channels first through BatchNorm, ReLU and pooling. Products
-are formed in contiguous memory and then copied into the strided dx slabs: numpy
-multiplies bool by float straight into a strided output about 3x slower.
+How it is computed: one loop over the k1*k2 window offsets (m, l); the slab
+x_pad[:, :, m::s1, l::s2] (cut to Ho x Wo, ``im2col.slab``) holds element (m, l) of
+every window, so each step is one vectorised pass over the output. MaxPool2D stores
+no argmax: backward walks the slabs again in row-major order and gives each window's
+gradient to the first slab equal to its max (an "unclaimed" mask stops later ties);
+forward overwrites the cached padding with NaN, which equals nothing, so padding never
+claims; NaN windows, which nothing equals, take a separate exact path, run only when
+y holds NaN. Windows that do not overlap assign gradients instead of adding them.
+On the CPU, channels are split between threads (``parallel.in_pieces``), and y and dx
+keep the input's memory order (channels first after a Conv2D). docs/performance.md
+says what each of these choices buys.
 """
 from .. import backend
 from ..checks import check_pair
 from .base import Layer
+from .im2col import conv_output_size, slab
 from .parallel import in_pieces
 
 
@@ -68,11 +61,6 @@ class _Pool2D(Layer):
         k1, k2 = self.kernel_size
         return [(m, l) for m in range(k1) for l in range(k2)]
 
-    def _slab(self, a, m, l, out_hw):
-        """a[:, :, i*s1 + m, j*s2 + l] for all output positions (i, j): a view."""
-        (s1, s2), (ho, wo) = self.stride, out_hw
-        return a[:, :, m:m + s1 * (ho - 1) + 1:s1, l:l + s2 * (wo - 1) + 1:s2]
-
     def _overlapping(self):
         """True when an input element can sit in two windows, so gradients must add up."""
         return any(s < k for s, k in zip(self.stride, self.kernel_size))
@@ -83,21 +71,18 @@ class _Pool2D(Layer):
         if p1 == p2 == 0:
             return x
         xp = backend.get_array_module(x)
-        n, c, h, w = x.shape
-        x_pad = xp.full((n, c, h + 2 * p1, w + 2 * p2), value, dtype=x.dtype)
-        x_pad[:, :, p1:p1 + h, p2:p2 + w] = x
-        return x_pad
+        return xp.pad(x, ((0, 0), (0, 0), (p1, p1), (p2, p2)), constant_values=value)
 
-    def _new_dx_pad(self, xp, x_pad_shape, dtype, out_hw, like=None):
-        """Zeros shaped like x_pad (in the memory order of ``like`` when given); left
-        uninitialised when the windows tile x_pad exactly, because then every element
-        is written once."""
+    def _new_dx_pad(self, like, x_pad_shape, out_hw):
+        """Zeros shaped like x_pad, stored in the memory order of ``like``; left
+        uninitialised when the windows tile x_pad exactly, as every element is then
+        written once."""
+        dx_pad = _empty_in_layout_of(like, x_pad_shape)
         hp, wp = x_pad_shape[2:]
-        tiles = (self.stride == self.kernel_size
-                 and out_hw[0] * self.stride[0] == hp and out_hw[1] * self.stride[1] == wp)
-        if like is not None:
-            return (xp.empty_like if tiles else xp.zeros_like)(like, dtype=dtype)
-        return (xp.empty if tiles else xp.zeros)(x_pad_shape, dtype=dtype)
+        if not (self.stride == self.kernel_size
+                and out_hw[0] * self.stride[0] == hp and out_hw[1] * self.stride[1] == wp):
+            dx_pad[...] = 0
+        return dx_pad
 
     def _crop(self, dx_pad):
         p1, p2 = self.padding
@@ -116,7 +101,7 @@ class _Pool2D(Layer):
             raise ValueError(f"{name}: the {k1}x{k2} window is larger than the input "
                              f"{h}x{w} (padding {self.padding}); got input of shape "
                              f"{tuple(x_shape)}")
-        return (h + 2 * p1 - k1) // s1 + 1, (w + 2 * p2 - k2) // s2 + 1
+        return conv_output_size(h, k1, s1, p1, p1), conv_output_size(w, k2, s2, p2, p2)
 
     def output_shape(self, input_shape):
         ho, wo = self._check_and_output_hw(input_shape)
@@ -150,13 +135,9 @@ class MaxPool2D(_Pool2D):
         y = _empty_in_layout_of(x, x.shape[:2] + out_hw)
 
         def max_over_windows(x_pad, y):
-            first = self._slab(x_pad, *offsets[0], out_hw)
-            if len(offsets) == 1:
-                y[...] = first
-            else:
-                xp.maximum(first, self._slab(x_pad, *offsets[1], out_hw), out=y)
-            for m, l in offsets[2:]:
-                xp.maximum(y, self._slab(x_pad, m, l, out_hw), out=y)
+            y[...] = slab(x_pad, *offsets[0], self.stride, out_hw)
+            for m, l in offsets[1:]:
+                xp.maximum(y, slab(x_pad, m, l, self.stride, out_hw), out=y)
         in_pieces(max_over_windows, x_pad, y)                 # channels split over threads
         if x_pad is not x:
             # The padding has done its job (-inf never wins a max over a window that
@@ -173,21 +154,21 @@ class MaxPool2D(_Pool2D):
         cache = self._checked_cache(dy)
         x_pad, y, out_hw = cache["x_pad"], cache["y"], cache["out_hw"]
         xp = backend.get_array_module(dy)
-        dx_pad = self._new_dx_pad(xp, x_pad.shape, x_pad.dtype, out_hw, like=x_pad)
+        dx_pad = self._new_dx_pad(x_pad, x_pad.shape, out_hw)
         overlapping = self._overlapping()
         offsets = self._offsets()
 
         def route_to_first_max(x_pad, y, dy, dx_pad):
             unclaimed = None                         # windows whose max is not found yet
             for k, (m, l) in enumerate(offsets):
-                first_max = self._slab(x_pad, m, l, out_hw) == y
+                first_max = slab(x_pad, m, l, self.stride, out_hw) == y
                 if unclaimed is None:                # the first offset: every window open
                     unclaimed = ~first_max
                 else:
                     first_max &= unclaimed
                     if k < len(offsets) - 1:
                         unclaimed ^= first_max       # first_max is a subset of unclaimed
-                dx_slab = self._slab(dx_pad, m, l, out_hw)
+                dx_slab = slab(dx_pad, m, l, self.stride, out_hw)
                 grad = dy * first_max                # contiguous, then into the strided slab
                 if overlapping:
                     dx_slab += grad
@@ -259,9 +240,9 @@ class AvgPool2D(_Pool2D):
         out_hw = self._check_and_output_hw(x.shape)
         x_pad = self._pad(x, 0.0)
         offsets = self._offsets()
-        y = self._slab(x_pad, *offsets[0], out_hw).copy()
+        y = slab(x_pad, *offsets[0], self.stride, out_hw).copy()
         for m, l in offsets[1:]:
-            y += self._slab(x_pad, m, l, out_hw)
+            y += slab(x_pad, m, l, self.stride, out_hw)
         y *= 1.0 / len(offsets)
         self.cache = {"x_pad_shape": x_pad.shape, "out_hw": out_hw, "y_shape": y.shape}
         return y
@@ -269,14 +250,13 @@ class AvgPool2D(_Pool2D):
     # -- backward: every window element gets dy / (k1 k2) ---------------------------
     def backward(self, dy):
         cache = self._checked_cache(dy)
-        xp = backend.get_array_module(dy)
         out_hw = cache["out_hw"]
         offsets = self._offsets()
         share = dy * (1.0 / len(offsets))
-        dx_pad = self._new_dx_pad(xp, cache["x_pad_shape"], dy.dtype, out_hw)
+        dx_pad = self._new_dx_pad(dy, cache["x_pad_shape"], out_hw)
         overlapping = self._overlapping()
         for m, l in offsets:
-            dx_slab = self._slab(dx_pad, m, l, out_hw)
+            dx_slab = slab(dx_pad, m, l, self.stride, out_hw)
             if overlapping:
                 dx_slab += share
             else:
