@@ -5,6 +5,7 @@ an older commit of minidl.
     python benchmarks/bench_conv.py                       # all rows, a few minutes
     python benchmarks/bench_conv.py --quick               # smoke run
     python benchmarks/bench_conv.py --only step --baseline b268094
+    python benchmarks/bench_conv.py --device gpu          # minidl on cupy, torch on CUDA
 
 Needs the ``bench`` extra (threadpoolctl); torch, when importable, adds its column.
 Rows: Conv2D forward + grads of x, W and b on the shapes A-D of docs/performance.md
@@ -25,7 +26,10 @@ How it measures (docs/performance.md):
 * BLAS and torch use ``--threads`` threads (threadpoolctl, torch.set_num_threads);
 * peak memory is tracemalloc's peak over building a fresh layer or model and calling
   it twice (numpy arrays are traced; torch's are not, so torch has no memory column);
-* every row first checks that minidl and torch agree (or raises).
+* every row first checks that minidl and torch agree (or raises);
+* ``--device gpu`` runs minidl on the cupy backend and torch on CUDA, and waits for
+  both devices after every timed call (kernels run asynchronously); it has no
+  baseline, one-thread or memory columns (tracemalloc sees host memory only).
 """
 import argparse
 import gc
@@ -69,6 +73,40 @@ ROWS = ["conv-A", "conv-B", "conv-C", "conv-D", "conv-C-chunked", "pool", "step-
         "step-plain"]
 STEP_TARGET = 1.3
 POOL_TARGET = 1.5
+GPU = False                   # --device gpu: minidl on cupy, torch on CUDA (set once by main)
+
+
+def to_minidl(a):
+    """A numpy array where minidl computes: on the GPU with --device gpu."""
+    return minidl.to_device(a, "gpu") if GPU else a   # on the CPU, as old commits take it
+
+
+def to_torch(a):
+    """A numpy array (as a tensor) or a torch module, where torch computes."""
+    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+    return t.cuda() if GPU else t
+
+
+def synchronize():
+    """Wait until the GPU has run everything queued, so a timed call's time is its work
+    and not just its launch; nothing to wait for on the CPU."""
+    if GPU:
+        minidl.get_backend().cuda.Device().synchronize()     # cupy, the active backend
+        if torch is not None:
+            torch.cuda.synchronize()
+
+
+def use_gpu():
+    """--device gpu: minidl's backend becomes cupy; exits with one line when CuPy or
+    torch cannot reach a CUDA device."""
+    global GPU
+    try:
+        minidl.set_backend("cupy")
+    except RuntimeError as exc:
+        sys.exit(f"bench_conv.py --device gpu: {exc}")
+    if torch is not None and not torch.cuda.is_available():
+        sys.exit("bench_conv.py --device gpu: torch sees no CUDA device (a CPU-only build?)")
+    GPU = True
 
 
 # -- the rows: each builds fresh minidl and torch callables, one call = one iteration ----
@@ -91,24 +129,26 @@ def conv_row(key):
 
     def make_minidl():
         conv = minidl.Conv2D(c, f, k, stride=s, padding=p, **kwargs)
-        conv.weight.data[...] = weight
-        conv.bias.data[...] = bias
+        conv.weight.data[...] = to_minidl(weight)
+        conv.bias.data[...] = to_minidl(bias)
+        xd, dzd = to_minidl(x), to_minidl(dz)
 
         def run():
             conv.zero_grad()
-            y = conv.forward(x)
-            return y, conv.backward(dz), conv.weight.grad, conv.bias.grad
+            y = conv.forward(xd)
+            return y, conv.backward(dzd), conv.weight.grad, conv.bias.grad
         return run
 
     def make_torch():
-        xt = torch.from_numpy(x).requires_grad_()
-        wt = torch.from_numpy(weight.copy()).requires_grad_()
-        bt = torch.from_numpy(bias.copy()).requires_grad_()
+        xt = to_torch(x).requires_grad_()
+        wt = to_torch(weight.copy()).requires_grad_()
+        bt = to_torch(bias.copy()).requires_grad_()
+        dzt = to_torch(dz)
 
         def run():
             xt.grad = wt.grad = bt.grad = None
             yt = TF.conv2d(xt, wt, bt, stride=s, padding=p)
-            yt.backward(torch.from_numpy(dz))
+            yt.backward(dzt)
             return yt, xt.grad, wt.grad, bt.grad
         return run
 
@@ -125,16 +165,16 @@ def pool_row(key):
     dy = rng.standard_normal((n, c, h // 2, w // 2), dtype=np.float32)
 
     def make_minidl():
-        pool = minidl.MaxPool2D(2)
-        return lambda: (pool.forward(x), pool.backward(dy))
+        pool, xd, dyd = minidl.MaxPool2D(2), to_minidl(x), to_minidl(dy)
+        return lambda: (pool.forward(xd), pool.backward(dyd))
 
     def make_torch():
-        xt = torch.from_numpy(x).requires_grad_()
+        xt, dyt = to_torch(x).requires_grad_(), to_torch(dy)
 
         def run():
             xt.grad = None
             yt = TF.max_pool2d(xt, 2)
-            yt.backward(torch.from_numpy(dy))
+            yt.backward(dyt)
             return yt, xt.grad
         return run
     return f"MaxPool2D 2x2/2: N{n} C{c} {h}x{w}", POOL_TARGET, make_minidl, make_torch
@@ -175,13 +215,14 @@ def step_row(key, batch=64):
         trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(),
                                  minidl.SGD(model.parameters(), lr=0.01, momentum=0.9),
                                  metrics=(), verbose=0)
-        return lambda: trainer.train_step(x, y)
+        xd, yd = to_minidl(x), to_minidl(y)
+        return lambda: trainer.train_step(xd, yd)
 
     def make_torch():
         torch.manual_seed(0)
-        model = torch_model(kind).train()
+        model = to_torch(torch_model(kind)).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        xt, yt = to_torch(x), to_torch(y)
 
         def run():
             loss = TF.cross_entropy(model(xt), yt)
@@ -202,7 +243,7 @@ def check_agreement(key, make_minidl, make_torch):
     if key.startswith("step"):
         return
     for mine, theirs in zip(make_minidl()(), make_torch()()):
-        theirs = theirs.detach().numpy()
+        mine, theirs = minidl.to_numpy(mine), theirs.detach().cpu().numpy()
         assert mine.dtype == np.float32, f"{key}: minidl returned {mine.dtype}"
         err = float(np.max(np.abs(mine - theirs))) / max(float(np.max(np.abs(theirs))), 1e-30)
         assert err < 1e-4, f"{key}: minidl and torch differ by {err:.2e} (relative)"
@@ -223,9 +264,11 @@ class Column:
 
     def block(self, k):
         times = []
+        synchronize()
         for _ in range(k):
             t0 = time.perf_counter()
             self.fn()
+            synchronize()
             times.append(time.perf_counter() - t0)
         return times
 
@@ -357,7 +400,7 @@ def run_row(key, args, tree):
     if tree:
         columns.append(ChildColumn(f"minidl {args.baseline}", key, tree, args.threads))
     peaks = {c.name: c.peak_bytes() for c in columns
-             if c.name == "minidl" or isinstance(c, ChildColumn)}
+             if not GPU and (c.name == "minidl" or isinstance(c, ChildColumn))}
     columns[0].start()
     estimate = min(columns[0].block(3))
     samples = args.repeats or int(min(60, max(args.min_samples, args.budget / estimate)))
@@ -380,7 +423,9 @@ def markdown(rows, baseline):
         head += [f"{single} ms", "minidl / that"]
     if base:
         head += [f"{base} ms", f"minidl / {baseline}"]
-    head += ["peak MiB minidl" + (f" / {baseline}" if base else "")]
+    memory = any(row["peaks"] for row in rows)       # none on the GPU
+    if memory:
+        head += ["peak MiB minidl" + (f" / {baseline}" if base else "")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         q = row["medians"]
@@ -396,7 +441,8 @@ def markdown(rows, baseline):
             cells += [_ms(q[single]), f"**{mine / q[single][1]:.2f}x**"]
         if base:
             cells += [_ms(q[base]), f"**{mine / q[base][1]:.2f}x**"]
-        cells.append(" / ".join(f"{p / 2**20:.0f}" for p in row["peaks"].values()))
+        if memory:
+            cells.append(" / ".join(f"{p / 2**20:.0f}" for p in row["peaks"].values()))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -417,6 +463,11 @@ def describe(args):
              f"- minidl {minidl.__version__}, float32" + (
                  f"; torch {torch.__version__}, {torch.get_num_threads()} threads" if torch else
                  "; torch not importable: no torch column")]
+    if GPU:
+        cupy = minidl.get_backend()
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        lines.append(f"- GPU: {name}; minidl on cupy {cupy.__version__}, torch on CUDA; "
+                     "no memory column (tracemalloc sees host memory only)")
     return "\n".join(lines)
 
 
@@ -434,8 +485,11 @@ def baseline_tree(rev, stack):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few samples")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: minidl on the cupy backend against torch on CUDA "
+                             "(no --baseline, --one-thread-passes or memory column)")
     parser.add_argument("--only", default="conv,pool,step",
                         help="comma-separated prefixes of rows: " + ", ".join(ROWS))
     parser.add_argument("--baseline", metavar="REV",
@@ -456,6 +510,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.child:
         return serve_child(args.child, args.threads)
+    if args.device == "gpu":
+        if args.baseline or args.one_thread_passes:
+            parser.error("--baseline and --one-thread-passes time CPU code only; "
+                         "leave them out with --device gpu")
+        use_gpu()
     args.min_samples = 10
     if args.quick:
         args.budget, args.min_samples, args.pause = 0.3, 3, 0.2
@@ -468,7 +527,8 @@ def main(argv=None):
     finally:
         for undo in cleanup:
             undo()
-    table = (f"minidl vs PyTorch{' and ' + args.baseline if args.baseline else ''}, CPU, "
+    table = (f"minidl vs PyTorch{' and ' + args.baseline if args.baseline else ''}, "
+             f"{args.device.upper()}, "
              f"float32, {time.strftime('%Y-%m-%d %H:%M')}\n\n{describe(args)}\n\n"
              + markdown(rows, args.baseline))
     print(table)

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should check, in one short call (issue 11, "GPU path"):
 #
-#   bash benchmarks/gpu_check.sh              # tests, then the full benchmark (~2 min)
+#   bash benchmarks/gpu_check.sh              # tests, then every benchmark row (a few min)
 #   bash benchmarks/gpu_check.sh --quick      # tests, then a smoke benchmark
+#   bash benchmarks/gpu_check.sh --only step  # any bench_conv.py option but --baseline,
+#                                             # --one-thread-passes (CPU only) and --output
 #
-# 1. CuPy: the one installed, else the gpu extra (pip install -e ".[gpu]"); PyTorch
-#    with CUDA is the comparison (never a dependency of minidl).
+# 1. CuPy and threadpoolctl: the ones installed, else the gpu and bench extras
+#    (pip install -e ".[gpu,bench]"); PyTorch with CUDA is the comparison (never a
+#    dependency of minidl).
 # 2. tests/test_gpu.py (marker gpu): on a GPU they must pass, none may skip.
-# 3. benchmarks/bench_conv.py --device gpu: Conv2D, MaxPool2D, training steps and an
-#    epoch, minidl on cupy against torch on CUDA (arguments go to it).
+# 3. benchmarks/bench_conv.py --device gpu: Conv2D, MaxPool2D and training steps,
+#    minidl on cupy against torch on CUDA (arguments go to it).
 # It prints one table: the tests' result, then the benchmark's rows. The exit status
 # is non-zero when a test failed or skipped, or the benchmark failed.
 set -uo pipefail
@@ -18,10 +21,10 @@ PY=${PYTHON:-python3}
 
 # No device, nothing to do: stop before installing anything on this machine.
 nvidia-smi -L >/dev/null 2>&1 || { echo "gpu_check: no NVIDIA GPU here (nvidia-smi)" >&2; exit 1; }
-if ! "$PY" -c "import cupy" 2>/dev/null; then
-    echo "gpu_check: installing the gpu extra" >&2
-    "$PY" -m pip install -q -e ".[gpu]" >&2 || {
-        echo "gpu_check: CuPy is not installed and the gpu extra did not install" >&2; exit 1; }
+if ! "$PY" -c "import cupy, threadpoolctl" 2>/dev/null; then
+    echo "gpu_check: installing the gpu and bench extras" >&2
+    "$PY" -m pip install -q -e ".[gpu,bench]" >&2 || {
+        echo "gpu_check: CuPy or threadpoolctl is missing and the extras did not install" >&2; exit 1; }
 fi
 "$PY" -c "import minidl, sys; minidl.gpu_available() or sys.exit('gpu_check: no CUDA device answers')" || exit 1
 "$PY" -c "import torch, sys; torch.cuda.is_available() or sys.exit('gpu_check: torch sees no CUDA device')" || exit 1
