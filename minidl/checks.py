@@ -11,7 +11,9 @@ import numbers
 import operator
 import os
 
-import numpy
+from . import backend
+
+_numpy = backend.get_module("cpu")   # dtypes and numpy scalars, on the host
 
 
 def is_int(value):
@@ -52,7 +54,7 @@ def check_real(value, name, owner, minimum=None, above=None, maximum=None, below
 
 def check_bool(value, name, owner):
     """``value`` as a bool: True, False or a numpy bool; not ``"False"`` or 1."""
-    if not isinstance(value, (bool, numpy.bool_)):
+    if not isinstance(value, (bool, _numpy.bool_)):
         raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
     return bool(value)
 
@@ -103,7 +105,7 @@ def check_seed(seed, name, owner):
 def check_float_dtype(dtype, owner):
     """``dtype`` as a numpy dtype object; ValueError unless it is a float type."""
     try:
-        dtype = numpy.dtype(dtype)
+        dtype = _numpy.dtype(dtype)
     except TypeError as exc:
         raise TypeError(f"{owner}: {dtype!r} is not a dtype") from exc
     if dtype.kind != "f":
