@@ -7,10 +7,9 @@ the Trainer and its callbacks, gradcheck; minidl.onnx and minidl.interop (to PyT
 import os as _os
 import sys as _sys
 
-# OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when numpy loads it. By default its idle
-# threads spin for ~0.1 s after every product and take the cores that minidl's threaded
-# memory passes need (layers/parallel.py); 4 makes them sleep at once. Set here, before
-# numpy loads, unless numpy is loaded already or the user chose a value.
+# Idle OpenBLAS threads spin for ~0.1 s after every product, taking the cores of the
+# threaded passes (layers/parallel.py); 4 makes them sleep at once. Read only when numpy
+# loads, so set here first, unless numpy is loaded already or the user chose a value.
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 

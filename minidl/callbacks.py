@@ -8,10 +8,8 @@ from .layers.base import Layer
 
 
 class Callback:
-    """Override any of the hooks. ``on_epoch_end``'s ``logs`` holds the epoch's numbers;
-    ``on_batch_end``'s holds the batch's ``loss``, after the optimizer's step.
-    ``on_resume`` follows ``on_train_begin`` in ``fit(resume=...)``, with the History
-    of the epochs done before, so that a callback can carry on from them."""
+    """Override any of the hooks; when each runs and what its ``logs`` hold: docs/api.md.
+    ``on_resume`` gets the History of the epochs run before ``fit(resume=...)``."""
 
     def on_train_begin(self, trainer):
         pass
@@ -108,11 +106,8 @@ class EarlyStopping(Callback):
 
 class ModelCheckpoint(Callback):
     """Save the model to ``path`` (.npz) after an epoch: every epoch, or only when
-    ``monitor`` reached a new best (``save_best_only``). Writes are atomic.
-
-    A model with an inf or NaN parameter or buffer is never saved: FloatingPointError,
-    and the file at ``path`` stays as it was. TypeError for a model without ``save``;
-    ValueError when ``monitor`` is not logged (with ``save_best_only``)."""
+    ``monitor`` reached a new best (``save_best_only``). Writes are atomic; a model
+    holding inf or NaN is never saved (FloatingPointError). Errors: docs/api.md."""
 
     def __init__(self, path, monitor="val_accuracy", mode="auto", save_best_only=True):
         self.path = os.fspath(path)
@@ -159,12 +154,10 @@ class CSVLogger(Callback):
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self.keys = []
-        self.rows = []
+        self.keys, self.rows = [], []
 
     def on_train_begin(self, trainer):
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self.keys, self.rows = [], []
 
     def on_resume(self, trainer, history):

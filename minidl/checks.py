@@ -1,10 +1,9 @@
 """Argument checks for the whole package: one clear error for each bad value.
 
-Every check takes the value, its ``name`` and its ``owner`` (the class or function
-the message names) and returns the value normalised (a Python int, float, bool or
-tuple), or raises TypeError (a value of the wrong kind: ``"0.1"``, ``True`` as a
-number, ``"False"`` as a flag) or ValueError (the right kind out of range). numpy
-scalars are accepted wherever Python numbers are.
+Every check takes the value, its ``name`` and its ``owner`` (the class or function the
+message names) and returns the value normalised (a Python int, float, bool or tuple), or
+raises TypeError (the wrong kind: ``"0.1"``, ``True`` as a number, ``"False"`` as a flag)
+or ValueError (out of range). numpy scalars pass wherever Python numbers do.
 """
 import math
 import numbers

@@ -9,7 +9,6 @@ Options and outputs: docs/api.md. An error prints one line and exits 1; Ctrl-C o
 SIGTERM stops with one line saying where, and exit 128 + the signal's number (130, 143).
 """
 import argparse
-import copy
 import json
 import os
 import signal
@@ -47,11 +46,11 @@ SCHEDULES = {
 SETTINGS = ("dataset", "model", "epochs", "batch_size", "lr", "label_smoothing", "optimizer",
             "augment", "schedule", "device", "seed", "limit", "data_root")
 VALIDATION_SIZE = 5000
+FROM_RUN_JSON = "default: the one recorded in run.json beside the checkpoint"
 
 
 def _int_option(low, requirement):
-    """An argparse type: the text as an int >= low. ArgumentTypeError (not ValueError)
-    makes argparse print this message after the option's name: "argument --seed: ..."."""
+    """An argparse type: an int >= low (raising ArgumentTypeError, whose text argparse shows)."""
     def parse(text):
         try:
             value = int(text)
@@ -86,16 +85,13 @@ def build_parser():
                        help="random shifts of up to 2 pixels for mnist, horizontal flips "
                             "for fashion-mnist (default: on; --no-augment turns it off)")
     setup.add_argument("--seed", type=_int_option(0, "a non-negative integer"), default=0)
-    # split_validation holds out at least one image, and training needs one more
-    setup.add_argument("--limit", default=None, help="train on the first N training images "
-                       "only (N >= 2)", type=_int_option(
-                           2, "at least 2 (one image is held out for validation)"))
+    setup.add_argument("--limit", default=None, help="train on the first N training images, N >= 2",
+                       type=_int_option(2, "at least 2 (one image is held out for validation)"))
     setup.add_argument("--out", default=None, help="output folder (default: runs/DATASET)")
     # A checkpoint to read: evaluate and export.
     checkpoint = argparse.ArgumentParser(add_help=False)
     checkpoint.add_argument("--checkpoint", required=True)
-    checkpoint.add_argument("--model", choices=sorted(MODELS), default=None,
-                            help="default: the one recorded in run.json beside the checkpoint")
+    checkpoint.add_argument("--model", choices=sorted(MODELS), default=None, help=FROM_RUN_JSON)
 
     train = sub.add_parser("train", parents=[setup],
                            help="train a CNN and write checkpoint, history and plots")
@@ -122,8 +118,7 @@ def build_parser():
 
     evaluate = sub.add_parser("evaluate", parents=[checkpoint, machine],
                               help="reload a checkpoint and report test accuracy")
-    evaluate.add_argument("--dataset", choices=sorted(DATASETS), default=None,
-                          help="default: the one recorded in run.json beside the checkpoint")
+    evaluate.add_argument("--dataset", choices=sorted(DATASETS), default=None, help=FROM_RUN_JSON)
     evaluate.add_argument("--batch-size", type=POSITIVE, default=500)
     evaluate.set_defaults(func=evaluate_command)
 
@@ -188,21 +183,15 @@ def train_command(args):
     created = make_output_folder(out) if comm.rank == 0 else []
     try:
         with _backend(args):
-            result = train_and_test(args, out, comm, batch_size)
+            train_and_test(args, out, comm, batch_size)
     except BaseException:   # e.g. no data, or stopped in epoch 1: no empty folder left
         remove_empty_folders(created)
         raise
-    if result is None:      # not rank 0: rank 0 reports
-        return 0
-    predictions, y_test = result
-    print(f"checkpoint and plots in {out}")
-    print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
     return 0
 
 
 def train_and_test(args, out, comm, batch_size):
-    """Train, write everything to ``out`` (rank 0 only); returns the test predictions
-    and labels on rank 0, None on the other ranks."""
+    """Train, then (rank 0 only) write everything to ``out`` and print the test accuracy."""
     root = comm.rank == 0   # the one rank that prints and writes files
     # Rank 0 loads first, so that only one rank downloads into the cache.
     if not root:
@@ -250,14 +239,15 @@ def train_and_test(args, out, comm, batch_size):
                       f"{trainer.batch + 1}/{len(train)}; {kept}") from None
     comm.barrier()
     if not root:
-        return None
+        return
     model.load(checkpoint)  # the best epoch by validation accuracy
     predictions = predict_labels(model, x_test)
     write_plots(out, args.dataset, model, history, recorder, x_test, y_test, predictions)
     if scheduler.per_batch and viz.available():
         viz.plot_lr([scheduler.lr_at(t) for t in range(scheduler.last_epoch)],
                     os.path.join(out, "lr.png"), steps_per_epoch=len(train))
-    return predictions, y_test
+    print(f"checkpoint and plots in {out}")
+    print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
 
 
 def lr_find_command(args):
@@ -320,12 +310,8 @@ def resumed_args(args):
     if not os.path.exists(os.path.join(folder, "state.npz")) or not saved:
         raise ValueError(f"--resume {folder!r}: no run.json and state.npz there; is it the "
                          f"--out folder of a 'minidl train' run that finished an epoch?")
-    resumed = copy.copy(args)
-    for key in SETTINGS:
-        if key in saved:
-            setattr(resumed, key, saved[key])
-    resumed.out = folder
-    return resumed
+    kept = {key: saved[key] for key in SETTINGS if key in saved}
+    return argparse.Namespace(**{**vars(args), **kept, "out": folder})
 
 
 def make_output_folder(out):

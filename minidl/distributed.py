@@ -1,17 +1,11 @@
-"""Data-parallel training: every rank holds the whole model and trains on its shard.
-
-    comm = distributed.init()                       # rank and size (1 without MPI)
-    distributed.broadcast_parameters(model, comm=comm)   # all start from rank 0's weights
-    trainer = Trainer(model, loss, optimizer, comm=comm)
-    trainer.fit(DataLoader(x, y, 32, seed=0, rank=comm.rank, world_size=comm.size))
-
-and run it as ``mpiexec -n 2 python -m mpi4py script.py``. After each backward the
+"""Data-parallel training: every rank holds the whole model and trains on its shard
+(docs/distributed.md: how to run it, and why this design). After each backward the
 gradients are averaged over the p ranks in one allreduce of a flat buffer,
 
     g = (1/p) sum_r g_r,    g_r = dL_r/dtheta, L_r the mean loss of rank r's shard
 
 so with equal shards p ranks with batch B/p take the steps of one process with batch
-B. Host arrays travel through MPI, GPU arrays through NCCL (docs/distributed.md).
+B. Host arrays travel through MPI, GPU arrays through NCCL.
 """
 from . import backend
 
@@ -29,8 +23,7 @@ class Communicator:
     def __init__(self, host=None, device=None):
         self.host = host
         self.device = device if device is not None else host
-        self.rank = 0 if host is None else host.rank
-        self.size = 1 if host is None else host.size
+        self.rank, self.size = (0, 1) if host is None else (host.rank, host.size)
 
     def allreduce_(self, a):
         """Sum ``a`` over the ranks, in place; returns ``a``."""
@@ -114,18 +107,14 @@ def broadcast_parameters(model, root=0, comm=None):
     if not 0 <= root < comm.size:
         raise ValueError(f"broadcast_parameters: root must be a rank in [0, {comm.size}), "
                          f"got {root!r}")
-    for p in model.parameters():
-        comm.broadcast_(p.data, root)
-    for _, value in model.named_buffers():
+    arrays = [p.data for p in model.parameters()] + [v for _, v in model.named_buffers()]
+    for value in arrays:
         comm.broadcast_(value, root)
 
 
 def average_buffers(model, comm):
-    """Average the floating-point buffers (BatchNorm running statistics) over the ranks.
-
-    Each rank's statistics saw only its shards; their mean is what eval mode uses.
-    Integer buffers (batch counts) are equal on all ranks and stay as they are.
-    """
+    """Average the floating-point buffers (BatchNorm running statistics) over the ranks;
+    integer buffers (batch counts) are equal on all ranks and stay as they are."""
     buffers = [value for _, value in model.named_buffers() if value.dtype.kind == "f"]
     if comm.size == 1 or not buffers:
         return
@@ -139,9 +128,8 @@ def _mean_over_ranks(arrays, like, comm, caller):
     ``like`` of one flat buffer: pack, one allreduce, divide by the number of ranks."""
     dtypes = {a.dtype for a in like}
     if len(dtypes) > 1:     # one buffer, one allreduce: mixed dtypes would be cast
-        raise ValueError(f"distributed.{caller}: all arrays must share one dtype for the "
-                         f"flat buffer, got {sorted(str(d) for d in dtypes)}; move the "
-                         f"model to one dtype")
+        raise ValueError(f"distributed.{caller}: all arrays must share one dtype for the flat "
+                         f"buffer, got {sorted(map(str, dtypes))}; move the model to one dtype")
     xp = backend.get_array_module(like[0])
     flat = xp.concatenate([(xp.zeros(t.size, t.dtype) if a is None else a.reshape(-1))
                            .astype(t.dtype, copy=False) for a, t in zip(arrays, like)])

@@ -1,18 +1,15 @@
-"""Check a layer's backward against central finite differences.
+"""Check a layer's backward against central finite differences (docs/extending.md).
 
     err = minidl.gradcheck(layer, x)          # worst relative error, float64
     assert err < 1e-6
 
-For a layer the scalar checked is L = sum(dy * layer.forward(x)) with a fixed random
-``dy``, whose exact gradients ``layer.backward(dy)`` returns (x) and accumulates (each
-Parameter); for a loss (pass ``target=``) L is ``loss.forward(x, target)``.
-
-Each numeric derivative is (L(v + eps) - L(v - eps)) / (2 eps): its error, ~eps^2
-truncation plus ~1e-16 |L| / eps rounding, stays far below 1e-6 at eps = 1e-4 for
-layers and losses of test size (a loss over 64 rows failed at eps = 1e-6). An
-entry's relative error is |exact - numeric| / max(|exact|, |numeric|, floor), with
-``floor`` 1e-3 of the tensor's largest magnitude, so entries ~0 are compared on the
-tensor's scale instead of their own.
+For a layer L = sum(dy * layer.forward(x)) with a fixed random ``dy``; for a loss (pass
+``target=``) L = ``loss.forward(x, target)``. Each numeric derivative is
+(L(v + eps) - L(v - eps)) / (2 eps): its error, ~eps^2 truncation plus ~1e-16 |L| / eps
+rounding, stays far below 1e-6 at eps = 1e-4 for layers and losses of test size (a loss
+over 64 rows failed at eps = 1e-6). An entry's relative error is |exact - numeric| /
+max(|exact|, |numeric|, floor), with ``floor`` 1e-3 of the tensor's largest magnitude,
+so entries ~0 are compared on the tensor's scale instead of their own.
 """
 from . import backend
 from .checks import check_real
@@ -29,8 +26,7 @@ def gradcheck(layer, x, target=None, eps=1e-4, training=True, seed=0,
     eps = check_real(eps, "eps", "gradcheck", above=0)
     params = list(layer.named_parameters()) if hasattr(layer, "named_parameters") else []
     _require_float64(layer, x, params)
-    # Forward passes in training mode update BatchNorm's running statistics: keep a
-    # copy of the state and put it back at the end.
+    # training-mode forwards update BatchNorm's running statistics: put them back after
     state = layer.state_dict() if hasattr(layer, "state_dict") else None
     try:
         return _gradcheck(layer, x.copy(), params, target, eps, training, seed, max_entries,

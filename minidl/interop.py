@@ -14,16 +14,13 @@
     Identity, Sequential: the namesakes
     Residual, Concat <-> two small modules of this file, made when torch is first
                          used: Residual(block, shortcut), Concat (branches "0", "1", ...)
-
-The activation inside a Conv2D or Dense becomes a module of its own named
-"<i>_activation" (a torch module name cannot hold a dot); ``from_torch`` puts a module
-so named back inside the layer before it.
+    the activation of Conv2D "3" <-> a module of its own, "3_activation"
 """
 import functools
+import importlib
 from collections import OrderedDict
 from types import SimpleNamespace
 
-from . import backend
 from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
                      Flatten, GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU,
                      Residual, Sigmoid, Softmax, Tanh)
@@ -36,12 +33,8 @@ def to_torch(model):
     computes, with copies of its weights and buffers in the same dtypes, on the CPU,
     in the same train/eval mode. Raises ImportError without torch, TypeError for a
     layer that has no PyTorch equivalent (naming it)."""
-    torch = _require_torch("to_torch")
-    if not isinstance(model, Layer):
-        raise TypeError(f"minidl.interop.to_torch: model must be a minidl Sequential or "
-                        f"Layer, got {type(model).__name__}")
-    if not isinstance(model, Sequential):
-        model = Sequential([model])
+    torch = _require("torch", "minidl.interop.to_torch", "PyTorch: pip install torch")
+    model = _as_sequential(model, "minidl.interop.to_torch")
     return _torch_sequential(torch, model, "").train(model.training)
 
 
@@ -65,20 +58,18 @@ def _torch_modules(torch, layer, name):
         module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
                            layer.stride, padding, bias=layer.bias is not None,
                            dtype=_torch_dtype(torch, layer.dtype))
-        _copy_into(torch, module, weight=layer.weight.data, bias=_data(layer.bias))
+        _copy_into(torch, module, layer)
         return [("", module)] + _activation_modules(torch, layer.activation, name)
     if type(layer) is Dense:
         module = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            dtype=_torch_dtype(torch, layer.dtype))
-        _copy_into(torch, module, weight=backend.to_numpy(layer.weight.data).T,
-                   bias=_data(layer.bias))
+        _copy_into(torch, module, layer, transpose="weight")
         return [("", module)] + _activation_modules(torch, layer.activation, name)
     if type(layer) in (BatchNorm1D, BatchNorm2D):
         kind = nn.BatchNorm2d if type(layer) is BatchNorm2D else nn.BatchNorm1d
         module = kind(layer.num_features, layer.eps, layer.momentum, layer.affine,
                       dtype=_torch_dtype(torch, layer.dtype))
-        _copy_into(torch, module, weight=_data(layer.weight), bias=_data(layer.bias),
-                   **dict(layer.named_buffers()))
+        _copy_into(torch, module, layer)
         return [("", module)]
     if type(layer) is Residual:
         shortcut = (None if layer.shortcut is None
@@ -154,21 +145,17 @@ def _activation_modules(torch, activation, name):
             _torch_modules(torch, activation, f"{name}.activation")]
 
 
-def _data(parameter):
-    return None if parameter is None else parameter.data
-
-
 def _torch_dtype(torch, dtype):
     return {"float32": torch.float32, "float64": torch.float64}[dtype.name]
 
 
-def _copy_into(torch, module, **arrays):
-    """Copy each array (numpy or cupy; None skipped) into the module's tensor of that name."""
+def _copy_into(torch, module, layer, transpose=None):
+    """Copy the layer's parameters and buffers into the module's tensors of the same
+    names, the one named ``transpose`` transposed."""
     tensors = dict(module.named_parameters()) | dict(module.named_buffers())
     with torch.no_grad():
-        for name, array in arrays.items():
-            if array is not None:
-                tensors[name].copy_(torch.from_numpy(backend.to_numpy(array).copy()))
+        for name, array in layer.state_dict().items():
+            tensors[name].copy_(torch.from_numpy(array.T if name == transpose else array))
 
 
 def from_torch(module):
@@ -177,7 +164,7 @@ def from_torch(module):
     its weights, in the module's dtype (float32 or float64) and train/eval mode.
     Raises ImportError without torch, TypeError for a module minidl has no layer for,
     ValueError for settings minidl does not have (dilation, groups, ceil_mode, ...)."""
-    torch = _require_torch("from_torch")
+    torch = _require("torch", "minidl.interop.from_torch", "PyTorch: pip install torch")
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"minidl.interop.from_torch: expected a torch.nn.Module, "
                         f"got {type(module).__name__}")
@@ -190,23 +177,18 @@ def _sequential_from(torch, module, prefix):
     nn = torch.nn
     children = (list(module.named_children()) if isinstance(module, nn.Sequential)
                 else [("0", module)])
-    layers, previous = [], None
-    i = 0
+    layers, i = [], 0
     while i < len(children):
         name, child = children[i]
         following = children[i + 1][1] if i + 1 < len(children) else None
-        if _is_global_pool(nn, child) and isinstance(following, nn.Flatten):
+        if (isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size in (1, (1, 1), [1, 1])
+                and isinstance(following, nn.Flatten)):
             layers.append(GlobalAvgPool2D())
             i += 2
             continue
-        layer = _layer_from(torch, child, prefix + name)
-        if (previous is not None and name == f"{previous}_activation"
-                and isinstance(layer, Activation) and isinstance(layers[-1], (Conv2D, Dense))
-                and type(layers[-1].activation) is Identity):
-            layers[-1].activation = layer         # what to_torch split off the layer
-        else:
-            layers.append(layer)
-        previous, i = name, i + 1
+        _add_layer(layers, _layer_from(torch, child, prefix + name),
+                   i > 0 and name == f"{children[i - 1][0]}_activation")
+        i += 1
     return Sequential(layers)
 
 
@@ -216,11 +198,6 @@ def _branch_from(torch, module, name):
         return _layer_from(torch, module, name)
     layers = _sequential_from(torch, module, f"{name}.")
     return layers[0] if len(layers) == 1 else layers
-
-
-def _is_global_pool(nn, child):
-    return (isinstance(child, nn.AdaptiveAvgPool2d)
-            and child.output_size in (1, (1, 1), [1, 1]))
 
 
 def _layer_from(torch, child, name):
@@ -239,16 +216,31 @@ def _layer_from(torch, child, name):
     where = f"minidl.interop.from_torch: module {name} ({type(child).__name__})"
     try:
         if kind is nn.Conv2d:
-            return _conv_from(child)
+            _expect(child, groups=1, dilation=(1, 1), padding_mode="zeros")
+            padding = child.padding if isinstance(child.padding, str) else tuple(child.padding)
+            layer = Conv2D(child.in_channels, child.out_channels, tuple(child.kernel_size),
+                           tuple(child.stride), padding, bias=child.bias is not None,
+                           dtype=_numpy_dtype(child.weight))
+            return _loaded(layer, child)
         if kind is nn.Linear:
             layer = Dense(child.in_features, child.out_features, bias=child.bias is not None,
                           dtype=_numpy_dtype(child.weight))
-            layer.load_state_dict(_arrays(child, transpose="weight"))
-            return layer
+            return _loaded(layer, child, transpose="weight")
         if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
-            return _batch_norm_from(child, BatchNorm2D if kind is nn.BatchNorm2d else BatchNorm1D)
-        if kind in (nn.MaxPool2d, nn.AvgPool2d):
-            return _pool_from(nn, child)
+            if not child.track_running_stats:
+                raise ValueError("track_running_stats=False: minidl's BatchNorm keeps running "
+                                 "statistics")
+            norm = BatchNorm2D if kind is nn.BatchNorm2d else BatchNorm1D
+            return _loaded(norm(child.num_features, child.momentum, child.eps, child.affine,
+                                dtype=_numpy_dtype(child.running_mean)), child)
+        if kind is nn.MaxPool2d:
+            _expect(child, ceil_mode=False, dilation=1, return_indices=False)
+            return MaxPool2D(child.kernel_size, child.stride, child.padding)
+        if kind is nn.AvgPool2d:
+            _expect(child, ceil_mode=False, divisor_override=None)
+            if child.padding not in (0, (0, 0)):
+                _expect(child, count_include_pad=True)
+            return AvgPool2D(child.kernel_size, child.stride, child.padding)
         if kind is nn.Flatten:
             _expect(child, start_dim=1, end_dim=-1)
             return Flatten()
@@ -265,37 +257,6 @@ def _layer_from(torch, child, name):
     return simple()
 
 
-def _conv_from(child):
-    _expect(child, groups=1, dilation=(1, 1), padding_mode="zeros")
-    padding = child.padding if isinstance(child.padding, str) else tuple(child.padding)
-    layer = Conv2D(child.in_channels, child.out_channels, tuple(child.kernel_size),
-                   tuple(child.stride), padding, bias=child.bias is not None,
-                   dtype=_numpy_dtype(child.weight))
-    layer.load_state_dict(_arrays(child))
-    return layer
-
-
-def _batch_norm_from(child, kind):
-    if not child.track_running_stats:
-        raise ValueError("track_running_stats=False: minidl's BatchNorm keeps running "
-                         "statistics")
-    layer = kind(child.num_features, child.momentum, child.eps, child.affine,
-                 dtype=_numpy_dtype(child.running_mean))
-    layer.load_state_dict(_arrays(child))
-    return layer
-
-
-def _pool_from(nn, child):
-    _expect(child, ceil_mode=False)
-    if isinstance(child, nn.MaxPool2d):
-        _expect(child, dilation=1, return_indices=False)
-        return MaxPool2D(child.kernel_size, child.stride, child.padding)
-    _expect(child, divisor_override=None)
-    if child.padding not in (0, (0, 0)):
-        _expect(child, count_include_pad=True)
-    return AvgPool2D(child.kernel_size, child.stride, child.padding)
-
-
 def _expect(child, **supported):
     """ValueError unless each setting of ``child`` has the value minidl supports."""
     for key, value in supported.items():
@@ -305,22 +266,43 @@ def _expect(child, **supported):
             raise ValueError(f"{key}={actual!r} is not supported (only {value!r})")
 
 
-def _arrays(child, transpose=None):
-    """The module's parameters and buffers as numpy arrays, by name."""
+def _loaded(layer, child, transpose=None):
+    """``layer`` holding copies of the module's parameters and buffers, the one named
+    ``transpose`` transposed."""
     arrays = {}
     for key, tensor in list(child.named_parameters()) + list(child.named_buffers()):
         value = tensor.detach().cpu().numpy()
         arrays[key] = value.T if key == transpose else value
-    return arrays
+    layer.load_state_dict(arrays)
+    return layer
 
 
 def _numpy_dtype(tensor):
     return str(tensor.dtype).replace("torch.", "")
 
 
-def _require_torch(function):
+# -- shared with minidl.onnx ---------------------------------------------------------
+def _as_sequential(model, caller):
+    """``model`` (a minidl Sequential or Layer) as a Sequential; TypeError otherwise."""
+    if not isinstance(model, Layer):
+        raise TypeError(f"{caller}: model must be a minidl Sequential or Layer, "
+                        f"got {type(model).__name__}")
+    return model if isinstance(model, Sequential) else Sequential([model])
+
+
+def _add_layer(layers, layer, split_off):
+    """Append ``layer``; or, when it is an activation that to_torch or onnx.export split off
+    the Conv2D or Dense before it (``split_off``: named so), put it back inside that layer."""
+    if (split_off and isinstance(layer, Activation) and isinstance(layers[-1], (Conv2D, Dense))
+            and type(layers[-1].activation) is Identity):
+        layers[-1].activation = layer
+    else:
+        layers.append(layer)
+
+
+def _require(package, caller, install):
+    """The optional ``package``, imported; without it an ImportError saying how to get it."""
     try:
-        import torch
+        return importlib.import_module(package)
     except ImportError:
-        raise ImportError(f"minidl.interop.{function} needs PyTorch: pip install torch") from None
-    return torch
+        raise ImportError(f"{caller} needs {install}") from None

@@ -3,10 +3,7 @@
     loss = loss_fn(logits, labels)      # a Python float
     dlogits = loss_fn.backward()        # dL/dlogits: what the model's backward starts from
 
-``loss_fn.value(logits, labels)`` is ``forward`` without the float: a 0-d array on
-the logits' device, so a GPU step need not wait for it (the Trainer reads a step's
-loss and metrics in one copy). A loss has no parameters; its target lives on the
-prediction's device (numpy or cupy).
+A loss has no parameters; its target lives on the prediction's device (numpy or cupy).
 """
 import math
 
@@ -24,8 +21,9 @@ class Loss:
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
 
     def value(self, prediction, target):
-        """The loss as a 0-d array on the prediction's device, cached for ``backward``;
-        NaN where ``forward`` would raise. By default ``forward``'s float."""
+        """The loss as a 0-d array on the prediction's device (a GPU step need not wait
+        for it), cached for ``backward``; NaN where ``forward`` would raise. By default
+        ``forward``'s float."""
         return self.forward(prediction, target)
 
     def backward(self):
@@ -55,6 +53,14 @@ class Loss:
             raise ValueError(f"{name}: expected float {prediction_name}, "
                              f"got dtype {prediction.dtype}")
 
+    def _check_finite(self, array, what, hint=""):
+        """ValueError saying how many entries of ``array`` are NaN or inf, if any."""
+        xp = backend.get_array_module(array)
+        bad = int((~xp.isfinite(array)).sum()) if array.dtype.kind in "fc" else 0
+        if bad:
+            raise ValueError(f"{type(self).__name__}: expected {what}, got {bad} NaN/inf "
+                             f"values{hint}")
+
     def __repr__(self):
         return f"{type(self).__name__}()"
 
@@ -80,11 +86,9 @@ class SoftmaxCrossEntropy(Loss):
     def forward(self, logits, labels):
         loss = float(self.value(logits, labels))
         if math.isnan(loss):            # bad logits or labels: say which
-            xp, k = backend.get_array_module(logits), logits.shape[1]
-            bad = int((~xp.isfinite(logits)).sum())
-            if bad:
-                raise ValueError(f"SoftmaxCrossEntropy: expected finite logits, got {bad} "
-                                 f"NaN/inf values (a diverging model? try a lower learning rate)")
+            self._check_finite(logits, "finite logits",
+                               " (a diverging model? try a lower learning rate)")
+            k = logits.shape[1]
             raise ValueError(f"SoftmaxCrossEntropy: expected labels in [0, {k}) for {k} "
                              f"classes, got values from {int(labels.min())} to "
                              f"{int(labels.max())}")
@@ -116,10 +120,9 @@ class SoftmaxCrossEntropy(Loss):
 
     def backward(self):
         """dL/dz = (p - q) / N"""
-        cache = self._require_cache()
+        cache, eps = self._require_cache(), self.label_smoothing
         p, labels = cache["p"], cache["labels"]
         n, k = p.shape
-        eps = self.label_smoothing
         dz = p - eps / k if eps else p.copy()
         dz[backend.get_array_module(p).arange(n), labels] -= 1.0 - eps
         dz *= 1.0 / n
@@ -141,11 +144,8 @@ class MSE(Loss):
     def forward(self, prediction, target):
         loss = float(self.value(prediction, target))
         if not math.isfinite(loss):   # float() synced already: this check is free
-            xp = backend.get_array_module(prediction)
-            for what, a in (("prediction", prediction), ("target", target)):
-                bad = int((~xp.isfinite(a)).sum()) if a.dtype.kind in "fc" else 0
-                if bad:
-                    raise ValueError(f"MSE: expected a finite {what}, got {bad} NaN/inf values")
+            self._check_finite(prediction, "a finite prediction")
+            self._check_finite(target, "a finite target")
             raise ValueError(f"MSE: the loss overflowed to inf in {prediction.dtype} "
                              f"(prediction and target are finite but too far apart)")
         return loss

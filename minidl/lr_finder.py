@@ -22,9 +22,7 @@ def lr_find(trainer, train, start_lr=1e-7, end_lr=10.0, steps=100, beta=0.98, di
     """Run the range test with ``trainer``'s model, loss and optimizer on the DataLoader
     ``train`` (cycled if it is shorter than ``steps``); returns (lrs, smoothed losses)."""
     start_lr = check_real(start_lr, "start_lr", "lr_find", above=0)
-    end_lr = check_real(end_lr, "end_lr", "lr_find", above=0)
-    if start_lr >= end_lr:
-        raise ValueError(f"lr_find: need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+    end_lr = check_real(end_lr, "end_lr", "lr_find", above=start_lr)
     steps = check_int(steps, "steps", "lr_find", minimum=2)
     if len(train) == 0:
         raise ValueError("lr_find: the DataLoader yields no batches")

@@ -60,12 +60,9 @@ class Sequential(Container):
         return x
 
     def backward(self, dy, input_grad=True):
-        """Each layer's backward, last to first; returns dL/dx.
-
-        ``input_grad=False`` says the caller has no use for dL/dx (x is data, as in a
-        training step): it returns None, and a first layer with an ``input_grad``
-        switch (Conv2D, Dense) skips that product for this call, as PyTorch does for
-        an input that does not require grad. Its backward hooks then see dx = None."""
+        """Each layer's backward, last to first; returns dL/dx. ``input_grad=False`` (x is
+        data) returns None, and a first layer with an ``input_grad`` switch (Conv2D, Dense)
+        skips that product for this call: its backward hooks see dx = None."""
         first = self.layers[0] if self.layers else None
         saved = getattr(first, "input_grad", None)
         if saved is not None and not input_grad:
@@ -79,10 +76,8 @@ class Sequential(Container):
         return dy if input_grad else None
 
     def predict(self, x, batch_size=256):
-        """Outputs for ``x`` in eval mode, batch by batch, as a numpy array.
-
-        TypeError/ValueError unless ``batch_size`` is an int >= 1; ValueError for an
-        empty ``x``."""
+        """Outputs for ``x`` in eval mode, batch by batch, as a numpy array; ValueError for
+        an empty ``x``."""
         batch_size = check_int(batch_size, "batch_size", "Sequential.predict", minimum=1)
         xp_out = []
         for start in range(0, len(x), batch_size):
@@ -90,7 +85,7 @@ class Sequential(Container):
             xp_out.append(backend.to_numpy(self.forward(batch, training=False)))
         if not xp_out:
             raise ValueError("Sequential.predict: got an empty input")
-        return _concatenate(xp_out)
+        return backend.get_module("cpu").concatenate(xp_out, axis=0)
 
     # -- parameters and state ------------------------------------------------
     def named_layers(self):
@@ -104,9 +99,8 @@ class Sequential(Container):
         save_npz(path, state)
 
     def load(self, path):
-        """Load a checkpoint written by ``save``. ValueError naming the file, and the model
-        untouched, unless its layers have the same classes and constructor arguments
-        (dtypes aside: arrays are cast) and its arrays the same names and shapes."""
+        """Load a checkpoint written by ``save``; all or nothing (the errors: docs/api.md,
+        "Errors of checkpoints")."""
         with NpzReader(path) as npz:
             self._load(npz)
         return self
@@ -116,8 +110,7 @@ class Sequential(Container):
         if _comparable(saved) != _comparable(mine):
             raise npz.error(f"it was saved from a different model structure "
                             f"({_difference(saved, mine)})")
-        expected = {name: (value.shape, value.dtype)
-                    for name, value in self._state_arrays().items()}
+        expected = {name: (a.shape, a.dtype) for name, a in self._state_arrays().items()}
         expected[_CONFIG_KEY] = npz.headers[_CONFIG_KEY]
         state = npz.read_all(expected)
         del state[_CONFIG_KEY]
@@ -146,9 +139,8 @@ class Sequential(Container):
         return total
 
     def summary(self, input_shape, print_fn=print):
-        """A Keras-like table: each layer, its output shape and parameter count.
-
-        ``input_shape`` excludes the batch, e.g. (1, 28, 28). Returns the text."""
+        """Print (with ``print_fn``, unless None) and return the text of the summary table
+        (``summary.py``); ``input_shape`` excludes the batch, e.g. (1, 28, 28)."""
         text = summary_table(self, input_shape)
         if print_fn is not None:
             print_fn(text)
@@ -163,9 +155,8 @@ LAYER_CLASSES = {cls.__name__: cls for cls in (
 
 
 def load_model(path):
-    """The model saved at ``path`` by ``Sequential.save``, rebuilt from the file alone:
-    its layers from their stored classes (only minidl's, ``LAYER_CLASSES``) and
-    constructor arguments, then its arrays loaded. Nothing is unpickled."""
+    """The model saved at ``path`` by ``Sequential.save``, rebuilt from the file alone (only
+    classes in ``LAYER_CLASSES``; nothing is unpickled), then loaded."""
     with NpzReader(path) as npz:
         spec = _read_config(npz)
         try:
@@ -249,7 +240,3 @@ def _difference(saved, mine):
 def _short(config, limit=1000):
     text = json.dumps(config)
     return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def _concatenate(arrays):
-    return backend.get_module("cpu").concatenate(arrays, axis=0)

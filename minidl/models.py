@@ -51,10 +51,9 @@ def resnet_small(num_classes=10, width=16, in_channels=1):
     layers = [Conv2D(in_channels, width, 3, padding=1, bias=False), BatchNorm2D(width), ReLU()]
     channels = width
     for stage, out_channels in enumerate((width, 2 * width, 4 * width)):
-        for i in range(2):
-            stride = 2 if stage > 0 and i == 0 else 1
-            layers += [basic_block(channels, out_channels, stride), ReLU()]
-            channels = out_channels
+        layers += [basic_block(channels, out_channels, stride=2 if stage else 1), ReLU(),
+                   basic_block(out_channels, out_channels), ReLU()]
+        channels = out_channels
     return Sequential(layers + [GlobalAvgPool2D(), Dense(channels, num_classes)])
 
 

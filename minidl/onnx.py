@@ -3,9 +3,8 @@
     minidl.onnx.export(model, "model.onnx", input_shape=(1, 28, 28))
     model = minidl.onnx.load("model.onnx")
 
-The graph has one input "input" of shape (N, *input_shape), N symbolic, one node per
-layer, opset 17, and float32 weights and values throughout (ONNX Runtime has no
-float64 Conv, so a float64 model is rounded to float32). Each layer maps to one op:
+The graph has one input "input" of shape (N, *input_shape), N symbolic, opset 17, and
+float32 weights and values throughout (a float64 model is rounded). Each layer maps to one op:
 
     Conv2D -> Conv              pads [top, left, bottom, right]: "same" may be uneven
     Dense -> Gemm               y = x @ W + b with W stored (in, out), so transB = 0
@@ -15,26 +14,23 @@ float64 Conv, so a float64 model is rounded to float32). Each layer maps to one 
     Flatten -> Flatten (axis 1)   BatchNorm1D/2D -> BatchNormalization (running stats)
     Dropout -> Dropout (identity at inference)   activations -> Relu, LeakyRelu, ...
     Residual -> its branches from one input, joined by Add     Concat -> ..., by Concat
+    the activation of Conv2D or Dense "3" -> a node of its own, "3.activation"
 
-The activation inside a Conv2D or Dense is a node of its own, named after the layer
-("3" and "3.activation"); ``load`` puts it back inside, so a round trip gives the same
-layers and weights. Initializers carry the layer's state_dict names ("3.weight",
-"3.block.0.weight"). ``load`` reads a join backwards: from an Add or Concat along each
-input to the tensor where the branches split.
+How nodes and initializers are named, and how ``load`` reads a graph: docs/interop.md.
 """
-import numbers
 import os
 
 from . import backend
 from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
-                     Flatten, GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, ReLU,
-                     Residual, Sigmoid, Softmax, Tanh)
-from .layers.activations import Activation
-from .checks import check_padding
+                     Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual,
+                     Sigmoid, Softmax, Tanh)
+from .checks import check_padding, is_int
+from .interop import _add_layer, _as_sequential, _require
 from .model import Sequential
 
 OPSET = 17
 IR_VERSION = 8          # the IR version that came with opset 17: readable by older runtimes
+_INSTALL = "the onnx package: pip install 'minidl[onnx]' (onnx, onnxruntime)"
 
 
 def export(model, path, input_shape):
@@ -44,13 +40,9 @@ def export(model, path, input_shape):
     Raises ImportError without the ``onnx`` package, TypeError for a layer that has no
     ONNX equivalent (naming it) or a bad ``input_shape``, ValueError when the model
     does not accept ``input_shape``. Returns the ``onnx.ModelProto`` it wrote."""
-    onnx = _require_onnx("export")
+    onnx = _require("onnx", "minidl.onnx.export", _INSTALL)
     path = os.fspath(path)
-    if not isinstance(model, Layer):
-        raise TypeError(f"minidl.onnx.export: model must be a minidl Sequential or Layer, "
-                        f"got {type(model).__name__}")
-    if not isinstance(model, Sequential):
-        model = Sequential([model])
+    model = _as_sequential(model, "minidl.onnx.export")
     input_shape, output_shape = _checked_shapes(model, input_shape)
     graph = _Graph(onnx)
     y = _export_layer(graph, model, "input", "")
@@ -62,8 +54,7 @@ def export(model, path, input_shape):
         opset_imports=[onnx.helper.make_opsetid("", OPSET)], producer_name="minidl")
     proto.ir_version = IR_VERSION
     onnx.checker.check_model(proto, full_check=True)     # shapes inferred and checked too
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx.save_model(proto, path)
     return proto
 
@@ -72,8 +63,7 @@ def _checked_shapes(model, input_shape):
     """``input_shape`` as a tuple of positive ints that the model accepts, and the
     model's output shape for one sample."""
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
-    if not shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
-                            for d in shape):
+    if not shape or not all(is_int(d) for d in shape):
         raise TypeError(f"minidl.onnx.export: input_shape must be a tuple of ints (one "
                         f"sample's shape, without the batch), got {input_shape!r}")
     shape = tuple(int(d) for d in shape)
@@ -96,8 +86,7 @@ class _Graph:
     node's name, so names are unique as long as layer names are."""
 
     def __init__(self, onnx):
-        self.onnx = onnx
-        self.nodes, self.weights = [], []
+        self.onnx, self.nodes, self.weights = onnx, [], []
 
     def node(self, op, inputs, name, **attributes):
         self.nodes.append(self.onnx.helper.make_node(op, inputs, [name], name=name,
@@ -128,50 +117,32 @@ def _export_sequential(graph, model, x, name):
 
 def _export_conv(graph, layer, x, name):
     (top, bottom), (left, right) = layer.pads
-    z = graph.node("Conv", [x] + _weight_and_bias(graph, layer, name), name,
-                   kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
-                   pads=[top, left, bottom, right])
-    return _export_inner_activation(graph, layer.activation, z, name)
+    return _export_weighted(graph, layer, x, name, "Conv", kernel_shape=list(layer.kernel_size),
+                            strides=list(layer.stride), pads=[top, left, bottom, right])
 
 
 def _export_dense(graph, layer, x, name):
-    z = graph.node("Gemm", [x] + _weight_and_bias(graph, layer, name), name)
-    return _export_inner_activation(graph, layer.activation, z, name)
+    return _export_weighted(graph, layer, x, name, "Gemm")
 
 
-def _weight_and_bias(graph, layer, name):
-    inputs = [graph.weight(f"{name}.weight", layer.weight.data)]
+def _export_weighted(graph, layer, x, name, op, **attributes):
+    """The layer's ``op`` node on its weight and bias, then its activation's node."""
+    inputs = [x, graph.weight(f"{name}.weight", layer.weight.data)]
     if layer.bias is not None:
         inputs.append(graph.weight(f"{name}.bias", layer.bias.data))
-    return inputs
-
-
-def _export_inner_activation(graph, activation, z, name):
-    if type(activation) is Identity:
+    z = graph.node(op, inputs, name, **attributes)
+    if type(layer.activation) is Identity:
         return z
-    return _export_layer(graph, activation, z, f"{name}.activation")
+    return _export_layer(graph, layer.activation, z, f"{name}.activation")
 
 
-def _window(layer):
-    p1, p2 = layer.padding
-    return {"kernel_shape": list(layer.kernel_size), "strides": list(layer.stride),
-            "pads": [p1, p2, p1, p2]}
-
-
-def _export_max_pool(graph, layer, x, name):
-    return graph.node("MaxPool", [x], name, **_window(layer))
-
-
-def _export_avg_pool(graph, layer, x, name):
-    return graph.node("AveragePool", [x], name, count_include_pad=1, **_window(layer))
-
-
-def _export_global_avg_pool(graph, layer, x, name):
-    return graph.node("ReduceMean", [x], name, axes=[2, 3], keepdims=0)
-
-
-def _export_flatten(graph, layer, x, name):
-    return graph.node("Flatten", [x], name, axis=1)
+def _export_pool(op, **attributes):
+    """The exporter of a MaxPool2D or AvgPool2D: a node with its window, padded evenly."""
+    def export(graph, layer, x, name):
+        p1, p2 = layer.padding
+        return graph.node(op, [x], name, kernel_shape=list(layer.kernel_size),
+                          strides=list(layer.stride), pads=[p1, p2, p1, p2], **attributes)
+    return export
 
 
 def _export_batch_norm(graph, layer, x, name):
@@ -214,31 +185,30 @@ def _export_concat(graph, layer, x, name):
     return graph.node("Concat", ys, name, axis=layer.axis)
 
 
-def _export_elementwise(op):
-    return lambda graph, layer, x, name: graph.node(op, [x], name)
+def _export_op(op, **attributes):
+    """The exporter of a layer that is one node with fixed attributes."""
+    return lambda graph, layer, x, name: graph.node(op, [x], name, **attributes)
 
 
 _EXPORTERS = {
     Sequential: _export_sequential, Conv2D: _export_conv, Dense: _export_dense,
-    MaxPool2D: _export_max_pool, AvgPool2D: _export_avg_pool,
-    GlobalAvgPool2D: _export_global_avg_pool, Flatten: _export_flatten,
+    MaxPool2D: _export_pool("MaxPool"), AvgPool2D: _export_pool("AveragePool", count_include_pad=1),
+    GlobalAvgPool2D: _export_op("ReduceMean", axes=[2, 3], keepdims=0),
+    Flatten: _export_op("Flatten", axis=1),
     BatchNorm1D: _export_batch_norm, BatchNorm2D: _export_batch_norm, Dropout: _export_dropout,
-    ReLU: _export_elementwise("Relu"), Sigmoid: _export_elementwise("Sigmoid"),
-    Tanh: _export_elementwise("Tanh"), Identity: _export_elementwise("Identity"),
-    LeakyReLU: _export_leaky_relu, Softmax: _export_softmax,
+    ReLU: _export_op("Relu"), Sigmoid: _export_op("Sigmoid"), Tanh: _export_op("Tanh"),
+    Identity: _export_op("Identity"), LeakyReLU: _export_leaky_relu, Softmax: _export_softmax,
     Residual: _export_residual, Concat: _export_concat,
 }
 
 
 # -- load ---------------------------------------------------------------------------
 def load(path):
-    """A Sequential (float32) computing the ONNX graph in ``path``, opset 13 or newer:
-    chains of the ops ``export`` writes, with branches that split at one tensor and
-    join at an ``Add`` (a Residual) or a ``Concat`` (a Concat layer), nested in any
-    way. Raises ImportError without ``onnx``, FileNotFoundError, ValueError for a file
-    that is not a valid ONNX model or holds a graph minidl cannot express (naming the
-    node and the reason)."""
-    onnx = _require_onnx("load")
+    """A Sequential (float32) computing the ONNX graph in ``path``, opset 13 or newer
+    (what it reads: docs/interop.md). Raises ImportError without ``onnx``,
+    FileNotFoundError, ValueError for a file that is not a valid ONNX model or holds a
+    graph minidl cannot express (naming the node and the reason)."""
+    onnx = _require("onnx", "minidl.onnx.load", _INSTALL)
     path = os.fspath(path)
     graph = _Reader(onnx, _read_model(onnx, path).graph, path)
     layers, _ = graph.layers(graph.input, graph.output, graph.input_shape)
@@ -275,12 +245,10 @@ def _input_shape(value_info, path):
 
 
 class _Reader:
-    """An ONNX graph read as minidl layers. Each tensor is computed from one earlier
-    tensor, its source: the data input of its node or, for an Add or Concat of
-    branches, the tensor where those branches split (the nearest tensor that every
-    branch comes from). So the layers from one tensor to a later one are a chain of
-    sources, and a join is a Residual or Concat whose branches are the chains from the
-    split to each of its inputs: the graph read backwards, from the output."""
+    """An ONNX graph read as minidl layers, backwards from the output: each tensor has
+    one source (its node's data input or, for a join, the tensor where its branches
+    split), so layers are chains of sources and a join's branches are the chains from
+    its split to its inputs (docs/interop.md)."""
 
     def __init__(self, onnx, graph, path):
         self.onnx, self.path = onnx, path
@@ -347,10 +315,8 @@ class _Reader:
         for t in reversed(chain[:chain.index(start)]):
             node = self.producer[t]
             layer, shape = self.layer(node, self.source(t), shape)
-            if _is_inner_activation(layer, node, layers, previous):
-                layers[-1].activation = layer
-            else:
-                layers.append(layer)
+            _add_layer(layers, layer,
+                       previous is not None and node.name == f"{previous.name}.activation")
             previous = node
         return layers, shape
 
@@ -359,9 +325,8 @@ class _Reader:
         A join's loader takes the layers of each branch where a node's takes its weights."""
         where = self.where(node)
         if id(node) in self.loaded:
-            raise ValueError(f"{where}: it is in two branches that do not split at one "
-                             f"tensor; minidl's Residual and Concat split at one and join "
-                             f"at one")
+            raise ValueError(f"{where}: it is in two branches that do not split at one tensor; "
+                             f"minidl's Residual and Concat split at one and join at one")
         self.loaded.add(id(node))
         if self.is_join(node):
             loader = _JOINS[node.op_type]
@@ -402,13 +367,6 @@ def _attribute(onnx, a):
     if isinstance(value, bytes):
         return value.decode()
     return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _is_inner_activation(layer, node, layers, previous):
-    """True for the activation node that ``export`` split off the Conv2D or Dense before."""
-    return (previous is not None and node.name == f"{previous.name}.activation"
-            and isinstance(layer, Activation) and isinstance(layers[-1], (Conv2D, Dense))
-            and type(layers[-1].activation) is Identity)
 
 
 def _expect(attributes, **supported):
@@ -470,8 +428,8 @@ def _load_gemm(attributes, weights, shape):
     layer = Dense(w.shape[0], w.shape[1], bias=len(weights) > 1)
     state = {"weight": w}
     if len(weights) > 1:
-        state["bias"] = backend.get_module("cpu").broadcast_to(weights[1] * attributes.get("beta", 1.0),
-                                           (w.shape[1],))
+        bias = weights[1] * attributes.get("beta", 1.0)
+        state["bias"] = backend.get_module("cpu").broadcast_to(bias, (w.shape[1],))
     layer.load_state_dict(state)
     return layer
 
@@ -554,12 +512,3 @@ def _branch(layers):
 
 
 _JOINS = {"Add": _load_residual, "Concat": _load_concat}
-
-
-def _require_onnx(function):
-    try:
-        import onnx
-    except ImportError:
-        raise ImportError(f"minidl.onnx.{function} needs the onnx package: "
-                          f"pip install 'minidl[onnx]' (onnx, onnxruntime)") from None
-    return onnx

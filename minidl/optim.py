@@ -3,16 +3,15 @@
     opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt.zero_grad(); ...forward, loss, backward...; opt.step()
 
-Each rule is PyTorch's documented algorithm, so equal starts and gradients give
-torch.optim's numbers (tests/test_optim.py). As in PyTorch, a parameter whose grad
-is None is skipped and its step count ``t`` (per parameter: Adam's bias correction)
-does not advance, and a buffer is created by the first update that needs it, so
-momentum or amsgrad may be switched on between steps. Buffers are
-``zeros_like(p.data)`` and hyper-parameters Python floats: dtype and device are kept.
+Each rule is torch.optim's algorithm, with its numbers (tests/test_optim.py). As there,
+a parameter whose grad is None is skipped and its step count ``t`` (Adam's bias
+correction) does not advance, and a buffer (``zeros_like(p.data)``: dtype and device
+kept) is made by the first update that needs it, so momentum or amsgrad may be
+switched on between steps.
 
 ``state_dict()`` is flat and pickle-free (for ``numpy.savez``): the hyper-parameters
-by constructor name, "num_params", and "state.<i>.<name>": "t" (step count) and the
-buffers named as in the equations ("b" momentum, "m"/"v" moments, "v_max", "g_avg").
+by constructor name, "num_params", and "state.<i>.<name>": "t" and the buffers named
+as in the equations ("b" momentum, "m"/"v" moments, "v_max", "g_avg").
 """
 import math
 
@@ -20,15 +19,21 @@ from . import backend
 from .checks import check_bool, check_real, check_real_pair, is_int
 from .layers.base import Parameter
 
+_NON_NEGATIVE = (check_real, {"minimum": 0})
+_FRACTION = (check_real, {"minimum": 0, "maximum": 1})
+_FLAG = (check_bool, {})
+
 
 class Optimizer:
     """Base class: the parameters, their state and the hyper-parameters (attributes).
 
-    A subclass implements ``_update(theta, g, state)`` (one parameter's rule; it
-    creates the buffers it uses, listed in ``buffer_names``) and extends ``_checked``.
+    A subclass implements ``_update(theta, g, state)`` (one parameter's rule; it creates
+    the buffers it uses, listed in ``buffer_names``) and adds to ``_checks``: a
+    hyper-parameter -> (check, bounds) from minidl.checks, for whichever the rule has.
     """
 
     buffer_names = ()
+    _checks = {name: _NON_NEGATIVE for name in ("lr", "eps", "momentum", "weight_decay")}
 
     def __init__(self, params, lr, **hyperparameters):
         self.params = _parameter_list(type(self).__name__, params)
@@ -76,12 +81,10 @@ class Optimizer:
         return {name: getattr(self, name) for name in self._names}
 
     def _checked(self, h):
-        """``h`` normalised (floats, bools), or TypeError (wrong kind) / ValueError."""
-        owner, h = type(self).__name__, dict(h)
-        for name in ("lr", "eps", "momentum", "weight_decay"):  # whichever the rule has
-            if name in h:
-                h[name] = check_real(h[name], name, owner, minimum=0)
-        return h
+        """``h`` normalised by ``_checks``: TypeError (wrong kind) or ValueError."""
+        owner = type(self).__name__
+        return {**h, **{name: check(h[name], name, owner, **bounds)
+                        for name, (check, bounds) in self._checks.items() if name in h}}
 
     def _set(self, h):
         for name, value in h.items():
@@ -117,13 +120,11 @@ class Optimizer:
         h = self._checked({name: backend.to_numpy(saved[name]).tolist() for name in self._names})
         grouped = {}
         for key in per_param:
-            parts = key.split(".")
-            if len(parts) != 3 or not parts[1].isdigit():
-                raise ValueError(f"{owner}: malformed key {key!r}; expected 'state.<index>.<name>'")
-            if int(parts[1]) >= n:
-                raise ValueError(f"{owner}: key {key!r} refers to parameter {parts[1]}, but "
-                                 f"there are only {n}")
-            grouped.setdefault(int(parts[1]), {})[parts[2]] = saved[key]
+            index, _, name = key[len("state."):].partition(".")
+            if not index.isdigit() or int(index) >= n:
+                raise ValueError(f"{owner}: key {key!r} is not 'state.<index>.<name>' with an "
+                                 f"index < {n}, the number of parameters")
+            grouped.setdefault(int(index), {})[name] = saved[key]
         state = {}
         for i, entries in grouped.items():
             # a buffer may be missing (its option was switched on after the last step)
@@ -135,9 +136,8 @@ class Optimizer:
             for name, value in entries.items():
                 value = backend.to_numpy(value)
                 if tuple(value.shape) != tuple(theta.shape):
-                    raise ValueError(f"{owner}: 'state.{i}.{name}' has shape "
-                                     f"{tuple(value.shape)}, parameter {i} has shape "
-                                     f"{tuple(theta.shape)}")
+                    raise ValueError(f"{owner}: 'state.{i}.{name}' has shape {tuple(value.shape)},"
+                                     f" parameter {i} has shape {tuple(theta.shape)}")
                 on_device = backend.to_device(value, backend.device_of(theta))
                 state[i][name] = on_device.astype(theta.dtype, copy=True)
         self._set(h)
@@ -159,6 +159,7 @@ class SGD(Optimizer):
     """
 
     buffer_names = ("b",)
+    _checks = {**Optimizer._checks, "dampening": _FRACTION, "nesterov": _FLAG}
 
     def __init__(self, params, lr, momentum=0.0, dampening=0.0, nesterov=False,
                  weight_decay=0.0):
@@ -166,11 +167,9 @@ class SGD(Optimizer):
                          nesterov=nesterov, weight_decay=weight_decay)
 
     def _checked(self, h):
-        h, owner = super()._checked(h), type(self).__name__
-        h["dampening"] = check_real(h["dampening"], "dampening", owner, minimum=0, maximum=1)
-        h["nesterov"] = check_bool(h["nesterov"], "nesterov", owner)
+        h = super()._checked(h)
         if h["nesterov"] and (h["momentum"] == 0 or h["dampening"] != 0):
-            raise ValueError(f"{owner}: nesterov=True needs momentum > 0 and dampening == 0")
+            raise ValueError("SGD: nesterov=True needs momentum > 0 and dampening == 0")
         return h
 
     def _update(self, theta, g, state):
@@ -196,17 +195,13 @@ class Adam(Optimizer):
     """
 
     buffer_names = ("m", "v", "v_max")
+    _checks = {**Optimizer._checks, "betas": (check_real_pair, {"minimum": 0, "below": 1}),
+               "amsgrad": _FLAG}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False):
         super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad)
-
-    def _checked(self, h):
-        h, owner = super()._checked(h), type(self).__name__
-        h["betas"] = check_real_pair(h["betas"], "betas", owner, minimum=0, below=1)
-        h["amsgrad"] = check_bool(h["amsgrad"], "amsgrad", owner)
-        return h
 
     def _update(self, theta, g, state):
         xp = backend.get_array_module(theta)
@@ -252,17 +247,12 @@ class RMSprop(Optimizer):
     """
 
     buffer_names = ("v", "g_avg", "b")
+    _checks = {**Optimizer._checks, "alpha": _FRACTION, "centered": _FLAG}
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False):
         super().__init__(params, lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                          momentum=momentum, centered=centered)
-
-    def _checked(self, h):
-        h, owner = super()._checked(h), type(self).__name__
-        h["alpha"] = check_real(h["alpha"], "alpha", owner, minimum=0, maximum=1)
-        h["centered"] = check_bool(h["centered"], "centered", owner)
-        return h
 
     def _update(self, theta, g, state):
         xp = backend.get_array_module(theta)
@@ -283,24 +273,19 @@ class RMSprop(Optimizer):
 
 
 def clip_grad_norm_(params, max_norm, norm_type=2.0):
-    """Scale all gradients together so their joint norm is at most ``max_norm``.
-
-    The norm is over all grads as one vector (params without a grad are ignored); when
-    it exceeds ``max_norm`` every grad is multiplied in place by max_norm / (total +
-    1e-6), as torch.nn.utils.clip_grad_norm_. Returns the norm before clipping (a float).
-    """
+    """Scale all gradients together, in place, so that their joint norm (over all grads as
+    one vector) is at most ``max_norm``: by max_norm / (total + 1e-6) when that is < 1,
+    as torch.nn.utils.clip_grad_norm_. Returns the norm before clipping (a float)."""
     owner = "clip_grad_norm_"
     params = [params] if isinstance(params, Parameter) else _parameter_list(owner, params,
                                                                            allow_empty=True)
     max_norm = check_real(max_norm, "max_norm", owner, minimum=0, finite=False)
     norm_type = check_real(norm_type, "norm_type", owner, above=0, finite=False)
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
     # the norm of the per-grad norms equals the norm of everything concatenated
     norms = [float(backend.get_array_module(g).linalg.norm(g.ravel(), ord=norm_type))
              for g in grads]
-    total = (max(norms) if math.isinf(norm_type)
+    total = (max(norms, default=0.0) if math.isinf(norm_type)
              else math.fsum(n ** norm_type for n in norms) ** (1.0 / norm_type))
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:
@@ -318,14 +303,11 @@ def _zeros(state, name, theta):
 
 def _parameter_list(owner, params, allow_empty=False):
     """``params`` as a list of distinct Parameters, or a clear TypeError/ValueError."""
-    if isinstance(params, Parameter):
-        raise TypeError(f"{owner}: params must be an iterable of Parameters (e.g. "
-                        f"model.parameters() or [p]), got a single Parameter")
     try:
         params = list(params)
-    except TypeError:
+    except TypeError:  # a single Parameter included: it is not iterable
         raise TypeError(f"{owner}: params must be an iterable of Parameters (e.g. "
-                        f"model.parameters()), got {type(params).__name__}") from None
+                        f"model.parameters() or [p]), got {type(params).__name__}") from None
     if not params and not allow_empty:
         raise ValueError(f"{owner}: got an empty parameter list; nothing to optimize")
     for i, p in enumerate(params):

@@ -5,17 +5,11 @@ from .callbacks import Callback
 
 
 class GradientRecorder(Callback):
-    """Records, during ``Trainer.fit``, per-layer activation statistics and the
-    gradient norm of every parameter, and adds their epoch means to the logs
-    (so they land in the History): ``grad_norm/<param>``, ``act_mean/<layer>``,
-    ``act_std/<layer>``, ``dead_relu/<layer>`` (fraction of ReLU outputs that are 0).
-
-    Activations are sampled on batches 0, ``every``, 2 ``every``, ... of each epoch
-    (they cost a reduction over each output), never in evaluation (``training=False``);
-    gradient norms are taken on every training batch, right after each layer's
-    backward, so they are the norms of the ``.grad`` the optimizer then uses (before
-    any ``clip_grad_norm``). ``model`` is a Sequential; its top-level layers are hooked.
-    The sums stay on the device until the epoch ends: no wait in a training step.
+    """Records, during ``Trainer.fit``, per-layer activation statistics (every ``every``-th
+    training batch: each costs a reduction over an output) and every parameter's gradient
+    norm (every training batch), through hooks on the top-level layers of ``model`` (a
+    Sequential), and adds their epoch means to the logs, so to the History (the keys:
+    docs/architecture.md, "Inspection"). The sums stay on the device until the epoch ends.
     """
 
     def __init__(self, model, every=10):
@@ -63,9 +57,8 @@ class GradientRecorder(Callback):
 
     # -- epochs ------------------------------------------------------------------
     def on_epoch_end(self, trainer, epoch, logs):
-        keys = list(self._sums)
-        sums = backend.to_floats([self._sums[k] for k in keys])
-        means = {k: s / self._counts[k] for k, s in zip(keys, sums)}
+        sums = backend.to_floats(list(self._sums.values()))
+        means = {k: s / self._counts[k] for k, s in zip(self._sums, sums)}
         self.epoch_logs.append(means)
         logs.update(means)
         # Restart the count, so every epoch samples batch 0 and logs the same keys

@@ -1,11 +1,9 @@
 """Resumable training: everything a run needs to continue, in one pickle-free .npz.
 
-``Trainer.fit(..., save_state=path)`` writes after every epoch the model's state, the
-optimizer's and scheduler's, the epochs done, the History and the state of every
-random generator the run draws from (minidl's, the loader's shuffle, its transform's,
-each layer's), as JSON text. ``fit(..., resume=path)`` puts it all back, so on the CPU
-a resumed run ends bit for bit as one that never stopped. Keys: "model/<name>",
-"optimizer/<name>", "scheduler/<name>", "history/<metric>", "rng/<owner>", "epoch".
+``Trainer.fit(..., save_state=path)`` writes it after every epoch, ``fit(..., resume=path)``
+puts it back, so on the CPU a resumed run ends bit for bit as one that never stopped.
+Keys: "model/<name>", "optimizer/<name>", "scheduler/<name>", "history/<metric>", "epoch"
+and "rng/<owner>": the state, as JSON text, of each generator the run draws from.
 """
 import json
 import math

@@ -5,11 +5,10 @@
         train_one_epoch(model, opt)
         sched.step()                    # once per epoch, after the optimizer's steps
 
-A scheduler is a Callback: ``Trainer(scheduler=sched)`` steps it after each epoch,
-or after every batch when ``per_batch`` is True (warm-up, one-cycle; ``last_epoch``
-then counts optimizer steps). Most compute the rate in closed form from ``base_lr``
-(the optimizer's lr when made) and ``last_epoch``, so their state is a few numbers;
-they equal torch.optim.lr_scheduler's (recursive) values up to rounding.
+A scheduler is a Callback that ``Trainer(scheduler=sched)`` steps after each epoch, or
+after every batch when ``per_batch`` (``last_epoch`` then counts optimizer steps). Most
+give the rate in closed form from ``base_lr`` (the optimizer's lr when made) and
+``last_epoch``: torch.optim.lr_scheduler's (recursive) values up to rounding.
 """
 import bisect
 import math
@@ -28,18 +27,25 @@ def _check_choice(value, name, owner, options):
     return str(value)
 
 
+def _check_milestones(value, name, owner):
+    """``value`` (an iterable of epochs >= 0) as a sorted tuple."""
+    try:
+        milestones = list(value)
+    except TypeError:
+        raise TypeError(f"{owner}: {name} must be a list of epochs, got {value!r}") from None
+    return tuple(sorted(check_int(m, name, owner, minimum=0) for m in milestones))
+
+
 _POSITIVE = (check_real, {"above": 0})
 _NON_NEGATIVE = (check_real, {"minimum": 0})
 _COUNT = (check_int, {"minimum": 0})
+_POSITIVE_INT = (check_int, {"minimum": 1})
 
 
 class LRScheduler(Callback):
-    """Base class: a subclass implements ``lr_at(epoch)`` and lists its checks.
-
-    The optimizer's lr is set to ``lr_at(0)`` at once; ``last_epoch`` counts the
-    ``step()`` calls. ``_checks`` maps a hyper-parameter to (check, bounds) from
-    minidl.checks, applied when made and when loaded; ``_counters`` (further state)
-    are checked likewise when loaded.
+    """Base class: a subclass implements ``lr_at(epoch)`` and maps each hyper-parameter
+    to (check, bounds) from minidl.checks in ``_checks``, applied when made and when
+    loaded; ``_counters`` (further state) are checked likewise when loaded.
     """
 
     per_batch = False
@@ -93,8 +99,7 @@ class LRScheduler(Callback):
         return self.lr_at(self.last_epoch)
 
     def state_dict(self):
-        """Python scalars (a tuple for MultiStepLR's milestones): base_lr, last_epoch,
-        the hyper-parameters and any counters."""
+        """base_lr, last_epoch, the hyper-parameters and counters: Python scalars (or tuple)."""
         names = ("base_lr", "last_epoch", *self._hyper_names, *self._counters)
         return {name: getattr(self, name) for name in names}
 
@@ -108,21 +113,20 @@ class LRScheduler(Callback):
             raise ValueError(f"{owner}: missing keys {missing}, unexpected keys {unexpected}")
         # numpy.load gives 0-d or 1-d arrays: tolist() makes them Python data again
         values = {name: to_numpy(state[name]).tolist() for name in expected}
-        h = self._checked({name: values[name] for name in self._hyper_names})
         checks = {"base_lr": _NON_NEGATIVE, "last_epoch": _COUNT, **self._counters}
-        self._set({**h, **{name: check(values[name], name, owner, **bounds)
-                           for name, (check, bounds) in checks.items()}})
+        self._set({**self._checked(values), **{name: check(values[name], name, owner, **bounds)
+                                               for name, (check, bounds) in checks.items()}})
 
     def __repr__(self):
-        args = ", ".join(f"{name}={getattr(self, name)}" for name in self._hyper_names)
-        return f"{type(self).__name__}({args}, base_lr={self.base_lr}, " \
-               f"last_epoch={self.last_epoch})"
+        names = (*self._hyper_names, "base_lr", "last_epoch")
+        args = ", ".join(f"{name}={getattr(self, name)}" for name in names)
+        return f"{type(self).__name__}({args})"
 
 
 class StepLR(LRScheduler):
     """lr(epoch) = base_lr * gamma ** (epoch // step_size)"""
 
-    _checks = {"step_size": (check_int, {"minimum": 1}), "gamma": _POSITIVE}
+    _checks = {"step_size": _POSITIVE_INT, "gamma": _POSITIVE}
 
     def __init__(self, optimizer, step_size, gamma=0.1):
         super().__init__(optimizer, step_size=step_size, gamma=gamma)
@@ -151,7 +155,7 @@ class CosineAnnealingLR(LRScheduler):
     Past ``T_max`` the cosine continues (period 2 * T_max), as in PyTorch.
     """
 
-    _checks = {"T_max": (check_int, {"minimum": 1}), "eta_min": _NON_NEGATIVE}
+    _checks = {"T_max": _POSITIVE_INT, "eta_min": _NON_NEGATIVE}
 
     def __init__(self, optimizer, T_max, eta_min=0.0):
         super().__init__(optimizer, T_max=T_max, eta_min=eta_min)
@@ -164,21 +168,10 @@ class CosineAnnealingLR(LRScheduler):
 class MultiStepLR(LRScheduler):
     """lr(epoch) = base_lr * gamma ** (number of milestones <= epoch)"""
 
-    _checks = {"gamma": _POSITIVE}
+    _checks = {"gamma": _POSITIVE, "milestones": (_check_milestones, {})}
 
     def __init__(self, optimizer, milestones, gamma=0.1):
         super().__init__(optimizer, milestones=milestones, gamma=gamma)
-
-    def _checked(self, h):
-        h, owner = super()._checked(h), type(self).__name__
-        try:
-            milestones = list(h["milestones"])
-        except TypeError:
-            raise TypeError(f"{owner}: milestones must be a list of epochs, got "
-                            f"{h['milestones']!r}") from None
-        h["milestones"] = tuple(sorted(check_int(m, "milestones", owner, minimum=0)
-                                       for m in milestones))
-        return h
 
     def lr_at(self, epoch):
         return self.base_lr * self.gamma ** bisect.bisect_right(self.milestones, epoch)
@@ -191,22 +184,15 @@ class LinearLR(LRScheduler):
         lr(t) = base_lr * (start + (end - start) * min(t, total_iters) / total_iters)
     """
 
-    _checks = {"start_factor": _POSITIVE, "end_factor": _NON_NEGATIVE,
-               "total_iters": (check_int, {"minimum": 1})}
+    _checks = {"start_factor": (check_real, {"above": 0, "maximum": 1}),
+               "end_factor": (check_real, {"minimum": 0, "maximum": 1}),
+               "total_iters": _POSITIVE_INT}
 
     def __init__(self, optimizer, start_factor=1 / 3, end_factor=1.0, total_iters=5,
                  per_batch=True):
         self.per_batch = check_bool(per_batch, "per_batch", type(self).__name__)
         super().__init__(optimizer, start_factor=start_factor, end_factor=end_factor,
                          total_iters=total_iters)
-
-    def _checked(self, h):
-        h = super()._checked(h)
-        if h["start_factor"] > 1 or h["end_factor"] > 1:
-            raise ValueError(f"{type(self).__name__}: start_factor must be in (0, 1] and "
-                             f"end_factor in [0, 1], got {h['start_factor']} and "
-                             f"{h['end_factor']}")
-        return h
 
     def lr_at(self, t):
         ramp = min(t, self.total_iters) / self.total_iters
@@ -229,7 +215,7 @@ class OneCycleLR(LRScheduler):
     """
 
     per_batch = True
-    _checks = {"max_lr": _POSITIVE, "total_steps": (check_int, {"minimum": 1}),
+    _checks = {"max_lr": _POSITIVE, "total_steps": _POSITIVE_INT,
                "pct_start": (check_real, {"minimum": 0, "maximum": 1}),
                "anneal_strategy": (_check_choice, {"options": ("cos", "linear")}),
                "cycle_momentum": (check_bool, {}), "base_momentum": _NON_NEGATIVE,
@@ -252,10 +238,9 @@ class OneCycleLR(LRScheduler):
                          final_div_factor=final_div_factor, three_phase=three_phase)
 
     def _checked(self, h):
-        h, owner = super()._checked(h), type(self).__name__
-        hyper = self.optimizer.hyperparameters()
-        if h["cycle_momentum"] and "momentum" not in hyper and "betas" not in hyper:
-            raise ValueError(f"{owner}: {type(self.optimizer).__name__} has no momentum or "
+        h, hyper = super()._checked(h), set(self.optimizer.hyperparameters())
+        if h["cycle_momentum"] and not {"momentum", "betas"} & hyper:
+            raise ValueError(f"OneCycleLR: {type(self.optimizer).__name__} has no momentum or "
                              f"betas to cycle; pass cycle_momentum=False")
         return h
 
@@ -265,12 +250,11 @@ class OneCycleLR(LRScheduler):
         low = initial / self.final_div_factor
         up, last = self.pct_start * self.total_steps - 1, self.total_steps - 1
         m_high, m_low = self.max_momentum, self.base_momentum
+        rise = (up, (initial, self.max_lr), (m_high, m_low))
         if self.three_phase:
-            return [(up, (initial, self.max_lr), (m_high, m_low)),
-                    (2 * up, (self.max_lr, initial), (m_low, m_high)),
+            return [rise, (2 * up, (self.max_lr, initial), (m_low, m_high)),
                     (last, (initial, low), (m_high, m_high))]
-        return [(up, (initial, self.max_lr), (m_high, m_low)),
-                (last, (self.max_lr, low), (m_low, m_high))]
+        return [rise, (last, (self.max_lr, low), (m_low, m_high))]
 
     def lr_at(self, step):
         return self._value_at(step, 1)
@@ -295,8 +279,7 @@ class OneCycleLR(LRScheduler):
         for k, phase in enumerate(phases):
             end_step, (start, end) = phase[0], phase[which]
             if step <= end_step or k == len(phases) - 1:
-                # at step == total_steps torch extrapolates past the end, which a linear
-                # anneal can take below 0: stay at the end
+                # past the end torch extrapolates (a linear anneal to below 0): stay final
                 pct = min((step - start_step) / (end_step - start_step), 1.0)
                 if self.anneal_strategy == "linear":
                     return start + (end - start) * pct
@@ -318,7 +301,7 @@ class ReduceLROnPlateau(LRScheduler):
                  "cooldown_counter": _COUNT}
     _checks = {"mode": (_check_choice, {"options": ("min", "max")}),
                "threshold_mode": (_check_choice, {"options": ("rel", "abs")}),
-               "factor": _NON_NEGATIVE, "patience": _COUNT,
+               "factor": (check_real, {"minimum": 0, "below": 1}), "patience": _COUNT,
                "threshold": _NON_NEGATIVE, "cooldown": _COUNT,
                "min_lr": _NON_NEGATIVE, "eps": _NON_NEGATIVE}
 
@@ -328,15 +311,10 @@ class ReduceLROnPlateau(LRScheduler):
                          threshold=threshold, threshold_mode=threshold_mode,
                          cooldown=cooldown, min_lr=min_lr, eps=eps, monitor=monitor)
         self.best = math.inf if self.mode == "min" else -math.inf
-        self.num_bad_epochs = 0
-        self.cooldown_counter = 0
+        self.num_bad_epochs = self.cooldown_counter = 0
 
     def _checked(self, h):
-        h, owner = super()._checked(h), type(self).__name__
-        if h["factor"] >= 1:
-            raise ValueError(f"{owner}: factor must be < 1, got {h['factor']}")
-        h["monitor"] = str(h["monitor"])
-        return h
+        return {**super()._checked(h), "monitor": str(h["monitor"])}
 
     def lr_at(self, epoch):
         return self.optimizer.lr     # no closed form: the rate is whatever it was set to

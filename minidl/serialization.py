@@ -1,12 +1,10 @@
 """Files written atomically, and .npz checkpoints read without pickle or surprises.
 
-Every file minidl writes goes to a temporary name beside its target and is renamed
-over it only once complete. The temporary name carries the writer's process id, so
-the next write in that folder can delete what a killed process left.
-
-``NpzReader`` reads each .npy member's header (name, dtype, shape) on opening, and
-the data only once the caller has checked those: a small file can claim gigabytes.
-Object arrays (pickles) are refused: a checkpoint holds arrays, never code.
+Every file minidl writes goes to a temporary name beside its target, renamed over it only
+once complete; the name carries the writer's process id, so that the next write in that
+folder can delete what a killed process left. ``NpzReader`` reads each member's header on
+opening, and its data only once the caller has checked it: a small file can claim
+gigabytes. Object arrays (pickles) are refused: a checkpoint holds arrays, never code.
 """
 import math
 import os

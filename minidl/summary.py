@@ -1,14 +1,5 @@
 """The summary table: each layer's output shape, parameters, receptive field and
-FLOPs (``Sequential.summary``; docs/architecture.md, "Inspection").
-
-Receptive field: a layer with kernel k and stride s seen through the layers
-before it, whose outputs are ``jump`` input pixels apart, sees
-``rf + (k - 1) * jump`` input pixels, and its outputs are ``jump * s`` apart.
-Layers without a kernel keep (rf, jump), except those whose class says
-``sees_whole_input`` (Dense, GlobalAvgPool2D): from them on each output sees the
-whole input, "all". A nested model is followed through its own layers; through a
-Residual or Concat, an output sees what its widest branch sees.
-"""
+FLOPs (``Sequential.summary``; docs/architecture.md, "Inspection")."""
 
 ALL = None  # the receptive field of a layer that sees the whole input
 
@@ -17,8 +8,7 @@ def summary_table(model, input_shape):
     """The text of ``model.summary(input_shape)`` (input_shape without the batch)."""
     shape = (1,) + tuple(input_shape)
     rf, jump = (1, 1), (1, 1)
-    rows = []
-    total_params = total_flops = 0
+    rows, total_params, total_flops = [], 0, 0
     for i, layer in enumerate(model.layers):
         in_shape = shape
         try:
@@ -48,24 +38,23 @@ def summary_table(model, input_shape):
 
 
 def receptive_field_step(layer, rf, jump):
-    """(rf, jump) after ``layer``: grown for layers with ``kernel_size`` and ``stride``,
-    ``ALL`` from a layer that ``sees_whole_input`` on, unchanged otherwise."""
+    """(rf, jump) after ``layer``, whose input values are ``jump`` input pixels apart and
+    each see ``rf``: kernel k and stride s give ``rf + (k - 1) * jump`` and ``jump * s``;
+    ``ALL`` from a layer that ``sees_whole_input`` on; unchanged without a kernel."""
     if rf is ALL or layer.sees_whole_input:
         return ALL, jump
     for inner in getattr(layer, "layers", ()):      # a nested Sequential
         rf, jump = receptive_field_step(inner, rf, jump)
     if hasattr(layer, "branches"):      # Residual, Concat: the widest branch decides
-        ends = [receptive_field_step(branch, rf, jump) for branch in layer.branches]
-        if any(end_rf is ALL for end_rf, _ in ends):
+        rfs, jumps = zip(*(receptive_field_step(branch, rf, jump) for branch in layer.branches))
+        if ALL in rfs:
             return ALL, jump
-        widest = tuple(max(sizes) for sizes in zip(*(end_rf for end_rf, _ in ends)))
-        return widest, tuple(max(steps) for steps in zip(*(end_jump for _, end_jump in ends)))
+        return tuple(map(max, zip(*rfs))), tuple(map(max, zip(*jumps)))
     kernel, stride = getattr(layer, "kernel_size", None), getattr(layer, "stride", None)
     if kernel is None or stride is None:
         return rf, jump
-    new_rf = tuple(r + (k - 1) * j for r, k, j in zip(rf, kernel, jump))
-    new_jump = tuple(j * s for j, s in zip(jump, stride))
-    return new_rf, new_jump
+    return (tuple(r + (k - 1) * j for r, k, j in zip(rf, kernel, jump)),
+            tuple(j * s for j, s in zip(jump, stride)))
 
 
 def _human(flops):

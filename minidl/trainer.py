@@ -1,12 +1,7 @@
 """Trainer: the training loop, with progress bars, metrics, callbacks and History.
 
-One step is the whole data flow of minidl, in order:
-
-    logits = model.forward(x)           # loader -> model
-    loss = loss_fn.forward(logits, y)
-    dlogits = loss_fn.backward()
-    model.backward(dlogits)             # fills every Parameter.grad
-    optimizer.step(); optimizer.zero_grad()
+One step (``train_step``) is the whole data flow of minidl: forward, loss, backward
+(filling every Parameter.grad), optimizer step; docs/architecture.md draws it.
 """
 import math
 import time
@@ -24,10 +19,8 @@ from .resume import load_training_state, save_training_state
 
 
 class History:
-    """Per-epoch records of ``fit``: ``history["loss"]``, ``["val_accuracy"]``, ...
-
-    ``history.history`` is the dict of lists (as in Keras); ``epochs`` counts rows.
-    """
+    """Per-epoch records of ``fit``: ``history["loss"]``, ``["val_accuracy"]``, ...;
+    ``history.history`` is the dict of lists (as in Keras); ``epochs`` counts rows."""
 
     def __init__(self):
         self.history = {}
@@ -53,17 +46,12 @@ class History:
 class Trainer:
     """Trains ``model`` with ``loss`` and ``optimizer``; see ``fit`` and ``evaluate``.
 
-    ``metrics``: names ("accuracy") or callables ``f(logits, labels) -> float``
-    averaged over samples, or a dict ``{name: name or callable}`` to choose the
-    names they are logged under. Names must be unique, and not ``loss``, ``lr``,
-    ``time`` or ``val_*`` (the Trainer logs those). ``clip_grad_norm``: clip the
-    global gradient norm to this value before each step. ``verbose=0`` turns the
-    progress bars off. ``comm``: a ``minidl.distributed`` Communicator for
-    data-parallel training (docs/distributed.md); ``fit`` and ``evaluate`` are then
-    collective: every rank must call them. ``max_loss_ratio``: ``fit`` stops with a
-    FloatingPointError (diverged) when a batch's loss exceeds this many times the
-    fit's first batch loss (or 1, if that is smaller); None turns this off. A loss
-    that is not finite always stops it.
+    ``metrics``: names ("accuracy"), callables ``f(logits, labels)`` averaged over
+    samples, or a dict ``{name: metric}``. ``clip_grad_norm``: the global gradient norm's
+    limit before each step; ``verbose=0``: no progress bars. A batch loss that is not
+    finite, or above ``max_loss_ratio`` times the fit's first one (or 1), stops ``fit``.
+    With ``comm`` (docs/distributed.md) every rank must call ``fit`` and ``evaluate``.
+    Every option and error: docs/api.md.
     """
 
     def __init__(self, model, loss, optimizer, scheduler=None, metrics=("accuracy",),
@@ -82,8 +70,7 @@ class Trainer:
         self.max_loss_ratio = (None if max_loss_ratio is None else
                                check_real(max_loss_ratio, "max_loss_ratio", "Trainer", above=1))
         self.stop_training = False
-        self.epoch = 0
-        self.batch = 0
+        self.epoch = self.batch = 0     # where fit is: the CLI reports it when stopped
         self.batch_logs = {}
         self._start_loss = None
 
@@ -91,9 +78,9 @@ class Trainer:
     def train_step(self, x, y):
         """Forward, loss, backward and update on one batch; returns (loss, logits).
 
-        The batch's loss and metrics (also kept as ``self.batch_logs``) are read from
-        the device in one copy, before the update: a loss that is not finite or has
-        diverged raises FloatingPointError with the parameters of the step before."""
+        The batch's loss and metrics (kept as ``self.batch_logs``) are read from the
+        device in one copy, before the update: a loss that is not finite or diverged
+        raises FloatingPointError with the parameters of the step before."""
         logits = self.model.forward(x, training=True)
         values = self._batch_values(logits, y)      # on the device, not yet read
         dlogits = self.loss.backward()
@@ -103,17 +90,16 @@ class Trainer:
             self.model.backward(dlogits)
         self.batch_logs = _read(values)             # the step's one wait for the device
         loss = self.batch_logs["loss"]
+        where = f"the loss became {loss:.4g} at epoch {self.epoch + 1}, batch {self.batch + 1}"
         if not math.isfinite(loss):
             self._explain_bad_labels(loss, logits, y)
-            self._stop(f"the loss became {loss} at epoch {self.epoch + 1}, batch "
-                       f"{self.batch + 1}")
+            self._stop(where)
         if self._start_loss is None:
             self._start_loss = loss
         ratio = self.max_loss_ratio
         if ratio is not None and loss > ratio * max(self._start_loss, 1.0):
-            self._stop(f"the loss became {loss:.4g} at epoch {self.epoch + 1}, batch "
-                       f"{self.batch + 1}, over {ratio:g} times its start "
-                       f"({self._start_loss:.4g}): it diverged")
+            self._stop(f"{where}, over {ratio:g} times its start ({self._start_loss:.4g}): "
+                       f"it diverged")
         average_gradients(self.model.parameters(), self.comm)    # no-op in one process
         if self.clip_grad_norm is not None:
             clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
@@ -123,15 +109,13 @@ class Trainer:
 
     def _batch_values(self, logits, y):
         """{"loss": ..., metric: ...} as 0-d device arrays (or floats)."""
-        values = {"loss": self.loss.value(logits, y)}
-        values.update((name, fn(logits, y)) for name, fn in self.metrics.items())
-        return values
+        return {"loss": self.loss.value(logits, y),
+                **{name: fn(logits, y) for name, fn in self.metrics.items()}}
 
     def _explain_bad_labels(self, loss, logits, y):
         """After a loss that is not finite: the loss's own ValueError when it is NaN
         from finite logits (so the labels are at fault; inf is an overflow)."""
-        xp = backend.get_array_module(logits)
-        if math.isnan(loss) and bool(xp.isfinite(logits).all()):
+        if math.isnan(loss) and bool(backend.get_array_module(logits).isfinite(logits).all()):
             self.loss.forward(logits, y)
 
     @staticmethod
@@ -145,17 +129,11 @@ class Trainer:
             save_state=None):
         """Train for ``epochs`` over the DataLoader ``train``; returns a History.
 
-        ``save_state``: a path where the whole training state (model, optimizer,
-        scheduler, epoch, History, random generators) is written after every epoch.
-        ``resume``: such a file; training continues after its last epoch (up to
-        ``epochs`` in all), and the History holds the earlier epochs too. On the CPU
-        the result equals that of a run that never stopped (minidl/resume.py).
-
-        Callbacks' ``on_train_end`` runs even when training fails (e.g. the
-        FloatingPointError of a NaN or diverged loss); the error then propagates with
-        the History of the finished epochs attached as ``error.history``. TypeError
-        when ``train`` or ``val`` is not a DataLoader-like iterable of (x, y)
-        batches, ValueError for ``epochs`` < 1.
+        ``save_state``: a path where the whole training state is written after every
+        epoch; ``resume``: such a file, to continue after its last epoch up to ``epochs``
+        in all, the History holding the earlier epochs too (minidl/resume.py). Callbacks'
+        ``on_train_end`` runs even when training fails; the error then carries the
+        finished epochs' History as ``error.history``. Errors: docs/api.md.
         """
         verbose = (self.verbose if verbose is None else verbose) if self.comm.rank == 0 else 0
         for name, data in (("train", train), ("val", val)):
@@ -227,9 +205,7 @@ class Trainer:
         return totals.reduce(self.comm).means_as_floats()
 
     def evaluate(self, data):
-        """Mean loss and metrics over a DataLoader, in eval mode (no updates).
-
-        TypeError when ``data`` is not a DataLoader-like iterable of (x, y) batches;
+        """Mean loss and metrics over a DataLoader, in eval mode (no updates);
         FloatingPointError when a batch's loss is not finite."""
         self._check_data(data, "Trainer.evaluate", "data")
         totals = _Totals(self.metrics, "Trainer.evaluate")
@@ -238,9 +214,8 @@ class Trainer:
             logs = _read(self._batch_values(logits, y))
             if not math.isfinite(logs["loss"]):
                 self._explain_bad_labels(logs["loss"], logits, y)
-                raise FloatingPointError(f"Trainer.evaluate: the loss became {logs['loss']} "
-                                         f"at batch {batch + 1} (a diverged model or "
-                                         f"inputs that are not finite?)")
+                raise FloatingPointError(f"Trainer.evaluate: the loss became {logs['loss']} at "
+                                         f"batch {batch + 1} (a diverged model or inf/NaN inputs?)")
             totals.add(logs, len(y))
         return totals.reduce(self.comm).means_as_floats()
 
@@ -317,9 +292,8 @@ def _build_metrics(metrics):
             raise ValueError(f"Trainer: two metrics named {name!r}; pass a dict "
                              f"{{name: metric}} to name them apart")
         if name in _RESERVED or name.startswith("val_"):
-            raise ValueError(f"Trainer: the metric name {name!r} is reserved (the Trainer "
-                             f"logs loss, lr, time and val_*); pass a dict "
-                             f"{{name: metric}} to rename it")
+            raise ValueError(f"Trainer: the metric name {name!r} is reserved (for loss, lr, "
+                             f"time and val_*); pass a dict {{name: metric}} to rename it")
         if not callable(metric) and metric not in _METRICS:
             raise ValueError(f"Trainer: unknown metric {metric!r}; known: {sorted(_METRICS)} "
                              f"or a callable f(logits, labels)")

@@ -23,6 +23,10 @@ def _pyplot():
     return plt
 
 
+def _subplots(*args, **kwargs):
+    return _pyplot().subplots(*args, **kwargs)
+
+
 def _save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -33,8 +37,7 @@ def _save(fig, path):
 def plot_history(history, path):
     """Loss and accuracy per epoch, train and validation (``History`` or its dict)."""
     logs = getattr(history, "history", history)
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = _subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for prefix, style in (("", "-o"), ("val_", "--s")):
             values = logs.get(prefix + metric)
@@ -49,10 +52,9 @@ def plot_history(history, path):
 def plot_filters(weight, path, title="First-layer filters"):
     """Each filter's first input channel as a small image (weight: F, C, k1, k2)."""
     weight = backend.to_numpy(weight)
-    plt = _pyplot()
     cols = min(8, len(weight))
     rows = -(-len(weight) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.2 + 0.4), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(cols * 1.2, rows * 1.2 + 0.4), squeeze=False)
     limit = float(numpy.abs(weight).max()) or 1.0
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -65,16 +67,14 @@ def plot_filters(weight, path, title="First-layer filters"):
 def plot_feature_maps(model, image, path, max_maps=16):
     """The input and, after each layer with a kernel (conv, pool) or branches (Residual,
     Concat), its first channels."""
-    plt = _pyplot()
     x = backend.to_device(image[None], model.device)
     stages = [("input", backend.to_numpy(x)[0])]
     for layer in model.layers:
         x = layer.forward(x, training=False)
         if x.ndim == 4 and (hasattr(layer, "kernel_size") or hasattr(layer, "branches")):
             stages.append((type(layer).__name__, backend.to_numpy(x)[0]))
-    cols = min(max_maps, max(len(maps) for _, maps in stages))
-    fig, axes = plt.subplots(len(stages), cols, figsize=(cols * 1.1, len(stages) * 1.25),
-                             squeeze=False)
+    rows, cols = len(stages), min(max_maps, max(len(maps) for _, maps in stages))
+    fig, axes = _subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25), squeeze=False)
     for row, (name, maps) in zip(axes, stages):
         for k, ax in enumerate(row):
             ax.axis("off")
@@ -104,10 +104,9 @@ def confusion_matrix(labels, predictions, num_classes):
 
 
 def plot_confusion_matrix(counts, path, class_names=None):
-    plt = _pyplot()
     n = len(counts)
     names = class_names or [str(k) for k in range(n)]
-    fig, ax = plt.subplots(figsize=(0.55 * n + 2.5, 0.55 * n + 2))
+    fig, ax = _subplots(figsize=(0.55 * n + 2.5, 0.55 * n + 2))
     ax.imshow(numpy.log1p(counts), cmap="Blues")
     for i in range(n):
         for j in range(n):
@@ -122,12 +121,10 @@ def plot_confusion_matrix(counts, path, class_names=None):
 
 def plot_gradient_norms(norms, path):
     """Gradient norm per parameter per epoch: ``norms`` maps a name to a list."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    colors = plt.get_cmap("tab20").colors  # enough distinct colours for ~20 parameters
-    for k, (name, values) in enumerate(norms.items()):
-        ax.plot(range(1, len(values) + 1), values, "-o", label=name, markersize=3,
-                color=colors[k % len(colors)])
+    fig, ax = _subplots(figsize=(8, 4.5))
+    ax.set_prop_cycle(color=_pyplot().get_cmap("tab20").colors)  # distinct for ~20 parameters
+    for name, values in norms.items():
+        ax.plot(range(1, len(values) + 1), values, "-o", label=name, markersize=3)
     _epoch_axis(ax, yscale="log", ylabel="mean gradient L2 norm",
                 title="Gradient norm per parameter")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -137,8 +134,7 @@ def plot_gradient_norms(norms, path):
 def plot_lr(lrs, path, steps_per_epoch=None):
     """The learning rate of every optimizer step (``LearningRateMonitor.lrs``), with a
     dotted line at each epoch boundary when ``steps_per_epoch`` is given."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = _subplots(figsize=(7, 3.5))
     ax.plot(range(len(lrs)), lrs, "-")
     if steps_per_epoch:
         for step in range(steps_per_epoch, len(lrs), steps_per_epoch):
@@ -151,8 +147,7 @@ def plot_lr(lrs, path, steps_per_epoch=None):
 def plot_lr_find(lrs, losses, path, suggestion=None):
     """The LR range test: smoothed loss against learning rate (log scale), with the
     suggested rate marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _subplots(figsize=(7, 4))
     ax.plot(lrs, losses, "-")
     if suggestion is not None:
         ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.2g}")

@@ -143,7 +143,7 @@ def test_lr_find_grows_the_rate_and_leaves_the_model_as_it_was():
         np.testing.assert_array_equal(value, before[name])
     assert optimizer.lr == 1e-3 and optimizer.state == {}
     assert lrs[0] < suggest_lr(lrs, losses) < lrs[-1]
-    with pytest.raises(ValueError, match="need 0 < start_lr < end_lr"):
+    with pytest.raises(ValueError, match="lr_find: end_lr must be a finite number > 1, got 0.1"):
         lr_find(trainer, DataLoader(x, y, 8), start_lr=1.0, end_lr=0.1)
 
 

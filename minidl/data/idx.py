@@ -48,11 +48,9 @@ def decode_idx(data, name="<bytes>"):
     """The bytes of an uncompressed IDX file as a native-endian array; ``name`` labels
     the errors."""
     if len(data) < 4:
-        raise ValueError(f"{name}: {len(data)} bytes is too short for an IDX header "
-                         f"(expected at least 4)")
+        raise ValueError(f"{name}: {len(data)} bytes is too short for an IDX header (4 bytes)")
     if data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{name}: bad IDX magic number {bytes(data[:4]).hex()} "
-                         f"(expected it to start with 0000)")
+        raise ValueError(f"{name}: bad IDX magic number {bytes(data[:4]).hex()}, expected 0000xxxx")
     code, ndim = data[2], data[3]
     if code not in _CODE_TO_DTYPE:
         known = ", ".join(f"0x{c:02X}" for c in _CODE_TO_DTYPE)

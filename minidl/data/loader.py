@@ -17,10 +17,8 @@ class DataLoader:
 
     ``shuffle`` reorders every epoch with a generator seeded by ``seed`` (or drawn from
     ``minidl.manual_seed``'s); ``drop_last`` skips a final short batch; ``transform``
-    runs on each x batch on the CPU before it moves. ``rank``/``world_size`` shard each
-    epoch's order, padded by repeating its start (``drop_last``: cut) so that every rank
-    has as many batches: rank r takes positions r, r + world_size, ... (see
-    docs/distributed.md#sharding).
+    runs on each x batch on the CPU before it moves. ``rank``/``world_size``: this rank's
+    shard of each epoch's order, as many batches on every rank (docs/distributed.md#sharding).
     """
 
     def __init__(self, x, y, batch_size=64, shuffle=True, drop_last=False, seed=None,
@@ -77,9 +75,8 @@ class DataLoader:
 
     def __iter__(self):
         order = self._order()
-        n = len(self.x) if order is None else len(order)
         for b in range(len(self)):
-            start, stop = b * self.batch_size, min((b + 1) * self.batch_size, n)
+            start, stop = b * self.batch_size, (b + 1) * self.batch_size   # slices clip at the end
             if order is None:
                 xb, yb = self.x[start:stop], self.y[start:stop]
             else:

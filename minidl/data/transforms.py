@@ -3,12 +3,9 @@
     augment = Compose([RandomShift(2), to_float])       # to_float: any callable
     train = DataLoader(x, y, 64, transform=augment)
 
-A transform takes a batch of shape (N, H, W) or (N, C, H, W), in any dtype, on the
-CPU, and returns the new batch. Every sample gets a draw of its own (its offset, its
-flip), all drawn at once for the batch from the transform's generator, and applied
-with one indexing operation: no Python loop over the samples. The generator is
-``minidl.random.new_rng(seed)``: ``seed`` repeats the draws; without it they come
-from ``minidl.manual_seed``'s stream, so a seeded run is repeatable too.
+A transform takes a CPU batch of shape (N, H, W) or (N, C, H, W), in any dtype, and
+returns the new batch. Each sample's draw (offset, flip) comes from the transform's
+``minidl.random.new_rng(seed)``, all at once, applied with one indexing operation.
 
     RandomCrop:  y[n, c, i, j] = x_pad[n, c, i + t_n, j + l_n],  x_pad = x padded by
                  ``padding`` pixels of ``fill``; t_n, l_n uniform in 0..Hp-h, 0..Wp-w
@@ -33,8 +30,7 @@ class Compose:
         self.transforms = list(transforms)
         for i, t in enumerate(self.transforms):
             if not callable(t):
-                raise TypeError(f"Compose: transforms[{i}] is a {type(t).__name__}, "
-                                f"expected a callable")
+                raise TypeError(f"Compose: transforms[{i}] is a {type(t).__name__}, not callable")
 
     def __call__(self, x):
         for t in self.transforms:

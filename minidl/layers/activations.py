@@ -34,7 +34,7 @@ class ReLU(Activation):
         def relu(x, y, mask):
             xp.greater(x, 0, out=mask)
             xp.maximum(x, 0, out=y)
-        _elementwise(relu, x, y, mask)
+        in_pieces(relu, x, y, mask)
         self.cache = {"mask": mask, "y_shape": y.shape}
         return y
 
@@ -42,16 +42,8 @@ class ReLU(Activation):
         mask = self._checked_cache(dy)["mask"]
         xp = backend.get_array_module(dy)
         dx = xp.empty_like(dy)                       # dy * mask keeps dy's dtype
-        _elementwise(lambda dy, mask, dx: xp.multiply(dy, mask, out=dx), dy, mask, dx)
+        in_pieces(lambda dy, mask, dx: xp.multiply(dy, mask, out=dx), dy, mask, dx)
         return dx
-
-
-def _elementwise(fn, *arrays):
-    """fn on ``arrays`` (of one shape), split along axis 1 between threads if it exists."""
-    if arrays[0].ndim < 2:
-        fn(*arrays)
-    else:
-        in_pieces(fn, *arrays, axis=1)
 
 
 class LeakyReLU(Activation):

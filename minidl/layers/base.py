@@ -118,9 +118,8 @@ class Layer:
         return x.astype(dtype, copy=False)
 
     def _checked_cache(self, dy):
-        """The last forward's cache, once ``dy`` is known to be a float array on the
-        layer's device of that forward's output shape: RuntimeError before any forward,
-        TypeError or ValueError for a bad ``dy``."""
+        """The last forward's cache, once ``dy`` is a float array on the layer's device of
+        its output's shape: RuntimeError before any forward, TypeError or ValueError for bad dy."""
         name = f"{type(self).__name__}.backward"
         if self.cache is None:
             raise RuntimeError(f"{name} called before forward")
@@ -202,9 +201,8 @@ class Layer:
                                  f"loaded into {current[key].dtype}")
 
     def load_state_dict(self, state):
-        """Load arrays saved by ``state_dict``, copied, C-contiguous, in the layer's
-        dtypes. Everything is checked first (``check_state_dict``): on a mismatch the
-        layer is left untouched."""
+        """Load ``state_dict``'s arrays as C-contiguous copies in the layer's dtypes, all
+        checked first (``check_state_dict``): a mismatch leaves the layer untouched."""
         self.check_state_dict(state)
         for key, p in self.named_parameters():
             p.data = self._loaded(state[key], p.data.dtype)
@@ -272,10 +270,9 @@ class Container(Layer):
         return self
 
     def train(self, mode=True):
-        self.training = mode
         for _, layer in self.named_layers():
             layer.train(mode)
-        return self
+        return super().train(mode)
 
     def check_state_dict(self, state, where=None):
         """As ``Layer.check_state_dict``, sub-layer by sub-layer, so that the message

@@ -66,8 +66,7 @@ class Residual(_Branches):
         return y + s
 
     def backward(self, dy):
-        """A sum passes dy unchanged to each term: dx = block.backward(dy) +
-        shortcut.backward(dy), or + dy itself for the identity."""
+        """A sum passes dy unchanged to each term; the identity shortcut's term is dy."""
         self._checked_cache(dy)
         dx = self.block.backward_with_hooks(dy)
         return dx + (dy if self.shortcut is None else self.shortcut.backward_with_hooks(dy))

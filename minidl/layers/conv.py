@@ -17,16 +17,15 @@ and W2 = W reshaped to (F, C*k1*k2), these become three matrix products:
 
     Z2 = W2 @ cols,   dW2 = dZ2 @ cols.T,   dcols = W2.T @ dZ2,   dA_pad = col2im(dcols)
 
-cols lives in a buffer the layer keeps between calls, and backward writes dcols into
-it once cols is used up; when cols has few rows (a first layer on gray or RGB images)
-backward runs one product per sample (docs/performance.md says what each buys).
+Its speed paths (the kept cols buffer, dcols written into it, SMALL_K) are listed in
+docs/conv2d.md, "Shortcuts the code takes", and measured in docs/performance.md.
 """
 import math
 
 from .. import backend
 from ..checks import check_allocation, check_bool, check_int, check_padding, check_pair
 from ..random import default_rng
-from .activations import activation_spec, get_activation
+from .activations import Identity, activation_spec, get_activation
 from .base import Layer, Parameter
 from .im2col import col2im_add, conv_output_size, im2col, pad_channels_first
 
@@ -46,9 +45,8 @@ class Conv2D(Layer):
     ``minidl.manual_seed``. The im2col buffer is built in batch chunks of at most
     ``max_im2col_bytes`` and kept between calls.
 
-    ``input_grad``: when False, ``backward`` computes only dW and db and returns None
-    (``Sequential.backward(dy, input_grad=False)`` sets it on its first layer, whose
-    input is data).
+    ``input_grad = False`` (set by ``Sequential.backward(dy, input_grad=False)`` on its
+    first layer, whose input is data) makes ``backward`` compute only dW and db.
     """
 
     input_grad = True
@@ -82,9 +80,7 @@ class Conv2D(Layer):
     def forward(self, x, training=True):
         x = self._as_input(x, ndim=4)
         xp = backend.get_array_module(x)
-        n = x.shape[0]
-        ho, wo = self._check_and_output_hw(x.shape)
-        f = self.out_channels
+        n, f, ho, wo = self.output_shape(x.shape)            # checks C and the kernel fit
         z_t = xp.empty((f, n, ho * wo), dtype=self.dtype)     # Z, channels first
         x_pad_t = pad_channels_first(x, self.pads)
         w2 = self.weight.data.reshape(f, -1)
@@ -105,15 +101,13 @@ class Conv2D(Layer):
 
     # -- backward: Eq. [2], dW, db, Eq. [9] -----------------------------------
     def backward(self, da):
-        """Returns dA_prev, or None when ``input_grad`` is False (the input is data).
-        ``da`` must have the shape of the last forward's output (ValueError otherwise)."""
+        """Returns dA_prev, or None when ``input_grad`` is False (the input is data)."""
         self._checked_cache(da)
         dz = self.activation.backward(da)                        # Eq. [2]
         n, c, h, w = self.cache["x_shape"]
         x_pad_t, cols = self.cache["x_pad_t"], self.cache["cols"]
         xp = backend.get_array_module(dz)
-        f = self.out_channels
-        ho, wo = dz.shape[2:]
+        f, ho, wo = dz.shape[1:]
         k = c * self.kernel_size[0] * self.kernel_size[1]        # rows of cols
         if self.bias is not None:
             self.bias.accumulate_grad(dz.sum(axis=(0, 2, 3)))             # db
@@ -145,15 +139,13 @@ class Conv2D(Layer):
                     dcols = xp.matmul(w2.T, dz2, out=cols)   # cols is used up
             if self.input_grad:
                 col2im_add(dcols, dx_pad_t[:, n0:n1], self.kernel_size, self.stride, (ho, wo))
-        if self.input_grad:
-            self.cache["cols"] = None                            # its buffer may hold dcols now
         self.weight.accumulate_grad(dw_t.T.reshape(self.weight.shape))       # dW
         if not self.input_grad:
             return None
+        self.cache["cols"] = None                                # its buffer may hold dcols now
         (top, _), (left, _) = self.pads                           # crop the padding
         return dx_pad_t[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
 
-    # -- the column matrix and its buffer -------------------------------------
     def _columns(self, x_pad_t, n0, n1, out_hw):
         """cols of samples n0..n1: (C*k1*k2, (n1-n0)*Ho*Wo).
 
@@ -168,28 +160,23 @@ class Conv2D(Layer):
             buf = self._buffer = xp.empty(size, dtype=self.dtype)
         return im2col(x_pad_t[:, n0:n1], self.kernel_size, self.stride, out_hw, out=buf[:size])
 
-    # -- shapes ---------------------------------------------------------------
-    def _check_and_output_hw(self, x_shape):
+    def output_shape(self, input_shape):
         name = type(self).__name__
-        _, c, h, w = x_shape
+        if len(input_shape) != 4:            # in forward, _as_input has checked this
+            raise ValueError(f"{name}: expected a 4-D input (N, C, H, W), "
+                             f"got shape {tuple(input_shape)}")
+        n, c, h, w = input_shape
         if c != self.in_channels:
             raise ValueError(f"{name}: expected {self.in_channels} input channels, "
-                             f"got input of shape {tuple(x_shape)}")
+                             f"got input of shape {tuple(input_shape)}")
         (top, bottom), (left, right) = self.pads
         k1, k2 = self.kernel_size
         hp, wp = h + top + bottom, w + left + right
         if k1 > hp or k2 > wp:
             raise ValueError(f"{name}: kernel {self.kernel_size} is larger than the padded "
                              f"input ({hp}, {wp}) (input {h}x{w}, padding {self.pads})")
-        return (conv_output_size(h, k1, self.stride[0], top, bottom),
+        return (n, self.out_channels, conv_output_size(h, k1, self.stride[0], top, bottom),
                 conv_output_size(w, k2, self.stride[1], left, right))
-
-    def output_shape(self, input_shape):
-        if len(input_shape) != 4:            # forward checks this in _as_input
-            raise ValueError(f"{type(self).__name__}: expected a 4-D input (N, C, H, W), "
-                             f"got shape {tuple(input_shape)}")
-        ho, wo = self._check_and_output_hw(input_shape)
-        return (input_shape[0], self.out_channels, ho, wo)
 
     def flops(self, input_shape):
         """2 * C*k1*k2 multiply-adds for each of the F*Ho*Wo outputs of one sample."""
@@ -208,14 +195,11 @@ class Conv2D(Layer):
         self._buffer = None
 
     def extra_repr(self):
-        act = type(self.activation).__name__
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding!r}")
-        if act != "Identity":
-            text += f", activation={act}"
-        if self.bias is None:
-            text += ", bias=False"
-        return text
+        if not isinstance(self.activation, Identity):
+            text += f", activation={type(self.activation).__name__}"
+        return text + (", bias=False" if self.bias is None else "")
 
     def get_config(self):
         # Not max_im2col_bytes: a memory budget of this machine, not part of the model.

@@ -1,16 +1,9 @@
 """Dense: the fully connected layer (docs/layers.md, "Dense").
 
-Forward, for a batch x (N, in) with weights W (in, out) and biases b (out,):
+For a batch x (N, in), weights W (in, out), biases b (out,) and activation g:
 
-    z = x @ W + b
-    y = g(z)
-
-Backward, given dy = dL/dy:
-
-    dz = dy * g'(z)          (the activation layer's backward)
-    dW = x.T @ dz            (sum over the batch of outer products x[n] dz[n])
-    db = sum_n dz[n]
-    dx = dz @ W.T
+    forward:   z = x @ W + b,   y = g(z)
+    backward:  dz = dy * g'(z),   dW = x.T @ dz,   db = sum_n dz[n],   dx = dz @ W.T
 """
 import math
 
@@ -26,8 +19,8 @@ class Dense(Layer):
     name ("relu", "tanh", ...) or a Layer. ``W`` starts He-normal before a (Leaky)ReLU,
     Glorot-uniform otherwise (seed with ``minidl.manual_seed``), ``b`` at zero.
 
-    ``input_grad = False`` (set by ``Sequential.backward(dy, input_grad=False)`` on
-    its first layer) makes ``backward`` compute only dW and db and return None.
+    ``input_grad = False`` (set by ``Sequential.backward(dy, input_grad=False)`` on its
+    first layer, whose input is data) makes ``backward`` compute only dW and db.
     """
 
     input_grad = True

@@ -3,8 +3,7 @@
 Training, with keep_i ~ Bernoulli(1 - p) drawn afresh on every forward:
 
     mask_i = keep_i / (1 - p)          (scaled now, so E[y] = x and eval needs nothing)
-    y = x * mask
-    dx = dy * mask                     (the same mask: backward reuses it)
+    y = x * mask,   dx = dy * mask     (the same mask: backward reuses it)
 
 Evaluation (``training=False``) and p = 0: y = x, dx = dy.
 
@@ -31,13 +30,12 @@ class Dropout(Layer):
 
     def forward(self, x, training=True):
         x = self._as_input(x)
-        if not training or self.p == 0:
-            self.cache = {"mask": None, "y_shape": x.shape}
-            return x
-        keep = self._uniform(x.shape, backend.device_of(x)) >= self.p
-        mask = keep.astype(x.dtype) * (1.0 / (1.0 - self.p))
+        mask = None                                   # eval, or p = 0: y = x
+        if training and self.p > 0:
+            keep = self._uniform(x.shape, backend.device_of(x)) >= self.p
+            mask = keep.astype(x.dtype) * (1.0 / (1.0 - self.p))
         self.cache = {"mask": mask, "y_shape": x.shape}
-        return x * mask
+        return x if mask is None else x * mask
 
     def backward(self, dy):
         mask = self._checked_cache(dy)["mask"]

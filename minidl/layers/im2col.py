@@ -1,15 +1,14 @@
 """Sliding windows as strided views: the output size, the slab of one window offset,
 and im2col / col2im, which turn a convolution into one matrix product.
 
-Layout (docs/conv2d.md, "Layout"): the column matrix of an input x (N, C, H, W)
-is ``cols`` of shape (C*k1*k2, N*Ho*Wo), row (c, m, l), column (n, i, j):
+The column matrix of an input x (N, C, H, W) is ``cols`` of shape (C*k1*k2, N*Ho*Wo),
+row (c, m, l), column (n, i, j):
 
     cols[(c, m, l), (n, i, j)] = x_pad[n, c, i*s1 + m, j*s2 + l]
 
-Channels-first ("CNHW") ordering makes both big products of Conv2D run on
-contiguous operands: Z = W2 @ cols and dcols = W2.T @ dZ2. Both functions loop
-only over the k1*k2 kernel offsets, copying (or adding) one slab each; on the CPU
-big copies and adds are split between threads (``parallel.in_pieces``).
+x_pad is kept channels first, (C, N, Hp, Wp), so that both big products of Conv2D run
+on contiguous operands (docs/conv2d.md, "Layout"). im2col and col2im_add loop only over
+the k1*k2 kernel offsets, copying (or adding) one slab each, in threads on the CPU.
 """
 from .. import backend
 from .parallel import in_pieces, num_threads
@@ -60,8 +59,7 @@ def im2col(x_pad_t, kernel, stride, out_hw, out=None):
         for m in range(k1):
             for l in range(k2):
                 out[:, m, l] = slab(x_pad_t, m, l, stride, out_hw)
-    axis = _split_axis(c)       # both arrays over channels, or both over samples
-    in_pieces(copy_slabs, x_pad_t, out6, axis=(axis, 0 if axis == 0 else 3))
+    in_pieces(copy_slabs, x_pad_t, out6, axis=_split_axes(c))
     return out6.reshape(c * k1 * k2, n * ho * wo)
 
 
@@ -80,11 +78,10 @@ def col2im_add(dcols, dx_pad_t, kernel, stride, out_hw):
             for l in range(k2):
                 dx_slab = slab(dx_pad_t, m, l, stride, out_hw)   # a view: += adds in place
                 dx_slab += dcols[:, m, l]
-    axis = _split_axis(c)
-    in_pieces(add_slabs, dx_pad_t, dcols6, axis=(axis, 0 if axis == 0 else 3))
+    in_pieces(add_slabs, dx_pad_t, dcols6, axis=_split_axes(c))
     return dx_pad_t
 
 
-def _split_axis(channels):
-    """Split (C, N, ...) arrays over channels (axis 0) when there are enough, else samples."""
-    return 0 if channels >= num_threads() else 1
+def _split_axes(channels):
+    """Axes to split (C, N, ...) and (C, k1, k2, N, ...) along: channels if enough, else samples."""
+    return (0, 0) if channels >= num_threads() else (1, 3)

@@ -6,22 +6,15 @@ Each channel c is normalised over the m values x_i it has in the batch: the axes
     mu = 1/m sum_i x_i,   var = 1/m sum_i (x_i - mu)^2          (biased)
     s = 1 / sqrt(var + eps),   x_hat_i = (x_i - mu) s
     y_i = gamma x_hat_i + beta                        (gamma = weight, beta = bias)
-
-Training mode normalises with the batch's mu and var, and updates (as PyTorch)
-
     running_mean <- (1 - momentum) running_mean + momentum mu
     running_var  <- (1 - momentum) running_var  + momentum var m / (m - 1)   (unbiased)
 
-where momentum=None means the cumulative average, momentum = 1 / num_batches_tracked.
-Eval mode normalises with running_mean and running_var instead of mu and var.
-
-Backward, given dy:
+Training mode uses the batch's mu and var and updates the running statistics (as
+PyTorch); eval mode uses running_mean and running_var instead. Backward, given dy:
 
     dbeta = sum_i dy_i,   dgamma = sum_i dy_i x_hat_i
-    training:  dx_i = gamma s (dy_i - dbeta/m - x_hat_i dgamma/m)
-               (the compact form: mu and var depend on every x_i of the channel)
-    eval:      dx_i = gamma s dy_i
-               (running statistics are constants)
+    training:  dx_i = gamma s (dy_i - dbeta/m - x_hat_i dgamma/m)   (mu, var depend on x)
+    eval:      dx_i = gamma s dy_i                      (running statistics are constants)
 """
 from .. import backend
 from ..checks import check_allocation, check_bool, check_int, check_real
@@ -30,11 +23,10 @@ from .parallel import in_pieces
 
 
 class _BatchNorm(Layer):
-    """Batch norm over every axis but 1; subclasses only say which input ranks they take."""
+    """Batch norm over every axis but 1; subclasses say which input ranks they take
+    (``input_ranks``, described by ``input_layout``)."""
 
     buffer_names = ("running_mean", "running_var", "num_batches_tracked")
-    input_ranks = ()
-    input_layout = ""
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, affine=True,
                  dtype=backend.float32):
@@ -57,13 +49,12 @@ class _BatchNorm(Layer):
     def forward(self, x, training=True):
         x = self._as_input(x)
         self.output_shape(x.shape)                       # checks rank and C
-        xp, axes = backend.get_array_module(x), self._axes(x.ndim)
-        shape = self._channel_shape(x.ndim)
+        xp, (axes, shape) = backend.get_array_module(x), self._per_channel(x.ndim)
         m = x.size // self.num_features
         if training and m < 2:        # also an empty batch (N = 0): no statistics at all
-            raise ValueError(f"{type(self).__name__}: training needs more than one "
-                             f"value per channel, got {m} per channel (input of shape "
-                             f"{tuple(x.shape)}); use eval mode, or a bigger batch")
+            raise ValueError(f"{type(self).__name__}: training needs more than one value per "
+                             f"channel, got {m} per channel (input of shape {tuple(x.shape)}); "
+                             f"use eval mode, or a bigger batch")
         if training:
             mu, var = xp.empty(shape, dtype=x.dtype), xp.empty(shape, dtype=x.dtype)
         else:
@@ -98,8 +89,7 @@ class _BatchNorm(Layer):
         so each full-size array is touched by one multiply and two in-place updates."""
         cache = self._checked_cache(dy)
         xc, s, training = cache["xc"], cache["s"], cache["training"]
-        xp, axes = backend.get_array_module(dy), self._axes(dy.ndim)
-        shape = self._channel_shape(dy.ndim)
+        xp, (axes, shape) = backend.get_array_module(dy), self._per_channel(dy.ndim)
         m = dy.size // self.num_features
         gamma, _ = self._affine(shape, xp)
         dbeta, dgamma = xp.empty(shape, dtype=s.dtype), xp.empty(shape, dtype=s.dtype)
@@ -135,21 +125,15 @@ class _BatchNorm(Layer):
         self.running_var *= 1.0 - factor
         self.running_var += (factor * m / (m - 1)) * var.reshape(-1)
 
-    # -- shapes ------------------------------------------------------------------
-    @staticmethod
-    def _axes(ndim):
-        """Every axis but the channel axis 1."""
-        return (0,) + tuple(range(2, ndim))
-
-    def _channel_shape(self, ndim):
-        """(1, C, 1, ...): per-channel vectors shaped to broadcast against the input."""
-        return (1, self.num_features) + (1,) * (ndim - 2)
+    def _per_channel(self, ndim):
+        """The axes a channel's statistics run over (all but axis 1), and (1, C, 1, ...),
+        the shape of per-channel vectors that broadcast against the input."""
+        return (0,) + tuple(range(2, ndim)), (1, self.num_features) + (1,) * (ndim - 2)
 
     def output_shape(self, input_shape):
         if len(input_shape) not in self.input_ranks or input_shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}: expected input of shape "
-                             f"{self.input_layout} with C={self.num_features}, "
-                             f"got shape {tuple(input_shape)}")
+            raise ValueError(f"{type(self).__name__}: expected input of shape {self.input_layout} "
+                             f"with C={self.num_features}, got shape {tuple(input_shape)}")
         return tuple(input_shape)
 
     def extra_repr(self):

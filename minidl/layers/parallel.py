@@ -1,13 +1,12 @@
 """Splitting a memory-bound numpy pass between threads (``in_pieces``).
 
-Copies, adds and elementwise passes (im2col, col2im, pooling, ReLU, batch norm) run on
-one core in numpy, while the matrix products around them use every core. Slices of
-different channels (or, for one channel, of different samples) touch disjoint memory,
-so a big pass can be cut into one piece per core, run in threads (numpy releases the
-GIL inside a copy or an add). This pays only while OpenBLAS's own threads sleep
-between products: ``minidl/__init__.py`` sets OPENBLAS_THREAD_TIMEOUT=4 before numpy
-loads, and passes are split only when that value (or the user's, <= 16) is in effect.
-Set ``NUM_THREADS`` to force a count. On the GPU (cupy) nothing is split.
+numpy runs a copy, add or elementwise pass (im2col, col2im, pooling, ReLU, batch norm)
+on one core, while the matrix products around it use every core. Slices of different
+channels (or samples) touch disjoint memory, and numpy releases the GIL inside a copy
+or an add, so a big pass runs as one piece per core in threads. This pays only while
+OpenBLAS's idle threads sleep: ``minidl/__init__.py`` sets OPENBLAS_THREAD_TIMEOUT=4
+before numpy loads, and passes are split only when it is <= 16. ``NUM_THREADS`` forces
+a count. On the GPU (cupy) nothing is split.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +35,10 @@ def in_pieces(fn, *arrays, axis=1):
     """fn(*parts) for the parts of ``arrays`` cut into one slice per thread along ``axis``
     (an int, or one axis per array; every array must have the same length there), the
     parts running in parallel on the CPU. One call with the whole arrays on the GPU,
-    with one thread, or when the largest array has fewer than MIN_PARALLEL_ELEMENTS
-    elements. fn must write only into its own parts."""
+    with one thread, when the first array has no such axis, or when the largest array
+    has fewer than MIN_PARALLEL_ELEMENTS elements. fn must write only into its own parts."""
     axes = (axis,) * len(arrays) if isinstance(axis, int) else tuple(axis)
-    length = arrays[0].shape[axes[0]]
+    length = arrays[0].shape[axes[0]] if arrays[0].ndim > axes[0] else 1
     size = max(a.size for a in arrays)
     # no more pieces than threads, than slices, or than halves of the minimum size
     pieces = min(num_threads(), length, size // max(1, MIN_PARALLEL_ELEMENTS // 2))

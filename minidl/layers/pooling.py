@@ -19,20 +19,11 @@ AvgPool2D (x_pad padded with zeros that count in the divisor, count_include_pad=
     y[n, c, i, j] = 1/(k1 k2) sum_{m, l} x_pad[n, c, i*s1 + m, j*s2 + l]
     dx_pad[n, c, i*s1 + m, j*s2 + l] += dy[n, c, i, j] / (k1 k2)
 
-dx is dx_pad with the padding cropped off. GlobalAvgPool2D: y[n, c] = mean_{h, w} x,
-dx[n, c, h, w] = dy[n, c] / (H W).
-
-How it is computed: one loop over the k1*k2 window offsets (m, l); the slab
-x_pad[:, :, m::s1, l::s2] (cut to Ho x Wo, ``im2col.slab``) holds element (m, l) of
-every window, so each step is one vectorised pass over the output. MaxPool2D stores
-no argmax: backward walks the slabs again in row-major order and gives each window's
-gradient to the first slab equal to its max (an "unclaimed" mask stops later ties);
-forward overwrites the cached padding with NaN, which equals nothing, so padding never
-claims; NaN windows, which nothing equals, take a separate exact path, run only when
-y holds NaN. Windows that do not overlap assign gradients instead of adding them.
-On the CPU, channels are split between threads (``parallel.in_pieces``), and y and dx
-keep the input's memory order (channels first after a Conv2D). docs/performance.md
-says what each of these choices buys.
+dx is dx_pad with the padding cropped off. Both loop over the k1*k2 offsets (m, l):
+the slab x_pad[:, :, m::s1, l::s2] (cut to Ho x Wo, ``im2col.slab``) holds element
+(m, l) of every window. On the CPU, channels are split between threads
+(``parallel.in_pieces``); y and dx keep the input's memory order (channels first after
+a Conv2D). docs/performance.md says what each of these choices buys.
 """
 from .. import backend
 from ..checks import check_pair
@@ -55,17 +46,20 @@ class _Pool2D(Layer):
             raise ValueError(f"{name}: padding must be at most half the kernel size, got "
                              f"padding={self.padding} for kernel_size={self.kernel_size}")
 
-    # -- the slab loop ---------------------------------------------------------
     def _offsets(self):
         """Window offsets (m, l) in row-major order: the order ties are broken in."""
         k1, k2 = self.kernel_size
         return [(m, l) for m in range(k1) for l in range(k2)]
 
-    def _overlapping(self):
-        """True when an input element can sit in two windows, so gradients must add up."""
-        return any(s < k for s, k in zip(self.stride, self.kernel_size))
+    def _write_grad(self, dx_pad, m, l, out_hw, grad):
+        """Put ``grad`` into the slab (m, l) of dx_pad: added when an input element can sit
+        in two windows, assigned when windows do not overlap (each is written once)."""
+        dx_slab = slab(dx_pad, m, l, self.stride, out_hw)
+        if any(s < k for s, k in zip(self.stride, self.kernel_size)):
+            dx_slab += grad
+        else:
+            dx_slab[...] = grad
 
-    # -- padding -----------------------------------------------------------------
     def _pad(self, x, value):
         p1, p2 = self.padding
         if p1 == p2 == 0:
@@ -74,9 +68,8 @@ class _Pool2D(Layer):
         return xp.pad(x, ((0, 0), (0, 0), (p1, p1), (p2, p2)), constant_values=value)
 
     def _new_dx_pad(self, like, x_pad_shape, out_hw):
-        """Zeros shaped like x_pad, stored in the memory order of ``like``; left
-        uninitialised when the windows tile x_pad exactly, as every element is then
-        written once."""
+        """Zeros shaped like x_pad, in the memory order of ``like``; uninitialised when the
+        windows tile x_pad exactly, as every element is then written once."""
         dx_pad = _empty_in_layout_of(like, x_pad_shape)
         hp, wp = x_pad_shape[2:]
         if not (self.stride == self.kernel_size
@@ -89,27 +82,20 @@ class _Pool2D(Layer):
         hp, wp = dx_pad.shape[2:]
         return dx_pad[:, :, p1:hp - p1, p2:wp - p2]
 
-    # -- shapes ------------------------------------------------------------------
-    def _check_and_output_hw(self, x_shape):
+    def output_shape(self, input_shape):
         name = type(self).__name__
-        if len(x_shape) != 4:
+        if len(input_shape) != 4:
             raise ValueError(f"{name}: expected a 4-D input (N, C, H, W), "
-                             f"got shape {tuple(x_shape)}")
-        h, w = x_shape[2:]
+                             f"got shape {tuple(input_shape)}")
+        n, c, h, w = input_shape
         (k1, k2), (s1, s2), (p1, p2) = self.kernel_size, self.stride, self.padding
         if h + 2 * p1 < k1 or w + 2 * p2 < k2:
-            raise ValueError(f"{name}: the {k1}x{k2} window is larger than the input "
-                             f"{h}x{w} (padding {self.padding}); got input of shape "
-                             f"{tuple(x_shape)}")
-        return conv_output_size(h, k1, s1, p1, p1), conv_output_size(w, k2, s2, p2, p2)
-
-    def output_shape(self, input_shape):
-        ho, wo = self._check_and_output_hw(input_shape)
-        return (input_shape[0], input_shape[1], ho, wo)
+            raise ValueError(f"{name}: the {k1}x{k2} window is larger than the input {h}x{w} "
+                             f"(padding {self.padding}); got input of shape {tuple(input_shape)}")
+        return n, c, conv_output_size(h, k1, s1, p1, p1), conv_output_size(w, k2, s2, p2, p2)
 
     def extra_repr(self):
-        return (f"kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}")
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
     def get_config(self):
         return {**super().get_config(), "kernel_size": list(self.kernel_size),
@@ -119,17 +105,15 @@ class _Pool2D(Layer):
 class MaxPool2D(_Pool2D):
     """Max over each k1 x k2 window; ``stride`` defaults to ``kernel_size``; int or pair.
 
-    The gradient of a window goes to one element: its first maximum in row-major
-    order (PyTorch's rule for ties), never padding. As in PyTorch, a window holding
-    NaN outputs NaN and its gradient goes to the last NaN of the window in row-major
-    order. Padding is -inf and at most half the kernel.
+    Padding is -inf and at most half the kernel. A window's gradient goes to one element,
+    by PyTorch's rules for ties and NaN (the module docstring states them).
     """
 
     # -- forward: y = max over the window -----------------------------------------
     def forward(self, x, training=True):
         x = self._as_input(x, ndim=4)
         xp = backend.get_array_module(x)
-        out_hw = self._check_and_output_hw(x.shape)
+        out_hw = self.output_shape(x.shape)[2:]
         x_pad = self._pad(x, float("-inf"))
         offsets = self._offsets()
         y = _empty_in_layout_of(x, x.shape[:2] + out_hw)
@@ -140,12 +124,15 @@ class MaxPool2D(_Pool2D):
                 xp.maximum(y, slab(x_pad, m, l, self.stride, out_hw), out=y)
         in_pieces(max_over_windows, x_pad, y)                 # channels split over threads
         if x_pad is not x:
-            # The padding has done its job (-inf never wins a max over a window that
-            # always holds real elements). Backward finds each window's max by
+            # The -inf padding has done its job. Backward finds each window's max by
             # `slab == y`, and with y = -inf (all real elements -inf) a -inf padding
             # element would claim the gradient first and lose it to the crop. NaN equals
             # nothing, so as NaN the padding can never claim (PyTorch never reads it).
-            _fill_border(x_pad, self.padding, float("nan"))
+            (p1, p2), (hp, wp) = self.padding, x_pad.shape[2:]
+            x_pad[:, :, :p1] = float("nan")
+            x_pad[:, :, hp - p1:] = float("nan")
+            x_pad[:, :, :, :p2] = float("nan")
+            x_pad[:, :, :, wp - p2:] = float("nan")
         self.cache = {"x_pad": x_pad, "y": y, "out_hw": out_hw, "y_shape": y.shape}
         return y
 
@@ -155,7 +142,6 @@ class MaxPool2D(_Pool2D):
         x_pad, y, out_hw = cache["x_pad"], cache["y"], cache["out_hw"]
         xp = backend.get_array_module(dy)
         dx_pad = self._new_dx_pad(x_pad, x_pad.shape, out_hw)
-        overlapping = self._overlapping()
         offsets = self._offsets()
 
         def route_to_first_max(x_pad, y, dy, dx_pad):
@@ -168,12 +154,8 @@ class MaxPool2D(_Pool2D):
                     first_max &= unclaimed
                     if k < len(offsets) - 1:
                         unclaimed ^= first_max       # first_max is a subset of unclaimed
-                dx_slab = slab(dx_pad, m, l, self.stride, out_hw)
-                grad = dy * first_max                # contiguous, then into the strided slab
-                if overlapping:
-                    dx_slab += grad
-                else:                                # written once: assign
-                    dx_slab[...] = grad
+                # dy * first_max is contiguous; then it goes into the strided slab
+                self._write_grad(dx_pad, m, l, out_hw, dy * first_max)
         in_pieces(route_to_first_max, x_pad, y, dy, dx_pad)   # channels split over threads
         # A window holding NaN has y = NaN, which `slab == y` never matches, so the loop
         # above gave it no gradient. One reduction finds out whether there is any (min
@@ -184,10 +166,9 @@ class MaxPool2D(_Pool2D):
         return self._crop(dx_pad)
 
     def _route_nan_windows(self, x_pad, y, dy, dx_pad):
-        """Add the gradient of each NaN window to the element PyTorch gives it: the last
-        NaN of the window in row-major order (its argmax is updated on `val > max or
-        isnan(val)`). Works on the NaN windows only, by index; padding, NaN in the
-        cached x_pad, is excluded by position."""
+        """Add the gradient of each NaN window to its last NaN in row-major order (PyTorch's
+        rule, see the module docstring), by index on the NaN windows only; padding, NaN in
+        the cached x_pad, is excluded by position."""
         xp = backend.get_array_module(y)
         n, c, i, j = xp.nonzero(xp.isnan(y))
         (s1, s2), (p1, p2) = self.stride, self.padding
@@ -207,16 +188,6 @@ class MaxPool2D(_Pool2D):
             dx_pad[n[sel], c[sel], i[sel] * s1 + m, j[sel] * s2 + l] += grads[sel]
 
 
-def _fill_border(a, padding, value):
-    """Set the p1 rows above and below, and the p2 columns left and right, of a[:, :]."""
-    p1, p2 = padding
-    hp, wp = a.shape[2:]
-    a[:, :, :p1] = value
-    a[:, :, hp - p1:] = value
-    a[:, :, :, :p2] = value
-    a[:, :, :, wp - p2:] = value
-
-
 def _empty_in_layout_of(a, shape):
     """An uninitialised (N, C, ...) array of ``shape`` stored in a's order: channels first
     when a is (a Conv2D output is an NCHW view of channels-first memory), else NCHW.
@@ -230,14 +201,14 @@ def _empty_in_layout_of(a, shape):
 class AvgPool2D(_Pool2D):
     """Mean over each k1 x k2 window; ``stride`` defaults to ``kernel_size``; int or pair.
 
-    Padding is zeros counted in the divisor (PyTorch's count_include_pad=True), so
-    every window divides by k1*k2. Padding is at most half the kernel.
+    Padding, at most half the kernel, is zeros counted in the divisor (PyTorch's
+    count_include_pad=True): every window divides by k1*k2.
     """
 
     # -- forward: y = window sum / (k1 k2) -----------------------------------------
     def forward(self, x, training=True):
         x = self._as_input(x, ndim=4)
-        out_hw = self._check_and_output_hw(x.shape)
+        out_hw = self.output_shape(x.shape)[2:]
         x_pad = self._pad(x, 0.0)
         offsets = self._offsets()
         y = slab(x_pad, *offsets[0], self.stride, out_hw).copy()
@@ -254,13 +225,8 @@ class AvgPool2D(_Pool2D):
         offsets = self._offsets()
         share = dy * (1.0 / len(offsets))
         dx_pad = self._new_dx_pad(dy, cache["x_pad_shape"], out_hw)
-        overlapping = self._overlapping()
         for m, l in offsets:
-            dx_slab = slab(dx_pad, m, l, self.stride, out_hw)
-            if overlapping:
-                dx_slab += share
-            else:
-                dx_slab[...] = share
+            self._write_grad(dx_pad, m, l, out_hw, share)
         return self._crop(dx_pad)
 
 
@@ -280,10 +246,8 @@ class GlobalAvgPool2D(Layer):
 
     def backward(self, dy):
         n, c, h, w = self._checked_cache(dy)["x_shape"]
-        xp = backend.get_array_module(dy)
-        dx = xp.empty((n, c, h, w), dtype=dy.dtype)
-        dx[...] = (dy * (1.0 / (h * w)))[:, :, None, None]
-        return dx
+        share = (dy * (1.0 / (h * w)))[:, :, None, None]
+        return backend.get_array_module(dy).broadcast_to(share, (n, c, h, w)).copy()
 
     def output_shape(self, input_shape):
         if len(input_shape) != 4 or 0 in input_shape[2:]:
