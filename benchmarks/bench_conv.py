@@ -10,7 +10,7 @@ an older commit of minidl.
 Needs the ``bench`` extra (threadpoolctl); torch, when importable, adds its column.
 Rows: Conv2D forward + grads of x, W and b on the shapes A-D of docs/performance.md
 (and C again with im2col in 16 MiB chunks); MaxPool2D 2x2/2 forward + backward; one
-training step (forward, loss, backward, SGD update) of ``minidl.models.mnist_cnn()``
+training step (forward, loss, backward, SGD update) of ``minidl.ext.zoo.mnist_cnn()``
 (the CLI's default model) and of a plain CNN without batch norm, at batch 64.
 
 How it measures (docs/performance.md):
@@ -50,7 +50,7 @@ if not CHILD:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minidl  # noqa: E402  (first: it sets what OpenBLAS reads when numpy loads)
-import minidl.models  # noqa: E402
+import minidl.ext.zoo  # noqa: E402
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
@@ -182,7 +182,7 @@ def pool_row(key):
 
 def minidl_model(kind):
     if kind == "mnist_cnn":
-        return minidl.models.mnist_cnn()
+        return minidl.ext.zoo.mnist_cnn()
     L = minidl
     return L.Sequential([
         L.Conv2D(1, 32, 3, padding=1), L.ReLU(), L.MaxPool2D(2),

@@ -7,7 +7,7 @@ the share of each step spent communicating (docs/distributed.md records a run).
 
 It starts ``mpiexec -n P python -m mpi4py`` on itself for each P, in alternating
 rounds (1 2 1 2 ...) so that a noisy machine's drift hits every P alike. Each rank
-trains minidl.models.mnist_cnn() on synthetic 28x28 images with its own batch of
+trains minidl.ext.zoo.mnist_cnn() on synthetic 28x28 images with its own batch of
 --batch (weak scaling, as Horovod and PyTorch DDP report), one thread per rank
 (OMP_NUM_THREADS=1), and times every step in three parts: compute (forward, loss,
 backward, Adam update), wait (a barrier: the time a rank waits for a slower one),
@@ -36,7 +36,7 @@ LINKS = {   # bandwidth (bytes/s) and latency (s) per hop, nominal
 def worker(args):
     import minidl
     from minidl import distributed
-    from minidl.models import mnist_cnn
+    from minidl.ext.zoo import mnist_cnn
 
     comm = distributed.init()
     minidl.manual_seed(0)

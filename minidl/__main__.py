@@ -1,4 +1,4 @@
-"""``python -m minidl ...`` is the ``minidl`` command."""
+"""``python -m minidl ...`` is the ``minidl`` command (minidl/cli/)."""
 import sys
 
 from .cli import main

@@ -5,16 +5,22 @@ import os
 
 from . import backend
 from .layers.base import Layer
+from .serialization import atomic_write
 
 
 class Callback:
     """Override any of the hooks; when each runs and what its ``logs`` hold: docs/api.md.
-    ``on_resume`` gets the History of the epochs run before ``fit(resume=...)``."""
+
+    ``trainer.history`` holds the epochs before this one, those of a resumed run's
+    earlier fits included (minidl/ext/resume.py), so a callback that needs the past
+    reads it there. Callbacks run in decreasing ``priority``, ties in the order given:
+    a scheduler (100) sets the next rate before the others read it; the training-state
+    snapshot (-100) saves after all of them.
+    """
+
+    priority = 0
 
     def on_train_begin(self, trainer):
-        pass
-
-    def on_resume(self, trainer, history):
         pass
 
     def on_batch_begin(self, trainer, batch):
@@ -31,7 +37,9 @@ class Callback:
 
 
 class _Monitor:
-    """Tracks the best value of one logged metric ("min" or "max" is better)."""
+    """Finds the best value of one logged metric ("min" or "max" is better), tracking
+    the values in order: a value is a new best when it beats the best so far by more
+    than ``min_delta``."""
 
     def __init__(self, monitor, mode, min_delta=0.0):
         if mode == "auto":
@@ -39,10 +47,6 @@ class _Monitor:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
         self.monitor, self.mode, self.min_delta = monitor, mode, abs(min_delta)
-        self.reset()
-
-    def reset(self):
-        self.best = math.inf if self.mode == "min" else -math.inf
 
     def value(self, logs, owner):
         if self.monitor not in logs:
@@ -50,20 +54,18 @@ class _Monitor:
                              f"available: {sorted(logs)} (pass val= to fit for val_*)")
         return logs[self.monitor]
 
-    def replay(self, history):
-        """Track the values ``history`` holds; returns the epoch (from 1) of the best."""
-        best_epoch = None
-        for epoch, value in enumerate(history.history.get(self.monitor, [])):
-            if self.improved(value):
-                best_epoch = epoch + 1
-        return best_epoch
-
-    def improved(self, value):
-        better = (value < self.best - self.min_delta if self.mode == "min"
-                  else value > self.best + self.min_delta)
-        if better:
-            self.best = value
-        return better
+    def best_epoch(self, trainer, logs, owner):
+        """The index of the best epoch among the earlier ones (``trainer.history``) and
+        this one (``logs``): the last index when this epoch is a new best, -1 when no
+        value is better than the start (NaN all along)."""
+        values = list(trainer.history.history.get(self.monitor, []))
+        values.append(self.value(logs, owner))
+        best, index = math.inf if self.mode == "min" else -math.inf, -1
+        for i, value in enumerate(values):
+            if (value < best - self.min_delta if self.mode == "min"
+                    else value > best + self.min_delta):
+                best, index = value, i
+        return index
 
 
 class EarlyStopping(Callback):
@@ -78,24 +80,20 @@ class EarlyStopping(Callback):
         self.on_train_begin(None)
 
     def on_train_begin(self, trainer):
-        # Each fit starts afresh (as in Keras): a best, a patience count or weights
-        # left from an earlier fit, maybe of another model, must not stop or undo this one.
-        self.tracker.reset()
+        # Each fit starts afresh (as in Keras): weights left from an earlier fit, maybe
+        # of another model, must not undo this one.
         self.wait = 0
         self.best_state = None
         self.stopped_epoch = None
 
-    def on_resume(self, trainer, history):
-        self.tracker.replay(history)    # the same best (the patience count restarts)
-
     def on_epoch_end(self, trainer, epoch, logs):
-        if self.tracker.improved(self.tracker.value(logs, "EarlyStopping")):
-            self.wait = 0
+        # epochs since the best (a resumed run counts its earlier epochs, as if unbroken)
+        self.wait = trainer.history.epochs - self.tracker.best_epoch(trainer, logs,
+                                                                     "EarlyStopping")
+        if self.wait == 0:
             if self.restore_best_weights:
                 self.best_state = trainer.model.state_dict()
-            return
-        self.wait += 1
-        if self.wait >= self.patience:
+        elif self.wait >= self.patience:
             trainer.stop_training = True
             self.stopped_epoch = epoch
 
@@ -107,26 +105,26 @@ class EarlyStopping(Callback):
 class ModelCheckpoint(Callback):
     """Save the model to ``path`` (.npz) after an epoch: every epoch, or only when
     ``monitor`` reached a new best (``save_best_only``). Writes are atomic; a model
-    holding inf or NaN is never saved (FloatingPointError). Errors: docs/api.md."""
+    holding inf or NaN is never saved (FloatingPointError). Errors: docs/api.md.
+    ``saved_epoch``: the epoch (from 1) whose model the file holds, once an epoch of
+    this fit has ended (a resumed run's earlier epochs count), else None."""
 
     def __init__(self, path, monitor="val_accuracy", mode="auto", save_best_only=True):
         self.path = os.fspath(path)
         self.tracker = _Monitor(monitor, mode)
         self.save_best_only = save_best_only
-        self.saved_epoch = None     # the epoch (from 1) of this fit's last save
+        self.saved_epoch = None
 
     def on_train_begin(self, trainer):
         self.saved_epoch = None
-
-    def on_resume(self, trainer, history):
-        best = self.tracker.replay(history)     # the epoch the file at ``path`` holds
-        self.saved_epoch = best if self.save_best_only else history.epochs or None
 
     def on_epoch_end(self, trainer, epoch, logs):
         if not isinstance(trainer.model, Layer) or not hasattr(trainer.model, "save"):
             raise TypeError("ModelCheckpoint: the model has no save(path) method")
         if self.save_best_only:   # only then is the monitored metric needed (and read)
-            if not self.tracker.improved(self.tracker.value(logs, "ModelCheckpoint")):
+            best = self.tracker.best_epoch(trainer, logs, "ModelCheckpoint")
+            if best != trainer.history.epochs:      # the file keeps the best epoch's model
+                self.saved_epoch = best + 1 if best >= 0 else None
                 return
         bad = not_finite(trainer.model)
         if bad:
@@ -148,32 +146,22 @@ def not_finite(model):
 
 
 class CSVLogger(Callback):
-    """Write one row per epoch (epoch, then every logged number) to ``path``; each fit
-    starts the file afresh. A key first logged in a later epoch gets a column: the
-    file is rewritten with it, earlier rows leaving that cell empty."""
+    """Write one row per epoch (epoch, then every logged number) to ``path``: after each
+    epoch the whole file, from ``trainer.history`` and this epoch's logs, atomically (a
+    kill never leaves it half written). A key first logged in a later epoch gets a
+    column, earlier rows leaving that cell empty."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self.keys, self.rows = [], []
-
-    def on_train_begin(self, trainer):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.keys, self.rows = [], []
-
-    def on_resume(self, trainer, history):
-        for epoch in range(history.epochs):     # the file holds the earlier epochs too
-            self.on_epoch_end(trainer, epoch, {k: v[epoch] for k, v in history.history.items()})
 
     def on_epoch_end(self, trainer, epoch, logs):
-        self.rows.append({"epoch": epoch + 1, **logs})
-        new = [k for k in logs if k not in self.keys]
-        self.keys += new
-        # A new key changes the header: write every row again; else append this one.
-        with open(self.path, "w" if new else "a", newline="") as f:
-            writer = csv.DictWriter(f, ["epoch"] + self.keys, restval="")
-            if new:
-                writer.writeheader()
-            writer.writerows(self.rows if new else self.rows[-1:])
+        rows = [{"epoch": i + 1, **row} for i, row in enumerate(trainer.history.rows())]
+        rows.append({"epoch": epoch + 1, **logs})
+        keys = list(dict.fromkeys(key for row in rows for key in row))
+        with atomic_write(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, keys, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 class LearningRateMonitor(Callback):

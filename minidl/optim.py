@@ -64,6 +64,11 @@ class Optimizer:
             # never write into g: it may be p.grad itself
             self._update(p.data, p.grad.astype(p.data.dtype, copy=False), state)
 
+    def synchronize(self):
+        """Make each ``.grad`` the gradient ``step`` will apply: here they already are.
+        (A DistributedOptimizer, minidl/ext/distributed.py, averages them over the
+        ranks here, so that clipping between this and ``step`` sees the mean.)"""
+
     def zero_grad(self):
         """Drop every gradient (set to None), so the next backward starts afresh."""
         for p in self.params:

@@ -49,6 +49,7 @@ class LRScheduler(Callback):
     """
 
     per_batch = False
+    priority = 100      # stepped before the other callbacks, which then see the new rate
     _checks = {}
     _counters = {}
 

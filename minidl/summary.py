@@ -1,6 +1,8 @@
 """The summary table: each layer's output shape, parameters, receptive field and
 FLOPs (``Sequential.summary``; docs/architecture.md, "Inspection")."""
 
+from .layers.base import Container
+
 ALL = None  # the receptive field of a layer that sees the whole input
 
 
@@ -9,7 +11,7 @@ def summary_table(model, input_shape):
     shape = (1,) + tuple(input_shape)
     rf, jump = (1, 1), (1, 1)
     rows, total_params, total_flops = [], 0, 0
-    for i, layer in enumerate(model.layers):
+    for i, (_, layer) in enumerate(model.named_layers()):
         in_shape = shape
         try:
             shape = layer.output_shape(shape)
@@ -40,16 +42,21 @@ def summary_table(model, input_shape):
 def receptive_field_step(layer, rf, jump):
     """(rf, jump) after ``layer``, whose input values are ``jump`` input pixels apart and
     each see ``rf``: kernel k and stride s give ``rf + (k - 1) * jump`` and ``jump * s``;
-    ``ALL`` from a layer that ``sees_whole_input`` on; unchanged without a kernel."""
+    ``ALL`` from a layer that ``sees_whole_input`` on; unchanged without a kernel. A
+    Container's sub-layers compose: one after another, or side by side (``in_parallel``:
+    Residual, Concat), where the widest branch decides."""
     if rf is ALL or layer.sees_whole_input:
         return ALL, jump
-    for inner in getattr(layer, "layers", ()):      # a nested Sequential
-        rf, jump = receptive_field_step(inner, rf, jump)
-    if hasattr(layer, "branches"):      # Residual, Concat: the widest branch decides
-        rfs, jumps = zip(*(receptive_field_step(branch, rf, jump) for branch in layer.branches))
+    if isinstance(layer, Container) and layer.in_parallel:
+        rfs, jumps = zip(*(receptive_field_step(branch, rf, jump)
+                           for _, branch in layer.named_layers()))
         if ALL in rfs:
             return ALL, jump
         return tuple(map(max, zip(*rfs))), tuple(map(max, zip(*jumps)))
+    if isinstance(layer, Container):
+        for _, inner in layer.named_layers():
+            rf, jump = receptive_field_step(inner, rf, jump)
+        return rf, jump
     kernel, stride = getattr(layer, "kernel_size", None), getattr(layer, "stride", None)
     if kernel is None or stride is None:
         return rf, jump

@@ -11,33 +11,39 @@ from tqdm.auto import tqdm
 from . import backend
 from .callbacks import Callback, not_finite
 from .checks import check_int, check_real
-from .distributed import (Communicator, average_buffers, average_gradients,
-                          check_same_on_all_ranks)
 from .model import Sequential
 from .optim import clip_grad_norm_
-from .resume import load_training_state, save_training_state
 
 
 class History:
     """Per-epoch records of ``fit``: ``history["loss"]``, ``["val_accuracy"]``, ...;
-    ``history.history`` is the dict of lists (as in Keras); ``epochs`` counts rows."""
+    ``history.history`` is the dict of lists (as in Keras; NaN for an epoch that did
+    not log the key), ``rows()`` the epochs' logs, ``epochs`` their number."""
 
-    def __init__(self):
-        self.history = {}
+    def __init__(self, rows=()):
+        self._rows = [dict(row) for row in rows]
 
     def append(self, logs):
-        for key, value in logs.items():
-            self.history.setdefault(key, []).append(value)
+        self._rows.append(dict(logs))
+
+    def rows(self):
+        """One dict of logged numbers per epoch (copies)."""
+        return [dict(row) for row in self._rows]
+
+    @property
+    def history(self):
+        keys = dict.fromkeys(key for row in self._rows for key in row)
+        return {key: [row.get(key, math.nan) for row in self._rows] for key in keys}
 
     @property
     def epochs(self):
-        return len(self.history.get("loss", []))
+        return len(self._rows)
 
     def __getitem__(self, key):
         return self.history[key]
 
     def __contains__(self, key):
-        return key in self.history
+        return any(key in row for row in self._rows)
 
     def __repr__(self):
         return f"History(epochs={self.epochs}, keys={sorted(self.history)})"
@@ -50,12 +56,15 @@ class Trainer:
     samples, or a dict ``{name: metric}``. ``clip_grad_norm``: the global gradient norm's
     limit before each step; ``verbose=0``: no progress bars. A batch loss that is not
     finite, or above ``max_loss_ratio`` times the fit's first one (or 1), stops ``fit``.
-    With ``comm`` (docs/distributed.md) every rank must call ``fit`` and ``evaluate``.
     Every option and error: docs/api.md.
+
+    What ``fit`` is doing, for callbacks to read: ``epoch``, ``batch``, ``history`` (the
+    epochs done), ``train_loader`` and ``start_epoch`` (where the epoch loop starts: a
+    callback's ``on_train_begin`` may move it to continue a run, minidl/ext/resume.py).
     """
 
     def __init__(self, model, loss, optimizer, scheduler=None, metrics=("accuracy",),
-                 clip_grad_norm=None, verbose=1, max_loss_ratio=1e4, comm=None):
+                 clip_grad_norm=None, verbose=1, max_loss_ratio=1e4):
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
@@ -66,11 +75,11 @@ class Trainer:
         self.metrics = _build_metrics(metrics)
         self.clip_grad_norm = clip_grad_norm
         self.verbose = verbose
-        self.comm = Communicator() if comm is None else comm
         self.max_loss_ratio = (None if max_loss_ratio is None else
                                check_real(max_loss_ratio, "max_loss_ratio", "Trainer", above=1))
         self.stop_training = False
-        self.epoch = self.batch = 0     # where fit is: the CLI reports it when stopped
+        self.epoch = self.batch = self.start_epoch = 0   # where fit is (the CLI reports it)
+        self.history, self.train_loader = History(), None
         self.batch_logs = {}
         self._start_loss = None
 
@@ -100,7 +109,7 @@ class Trainer:
         if ratio is not None and loss > ratio * max(self._start_loss, 1.0):
             self._stop(f"{where}, over {ratio:g} times its start ({self._start_loss:.4g}): "
                        f"it diverged")
-        average_gradients(self.model.parameters(), self.comm)    # no-op in one process
+        self.optimizer.synchronize()    # a DistributedOptimizer averages over the ranks
         if self.clip_grad_norm is not None:
             clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
@@ -125,36 +134,30 @@ class Trainer:
                                  f"or gradient clipping.")
 
     # -- loops -----------------------------------------------------------------
-    def fit(self, train, epochs=1, val=None, callbacks=(), verbose=None, resume=None,
-            save_state=None):
-        """Train for ``epochs`` over the DataLoader ``train``; returns a History.
+    def fit(self, train, epochs=1, val=None, callbacks=(), verbose=None):
+        """Train for ``epochs`` over the DataLoader ``train``; returns the History.
 
-        ``save_state``: a path where the whole training state is written after every
-        epoch; ``resume``: such a file, to continue after its last epoch up to ``epochs``
-        in all, the History holding the earlier epochs too (minidl/resume.py). Callbacks'
+        Each epoch: the steps, a check that every parameter and buffer is finite, the
+        evaluation on ``val``, then the callbacks' ``on_epoch_end`` (by priority: the
+        scheduler first), and the epoch's logs join ``self.history``. Callbacks'
         ``on_train_end`` runs even when training fails; the error then carries the
-        finished epochs' History as ``error.history``. Errors: docs/api.md.
+        History as ``error.history``. Errors: docs/api.md.
         """
-        verbose = (self.verbose if verbose is None else verbose) if self.comm.rank == 0 else 0
         for name, data in (("train", train), ("val", val)):
             if data is not None:
                 self._check_data(data, "Trainer.fit", name)
         epochs = check_int(epochs, "epochs", "Trainer.fit", minimum=1)
-        check_same_on_all_ranks(len(train), self.comm, "Trainer.fit: batches per epoch")
-        history = History()
-        self.stop_training = False
-        # The scheduler is a callback too, stepped first: the others see the next rate.
-        callbacks = ([] if self.scheduler is None else [self.scheduler]) + list(callbacks)
-        self._start_loss = None
-        for cb in callbacks:
-            cb.on_train_begin(self)
+        self.history, self.train_loader, self.start_epoch = History(), train, 0
+        self.stop_training, self._start_loss = False, None
+        callbacks = _by_priority(([] if self.scheduler is None else [self.scheduler])
+                                 + list(callbacks))
+        begun = []      # on_train_end goes to the callbacks whose on_train_begin ran
         try:
-            first = 0
-            if resume is not None:
-                first = load_training_state(resume, self, train, history)
-                for cb in callbacks:    # e.g. ModelCheckpoint: the earlier epochs' best
-                    cb.on_resume(self, history)
-            for self.epoch in range(first, epochs):
+            for cb in callbacks:        # a resumed run's snapshot restores here (last)
+                cb.on_train_begin(self)
+                begun.append(cb)
+            verbose = self.verbose if verbose is None else verbose
+            for self.epoch in range(self.start_epoch, epochs):
                 start = time.perf_counter()
                 logs = self._train_epoch(train, epochs, verbose, callbacks)
                 bad = not_finite(self.model)    # before evaluation and checkpoints see them
@@ -166,20 +169,18 @@ class Trainer:
                 logs["time"] = time.perf_counter() - start
                 for cb in callbacks:    # the scheduler steps; GradientRecorder adds to logs
                     cb.on_epoch_end(self, self.epoch, logs)
-                history.append(logs)
-                if save_state is not None:
-                    save_training_state(save_state, self, train, history, self.epoch + 1)
+                self.history.append(logs)
                 if verbose:
                     print(_format_logs(self.epoch, epochs, logs), flush=True)
                 if self.stop_training:
                     break
         except BaseException as error:
-            error.history = history
+            error.history = self.history
             raise
         finally:    # remove hooks, restore best weights... whatever happened
-            for cb in callbacks:
+            for cb in begun:
                 cb.on_train_end(self)
-        return history
+        return self.history
 
     def _train_epoch(self, train, epochs, verbose, callbacks):
         self.model.train()
@@ -196,13 +197,10 @@ class Trainer:
                 for cb in callbacks:    # a per-batch scheduler steps here
                     cb.on_batch_end(self, self.batch, self.batch_logs)
                 if verbose and (self.batch % 10 == 0 or self.batch == len(train) - 1):
-                    # images/s of the whole job: every rank takes as many as this one
-                    speed = totals.count * self.comm.size / max(time.perf_counter() - start,
-                                                                1e-9)
+                    speed = totals.count / max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix({k: f"{v:.4f}" for k, v in totals.means_as_floats().items()},
                                     img_s=f"{speed:.0f}", refresh=False)
-        average_buffers(self.model, self.comm)   # every rank evaluates the same model
-        return totals.reduce(self.comm).means_as_floats()
+        return totals.means_as_floats()
 
     def evaluate(self, data):
         """Mean loss and metrics over a DataLoader, in eval mode (no updates);
@@ -217,7 +215,7 @@ class Trainer:
                 raise FloatingPointError(f"Trainer.evaluate: the loss became {logs['loss']} at "
                                          f"batch {batch + 1} (a diverged model or inf/NaN inputs?)")
             totals.add(logs, len(y))
-        return totals.reduce(self.comm).means_as_floats()
+        return totals.means_as_floats()
 
     def _check_data(self, data, caller, name):
         """TypeError unless ``data`` iterates over (x, y) batches and has a len;
@@ -248,13 +246,6 @@ class _Totals:
         self.count += n
         for name in self.sums:
             self.sums[name] += logs[name] * n
-
-    def reduce(self, comm):
-        """Sum the counts and sums over the ranks (a mean of means would weigh a
-        rank's short last batch like a full one); returns self."""
-        self.count, *sums = comm.sum([self.count, *self.sums.values()])
-        self.sums = dict(zip(self.sums, sums))
-        return self
 
     def means_as_floats(self):
         if self.count == 0:     # a mean of nothing: 0.0 would look like a real result
@@ -299,6 +290,11 @@ def _build_metrics(metrics):
                              f"or a callable f(logits, labels)")
         built[name] = metric if callable(metric) else _METRICS[metric]
     return built
+
+
+def _by_priority(callbacks):
+    """Callbacks in decreasing ``priority`` (a stable sort: ties keep their order)."""
+    return sorted(callbacks, key=lambda cb: -getattr(cb, "priority", 0))
 
 
 def _read(values):

@@ -11,7 +11,7 @@ import sys
 import numpy
 
 import minidl
-from minidl import distributed
+from minidl.ext import distributed
 
 GLOBAL_BATCH = 64
 EPOCHS, STEPS_PER_EPOCH = 4, 5      # 20 steps
@@ -35,12 +35,13 @@ def train(comm, metrics=("accuracy",)):
     distributed.broadcast_parameters(model, comm=comm)
     x, y = data()
     optimizer = minidl.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(), optimizer,
-                             metrics=metrics, verbose=0, comm=comm)
-    shard = dict(rank=comm.rank, world_size=comm.size)
+    trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(),
+                             distributed.DistributedOptimizer(optimizer, comm),
+                             metrics=metrics, verbose=0)
     history = trainer.fit(
-        minidl.DataLoader(x, y, GLOBAL_BATCH // comm.size, seed=7, **shard), epochs=EPOCHS,
-        val=minidl.DataLoader(x[:100], y[:100], 16, shuffle=False, **shard))
+        distributed.ShardedLoader(x, y, GLOBAL_BATCH // comm.size, comm, seed=7), epochs=EPOCHS,
+        val=distributed.ShardedLoader(x[:100], y[:100], 16, comm, shuffle=False),
+        callbacks=[distributed.RankSync(comm)])
     return model, history
 
 
@@ -72,11 +73,12 @@ def main(argv):
         return 0
     if command.startswith("cli"):
         from minidl import cli
+        from minidl.cli import recipe
         from minidl.data import datasets
         with open(argv[1]) as f:
             datasets.CHECKSUMS["mnist"] = json.load(f)
         if command == "cli-no-data-on-rank-1" and distributed.init().rank == 1:
-            cli.load_split = no_data
+            recipe.load_split = no_data
         return cli.main(argv[2:])
     raise SystemExit(f"unknown command {command!r}")
 

@@ -6,7 +6,7 @@ import numpy as np
 from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
                     Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual,
                     Sequential, Softmax, Tanh)
-from minidl.models import lenet5, mnist_cnn, resnet_small
+from minidl.ext.zoo import lenet5, mnist_cnn, resnet_small
 
 
 def every_layer(dtype="float32"):

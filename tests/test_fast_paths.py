@@ -12,7 +12,7 @@ import minidl
 from minidl import (BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential,
                     SoftmaxCrossEntropy)
 from minidl.layers import parallel as parallel_module
-from minidl.models import mnist_cnn
+from minidl.ext.zoo import mnist_cnn
 
 from conftest import randn, to_np
 from reference_conv import conv_backward, conv_forward

@@ -13,8 +13,9 @@ import pytest
 
 import minidl
 from minidl import (SGD, Adam, BatchNorm2D, Conv2D, CSVLogger, DataLoader, Dense, Dropout,
-                    Flatten, GradientRecorder, MaxPool2D, ModelCheckpoint, ReLU, Sequential,
-                    SoftmaxCrossEntropy, Trainer, backend, cli)
+                    Flatten, MaxPool2D, ModelCheckpoint, ReLU, Sequential, SoftmaxCrossEntropy,
+                    Trainer, backend, cli)
+from minidl.ext.recorder import GradientRecorder
 from minidl.data import datasets
 
 from conftest import write_fake_dataset

@@ -7,8 +7,9 @@ import pytest
 
 import minidl
 from minidl import (SGD, BatchNorm2D, Conv2D, DataLoader, Dense, Flatten, GlobalAvgPool2D,
-                    GradientRecorder, MaxPool2D, ReLU, Sequential, SoftmaxCrossEntropy, Trainer)
-from minidl.recorder import activation_table
+                    MaxPool2D, ReLU, Sequential, SoftmaxCrossEntropy, Trainer)
+from minidl.ext.recorder import GradientRecorder
+from minidl.ext.recorder import activation_table
 from minidl.summary import receptive_field_step
 
 

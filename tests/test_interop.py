@@ -1,4 +1,4 @@
-"""minidl.interop: to_torch and from_torch, compared with PyTorch's own layers."""
+"""minidl.ext.pytorch: to_torch and from_torch, compared with PyTorch's own layers."""
 import importlib.util
 import re
 import sys
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from minidl import Concat, Dense, Layer, ReLU, Residual, Sequential, Tanh
-from minidl.interop import from_torch, to_torch
-from minidl.models import resnet_small
+from minidl.ext.pytorch import from_torch, to_torch
+from minidl.ext.zoo import resnet_small
 
 from interop_models import MODELS, assert_close, build, layer_kinds
 

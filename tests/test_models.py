@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 import minidl
+import minidl.ext.plots
 from minidl import cli
 from minidl.data import datasets
-from minidl.models import MODELS, basic_block, resnet_small
+from minidl.ext.zoo import MODELS, basic_block, resnet_small
 
 from conftest import write_fake_dataset
 
@@ -45,7 +46,7 @@ def test_basic_block_keeps_or_projects():
 
 @pytest.mark.slow
 def test_cli_trains_and_evaluates_a_resnet(data_root, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli.viz, "available", lambda: False)    # plots: tests/test_cli.py
+    monkeypatch.setattr(minidl.ext.plots, "available", lambda: False)    # plots: tests/test_cli.py
     out = tmp_path / "run"
     code = cli.main(["train", "--model", "resnet", "--limit", "96", "--epochs", "1",
                      "--batch-size", "48", "--data-root", str(data_root), "--out", str(out),

@@ -1,4 +1,4 @@
-"""minidl.onnx: exported models checked in ONNX Runtime, round trips, and errors."""
+"""minidl.ext.onnx: exported models checked in ONNX Runtime, round trips, and errors."""
 import importlib.util
 import sys
 
@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 import minidl
+import minidl.ext.plots
+from minidl.cli import recipe
 from minidl import Dense, Flatten, Layer, ReLU, Sequential, cli
-from minidl.interop import to_torch
+from minidl.ext.pytorch import to_torch
 from minidl.data import datasets
 
 from conftest import write_fake_dataset
@@ -28,7 +30,7 @@ def run_onnx(path, x):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_onnx_runtime_matches_predict(name, tmp_path):
     model, x = build(name)
-    minidl.onnx.export(model, tmp_path / "m.onnx", x.shape[1:])
+    minidl.ext.onnx.export(model, tmp_path / "m.onnx", x.shape[1:])
     assert_close(run_onnx(tmp_path / "m.onnx", x), model.predict(x))
     assert_close(run_onnx(tmp_path / "m.onnx", x[:1]), model.predict(x[:1]))  # any batch
 
@@ -37,7 +39,7 @@ def test_onnx_runtime_matches_predict(name, tmp_path):
 def test_float64_model_is_exported_as_float32(tmp_path):
     import onnx
     model, x = build("every_layer", dtype="float64")
-    proto = minidl.onnx.export(model, tmp_path / "m.onnx", x.shape[1:])
+    proto = minidl.ext.onnx.export(model, tmp_path / "m.onnx", x.shape[1:])
     assert {w.data_type for w in proto.graph.initializer} == {onnx.TensorProto.FLOAT}
     assert proto.opset_import[0].version == 17
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
@@ -49,8 +51,8 @@ def test_float64_model_is_exported_as_float32(tmp_path):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_load_gives_back_the_same_layers_and_weights(name, tmp_path):
     model, x = build(name)
-    minidl.onnx.export(model, tmp_path / "m.onnx", x.shape[1:])
-    loaded = minidl.onnx.load(tmp_path / "m.onnx")
+    minidl.ext.onnx.export(model, tmp_path / "m.onnx", x.shape[1:])
+    loaded = minidl.ext.onnx.load(tmp_path / "m.onnx")
     assert layer_kinds(loaded) == layer_kinds(model)
     expected = model.state_dict()
     if name == "sequence":    # ONNX has no BatchNorm without gamma and beta: they come as 1, 0
@@ -66,8 +68,8 @@ def test_load_gives_back_the_same_layers_and_weights(name, tmp_path):
 @needs_onnx
 def test_load_keeps_hyper_parameters(tmp_path):
     model, x = build("every_layer")
-    minidl.onnx.export(model, tmp_path / "m.onnx", [np.int64(d) for d in x.shape[1:]])
-    loaded = minidl.onnx.load(tmp_path / "m.onnx")
+    minidl.ext.onnx.export(model, tmp_path / "m.onnx", [np.int64(d) for d in x.shape[1:]])
+    loaded = minidl.ext.onnx.load(tmp_path / "m.onnx")
     assert loaded[0].padding == "same" and loaded[0].activation.negative_slope == 0.2
     assert loaded[5].p == 0.3 and loaded[1].eps == 1e-5 and loaded[1].momentum == 0.1
     assert loaded[13].axis == 1
@@ -78,7 +80,7 @@ def test_load_keeps_hyper_parameters(tmp_path):
 def test_trained_model_has_the_same_accuracy_in_onnx_runtime(tmp_path, monkeypatch, capsys):
     root = tmp_path / "data"
     monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", 200))
-    monkeypatch.setattr(cli.viz, "available", lambda: False)      # no plots: faster
+    monkeypatch.setattr(minidl.ext.plots, "available", lambda: False)      # no plots: faster
     out = tmp_path / "run"
     # no augmentation: a shift moves the stripe that tells the fake classes apart
     assert cli.main(["train", "--limit", "160", "--epochs", "1", "--batch-size", "32",
@@ -90,10 +92,10 @@ def test_trained_model_has_the_same_accuracy_in_onnx_runtime(tmp_path, monkeypat
     minidl_accuracy = float(printed[-2].split()[-1])      # "test accuracy: 0.xxxx"
     assert printed[-1].endswith(f"written to {out / 'model.onnx'}")
     x_test, y_test = datasets.mnist("test", root=root)
-    images = cli.to_float(x_test)
+    images = recipe.to_float(x_test)
     labels = run_onnx(out / "model.onnx", images).argmax(axis=1)
-    np.testing.assert_array_equal(labels, cli.predict_labels(
-        minidl.models.mnist_cnn().load(out / "model.npz"), x_test))
+    np.testing.assert_array_equal(labels, recipe.predict_labels(
+        minidl.ext.zoo.mnist_cnn().load(out / "model.npz"), x_test))
     assert round(float(np.mean(labels == y_test)), 4) == minidl_accuracy
     assert minidl_accuracy > 0.5          # five steps do learn the stripes: a real model
 
@@ -110,10 +112,10 @@ def test_cli_exports_a_resnet_checkpoint(tmp_path, capsys):
 @needs_onnx
 def test_nested_sequentials_come_back_flat(tmp_path):
     model = Sequential([Dense(4, 3, activation="relu"), Sequential([Dense(3, 2), ReLU()])])
-    minidl.onnx.export(model, tmp_path / "m.onnx", (4,))
+    minidl.ext.onnx.export(model, tmp_path / "m.onnx", (4,))
     x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
     assert_close(run_onnx(tmp_path / "m.onnx", x), model.predict(x))
-    loaded = minidl.onnx.load(tmp_path / "m.onnx")
+    loaded = minidl.ext.onnx.load(tmp_path / "m.onnx")
     assert layer_kinds(loaded) == [("Dense", "ReLU"), ("Dense", "Identity"), ("ReLU", "NoneType")]
     np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
 
@@ -131,12 +133,12 @@ class Square(Layer):
 def test_a_layer_without_export_is_named(tmp_path):
     model = Sequential([Dense(4, 3), Square()])
     with pytest.raises(TypeError, match=r"layer 1 \(Square\) has no ONNX export"):
-        minidl.onnx.export(model, tmp_path / "m.onnx", (4,))
+        minidl.ext.onnx.export(model, tmp_path / "m.onnx", (4,))
     nested = Sequential([Dense(4, 3), Sequential([ReLU(), Square()])])
     with pytest.raises(TypeError, match=r"layer 1\.1 \(Square\)"):
-        minidl.onnx.export(nested, tmp_path / "m.onnx", (4,))
+        minidl.ext.onnx.export(nested, tmp_path / "m.onnx", (4,))
     with pytest.raises(TypeError, match=r"layer 0\.activation \(Square\)"):
-        minidl.onnx.export(Dense(4, 3, activation=Square()), tmp_path / "m.onnx", (4,))
+        minidl.ext.onnx.export(Dense(4, 3, activation=Square()), tmp_path / "m.onnx", (4,))
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -151,27 +153,27 @@ def test_a_layer_without_export_is_named(tmp_path):
 ])
 def test_bad_input_shape(shape, error, message, tmp_path):
     with pytest.raises(error, match=message):
-        minidl.onnx.export(minidl.models.lenet5(), tmp_path / "m.onnx", shape)
+        minidl.ext.onnx.export(minidl.ext.zoo.lenet5(), tmp_path / "m.onnx", shape)
 
 
 @needs_onnx
 def test_export_needs_a_model(tmp_path):
     with pytest.raises(TypeError, match="must be a minidl Sequential or Layer, got list"):
-        minidl.onnx.export([Dense(2, 2)], tmp_path / "m.onnx", (2,))
+        minidl.ext.onnx.export([Dense(2, 2)], tmp_path / "m.onnx", (2,))
 
 
 @needs_onnx
 def test_load_rejects_missing_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        minidl.onnx.load(tmp_path / "none.onnx")
+        minidl.ext.onnx.load(tmp_path / "none.onnx")
     (tmp_path / "text.onnx").write_text("not a model at all")
     with pytest.raises(ValueError, match="is not a valid ONNX model"):
-        minidl.onnx.load(tmp_path / "text.onnx")
-    minidl.onnx.export(minidl.models.lenet5(), tmp_path / "m.onnx", (1, 28, 28))
+        minidl.ext.onnx.load(tmp_path / "text.onnx")
+    minidl.ext.onnx.export(minidl.ext.zoo.lenet5(), tmp_path / "m.onnx", (1, 28, 28))
     data = (tmp_path / "m.onnx").read_bytes()
     (tmp_path / "cut.onnx").write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match="is not a valid ONNX model"):
-        minidl.onnx.load(tmp_path / "cut.onnx")
+        minidl.ext.onnx.load(tmp_path / "cut.onnx")
 
 
 def save_graph(path, nodes, weights=(), shape=(1, 8, 8), opset=17, output_rank=4):
@@ -226,10 +228,10 @@ def test_load_names_what_minidl_cannot_express(tmp_path):
     for i, (nodes, weights, message) in enumerate(cases):
         path = save_graph(tmp_path / f"{i}.onnx", nodes, weights)
         with pytest.raises(ValueError, match=message):
-            minidl.onnx.load(path)
+            minidl.ext.onnx.load(path)
     old = save_graph(tmp_path / "old.onnx", [make_node("Relu", ["input"], ["y"])], opset=11)
     with pytest.raises(ValueError, match="uses opset 11; minidl reads opset 13 or newer"):
-        minidl.onnx.load(old)
+        minidl.ext.onnx.load(old)
 
 
 @needs_onnx
@@ -245,7 +247,7 @@ def test_load_reads_graphs_written_elsewhere(tmp_path):
              make_node("Gemm", ["m", "wl", "bl"], ["y"], transB=1, alpha=2.0)]
     path = save_graph(tmp_path / "g.onnx", nodes, [("w", w), ("axes", [2, 3]), ("wl", wl),
                                                    ("bl", bl)], opset=18, output_rank=2)
-    model = minidl.onnx.load(path)
+    model = minidl.ext.onnx.load(path)
     assert layer_kinds(model) == [("Conv2D", "Identity"), ("ReLU", "NoneType"),
                                   ("GlobalAvgPool2D", "NoneType"), ("Dense", "Identity")]
     x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
@@ -262,7 +264,7 @@ def test_load_reads_branches_in_any_order(tmp_path):
              make_node("Add", ["input", "r"], ["a"]), make_node("Sigmoid", ["t"], ["s"]),
              make_node("Concat", ["a", "input", "s"], ["y"], axis=1)]
     path = save_graph(tmp_path / "g.onnx", nodes, shape=(2, 3, 3))
-    model = minidl.onnx.load(path)
+    model = minidl.ext.onnx.load(path)
     assert layer_kinds(model) == [("Concat", [("Residual", [("ReLU", "NoneType")]),
                                               ("Identity", "NoneType"),
                                               [("Tanh", "NoneType"), ("Sigmoid", "NoneType")]])]
@@ -291,15 +293,15 @@ def test_load_reads_what_torch_onnx_export_writes(tmp_path):
         torch.onnx.export(module, (torch.randn(2, *x.shape[1:]),), path, dynamo=False,
                           opset_version=17, input_names=["input"],
                           dynamic_axes={"input": {0: "N"}})
-        model = minidl.onnx.load(path)
+        model = minidl.ext.onnx.load(path)
         with torch.no_grad():
             assert_close(model.predict(x), module(torch.from_numpy(x.astype(np.float32))).numpy())
 
 
 def test_export_without_onnx_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)       # import onnx now fails
-    for call in (lambda: minidl.onnx.export(Dense(2, 2), tmp_path / "m.onnx", (2,)),
-                 lambda: minidl.onnx.load(tmp_path / "m.onnx")):
+    for call in (lambda: minidl.ext.onnx.export(Dense(2, 2), tmp_path / "m.onnx", (2,)),
+                 lambda: minidl.ext.onnx.load(tmp_path / "m.onnx")):
         with pytest.raises(ImportError, match=r"needs the onnx package: pip install "
                                               r"'minidl\[onnx\]'"):
             call()
@@ -310,7 +312,7 @@ def test_cli_export_errors_without_traceback(tmp_path, capsys, monkeypatch):
                      "--onnx", str(tmp_path / "m.onnx")])
     assert code == 1
     assert "minidl export: error: checkpoint" in capsys.readouterr().err
-    minidl.models.lenet5().save(tmp_path / "model.npz")
+    minidl.ext.zoo.lenet5().save(tmp_path / "model.npz")
     monkeypatch.setitem(sys.modules, "onnx", None)
     code = cli.main(["export", "--checkpoint", str(tmp_path / "model.npz"), "--model", "lenet5",
                      "--onnx", str(tmp_path / "m.onnx")])

@@ -8,9 +8,13 @@ import pytest
 import minidl
 from minidl import (Adam, BatchNorm2D, Callback, Conv2D, DataLoader, Dense, Dropout, Flatten,
                     MaxPool2D, ReLU, Residual, Sequential, SoftmaxCrossEntropy, Trainer, cli)
+from minidl.cli import train as cli_train
 from minidl.data import datasets
 from minidl.data.transforms import Compose, RandomHorizontalFlip, RandomShift
-from minidl.lr_finder import lr_find, suggest_lr
+from minidl.ext import plots, resume
+from minidl.ext.lr_finder import lr_find, suggest_lr
+from minidl.ext.recorder import GradientRecorder
+from minidl.ext.resume import TrainingState
 from minidl.schedulers import CosineAnnealingLR, OneCycleLR
 
 from conftest import write_fake_dataset
@@ -57,8 +61,9 @@ def run(state, epochs=2, resume=None, stop_after=None, per_batch=False, callback
                  if per_batch else CosineAnnealingLR(optimizer, T_max=epochs))
     trainer = Trainer(model, SoftmaxCrossEntropy(), optimizer, scheduler=scheduler, verbose=0)
     callbacks = list(callbacks) + ([] if stop_after is None else [StopAfter(stop_after)])
+    callbacks.append(TrainingState(state, resume=resume))
     history = trainer.fit(train, epochs=epochs, val=DataLoader(x, y, 48, transform=to_float),
-                          callbacks=callbacks, resume=resume, save_state=state)
+                          callbacks=callbacks)
     return model, optimizer, history
 
 
@@ -80,7 +85,7 @@ def test_a_resumed_run_stopped_again_keeps_the_earlier_epochs(tmp_path):
     run(state, epochs=4, stop_after=2, callbacks=[minidl.CSVLogger(csv_path)])
     saver = minidl.ModelCheckpoint(tmp_path / "model.npz")
     with pytest.raises(KeyboardInterrupt) as info:
-        run(state, epochs=4, resume=state,
+        run(state, epochs=4, resume=True,
             callbacks=[saver, minidl.CSVLogger(csv_path), InterruptIn(3)])
     assert [row.split(",")[0] for row in csv_path.read_text().splitlines()] == [
         "epoch", "1", "2", "3"]
@@ -95,7 +100,7 @@ def test_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path, per_batch
     # a fresh process would start from other weights: the state must replace them all
     minidl.manual_seed(123)
     resumed, resumed_opt, resumed_history = run(tmp_path / "part.npz", per_batch=per_batch,
-                                                resume=tmp_path / "part.npz")
+                                                resume=True)
     for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
         np.testing.assert_array_equal(a, b, err_msg=name)
     assert resumed_opt.lr == optimizer.lr
@@ -113,19 +118,23 @@ def test_resume_refuses_another_run_and_model_checkpoints(tmp_path):
     model = Sequential(Flatten(), Dense(64, 3))
     x, y = fake_images()
     trainer = Trainer(model, SoftmaxCrossEntropy(), Adam(model.parameters()), verbose=0)
+    def resume_from(path):
+        trainer.fit(DataLoader(x, y, 16, transform=to_float),
+                    callbacks=[TrainingState(path, resume=True)])
+
     with pytest.raises(ValueError, match="saved with a scheduler"):
-        trainer.fit(DataLoader(x, y, 16, transform=to_float), resume=tmp_path / "state.npz")
+        resume_from(tmp_path / "state.npz")
     model.save(tmp_path / "model.npz")
     with pytest.raises(ValueError, match="not a training state"):
-        trainer.fit(DataLoader(x, y, 16, transform=to_float), resume=tmp_path / "model.npz")
+        resume_from(tmp_path / "model.npz")
     with pytest.raises(FileNotFoundError):
-        trainer.fit(DataLoader(x, y, 16, transform=to_float), resume=tmp_path / "none.npz")
+        resume_from(tmp_path / "none.npz")
     # a crafted state: a tiny file whose history member inflates to 40 MB
     np.savez_compressed(tmp_path / "big.npz", **{"epoch": np.int64(1),
                                                  "history/loss": np.zeros(5 * 10**6)})
     assert (tmp_path / "big.npz").stat().st_size < 10**6
     with pytest.raises(ValueError, match="'history/loss' of shape .* is larger than any"):
-        trainer.fit(DataLoader(x, y, 16, transform=to_float), resume=tmp_path / "big.npz")
+        resume_from(tmp_path / "big.npz")
 
 
 def test_lr_find_grows_the_rate_and_leaves_the_model_as_it_was():
@@ -151,11 +160,11 @@ def test_lr_find_grows_the_rate_and_leaves_the_model_as_it_was():
 def data_root(tmp_path, monkeypatch):
     root = tmp_path / "data"
     monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", n_train=200))
-    monkeypatch.setattr(cli, "GradientRecorder", _QuietRecorder)
+    monkeypatch.setattr(cli_train, "GradientRecorder", _QuietRecorder)
     return root
 
 
-class _QuietRecorder(minidl.GradientRecorder):
+class _QuietRecorder(GradientRecorder):
     """The CLI's recorder, sampling activations rarely (faster tests, same code)."""
 
     def __init__(self, model):
@@ -164,21 +173,21 @@ class _QuietRecorder(minidl.GradientRecorder):
 
 @pytest.mark.slow
 def test_cli_resume_continues_a_killed_run(data_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli.viz, "available", lambda: False)
+    monkeypatch.setattr(plots, "available", lambda: False)
     common = ["train", "--limit", "120", "--epochs", "2", "--batch-size", "40", "--data-root",
               str(data_root), "--quiet", "--schedule", "onecycle"]
     assert cli.main(common + ["--out", str(tmp_path / "full")]) == 0
     full = capsys.readouterr().out.strip().splitlines()[-1]
 
-    real_save = minidl.trainer.save_training_state
+    real_save = resume.save_training_state
 
     def save_then_die(path, trainer, *args):
         real_save(path, trainer, *args)
         if trainer.epoch == 0:
             raise KeyboardInterrupt        # killed right after epoch 1 was saved
-    monkeypatch.setattr(minidl.trainer, "save_training_state", save_then_die)
+    monkeypatch.setattr(resume, "save_training_state", save_then_die)
     assert cli.main(common + ["--out", str(tmp_path / "part")]) == 130   # as Ctrl-C
-    monkeypatch.setattr(minidl.trainer, "save_training_state", real_save)
+    monkeypatch.setattr(resume, "save_training_state", real_save)
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(tmp_path / "part"), "--quiet"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == full
@@ -198,7 +207,7 @@ def test_cli_resume_of_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys)
 @pytest.mark.slow
 def test_cli_onecycle_plots_the_rate_and_lr_find_plots_the_loss(data_root, tmp_path, capsys,
                                                                 monkeypatch):
-    monkeypatch.setattr(cli, "write_plots", lambda *args: None)    # tests/test_cli.py's job
+    monkeypatch.setattr(cli_train, "write_plots", lambda *args: None)   # tests/test_cli.py's job
     out = tmp_path / "run"
     assert cli.main(["train", "--limit", "80", "--epochs", "1", "--batch-size", "40",
                      "--schedule", "onecycle", "--data-root", str(data_root), "--out", str(out),

@@ -6,8 +6,9 @@ import pytest
 
 import minidl
 from minidl import (MSE, SGD, Adam, Callback, Conv2D, CSVLogger, DataLoader, Dense,
-                    EarlyStopping, Flatten, GradientRecorder, MaxPool2D, ModelCheckpoint,
-                    Sequential, SoftmaxCrossEntropy, Trainer)
+                    EarlyStopping, Flatten, MaxPool2D, ModelCheckpoint, Sequential,
+                    SoftmaxCrossEntropy, Trainer)
+from minidl.ext.recorder import GradientRecorder
 from minidl.trainer import accuracy
 
 

@@ -90,9 +90,10 @@ def test_bad_arguments_and_inputs():
 
 def test_cli_shifts_digits_and_flips_clothes():
     from minidl import cli
-    assert cli.train_transform("mnist", False) is cli.to_float
-    digits = cli.train_transform("mnist", True)
-    clothes = cli.train_transform("fashion-mnist", True)
+    from minidl.cli import recipe
+    assert recipe.train_transform("mnist", False) is recipe.to_float
+    digits = recipe.train_transform("mnist", True)
+    clothes = recipe.train_transform("fashion-mnist", True)
     assert [type(t).__name__ for t in digits.transforms[:-1]] == ["RandomShift"]
     assert [type(t).__name__ for t in clothes.transforms[:-1]] == ["RandomHorizontalFlip"]
     out = digits(images((3, 1, 28, 28)))

@@ -17,12 +17,12 @@ class DataLoader:
 
     ``shuffle`` reorders every epoch with a generator seeded by ``seed`` (or drawn from
     ``minidl.manual_seed``'s); ``drop_last`` skips a final short batch; ``transform``
-    runs on each x batch on the CPU before it moves. ``rank``/``world_size``: this rank's
-    shard of each epoch's order, as many batches on every rank (docs/distributed.md#sharding).
+    runs on each x batch on the CPU before it moves. (Each rank's share of a
+    data-parallel job: minidl.ext.distributed.ShardedLoader.)
     """
 
     def __init__(self, x, y, batch_size=64, shuffle=True, drop_last=False, seed=None,
-                 transform=None, rank=0, world_size=1):
+                 transform=None):
         x, y = _as_samples(x, "x"), _as_samples(y, "y")
         if len(x) != len(y):
             raise ValueError(f"DataLoader: x and y must have the same length, "
@@ -32,46 +32,31 @@ class DataLoader:
         if transform is not None and not callable(transform):
             raise TypeError(f"DataLoader: transform must be a function of the x batch or "
                             f"None, got {transform!r}")
-        self.rank = check_int(rank, "rank", "DataLoader", minimum=0)
-        self.world_size = check_int(world_size, "world_size", "DataLoader", minimum=1)
-        if self.rank >= self.world_size:
-            raise ValueError(f"DataLoader: need 0 <= rank < world_size, "
-                             f"got rank={rank!r}, world_size={world_size!r}")
-        if drop_last and len(x) < self.world_size:
-            raise ValueError(f"DataLoader: drop_last with {len(x)} samples leaves nothing "
-                             f"for {self.world_size} ranks")
-        if shuffle and self.world_size > 1 and seed is None:    # each rank would draw its own
-            raise ValueError("DataLoader: with world_size > 1 and shuffle=True, pass the "
-                             "same seed= on every rank, so that all ranks shard one order")
         self.x, self.y = x, y
         self.batch_size = check_int(batch_size, "batch_size", "DataLoader", minimum=1)
         self.shuffle = check_bool(shuffle, "shuffle", "DataLoader")
         self.drop_last = check_bool(drop_last, "drop_last", "DataLoader")
         self.transform = transform
-        self.rng = new_rng(check_seed(seed, "seed", "DataLoader"))
+        self.seed = check_seed(seed, "seed", "DataLoader")
+        self.rng = new_rng(self.seed)
 
     def __len__(self):
-        """The number of batches in one epoch (on this rank)."""
-        n = self._shard_size()
+        """The number of batches in one epoch."""
+        n = self._epoch_size()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     @property
     def num_samples(self):
-        """Samples seen in one epoch on this rank (less than len(x) with drop_last)."""
-        return len(self) * self.batch_size if self.drop_last else self._shard_size()
+        """Samples seen in one epoch (fewer than len(x) with drop_last)."""
+        return len(self) * self.batch_size if self.drop_last else self._epoch_size()
 
-    def _shard_size(self):
-        n, p = len(self.x), self.world_size
-        return n // p if self.drop_last else -(-n // p)
+    def _epoch_size(self):
+        """How many samples an epoch's order holds."""
+        return len(self.x)
 
     def _order(self):
-        """This epoch's sample indices for this rank; None for all, in order."""
-        n, p = len(self.x), self.world_size
-        order = self.rng.permutation(n) if self.shuffle else None
-        if p == 1:
-            return order
-        order = numpy.arange(n) if order is None else order
-        return numpy.resize(order, self._shard_size() * p)[self.rank::p]
+        """This epoch's sample indices; None for all, in order."""
+        return self.rng.permutation(len(self.x)) if self.shuffle else None
 
     def __iter__(self):
         order = self._order()

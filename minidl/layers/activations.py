@@ -7,6 +7,7 @@ import copy
 from .. import backend
 from ..checks import check_int, check_real
 from .base import Layer, layer_spec
+from .registry import register_layer
 from .parallel import in_pieces
 
 
@@ -20,6 +21,7 @@ class Activation(Layer):
         return tuple(input_shape)
 
 
+@register_layer
 class ReLU(Activation):
     """y = max(x, 0);  dx = dy * [x > 0].
 
@@ -46,6 +48,7 @@ class ReLU(Activation):
         return dx
 
 
+@register_layer
 class LeakyReLU(Activation):
     """y = x if x > 0 else a*x;  dx = dy * (1 if x > 0 else a)."""
 
@@ -67,6 +70,7 @@ class LeakyReLU(Activation):
         return {**super().get_config(), "negative_slope": self.negative_slope}
 
 
+@register_layer
 class Sigmoid(Activation):
     """y = 1 / (1 + exp(-x)), computed without overflow;  dx = dy * y * (1 - y)."""
 
@@ -83,6 +87,7 @@ class Sigmoid(Activation):
         return dy * y * (1 - y)
 
 
+@register_layer
 class Tanh(Activation):
     """y = tanh(x);  dx = dy * (1 - y^2)."""
 
@@ -97,6 +102,7 @@ class Tanh(Activation):
         return dy * (1 - y * y)
 
 
+@register_layer
 class Softmax(Activation):
     """y = exp(x - max) / sum(exp(x - max)) along ``axis``;
     dx = y * (dy - sum(dy * y, axis))."""
@@ -126,6 +132,7 @@ class Softmax(Activation):
         return {**super().get_config(), "axis": self.axis}
 
 
+@register_layer
 class Identity(Activation):
     """y = x;  dx = dy: the activation of a layer built with ``activation=None``."""
 

@@ -247,6 +247,8 @@ class Container(Layer):
     Their parameters and buffers are its own, named "<sub-layer>.<name>"; ``to``,
     ``train`` and ``load_state_dict`` reach every one of them."""
 
+    in_parallel = False     # True: the sub-layers all read the input (Residual, Concat)
+
     def __init__(self):
         super().__init__(dtype=None)          # each sub-layer has its own dtype
 

@@ -14,11 +14,14 @@ import math
 
 from .. import backend
 from .base import Container, Layer, layer_spec
+from .registry import register_layer
 
 
 class _Branches(Container):
     """A Container whose sub-layers all see the same input: ``branches``, named by
     ``branch_names``."""
+
+    in_parallel = True
 
     def __init__(self, branches):
         super().__init__()
@@ -43,6 +46,7 @@ class _Branches(Container):
         return sum(branch.flops(input_shape) for branch in self.branches)
 
 
+@register_layer
 class Residual(_Branches):
     """``y = block(x) + shortcut(x)``: a residual connection (He et al., 2016).
 
@@ -95,6 +99,7 @@ class Residual(_Branches):
         return {"block": layer_spec(self.block), "shortcut": shortcut}
 
 
+@register_layer
 class Concat(_Branches):
     """``y = concatenate([b(x) for b in branches], axis)``: parallel branches on one
     input, joined along ``axis`` (1: channels, as in Inception). Every other axis of

@@ -17,24 +17,25 @@ and W2 = W reshaped to (F, C*k1*k2), these become three matrix products:
 
     Z2 = W2 @ cols,   dW2 = dZ2 @ cols.T,   dcols = W2.T @ dZ2,   dA_pad = col2im(dcols)
 
-Its speed paths (the kept cols buffer, dcols written into it, SMALL_K) are listed in
-docs/conv2d.md, "Shortcuts the code takes", and measured in docs/performance.md.
+conv_products.py computes them, with the shortcuts that make them fast (the kept cols
+buffer, batch chunks, one product per sample for few rows). The slow, obvious version,
+every sum a loop, is tests/reference_conv.py: read it beside this file.
 """
 import math
 
 from .. import backend
 from ..checks import check_allocation, check_bool, check_int, check_padding, check_pair
 from ..random import default_rng
+from . import conv_products
 from .activations import Identity, activation_spec, get_activation
 from .base import Layer, Parameter
-from .im2col import col2im_add, conv_output_size, im2col, pad_channels_first
+from .im2col import conv_output_size, pad_channels_first
+from .registry import register_layer
 
 DEFAULT_IM2COL_BYTES = 256 * 2**20
-# Up to this many rows of cols (C*k1*k2), one product over all positions is thin and
-# memory-bound in OpenBLAS: backward runs one small product per sample instead.
-SMALL_K = 32
 
 
+@register_layer
 class Conv2D(Layer):
     """2-D convolution over NCHW input with F = ``out_channels`` filters.
 
@@ -43,7 +44,8 @@ class Conv2D(Layer):
     applied inside the layer. Weights ``weight`` (F, C, k1, k2) start He-normal
     (std sqrt(2 / (C*k1*k2))), biases ``bias`` (F,) at zero; seed with
     ``minidl.manual_seed``. The im2col buffer is built in batch chunks of at most
-    ``max_im2col_bytes`` and kept between calls.
+    ``max_im2col_bytes`` and kept between calls. Every sum as a plain loop:
+    tests/reference_conv.py.
 
     ``input_grad = False`` (set by ``Sequential.backward(dy, input_grad=False)`` on its
     first layer, whose input is data) makes ``backward`` compute only dW and db.
@@ -67,7 +69,8 @@ class Conv2D(Layer):
         self.weight = Parameter(self._he_normal(), "weight")
         self.bias = Parameter(backend.zeros((self.out_channels,), self.dtype, self.device),
                               "bias") if check_bool(bias, "bias", name) else None
-        self._buffer = None           # reused storage for cols (and dcols); see _columns
+        self.columns = conv_products.Columns(self.kernel_size, self.stride,
+                                             self.max_im2col_bytes)   # im2col's buffer
 
     def _he_normal(self):
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
@@ -79,86 +82,33 @@ class Conv2D(Layer):
     # -- forward: Eq. [1] -----------------------------------------------------
     def forward(self, x, training=True):
         x = self._as_input(x, ndim=4)
-        xp = backend.get_array_module(x)
         n, f, ho, wo = self.output_shape(x.shape)            # checks C and the kernel fit
-        z_t = xp.empty((f, n, ho * wo), dtype=self.dtype)     # Z, channels first
-        x_pad_t = pad_channels_first(x, self.pads)
-        w2 = self.weight.data.reshape(f, -1)
-        chunks = self._batch_chunks(n, ho * wo)
-        for n0, n1 in chunks:
-            cols = self._columns(x_pad_t, n0, n1, (ho, wo))
-            xp.matmul(w2, cols, out=z_t[:, n0:n1].reshape(f, -1))    # Z2 = W2 @ cols
+        x_pad_t = pad_channels_first(x, self.pads)            # A_pad, as (C, N, Hp, Wp)
+        w2 = self.weight.data.reshape(f, -1)                  # W2: (F, C*k1*k2)
+        z_t = conv_products.forward(w2, x_pad_t, self.columns, (ho, wo))   # Z2 = W2 @ cols
         if self.bias is not None:
-            z_t += self.bias.data[:, None, None]                     # + b
-        # Keep cols for backward when it was built in one piece; else rebuild per chunk
-        # (no chunk at all for an empty batch, N = 0).
-        self.cache = {"x_shape": x.shape, "x_pad_t": x_pad_t,
-                      "cols": cols if len(chunks) == 1 else None}
-        z = z_t.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)   # a view in NCHW order
-        a = self.activation.forward(z, training=training)
-        self.cache["y_shape"] = a.shape                       # backward checks dA against it
+            z_t += self.bias.data[:, None, None]                         # + b
+        z = z_t.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)  # a view in NCHW order
+        a = self.activation.forward(z, training=training)    # A = g(Z)
+        self.cache = {"x_shape": x.shape, "x_pad_t": x_pad_t, "y_shape": a.shape}
         return a
 
     # -- backward: Eq. [2], dW, db, Eq. [9] -----------------------------------
     def backward(self, da):
         """Returns dA_prev, or None when ``input_grad`` is False (the input is data)."""
-        self._checked_cache(da)
-        dz = self.activation.backward(da)                        # Eq. [2]
-        n, c, h, w = self.cache["x_shape"]
-        x_pad_t, cols = self.cache["x_pad_t"], self.cache["cols"]
-        xp = backend.get_array_module(dz)
-        f, ho, wo = dz.shape[1:]
-        k = c * self.kernel_size[0] * self.kernel_size[1]        # rows of cols
+        cache = self._checked_cache(da)
+        x_pad_t, (n, c, h, w) = cache["x_pad_t"], cache["x_shape"]
+        dz = self.activation.backward(da)                                   # Eq. [2]
         if self.bias is not None:
-            self.bias.accumulate_grad(dz.sum(axis=(0, 2, 3)))             # db
-        per_sample = k <= SMALL_K                                # few rows: see SMALL_K
-        if per_sample:
-            dz_s = dz.reshape(n, f, ho * wo)                     # a view in NCHW or CNHW order
-        else:
-            # (F, N, Ho*Wo): a view of a Conv2D output's gradient, else one copy
-            dz_t = xp.ascontiguousarray(dz.swapaxes(0, 1)).reshape(f, n, ho * wo)
-        dw_t = xp.zeros((k, f), dtype=self.dtype)                 # dW2 transposed
-        dx_pad_t = xp.zeros((c,) + x_pad_t.shape[1:], dtype=self.dtype) if self.input_grad else None
-        w2 = self.weight.data.reshape(f, k)
-        chunks = self._batch_chunks(n, ho * wo)
-        for n0, n1 in chunks:
-            if cols is None or len(chunks) > 1:
-                cols = self._columns(x_pad_t, n0, n1, (ho, wo))
-            if per_sample:
-                m = n1 - n0
-                cols_s = cols.reshape(k, m, -1).transpose(1, 0, 2)          # (m, k, Ho*Wo)
-                dz_m = dz_s[n0:n1]
-                dw_t += xp.matmul(cols_s, dz_m.transpose(0, 2, 1)).sum(axis=0)
-                if self.input_grad:
-                    dcols = xp.matmul(w2.T, dz_m).transpose(1, 0, 2)
-            else:
-                dz2 = dz_t[:, n0:n1].reshape(f, -1)
-                # dW2 = dZ2 @ cols.T, computed transposed: OpenBLAS runs cols @ dZ2.T faster
-                dw_t += cols @ dz2.T
-                if self.input_grad:                                          # Eq. [9]
-                    dcols = xp.matmul(w2.T, dz2, out=cols)   # cols is used up
-            if self.input_grad:
-                col2im_add(dcols, dx_pad_t[:, n0:n1], self.kernel_size, self.stride, (ho, wo))
-        self.weight.accumulate_grad(dw_t.T.reshape(self.weight.shape))       # dW
+            self.bias.accumulate_grad(dz.sum(axis=(0, 2, 3)))               # db
+        dw2 = conv_products.weight_grad(dz, x_pad_t, self.columns)       # dZ2 @ cols.T
+        self.weight.accumulate_grad(dw2.reshape(self.weight.shape))         # dW
         if not self.input_grad:
             return None
-        self.cache["cols"] = None                                # its buffer may hold dcols now
+        w2 = self.weight.data.reshape(dz.shape[1], -1)
+        dx_pad_t = conv_products.input_grad(w2, dz, x_pad_t, self.columns)  # Eq. [9]
         (top, _), (left, _) = self.pads                           # crop the padding
         return dx_pad_t[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
-
-    def _columns(self, x_pad_t, n0, n1, out_hw):
-        """cols of samples n0..n1: (C*k1*k2, (n1-n0)*Ho*Wo).
-
-        It is written into a buffer the layer keeps between calls: a fresh buffer of
-        tens of MiB costs page faults on every call, about as much as filling it."""
-        xp = backend.get_array_module(x_pad_t)
-        rows = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        size = rows * (n1 - n0) * out_hw[0] * out_hw[1]
-        buf = self._buffer
-        if (buf is None or buf.size < size or buf.dtype != self.dtype
-                or backend.get_array_module(buf) is not xp):
-            buf = self._buffer = xp.empty(size, dtype=self.dtype)
-        return im2col(x_pad_t[:, n0:n1], self.kernel_size, self.stride, out_hw, out=buf[:size])
 
     def output_shape(self, input_shape):
         name = type(self).__name__
@@ -183,16 +133,9 @@ class Conv2D(Layer):
         _, f, ho, wo = self.output_shape(input_shape)
         return 2 * self.in_channels * self.kernel_size[0] * self.kernel_size[1] * f * ho * wo
 
-    def _batch_chunks(self, n, positions):
-        """(start, stop) batch ranges whose im2col buffer fits in max_im2col_bytes."""
-        c = self.in_channels
-        per_sample = c * self.kernel_size[0] * self.kernel_size[1] * positions * self.dtype.itemsize
-        step = max(1, self.max_im2col_bytes // max(per_sample, 1))
-        return [(n0, min(n0 + step, n)) for n0 in range(0, n, step)]
-
     def _clear_cache(self):
         super()._clear_cache()
-        self._buffer = None
+        self.columns.clear()
 
     def extra_repr(self):
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

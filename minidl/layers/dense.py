@@ -12,8 +12,10 @@ from ..checks import check_allocation, check_bool, check_int
 from ..random import default_rng
 from .activations import Identity, LeakyReLU, ReLU, activation_spec, get_activation
 from .base import Layer, Parameter
+from .registry import register_layer
 
 
+@register_layer
 class Dense(Layer):
     """y = g(x @ W + b) for x of shape (N, in_features); ``activation`` g is None, a
     name ("relu", "tanh", ...) or a Layer. ``W`` starts He-normal before a (Leaky)ReLU,

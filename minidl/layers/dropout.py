@@ -16,8 +16,10 @@ from .. import backend
 from ..checks import check_real, check_seed
 from ..random import new_rng
 from .base import Layer
+from .registry import register_layer
 
 
+@register_layer
 class Dropout(Layer):
     """Zero each element with probability ``p`` in training, scale the rest by 1/(1-p)."""
 

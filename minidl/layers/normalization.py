@@ -19,6 +19,7 @@ PyTorch); eval mode uses running_mean and running_var instead. Backward, given d
 from .. import backend
 from ..checks import check_allocation, check_bool, check_int, check_real
 from .base import Layer, Parameter
+from .registry import register_layer
 from .parallel import in_pieces
 
 
@@ -145,6 +146,7 @@ class _BatchNorm(Layer):
                 "momentum": self.momentum, "eps": self.eps, "affine": self.affine}
 
 
+@register_layer
 class BatchNorm1D(_BatchNorm):
     """Batch norm of (N, C) or (N, C, L) input, per feature C (as torch.nn.BatchNorm1d)."""
 
@@ -152,6 +154,7 @@ class BatchNorm1D(_BatchNorm):
     input_layout = "(N, C) or (N, C, L)"
 
 
+@register_layer
 class BatchNorm2D(_BatchNorm):
     """Batch norm of (N, C, H, W) input, per channel C (as torch.nn.BatchNorm2d)."""
 

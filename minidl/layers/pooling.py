@@ -28,6 +28,7 @@ a Conv2D). docs/performance.md says what each of these choices buys.
 from .. import backend
 from ..checks import check_pair
 from .base import Layer
+from .registry import register_layer
 from .im2col import conv_output_size, slab
 from .parallel import in_pieces
 
@@ -102,6 +103,7 @@ class _Pool2D(Layer):
                 "stride": list(self.stride), "padding": list(self.padding)}
 
 
+@register_layer
 class MaxPool2D(_Pool2D):
     """Max over each k1 x k2 window; ``stride`` defaults to ``kernel_size``; int or pair.
 
@@ -198,6 +200,7 @@ def _empty_in_layout_of(a, shape):
     return xp.empty(shape, dtype=a.dtype)
 
 
+@register_layer
 class AvgPool2D(_Pool2D):
     """Mean over each k1 x k2 window; ``stride`` defaults to ``kernel_size``; int or pair.
 
@@ -230,6 +233,7 @@ class AvgPool2D(_Pool2D):
         return self._crop(dx_pad)
 
 
+@register_layer
 class GlobalAvgPool2D(Layer):
     """(N, C, H, W) -> (N, C): y[n, c] = mean_{h, w} x[n, c, h, w];  dx = dy / (H W)."""
 

@@ -8,8 +8,10 @@ when x is contiguous and a copy otherwise (e.g. Conv2D's NCHW output view).
 import math
 
 from .base import Layer
+from .registry import register_layer
 
 
+@register_layer
 class Flatten(Layer):
     """Keep the batch axis, flatten the rest (C, H, W order, as PyTorch's Flatten)."""
 

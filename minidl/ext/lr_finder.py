@@ -15,7 +15,7 @@ below where it turns up: ``suggest_lr`` returns that point.
 """
 import math
 
-from .checks import check_int, check_real
+from ..checks import check_int, check_real
 
 
 def lr_find(trainer, train, start_lr=1e-7, end_lr=10.0, steps=100, beta=0.98, diverge=4.0):

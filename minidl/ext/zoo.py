@@ -1,7 +1,7 @@
 """Ready-made networks for 28x28 grey images (MNIST, Fashion-MNIST)."""
-from .layers import (BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D,
+from ..layers import (BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D,
                      ReLU, Residual, Tanh)
-from .model import Sequential
+from ..model import Sequential
 
 
 def lenet5(num_classes=10):

@@ -5,7 +5,8 @@ imports. Every function takes NumPy arrays or a model and writes one PNG.
 """
 import numpy
 
-from . import backend
+from .. import backend
+from ..layers.base import Container
 
 
 def available():
@@ -71,7 +72,7 @@ def plot_feature_maps(model, image, path, max_maps=16):
     stages = [("input", backend.to_numpy(x)[0])]
     for layer in model.layers:
         x = layer.forward(x, training=False)
-        if x.ndim == 4 and (hasattr(layer, "kernel_size") or hasattr(layer, "branches")):
+        if x.ndim == 4 and (hasattr(layer, "kernel_size") or isinstance(layer, Container)):
             stages.append((type(layer).__name__, backend.to_numpy(x)[0]))
     rows, cols = len(stages), min(max_maps, max(len(maps) for _, maps in stages))
     fig, axes = _subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25), squeeze=False)

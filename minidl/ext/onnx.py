@@ -1,7 +1,7 @@
 """ONNX export of a minidl model, and loading such a graph back (docs/interop.md).
 
-    minidl.onnx.export(model, "model.onnx", input_shape=(1, 28, 28))
-    model = minidl.onnx.load("model.onnx")
+    minidl.ext.onnx.export(model, "model.onnx", input_shape=(1, 28, 28))
+    model = minidl.ext.onnx.load("model.onnx")
 
 The graph has one input "input" of shape (N, *input_shape), N symbolic, opset 17, and
 float32 weights and values throughout (a float64 model is rounded). Each layer maps to one op:
@@ -17,16 +17,19 @@ float32 weights and values throughout (a float64 model is rounded). Each layer m
     the activation of Conv2D or Dense "3" -> a node of its own, "3.activation"
 
 How nodes and initializers are named, and how ``load`` reads a graph: docs/interop.md.
+Each layer class's ``OnnxConverter`` is kept in the layer registry (the calls to
+``register`` at the end): export looks a layer's class up there, load a node's op.
 """
 import os
 
-from . import backend
-from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
-                     Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual,
-                     Sigmoid, Softmax, Tanh)
-from .checks import check_padding, is_int
-from .interop import _add_layer, _as_sequential, _require
-from .model import Sequential
+from .. import backend
+from ..checks import check_padding, is_int
+from ..layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
+                      Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual,
+                      Sigmoid, Softmax, Tanh)
+from ..layers.registry import converter, converters, register_converter
+from ..model import Sequential
+from .convert import add_layer, as_sequential, require
 
 OPSET = 17
 IR_VERSION = 8          # the IR version that came with opset 17: readable by older runtimes
@@ -40,9 +43,9 @@ def export(model, path, input_shape):
     Raises ImportError without the ``onnx`` package, TypeError for a layer that has no
     ONNX equivalent (naming it) or a bad ``input_shape``, ValueError when the model
     does not accept ``input_shape``. Returns the ``onnx.ModelProto`` it wrote."""
-    onnx = _require("onnx", "minidl.onnx.export", _INSTALL)
+    onnx = require("onnx", "minidl.onnx.export", _INSTALL)
     path = os.fspath(path)
-    model = _as_sequential(model, "minidl.onnx.export")
+    model = as_sequential(model, "minidl.onnx.export")
     input_shape, output_shape = _checked_shapes(model, input_shape)
     graph = _Graph(onnx)
     y = _export_layer(graph, model, "input", "")
@@ -100,13 +103,30 @@ class _Graph:
         return name
 
 
-# -- one exporter per layer type: (graph, layer, input name, layer name) -> output name --
+class OnnxConverter:
+    """How one layer class maps to ONNX: ``export(graph, layer, x, name)`` adds its nodes
+    and returns its output's name; ``load(attributes, weights, input_shape)`` builds the
+    layer back from a node of one of ``ops`` (for a ``join``, such as Residual's Add,
+    ``weights`` is the list of branches, each the list of layers from the split to one
+    input of the joining node). A class that only exports leaves ``ops`` empty."""
+
+    def __init__(self, export, ops=(), load=None, join=False):
+        self.export, self.ops, self.load, self.join = export, tuple(ops), load, join
+
+
+def register(cls, export, ops=(), load=None, join=False):
+    """Make the registered layer class ``cls`` exportable (and loadable from ``ops``)."""
+    register_converter("onnx", cls, OnnxConverter(export, ops, load, join))
+
+
+# -- export: one function per layer type: (graph, layer, input name, layer name) -> output
 def _export_layer(graph, layer, x, name):
-    exporter = _EXPORTERS.get(type(layer))
-    if exporter is None:
+    found = converter("onnx", type(layer))
+    if found is None:
+        exportable = sorted(cls.__name__ for cls in converters("onnx"))
         raise TypeError(f"minidl.onnx.export: layer {name} ({type(layer).__name__}) has no "
-                        f"ONNX export; exportable: {sorted(t.__name__ for t in _EXPORTERS)}")
-    return exporter(graph, layer, x, name)
+                        f"ONNX export; exportable: {exportable}")
+    return found.export(graph, layer, x, name)
 
 
 def _export_sequential(graph, model, x, name):
@@ -190,25 +210,13 @@ def _export_op(op, **attributes):
     return lambda graph, layer, x, name: graph.node(op, [x], name, **attributes)
 
 
-_EXPORTERS = {
-    Sequential: _export_sequential, Conv2D: _export_conv, Dense: _export_dense,
-    MaxPool2D: _export_pool("MaxPool"), AvgPool2D: _export_pool("AveragePool", count_include_pad=1),
-    GlobalAvgPool2D: _export_op("ReduceMean", axes=[2, 3], keepdims=0),
-    Flatten: _export_op("Flatten", axis=1),
-    BatchNorm1D: _export_batch_norm, BatchNorm2D: _export_batch_norm, Dropout: _export_dropout,
-    ReLU: _export_op("Relu"), Sigmoid: _export_op("Sigmoid"), Tanh: _export_op("Tanh"),
-    Identity: _export_op("Identity"), LeakyReLU: _export_leaky_relu, Softmax: _export_softmax,
-    Residual: _export_residual, Concat: _export_concat,
-}
-
-
 # -- load ---------------------------------------------------------------------------
 def load(path):
     """A Sequential (float32) computing the ONNX graph in ``path``, opset 13 or newer
     (what it reads: docs/interop.md). Raises ImportError without ``onnx``,
     FileNotFoundError, ValueError for a file that is not a valid ONNX model or holds a
     graph minidl cannot express (naming the node and the reason)."""
-    onnx = _require("onnx", "minidl.onnx.load", _INSTALL)
+    onnx = require("onnx", "minidl.onnx.load", _INSTALL)
     path = os.fspath(path)
     graph = _Reader(onnx, _read_model(onnx, path).graph, path)
     layers, _ = graph.layers(graph.input, graph.output, graph.input_shape)
@@ -262,6 +270,10 @@ class _Reader:
         self.nodes = list(graph.node)
         self.producer = {t: node for node in self.nodes for t in node.output if t}
         self.sources, self.loaded = {}, set()
+        # op -> the registered converter that loads it: joins (branches), other nodes
+        found = {op: c for c in converters("onnx").values() if c.load for op in c.ops}
+        self.joins = {op: c for op, c in found.items() if c.join}
+        self.loaders = {op: c for op, c in found.items() if not c.join}
         for node in self.nodes:      # torch.onnx.export shares equal weights: Identity(w)
             if node.op_type == "Identity" and node.input[0] in self.weights:
                 self.weights[node.output[0]] = self.weights[node.input[0]]
@@ -275,7 +287,7 @@ class _Reader:
         return [t for t in node.input if t and t not in self.weights]
 
     def is_join(self, node):
-        return (node.op_type in _JOINS and node.domain in ("", "ai.onnx")
+        return (node.op_type in self.joins and node.domain in ("", "ai.onnx")
                 and len(self.data_inputs(node)) > 1)
 
     def source(self, t):
@@ -315,7 +327,7 @@ class _Reader:
         for t in reversed(chain[:chain.index(start)]):
             node = self.producer[t]
             layer, shape = self.layer(node, self.source(t), shape)
-            _add_layer(layers, layer,
+            add_layer(layers, layer,
                        previous is not None and node.name == f"{previous.name}.activation")
             previous = node
         return layers, shape
@@ -329,7 +341,7 @@ class _Reader:
                              f"minidl's Residual and Concat split at one and join at one")
         self.loaded.add(id(node))
         if self.is_join(node):
-            loader = _JOINS[node.op_type]
+            loader = self.joins[node.op_type].load
             inputs = [self.layers(source, t, shape)[0] for t in node.input if t]
         else:
             loader, inputs = self.loader_and_weights(node, source, where)
@@ -343,16 +355,16 @@ class _Reader:
     def loader_and_weights(self, node, source, where):
         """The loader of a node that reads ``source`` as its first input, and the other
         inputs, which must be weights."""
-        loader = _LOADERS.get(node.op_type)
-        if loader is None or node.domain not in ("", "ai.onnx"):
+        found = self.loaders.get(node.op_type)
+        if found is None or node.domain not in ("", "ai.onnx"):
             raise ValueError(f"{where}: minidl has no layer for this op; it reads "
-                             f"{sorted(_LOADERS) + sorted(_JOINS)}")
+                             f"{sorted(self.loaders) + sorted(self.joins)}")
         extra = [t for t in node.input[1:] if t]
         missing = [t for t in extra if t not in self.weights]
         if node.input[0] != source or missing or len([t for t in node.output if t]) != 1:
             raise ValueError(f"{where}: needs the data as its first input, every other "
                              f"input a weight (not {missing}) and exactly one output")
-        return loader, [self.weights[t] for t in extra]
+        return found.load, [self.weights[t] for t in extra]
 
     def check_all_loaded(self):
         for node in self.nodes:
@@ -482,17 +494,6 @@ def _load_elementwise(kind):
     return lambda attributes, weights, shape: kind()
 
 
-_LOADERS = {
-    "Conv": _load_conv, "Gemm": _load_gemm, "MaxPool": _load_max_pool,
-    "AveragePool": _load_avg_pool, "ReduceMean": _load_reduce_mean, "Flatten": _load_flatten,
-    "BatchNormalization": _load_batch_norm, "Dropout": _load_dropout,
-    "Relu": _load_elementwise(ReLU), "Sigmoid": _load_elementwise(Sigmoid),
-    "Tanh": _load_elementwise(Tanh), "Identity": _load_elementwise(Identity),
-    "LeakyRelu": lambda a, w, s: LeakyReLU(_decimal(a.get("alpha", 0.01))),
-    "Softmax": lambda a, w, s: Softmax(a.get("axis", -1)),
-}
-
-
 def _load_residual(attributes, branches, shape):
     """An Add of two branches: the block and the shortcut. An empty branch (the split
     tensor itself) is the identity, so it becomes the shortcut, None."""
@@ -511,4 +512,23 @@ def _branch(layers):
     return Sequential(layers)
 
 
-_JOINS = {"Add": _load_residual, "Concat": _load_concat}
+# -- the converters, kept in the layer registry --------------------------------------
+register(Sequential, _export_sequential)
+register(Conv2D, _export_conv, ["Conv"], _load_conv)
+register(Dense, _export_dense, ["Gemm"], _load_gemm)
+register(MaxPool2D, _export_pool("MaxPool"), ["MaxPool"], _load_max_pool)
+register(AvgPool2D, _export_pool("AveragePool", count_include_pad=1), ["AveragePool"],
+         _load_avg_pool)
+register(GlobalAvgPool2D, _export_op("ReduceMean", axes=[2, 3], keepdims=0), ["ReduceMean"],
+         _load_reduce_mean)
+register(Flatten, _export_op("Flatten", axis=1), ["Flatten"], _load_flatten)
+register(BatchNorm1D, _export_batch_norm)
+register(BatchNorm2D, _export_batch_norm, ["BatchNormalization"], _load_batch_norm)
+register(Dropout, _export_dropout, ["Dropout"], _load_dropout)
+for _cls, _op in ((ReLU, "Relu"), (Sigmoid, "Sigmoid"), (Tanh, "Tanh"), (Identity, "Identity")):
+    register(_cls, _export_op(_op), [_op], _load_elementwise(_cls))
+register(LeakyReLU, _export_leaky_relu, ["LeakyRelu"],
+         lambda a, w, s: LeakyReLU(_decimal(a.get("alpha", 0.01))))
+register(Softmax, _export_softmax, ["Softmax"], lambda a, w, s: Softmax(a.get("axis", -1)))
+register(Residual, _export_residual, ["Add"], _load_residual, join=True)
+register(Concat, _export_concat, ["Concat"], _load_concat, join=True)

@@ -1,18 +1,50 @@
 """Resumable training: everything a run needs to continue, in one pickle-free .npz.
 
-``Trainer.fit(..., save_state=path)`` writes it after every epoch, ``fit(..., resume=path)``
-puts it back, so on the CPU a resumed run ends bit for bit as one that never stopped.
-Keys: "model/<name>", "optimizer/<name>", "scheduler/<name>", "history/<metric>", "epoch"
-and "rng/<owner>": the state, as JSON text, of each generator the run draws from.
+The callback ``TrainingState(path)`` writes it after every epoch (after every other
+callback: its priority is the lowest); ``TrainingState(path, resume=True)`` first puts
+it back when ``fit`` begins and moves the Trainer's ``start_epoch`` past the saved
+epochs, so on the CPU a resumed run ends bit for bit as one that never stopped (as
+Keras's BackupAndRestore, or Chainer's snapshot extension).
+
+    trainer.fit(train, epochs=8, callbacks=[TrainingState("runs/state.npz", resume=True)])
+
+Keys: "model/<name>", "optimizer/<name>", "scheduler/<name>", "history/<metric>" (NaN
+for an epoch that did not log it), "epoch" and "rng/<owner>": the state, as JSON text,
+of each generator the run draws from.
 """
 import json
 import math
 
-from . import backend
-from . import random as minidl_random
-from .serialization import NpzReader, save_npz
+from .. import backend
+from .. import random as minidl_random
+from ..callbacks import Callback
+from ..layers.base import Container
+from ..serialization import NpzReader, save_npz
+from ..trainer import History
 
 _cpu = backend.get_module("cpu")   # the file holds CPU arrays
+
+
+class TrainingState(Callback):
+    """Save the training state to ``path`` after every epoch (unless ``save`` is False:
+    in a data-parallel job one rank writes); with ``resume=True`` restore it first."""
+
+    priority = -100     # last: it saves what every other callback did in the epoch
+
+    def __init__(self, path, resume=False, save=True):
+        self.path, self.resume, self.save = path, resume, save
+
+    def on_train_begin(self, trainer):
+        if self.resume:
+            history = History()
+            trainer.start_epoch = load_training_state(self.path, trainer,
+                                                      trainer.train_loader, history)
+            trainer.history = history
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if self.save:
+            history = History(trainer.history.rows() + [logs])
+            save_training_state(self.path, trainer, trainer.train_loader, history, epoch + 1)
 
 
 def save_training_state(path, trainer, train, history, epoch):
@@ -49,10 +81,13 @@ def load_training_state(path, trainer, train, history):
     trainer.optimizer.load_state_dict(parts["optimizer/"])
     if trainer.scheduler is not None:
         trainer.scheduler.load_state_dict(parts["scheduler/"])
-    history.history = {k: v.tolist() for k, v in parts["history/"].items()}
+    epochs = int(saved["epoch"])
+    for i in range(epochs):
+        history.append({k: float(v[i]) for k, v in parts["history/"].items()
+                        if not math.isnan(v[i])})
     for name, gen in ours.items():
         gen.bit_generator.state = json.loads(str(parts["rng/"][name]))
-    return int(saved["epoch"])
+    return epochs
 
 
 def _read_state(path, model):
@@ -62,7 +97,7 @@ def _read_state(path, model):
     with NpzReader(path) as npz:
         if "epoch" not in npz.headers:
             raise ValueError(f"resume: {path!r} is not a training state written by "
-                             f"Trainer.fit(save_state=...) (a model checkpoint has no 'epoch')")
+                             f"TrainingState (a model checkpoint has no 'epoch')")
         limit = 4 * sum(p.size for p in model.parameters()) + 2**20
         for name, (shape, _) in npz.headers.items():
             if math.prod(shape) > limit:
@@ -78,19 +113,18 @@ def generators(model, train):
     for i, t in enumerate(getattr(transform, "transforms", [transform])):
         if hasattr(t, "rng"):
             found[f"transform.{i}"] = t.rng
-    for name, layer in _layers(model, "model"):
+    for name, layer in _named_layers(model, "model"):
         if hasattr(layer, "rng"):
             found[name] = layer.rng
     return found
 
 
-def _layers(layer, name):
+def _named_layers(layer, name):
     """(dotted name, layer) for ``layer`` and every layer inside it."""
     yield name, layer
-    children = getattr(layer, "branches", None) or getattr(layer, "layers", [])
-    names = getattr(layer, "branch_names", range(len(children)))
-    for child_name, child in zip(names, children):
-        yield from _layers(child, f"{name}.{child_name}")
+    if isinstance(layer, Container):
+        for child_name, child in layer.named_layers():
+            yield from _named_layers(child, f"{name}.{child_name}")
 
 
 def _prefixed(prefix, state):

@@ -1,7 +1,7 @@
 """``GradientRecorder``: activation and gradient statistics recorded through the
 layers' hooks while a Trainer fits (docs/architecture.md, "Inspection")."""
-from . import backend
-from .callbacks import Callback
+from .. import backend
+from ..callbacks import Callback
 
 
 class GradientRecorder(Callback):

@@ -6,8 +6,22 @@ gradients are averaged over the p ranks in one allreduce of a flat buffer,
 
 so with equal shards p ranks with batch B/p take the steps of one process with batch
 B. Host arrays travel through MPI, GPU arrays through NCCL.
+
+It plugs into the core from outside, as ChainerMN does: ``DistributedOptimizer`` wraps
+the optimizer (the allreduce before each update), ``ShardedLoader`` gives each rank its
+share of every epoch, and the callback ``RankSync`` keeps the ranks in step (one
+batch count, one set of BatchNorm statistics, one set of logged numbers). The
+Trainer knows none of it.
+
+    comm = distributed.init()
+    broadcast_parameters(model, comm=comm)
+    trainer = Trainer(model, loss, DistributedOptimizer(Adam(model.parameters()), comm))
+    trainer.fit(ShardedLoader(x, y, 32, comm, seed=0), epochs=5, callbacks=[RankSync(comm)])
 """
-from . import backend
+from .. import backend
+from ..callbacks import Callback
+from ..checks import check_int
+from ..data import DataLoader
 
 _numpy = backend.get_module("cpu")    # host buffers: metric sums, MPI's arrays
 
@@ -137,6 +151,121 @@ def _mean_over_ranks(arrays, like, comm, caller):
     flat /= comm.size
     ends = _numpy.cumsum([t.size for t in like]).tolist()
     return [flat[end - t.size:end].reshape(t.shape) for t, end in zip(like, ends)]
+
+
+class DistributedOptimizer:
+    """``optimizer`` whose update uses the gradients averaged over the ranks of ``comm``:
+    ``synchronize()`` averages them (one allreduce; the Trainer calls it before
+    clipping), ``step()`` synchronizes if that has not happened since the last step,
+    then updates. Everything else (``lr``, ``state_dict``, ...) is the optimizer's;
+    schedulers take the wrapped ``optimizer``."""
+
+    def __init__(self, optimizer, comm):
+        if not hasattr(optimizer, "step") or not hasattr(optimizer, "params"):
+            raise TypeError(f"DistributedOptimizer: expected a minidl Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        self.optimizer, self.comm = optimizer, comm
+        self._synchronized = False
+
+    def synchronize(self):
+        if not self._synchronized:
+            average_gradients(self.optimizer.params, self.comm)
+            self._synchronized = True
+
+    def step(self):
+        self.synchronize()
+        self.optimizer.step()
+        self._synchronized = False
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+    @property
+    def lr(self):
+        return self.optimizer.lr
+
+    @lr.setter
+    def lr(self, value):
+        self.optimizer.lr = value
+
+    @property
+    def params(self):
+        return self.optimizer.params
+
+    def hyperparameters(self):
+        return self.optimizer.hyperparameters()
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state)
+
+    def __repr__(self):
+        return f"DistributedOptimizer({self.optimizer!r}, {self.comm!r})"
+
+
+class ShardedLoader(DataLoader):
+    """This rank's share of every epoch: the epoch's order (shuffled with ``seed``, the
+    same on every rank) dealt round-robin over the ``comm.size`` ranks, as many samples
+    to each (docs/distributed.md#sharding): padded by wrapping around, or cut to a
+    multiple of the ranks with ``drop_last``. Other arguments: ``DataLoader``'s."""
+
+    def __init__(self, x, y, batch_size, comm, shuffle=True, drop_last=False, seed=None,
+                 transform=None):
+        super().__init__(x, y, batch_size, shuffle, drop_last, seed, transform)
+        self.rank = check_int(comm.rank, "rank", "ShardedLoader", minimum=0)
+        self.world_size = check_int(comm.size, "world_size", "ShardedLoader", minimum=1)
+        if self.rank >= self.world_size:
+            raise ValueError(f"ShardedLoader: need 0 <= rank < world_size, "
+                             f"got rank={comm.rank!r}, world_size={comm.size!r}")
+        if drop_last and len(self.x) < self.world_size:
+            raise ValueError(f"ShardedLoader: drop_last with {len(self.x)} samples leaves "
+                             f"nothing for {self.world_size} ranks")
+        if shuffle and self.world_size > 1 and seed is None:    # each rank would draw its own
+            raise ValueError("ShardedLoader: with more than one rank and shuffle=True, pass "
+                             "the same seed= on every rank, so that all ranks shard one order")
+
+    def _epoch_size(self):
+        n, p = len(self.x), self.world_size
+        return n // p if self.drop_last else -(-n // p)
+
+    def _order(self):
+        order = super()._order()
+        if self.world_size == 1:
+            return order
+        order = _numpy.arange(len(self.x)) if order is None else order
+        return _numpy.resize(order, self._epoch_size() * self.world_size)[self.rank::self.world_size]
+
+
+class RankSync(Callback):
+    """Keeps the ranks of a job in step during ``fit``: every rank must have as many
+    batches per epoch (a rank with fewer would leave the others waiting); after each
+    epoch's last batch the BatchNorm statistics are averaged, so every rank evaluates
+    the same model; and the epoch's logged numbers become their mean over the ranks
+    (each rank's share is equally large). Progress bars only on rank 0."""
+
+    priority = 90       # after the scheduler, before the callbacks that read the logs
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def on_train_begin(self, trainer):
+        check_same_on_all_ranks(len(trainer.train_loader), self.comm,
+                                "Trainer.fit: batches per epoch")
+        if self.comm.rank != 0:
+            trainer.verbose = 0
+
+    def on_batch_end(self, trainer, batch, logs):
+        if batch == len(trainer.train_loader) - 1:
+            average_buffers(trainer.model, self.comm)
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        # the Trainer's own numbers (callbacks on some ranks only may log others)
+        names = ["loss", *trainer.metrics]
+        keys = [k for k in names + [f"val_{name}" for name in names] if k in logs]
+        means = self.comm.sum([logs[k] for k in keys])
+        logs.update({k: total / self.comm.size for k, total in zip(keys, means)})
 
 
 class _MPI:

@@ -1,0 +1,135 @@
+"""The checkpoint format: a model's arrays and its config in one pickle-free .npz.
+
+    model.save("cnn.npz")                # Sequential.save -> save_model
+    model.load("cnn.npz")                # into a model of the same structure
+    model = minidl.load_model("cnn.npz") # rebuilt from the file alone
+
+Members: every parameter and buffer under its ``state_dict`` name, and "__model__",
+the model's ``layer_spec`` ({"class": name, "config": get_config()}, nested for
+containers) as JSON text. ``load_model`` builds only classes of the layer registry
+(layers/registry.py); nothing is unpickled or imported by name. Every refusal is a
+CheckpointError naming the file (docs/api.md, "Errors of checkpoints"), raised before
+the model changes.
+"""
+import json
+
+from . import backend
+from .layers.base import layer_spec
+from .layers.registry import layer_class
+from .serialization import NpzReader, save_npz
+
+CONFIG_KEY = "__model__"          # the model's layer_spec, as JSON text
+_MAX_CONFIG_CHARS = 1 << 20
+
+
+def save_model(model, path):
+    """Write ``model``'s parameters, buffers and config to ``path`` (.npz), atomically."""
+    state = model.state_dict()
+    state[CONFIG_KEY] = backend.get_module("cpu").array([_config_text(model)])
+    save_npz(path, state)
+
+
+def load_weights(model, path):
+    """Load the checkpoint at ``path`` into ``model``, whose structure must be the saved
+    one (dtypes and Dropout seeds aside); all or nothing."""
+    with NpzReader(path) as npz:
+        _load_into(model, npz)
+    return model
+
+
+def load_model(path):
+    """The model saved at ``path`` by ``Sequential.save``, rebuilt from the file alone
+    (registered classes only; nothing is unpickled), then loaded."""
+    with NpzReader(path) as npz:
+        spec = _read_config(npz)
+        try:
+            model = build_layer(spec)
+        except (TypeError, ValueError, KeyError, MemoryError, RecursionError) as exc:
+            raise npz.error(f"cannot rebuild the model from its config: {exc}") from None
+        if type(model) is not layer_class("Sequential"):
+            raise npz.error(f"its config describes a {spec['class']}, not a Sequential")
+        _load_into(model, npz)
+    return model
+
+
+def build_layer(spec):
+    """The layer a ``layer_spec`` describes, nested layers built first."""
+    if not (isinstance(spec, dict) and set(spec) == {"class", "config"}
+            and isinstance(spec["config"], dict)):
+        raise ValueError(f"expected {{'class': name, 'config': {{...}}}}, got {spec!r:.200}")
+    cls = layer_class(spec["class"])
+    try:
+        return cls.from_config({key: _built(value) for key, value in spec["config"].items()})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{spec['class']}: {exc}") from None
+
+
+def _built(value):
+    """A config value with the layer specs in it (dicts) built into layers."""
+    if isinstance(value, dict):
+        return build_layer(value)
+    if isinstance(value, list):
+        return [_built(item) for item in value]
+    return value
+
+
+def _load_into(model, npz):
+    saved, mine = _read_config(npz), json.loads(_config_text(model))
+    if _comparable(saved) != _comparable(mine):
+        raise npz.error(f"it was saved from a different model structure "
+                        f"({_difference(saved, mine)})")
+    expected = {name: (a.shape, a.dtype) for name, a in model._state_arrays().items()}
+    expected[CONFIG_KEY] = npz.headers[CONFIG_KEY]
+    state = npz.read_all(expected)
+    del state[CONFIG_KEY]
+    model.load_state_dict(state)
+
+
+def _config_text(model):
+    try:
+        return json.dumps(layer_spec(model), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"Sequential.save: a layer's get_config() must return plain JSON "
+                        f"values: {exc}") from None
+
+
+def _read_config(npz):
+    """The model config stored in the checkpoint, as JSON values."""
+    if CONFIG_KEY not in npz.headers:
+        raise npz.error(f"it has no {CONFIG_KEY!r} entry: it was not written by "
+                        f"Sequential.save (or by an older minidl)")
+    text = npz.read(CONFIG_KEY, (1,), f"<U{_MAX_CONFIG_CHARS}")[0]
+    try:
+        config = json.loads(text)
+        _comparable(config)   # nested too deep for that: not a model's config
+        return config
+    except (ValueError, RecursionError) as exc:
+        raise npz.error(f"its {CONFIG_KEY!r} entry is not valid JSON ({exc})") from None
+
+
+def _comparable(config):
+    """``config`` without what does not change the model: dtypes (arrays are cast on
+    loading) and Dropout seeds."""
+    if isinstance(config, dict):
+        return {k: _comparable(v) for k, v in config.items() if k not in ("dtype", "seed")}
+    if isinstance(config, list):
+        return [_comparable(v) for v in config]
+    return config
+
+
+def _difference(saved, mine):
+    """Where two model configs differ: the first differing layer, else the layer counts."""
+    try:
+        saved_layers, my_layers = saved["config"]["layers"], mine["config"]["layers"]
+        pairs = list(zip(saved_layers, my_layers))
+    except (TypeError, KeyError):   # not a Sequential's config at all
+        return f"saved {_short(saved)}, this model {_short(mine)}"
+    for i, (a, b) in enumerate(pairs):
+        if _comparable(a) != _comparable(b):
+            return f"layer {i}: saved {_short(a)}, this model {_short(b)}"
+    return f"saved {len(saved_layers)} layers, this model has {len(my_layers)}"
+
+
+def _short(config, limit=1000):
+    text = json.dumps(config)
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -1,0 +1,93 @@
+"""The ``minidl`` command: train, evaluate or export a CNN for (Fashion-)MNIST; lr-find.
+
+    minidl train [--dataset mnist] [--model cnn] [--epochs 8] [--out runs/mnist] ...
+    minidl lr-find [--steps 100] ...
+    minidl evaluate --checkpoint runs/mnist/model.npz
+    minidl export --checkpoint runs/mnist/model.npz --onnx model.onnx
+
+One module per sub-command (train.py, lr_find.py, evaluate.py, export.py), what they
+share in recipe.py. Options and outputs: docs/api.md. An error prints one line and
+exits 1; Ctrl-C or SIGTERM stops with one line saying where, and exit 128 + the
+signal's number (130, 143).
+"""
+import argparse
+import signal
+import sys
+import threading
+
+from ..ext.zoo import MODELS
+from . import evaluate, export, lr_find, train
+from .recipe import DATASETS, OPTIMIZERS, POSITIVE, Stopped, int_option
+
+FROM_RUN_JSON = "default: the one recorded in run.json beside the checkpoint"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minidl", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command")
+
+    # Where to run and find the data: every command that loads images.
+    machine = argparse.ArgumentParser(add_help=False)
+    machine.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    machine.add_argument("--data-root", default=None,
+                         help="dataset cache folder (default: $MINIDL_DATA or ~/.cache/minidl)")
+    # What to train on, and how: train and lr-find.
+    setup = argparse.ArgumentParser(add_help=False, parents=[machine])
+    setup.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    setup.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    setup.add_argument("--batch-size", type=POSITIVE, default=64)
+    setup.add_argument("--label-smoothing", type=float, default=0.1)
+    setup.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    setup.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                       help="random shifts of up to 2 pixels for mnist, horizontal flips "
+                            "for fashion-mnist (default: on; --no-augment turns it off)")
+    setup.add_argument("--seed", type=int_option(0, "a non-negative integer"), default=0)
+    setup.add_argument("--limit", default=None, help="train on the first N training images, N >= 2",
+                       type=int_option(2, "at least 2 (one image is held out for validation)"))
+    setup.add_argument("--out", default=None, help="output folder (default: runs/DATASET)")
+    # A checkpoint to read: evaluate and export.
+    checkpoint = argparse.ArgumentParser(add_help=False)
+    checkpoint.add_argument("--checkpoint", required=True)
+    checkpoint.add_argument("--model", choices=sorted(MODELS), default=None, help=FROM_RUN_JSON)
+
+    train.add_parser(sub, [setup])
+    lr_find.add_parser(sub, [setup])
+    evaluate.add_parser(sub, [checkpoint, machine], FROM_RUN_JSON)
+    export.add_parser(sub, [checkpoint])
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return run_stoppable(args.func, args)
+    # Bad data, a diverging run (FloatingPointError), a folder that cannot be written:
+    # the message says what to do; a traceback would only hide it.
+    except (RuntimeError, ValueError, OSError, FloatingPointError) as exc:
+        print(f"minidl {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as stop:       # Ctrl-C, or SIGTERM (see run_stoppable)
+        signum = getattr(stop, "signum", signal.SIGINT)
+        name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"minidl {args.command}: stopped by {name}{': ' if str(stop) else ''}{stop}",
+              file=sys.stderr)
+        return 128 + signum
+
+
+def run_stoppable(func, args):
+    """func(args), with SIGTERM (what `kill` and job schedulers send) raising Stopped as
+    Ctrl-C raises KeyboardInterrupt, so both end the same way."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return func(args)       # handlers can only be set from the main thread
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return func(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
