@@ -50,7 +50,6 @@ if not CHILD:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minidl  # noqa: E402  (first: it sets what OpenBLAS reads when numpy loads)
-import minidl.ext.zoo  # noqa: E402
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
@@ -180,9 +179,18 @@ def pool_row(key):
     return f"MaxPool2D 2x2/2: N{n} C{c} {h}x{w}", POOL_TARGET, make_minidl, make_torch
 
 
+def mnist_cnn():
+    """The CLI's default model, from where this minidl keeps it (a --baseline may be older)."""
+    try:
+        from minidl.ext.zoo import mnist_cnn as build
+    except ImportError:             # before minidl/ext/ (issue 21)
+        from minidl.models import mnist_cnn as build
+    return build()
+
+
 def minidl_model(kind):
     if kind == "mnist_cnn":
-        return minidl.ext.zoo.mnist_cnn()
+        return mnist_cnn()
     L = minidl
     return L.Sequential([
         L.Conv2D(1, 32, 3, padding=1), L.ReLU(), L.MaxPool2D(2),

@@ -35,7 +35,7 @@ LINKS = {   # bandwidth (bytes/s) and latency (s) per hop, nominal
 
 def worker(args):
     import minidl
-    from minidl import distributed
+    from minidl.ext import distributed
     from minidl.ext.zoo import mnist_cnn
 
     comm = distributed.init()

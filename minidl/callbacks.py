@@ -166,7 +166,7 @@ class CSVLogger(Callback):
 
 class LearningRateMonitor(Callback):
     """Record the learning rate of every optimizer step in ``lrs`` (one list over the
-    whole fit), e.g. to plot a per-batch schedule with ``viz.plot_lr``."""
+    whole fit), e.g. to plot a per-batch schedule with ``minidl.ext.plots.plot_lr``."""
 
     def __init__(self):
         self.lrs = []

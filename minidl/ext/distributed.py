@@ -96,7 +96,7 @@ def check_same_on_all_ranks(value, comm, what):
     if comm.size * squares != total * total:
         raise ValueError(f"{what} differ between the ranks (here {value}, mean "
                          f"{total / comm.size:g}): a rank with fewer would leave the "
-                         f"others waiting; shard with DataLoader(..., rank=, world_size=)")
+                         f"others waiting; shard with ShardedLoader(..., comm)")
 
 
 def average_gradients(parameters, comm):
@@ -235,7 +235,8 @@ class ShardedLoader(DataLoader):
         if self.world_size == 1:
             return order
         order = _numpy.arange(len(self.x)) if order is None else order
-        return _numpy.resize(order, self._epoch_size() * self.world_size)[self.rank::self.world_size]
+        padded = _numpy.resize(order, self._epoch_size() * self.world_size)   # wraps around
+        return padded[self.rank::self.world_size]
 
 
 class RankSync(Callback):

@@ -43,9 +43,9 @@ def export(model, path, input_shape):
     Raises ImportError without the ``onnx`` package, TypeError for a layer that has no
     ONNX equivalent (naming it) or a bad ``input_shape``, ValueError when the model
     does not accept ``input_shape``. Returns the ``onnx.ModelProto`` it wrote."""
-    onnx = require("onnx", "minidl.onnx.export", _INSTALL)
+    onnx = require("onnx", "minidl.ext.onnx.export", _INSTALL)
     path = os.fspath(path)
-    model = as_sequential(model, "minidl.onnx.export")
+    model = as_sequential(model, "minidl.ext.onnx.export")
     input_shape, output_shape = _checked_shapes(model, input_shape)
     graph = _Graph(onnx)
     y = _export_layer(graph, model, "input", "")
@@ -67,15 +67,15 @@ def _checked_shapes(model, input_shape):
     model's output shape for one sample."""
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
     if not shape or not all(is_int(d) for d in shape):
-        raise TypeError(f"minidl.onnx.export: input_shape must be a tuple of ints (one "
+        raise TypeError(f"minidl.ext.onnx.export: input_shape must be a tuple of ints (one "
                         f"sample's shape, without the batch), got {input_shape!r}")
     shape = tuple(int(d) for d in shape)
     if min(shape) < 1:
-        raise ValueError(f"minidl.onnx.export: input_shape must be positive, got {shape}")
+        raise ValueError(f"minidl.ext.onnx.export: input_shape must be positive, got {shape}")
     try:
         return shape, model.output_shape((1,) + shape)
     except ValueError as exc:
-        raise ValueError(f"minidl.onnx.export: the model does not accept input_shape "
+        raise ValueError(f"minidl.ext.onnx.export: the model does not accept input_shape "
                          f"{shape} (one sample, without the batch): {exc}") from None
 
 
@@ -124,7 +124,7 @@ def _export_layer(graph, layer, x, name):
     found = converter("onnx", type(layer))
     if found is None:
         exportable = sorted(cls.__name__ for cls in converters("onnx"))
-        raise TypeError(f"minidl.onnx.export: layer {name} ({type(layer).__name__}) has no "
+        raise TypeError(f"minidl.ext.onnx.export: layer {name} ({type(layer).__name__}) has no "
                         f"ONNX export; exportable: {exportable}")
     return found.export(graph, layer, x, name)
 
@@ -216,7 +216,7 @@ def load(path):
     (what it reads: docs/interop.md). Raises ImportError without ``onnx``,
     FileNotFoundError, ValueError for a file that is not a valid ONNX model or holds a
     graph minidl cannot express (naming the node and the reason)."""
-    onnx = require("onnx", "minidl.onnx.load", _INSTALL)
+    onnx = require("onnx", "minidl.ext.onnx.load", _INSTALL)
     path = os.fspath(path)
     graph = _Reader(onnx, _read_model(onnx, path).graph, path)
     layers, _ = graph.layers(graph.input, graph.output, graph.input_shape)
@@ -226,18 +226,18 @@ def load(path):
 
 def _read_model(onnx, path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"minidl.onnx.load: {path!r} does not exist")
+        raise FileNotFoundError(f"minidl.ext.onnx.load: {path!r} does not exist")
     from google.protobuf.message import DecodeError
     try:
         proto = onnx.load_model(path)
         onnx.checker.check_model(proto)
     except (DecodeError, onnx.checker.ValidationError, ValueError) as exc:
-        raise ValueError(f"minidl.onnx.load: {path!r} is not a valid ONNX model "
+        raise ValueError(f"minidl.ext.onnx.load: {path!r} is not a valid ONNX model "
                          f"({type(exc).__name__}: {exc})") from None
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                 default=0)
     if opset < 13:
-        raise ValueError(f"minidl.onnx.load: {path!r} uses opset {opset}; minidl reads "
+        raise ValueError(f"minidl.ext.onnx.load: {path!r} uses opset {opset}; minidl reads "
                          f"opset 13 or newer (Softmax and Dropout changed in 13)")
     return proto
 
@@ -247,7 +247,7 @@ def _input_shape(value_info, path):
     dims = value_info.type.tensor_type.shape.dim
     sizes = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     if len(sizes) < 2 or None in sizes[1:]:
-        raise ValueError(f"minidl.onnx.load: {path!r}: the input needs a batch axis and "
+        raise ValueError(f"minidl.ext.onnx.load: {path!r}: the input needs a batch axis and "
                          f"fixed sizes after it, got {sizes} (None: symbolic)")
     return (1, *sizes[1:])
 
@@ -263,7 +263,7 @@ class _Reader:
         self.weights = {w.name: onnx.numpy_helper.to_array(w) for w in graph.initializer}
         inputs = [v for v in graph.input if v.name not in self.weights]
         if len(inputs) != 1 or len(graph.output) != 1:
-            raise ValueError(f"minidl.onnx.load: {path!r} has {len(inputs)} inputs and "
+            raise ValueError(f"minidl.ext.onnx.load: {path!r} has {len(inputs)} inputs and "
                              f"{len(graph.output)} outputs; minidl models have one of each")
         self.input, self.input_shape = inputs[0].name, _input_shape(inputs[0], path)
         self.output = graph.output[0].name
@@ -281,7 +281,7 @@ class _Reader:
 
     def where(self, node):
         name = node.name or node.op_type
-        return f"minidl.onnx.load: {self.path!r}, node {name!r} ({node.op_type})"
+        return f"minidl.ext.onnx.load: {self.path!r}, node {name!r} ({node.op_type})"
 
     def data_inputs(self, node):
         return [t for t in node.input if t and t not in self.weights]
@@ -320,7 +320,7 @@ class _Reader:
         the shape of ``end``."""
         chain = self.back_from(end)
         if start not in chain:
-            raise ValueError(f"minidl.onnx.load: {self.path!r}: tensor {end!r} is not "
+            raise ValueError(f"minidl.ext.onnx.load: {self.path!r}: tensor {end!r} is not "
                              f"computed from {start!r}; minidl reads one input, chains of "
                              f"nodes and branches that join at an Add or a Concat")
         layers, previous = [], None

@@ -11,7 +11,7 @@ checkpoint's layers from it and from nothing else (a file names a class, and onl
 registered one can be built: nothing is imported by name from a file). The bridges
 of minidl/ext (ONNX, PyTorch) keep their converter of each class here too, beside the
 class, so a user's own layer is saved, rebuilt, exported and converted as a built-in
-one is (docs/extending.md, "Saving and converting your layer").
+one is (docs/extending.md, "Saving and rebuilding your layer").
 """
 from .base import Layer
 

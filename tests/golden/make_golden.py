@@ -4,10 +4,12 @@ Rerun from the repository root (needs torch, any CPU build), then commit the fil
 
     PYTHONPATH=$PWD python tests/golden/make_golden.py
 
-It runs, with torch, every test module that uses the ``torch_reference`` fixture of
-tests/conftest.py. Each such test computes PyTorch's arrays live from inputs it makes
-with fixed seeds; here they are also kept, and written to
-tests/golden/<module without "test_">.npz under the key "<test name>::<array name>".
+It runs, with torch, every test module under tests/ (tests/core/, tests/ext/, ...)
+that uses the ``torch_reference`` fixture of tests/conftest.py. Each such test computes
+PyTorch's arrays live from inputs it makes with fixed seeds; here they are also kept,
+and written to tests/golden/<module without "test_">.npz (tests/core/layers/test_conv.py:
+conv.npz) under the key "<test name>::<array name>". Module names are unique across the
+folders, so each file belongs to one module.
 Without torch the same tests read those arrays back, so CI compares with PyTorch
 without installing it. The files are rewritten whole, in sorted order with fixed zip
 timestamps: a rerun with the same torch gives the same bytes.
@@ -52,7 +54,7 @@ def write_npz(path, arrays):
 
 
 def main():
-    modules = sorted(str(path) for path in TESTS_DIR.glob("test_*.py")
+    modules = sorted(str(path) for path in TESTS_DIR.rglob("test_*.py")
                      if "torch_reference" in path.read_text())
     recorder = Recorder()
     status = pytest.main(["-q", "-p", "no:cacheprovider", *modules], plugins=[recorder])

@@ -5,8 +5,8 @@
 For each case below: the input x, an upstream gradient dy, the minidl parameters
 (float64, from a fixed seed), and what torch computes from them in training mode:
 the output y, dx, every parameter's gradient and the batch-norm running statistics
-after the step. tests/test_blocks.py builds the same minidl model, loads the
-parameters and compares (no torch needed); with torch installed it also runs the
+after the step. tests/core/layers/test_blocks.py builds the same minidl model, loads
+the parameters and compares (no torch needed); with torch installed it also runs the
 comparison live through ``torch_model``.
 """
 import os

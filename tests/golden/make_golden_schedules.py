@@ -5,8 +5,11 @@
 Each case is a minidl scheduler class, its arguments (PyTorch's have the same
 names), a number of steps and, for ReduceLROnPlateau, the metric of each step. The
 file holds, per case, the rate and momentum torch's SGD has after construction and
-after each step (for OneCycleLR, which cycles the momentum, Adam's rate and beta1 too). tests/test_schedules.py compares minidl against it (no torch needed) and,
-with torch installed, against torch live through ``torch_lrs``.
+after each step (for OneCycleLR, which cycles the momentum, Adam's rate and beta1 too).
+tests/core/test_schedulers.py compares minidl against it (no torch needed) and, with
+torch installed, against torch live through ``torch_lrs``. (Its comparisons of StepLR,
+ExponentialLR and CosineAnnealingLR go through the ``torch_reference`` fixture instead:
+tests/golden/schedulers.npz, written by make_golden.py.)
 """
 import os
 

@@ -1,0 +1,62 @@
+"""``minidl export``: a checkpoint written as ONNX (a trained model keeps its accuracy
+in ONNX Runtime; a resnet's layers come from the file), and errors without a traceback."""
+import sys
+
+import numpy as np
+import pytest
+
+import minidl
+import minidl.ext.plots
+from minidl import cli
+from minidl.cli import recipe
+from minidl.data import datasets
+
+from conftest import write_fake_dataset
+from interop_models import assert_close, build, needs_onnx, run_onnx
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_trained_model_has_the_same_accuracy_in_onnx_runtime(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "data"
+    monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", 200))
+    monkeypatch.setattr(minidl.ext.plots, "available", lambda: False)      # no plots: faster
+    out = tmp_path / "run"
+    # no augmentation: a shift moves the stripe that tells the fake classes apart
+    assert cli.main(["train", "--limit", "160", "--epochs", "1", "--batch-size", "32",
+                     "--no-augment", "--data-root", str(root), "--out", str(out),
+                     "--quiet"]) == 0
+    assert cli.main(["export", "--checkpoint", str(out / "model.npz"),
+                     "--onnx", str(out / "model.onnx")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    minidl_accuracy = float(printed[-2].split()[-1])      # "test accuracy: 0.xxxx"
+    assert printed[-1].endswith(f"written to {out / 'model.onnx'}")
+    x_test, y_test = datasets.mnist("test", root=root)
+    images = recipe.to_float(x_test)
+    labels = run_onnx(out / "model.onnx", images).argmax(axis=1)
+    np.testing.assert_array_equal(labels, recipe.predict_labels(
+        minidl.ext.zoo.mnist_cnn().load(out / "model.npz"), x_test))
+    assert round(float(np.mean(labels == y_test)), 4) == minidl_accuracy
+    assert minidl_accuracy > 0.5          # five steps do learn the stripes: a real model
+
+
+@needs_onnx
+def test_cli_exports_a_resnet_checkpoint(tmp_path, capsys):
+    model, x = build("resnet", width=4)
+    model.save(tmp_path / "model.npz")          # no run.json: the layers come from the file
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "model.npz"),
+                     "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert_close(run_onnx(tmp_path / "m.onnx", x), model.predict(x))
+
+
+def test_cli_export_errors_without_traceback(tmp_path, capsys, monkeypatch):
+    code = cli.main(["export", "--checkpoint", str(tmp_path / "none.npz"),
+                     "--onnx", str(tmp_path / "m.onnx")])
+    assert code == 1
+    assert "minidl export: error: checkpoint" in capsys.readouterr().err
+    minidl.ext.zoo.lenet5().save(tmp_path / "model.npz")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    code = cli.main(["export", "--checkpoint", str(tmp_path / "model.npz"), "--model", "lenet5",
+                     "--onnx", str(tmp_path / "m.onnx")])
+    assert code == 1
+    assert "needs the onnx package" in capsys.readouterr().err

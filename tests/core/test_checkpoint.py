@@ -1,0 +1,217 @@
+"""minidl.checkpoint: Sequential.save and load (all or nothing), load_model rebuilding a
+model from the file alone, and the refusal of mismatched, renamed, damaged or pickled
+checkpoints, each naming the file."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import minidl
+from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                    GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Sequential, Sigmoid,
+                    Softmax, Tanh, load_model)
+from minidl.layers import Layer
+
+from conftest import randn
+
+
+def small_cnn(dtype=np.float32):
+    return Sequential([
+        Conv2D(1, 4, 3, padding=1, dtype=dtype), ReLU(dtype=dtype), MaxPool2D(2),
+        Conv2D(4, 6, 3, padding=1, activation="relu", dtype=dtype), MaxPool2D(2),
+        Flatten(), Dense(6 * 2 * 2, 8, activation="relu", dtype=dtype), Dense(8, 3, dtype=dtype),
+    ])
+
+
+def tiny():
+    return Sequential(Conv2D(1, 2, 3, activation="relu"), Flatten(), Dense(8, 3))
+
+
+def test_save_load_identical_predictions(tmp_path):
+    model = small_cnn()
+    x = randn(np, 5, 1, 8, 8, dtype=np.float32)
+    path = tmp_path / "model.npz"
+    model.save(path)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+    minidl.manual_seed(99)
+    fresh = small_cnn()
+    assert not np.allclose(fresh.predict(x), model.predict(x))
+    fresh.load(path)
+    np.testing.assert_array_equal(fresh.predict(x), model.predict(x))
+    with np.load(path, allow_pickle=False) as data:  # no pickle needed to read it
+        assert "0.weight" in data.files
+
+
+def _snapshot(model):
+    return {k: v.copy() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, before):
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+def test_corrupt_and_truncated_checkpoints_leave_model_untouched(tmp_path):
+    model = small_cnn()
+    good = tmp_path / "good.npz"
+    model.save(good)
+    target = small_cnn()
+    before = _snapshot(target)
+    data = good.read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file at all")
+    for name in ("truncated.npz", "garbage.npz"):
+        with pytest.raises(ValueError, match="corrupt, truncated"):
+            target.load(tmp_path / name)
+        _assert_untouched(target, before)
+    with pytest.raises(FileNotFoundError):
+        target.load(tmp_path / "missing.npz")
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "m.npz"
+    small_cnn().save(path)
+    other = Sequential(Conv2D(1, 4, 3, padding=1), ReLU(), MaxPool2D(2), Flatten(),
+                       Dense(64, 3))
+    before = _snapshot(other)
+    with pytest.raises(ValueError, match="different model structure"):
+        other.load(path)
+    _assert_untouched(other, before)
+    # Same structure, but a wrong shape in the state: refused before any change.
+    bad = small_cnn().state_dict()
+    bad["6.weight"] = np.zeros((5, 5), np.float32)
+    target = small_cnn()
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=r"layer 6 \(Dense\).*'weight' has shape \(5, 5\)"):
+        target.load_state_dict(bad)
+    _assert_untouched(target, before)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        target.load_state_dict({**target.state_dict(), "9.weight": np.zeros(1)})
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(path, **{"0.weight": np.array([object()], dtype=object)})
+    with pytest.raises(ValueError, match="holds Python objects"):
+        small_cnn().load(path)
+
+
+# -- the model's config: every constructor argument, only registered classes ---------------
+def test_keys_must_be_exactly_the_canonical_names(tmp_path):
+    model = tiny()
+    model.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as data:
+        state = dict(data)
+    renamed = {("00.weight" if k == "0.weight" else k): v for k, v in state.items()}
+    both = {**state, "00.weight": np.zeros_like(state["0.weight"])}
+    for name, arrays in (("renamed", renamed), ("both", both)):
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        target = tiny()
+        before = target.state_dict()
+        with pytest.raises(ValueError, match=r"unexpected arrays \['00.weight'\]"):
+            target.load(tmp_path / f"{name}.npz")
+        for key, value in target.state_dict().items():
+            np.testing.assert_array_equal(value, before[key])
+        with pytest.raises(ValueError, match=r"unexpected keys \['00.weight'\]"):
+            target.load_state_dict({k: v for k, v in arrays.items() if k != "__model__"})
+    for key in ("+0.weight", "\u0660.weight", " 0.weight"):   # int() would take each
+        with pytest.raises(ValueError, match="unexpected keys"):
+            tiny().load_state_dict({**tiny().state_dict(), key: state["0.weight"]})
+
+
+def test_constructor_arguments_must_match(tmp_path):
+    Sequential(Conv2D(1, 2, 3, stride=1, activation="relu")).save(tmp_path / "m.npz")
+    other = Sequential(Conv2D(1, 2, 3, stride=2, padding=1, activation="tanh"))
+    with pytest.raises(ValueError, match="different model structure") as info:
+        other.load(tmp_path / "m.npz")
+    message = str(info.value)
+    assert str(tmp_path / "m.npz") in message
+    assert '"stride": [1, 1], "padding": [0, 0], "activation": {"class": "ReLU"' in message
+    assert '"stride": [2, 2], "padding": [1, 1], "activation": {"class": "Tanh"' in message
+    # dtypes and Dropout seeds do not make a checkpoint incompatible
+    Sequential(Dense(2, 2, dtype=np.float64), Dropout(0.2, seed=3)).save(tmp_path / "d.npz")
+    Sequential(Dense(2, 2), Dropout(0.2)).load(tmp_path / "d.npz")
+    with pytest.raises(ValueError, match=r"saved 2 layers, this model has 1"):
+        Sequential(Dense(2, 2)).load(tmp_path / "d.npz")
+
+
+def every_layer_model():
+    inner = Sequential(Dense(8, 6, activation=LeakyReLU(0.2)), BatchNorm1D(6, momentum=0.3),
+                       Dropout(0.25, seed=7), Dense(6, 4, bias=False), Softmax(axis=1))
+    return Sequential(
+        Conv2D(2, 4, (3, 2), stride=1, padding="same"), BatchNorm2D(4, eps=1e-3),
+        Sigmoid(), AvgPool2D(2, stride=1, padding=1), Conv2D(4, 8, 1, activation="tanh"),
+        MaxPool2D(2), Tanh(), ReLU(), Identity(), GlobalAvgPool2D(), Flatten(), inner)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_load_model_rebuilds_every_layer_from_the_file_alone(tmp_path, dtype):
+    model = every_layer_model()
+    if dtype == np.float64:
+        model = Sequential(Dense(3, 2, dtype=dtype, activation="leaky_relu"))
+    x = np.random.default_rng(0).standard_normal(
+        (5, 2, 6, 6) if dtype == np.float32 else (5, 3)).astype(dtype)
+    model.forward(x, training=True)  # moves the batch-norm statistics
+    model.save(tmp_path / "m.npz")
+    back = load_model(tmp_path / "m.npz")
+    assert back.get_config() == json.loads(json.dumps(model.get_config()))
+    np.testing.assert_array_equal(back.predict(x), model.predict(x))
+    assert back.predict(x).dtype == dtype
+
+
+def _with_config(path, config, state=None):
+    np.savez(path, __model__=np.array([json.dumps(config)]), **(state or {}))
+    return path
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"class": "Popen", "config": {"args": ["true"]}}, "unknown layer class 'Popen'"),
+    ({"class": "Sequential", "config": {"layers": [{"class": "eval", "config": {}}]}},
+     "unknown layer class 'eval'"),
+    ({"class": "Sequential", "config": {"layers": [{"class": "Dense", "config": {"x": 1}}]}},
+     "Dense: .*unexpected keyword argument 'x'"),
+    ({"class": "Sequential", "config": {"layers": [{"class": "Dense",
+                                                    "config": {"in_features": -1,
+                                                               "out_features": 2}}]}},
+     "in_features must be >= 1"),
+    ({"class": "Sequential", "config": {"layers": 3}}, "Sequential: "),
+    ({"class": "ReLU", "config": {}}, "describes a ReLU, not a Sequential"),
+    ({"class": "Sequential", "config": {"layers": [{"class": "Dense", "config": {
+        "in_features": 10 ** 7, "out_features": 10 ** 7}}]}}, "cannot rebuild the model"),
+    ([1, 2], "expected {'class': name"),
+])
+def test_load_model_builds_only_allowed_classes_from_valid_configs(tmp_path, spec, message):
+    path = _with_config(tmp_path / "m.npz", spec)
+    with pytest.raises(ValueError, match=message) as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+
+
+def test_custom_layers_save_and_load_but_load_model_refuses_them(tmp_path):
+    class Double(Layer):
+        def forward(self, x, training=True):
+            return 2 * x
+
+    model = Sequential(Dense(2, 2), Double())
+    model.save(tmp_path / "m.npz")
+    Sequential(Dense(2, 2), Double()).load(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match="unknown layer class 'Double'"):
+        load_model(tmp_path / "m.npz")
+
+
+@pytest.mark.parametrize("config, message", [
+    (np.array("{}"), r"'__model__' is <U2 of shape \(\), expected"),  # 0-d
+    (np.array(["{not json"]), "'__model__' entry is not valid JSON"),
+    (np.array(["[" * 10 ** 5 + "]" * 10 ** 5]), "'__model__' entry is not valid JSON"),
+    (np.array([1.0]), r"'__model__' is float64"),
+    (None, "has no '__model__' entry"),
+])
+def test_damaged_config_entries_are_refused(tmp_path, config, message):
+    path = tmp_path / "m.npz"
+    state = tiny().state_dict()
+    np.savez(path, **state, **({} if config is None else {"__model__": config}))
+    for load in (tiny().load, load_model):
+        with pytest.raises(ValueError, match=message) as info:
+            load(path)
+        assert str(path) in str(info.value)

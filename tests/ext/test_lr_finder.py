@@ -1,0 +1,36 @@
+"""The LR range test (minidl/ext/lr_finder.py): the rate grows geometrically, the model
+and the optimizer are left as they were, and the suggestion lies inside the range.
+``minidl lr-find``: tests/cli/test_lr_find.py."""
+import numpy as np
+import pytest
+
+from minidl import Adam, DataLoader, Dense, Flatten, Sequential, SoftmaxCrossEntropy, Trainer
+from minidl.ext.lr_finder import lr_find, suggest_lr
+
+
+def fake_images(n=48):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 60, (n, 1, 8, 8)).astype(np.uint8)
+    for image, label in zip(x, y):
+        image[0, 2 * label + 1] = 255
+    return x, y
+
+
+def test_lr_find_grows_the_rate_and_leaves_the_model_as_it_was():
+    x, y = fake_images()
+    model = Sequential(Flatten(), Dense(64, 3))
+    optimizer = Adam(model.parameters(), lr=1e-3)
+    trainer = Trainer(model, SoftmaxCrossEntropy(), optimizer, verbose=0)
+    before = model.state_dict()
+    lrs, losses = lr_find(trainer, DataLoader(x / 255, y, 8), start_lr=1e-5, end_lr=10.0,
+                          steps=30)
+    assert lrs[0] == pytest.approx(1e-5) and len(lrs) == len(losses) <= 30
+    assert np.all(np.diff(np.log(lrs)) == pytest.approx(np.log(1e6) / 29))
+    assert min(losses) < losses[0]                    # it learned at some rate
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+    assert optimizer.lr == 1e-3 and optimizer.state == {}
+    assert lrs[0] < suggest_lr(lrs, losses) < lrs[-1]
+    with pytest.raises(ValueError, match="lr_find: end_lr must be a finite number > 1, got 0.1"):
+        lr_find(trainer, DataLoader(x, y, 8), start_lr=1.0, end_lr=0.1)

@@ -1,0 +1,174 @@
+"""minidl.ext.pytorch: to_torch and from_torch, compared with PyTorch's own layers."""
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minidl import Concat, Dense, Layer, ReLU, Residual, Sequential, Tanh
+from minidl.ext.pytorch import from_torch, to_torch
+from minidl.ext.zoo import resnet_small
+
+from interop_models import MODELS, assert_close, build, layer_kinds
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="torch is not installed: pip install torch")
+
+
+def torch_output(module, x):
+    import torch
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).numpy()
+
+
+@needs_torch
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")   # torch's note
+def test_torch_computes_what_minidl_computes(name):
+    model, x = build(name)
+    module = to_torch(model).eval()
+    assert_close(torch_output(module, x), model.predict(x))
+
+
+@needs_torch
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_round_trip_gives_identical_predictions(name):
+    model, x = build(name)
+    back = from_torch(to_torch(model))
+    assert layer_kinds(back) == layer_kinds(model)
+    expected = model.state_dict()
+    for key, value in back.state_dict().items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
+    assert sorted(back.state_dict()) == sorted(expected)
+    np.testing.assert_array_equal(back.predict(x), model.predict(x))
+
+
+@needs_torch
+def test_float64_and_the_training_mode_carry_over():
+    import torch
+    model, x = build("every_layer", dtype="float64")
+    module = to_torch(model)
+    assert module[0].weight.dtype == torch.float64 and module.training
+    back = from_torch(module.eval())
+    assert back[0].dtype == np.float64 and not back.training
+    np.testing.assert_array_equal(back.predict(x), model.predict(x))
+
+
+@needs_torch
+def test_a_torch_model_written_by_hand():
+    """A module minidl did not make: trained batch-norm statistics, an AdaptiveAvgPool2d
+    + Flatten pair, Linear weights (out, in), activations named as torch names them."""
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(2, 5, 3, stride=2, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+                           nn.AvgPool2d(3, 2, padding=1), nn.Conv2d(5, 4, (2, 3), padding="same"),
+                           nn.Tanh(), nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(4, 6),
+                           nn.LeakyReLU(0.3), nn.Dropout(0.2), nn.Linear(6, 3), nn.Softmax(dim=1))
+    module.train()
+    for _ in range(3):                                 # moves the running statistics
+        module(torch.randn(8, 2, 11, 9))
+    module.eval()
+    model = from_torch(module)
+    assert [kind for kind, _ in layer_kinds(model)] == [
+        "Conv2D", "BatchNorm2D", "ReLU", "AvgPool2D", "Conv2D", "Tanh", "GlobalAvgPool2D",
+        "Dense", "LeakyReLU", "Dropout", "Dense", "Softmax"]
+    x = np.random.default_rng(0).standard_normal((4, 2, 11, 9)).astype(np.float32)
+    assert_close(model.predict(x), torch_output(module, x))
+    assert int(model[1].num_batches_tracked) == 3
+
+
+class Square(Layer):
+    def forward(self, x, training=True):
+        return x * x
+
+
+@needs_torch
+def test_errors_name_the_layer_or_module():
+    from torch import nn
+    with pytest.raises(TypeError, match=r"layer 1 \(Square\) has no PyTorch equivalent"):
+        to_torch(Sequential([Dense(2, 2), Square()]))
+    with pytest.raises(TypeError, match=r"layer 1\.0 \(Square\) has no PyTorch equivalent"):
+        to_torch(Sequential([Dense(2, 2), Sequential([Square()])]))
+    with pytest.raises(TypeError, match=r"layer 0\.activation \(Square\)"):
+        to_torch(Dense(2, 2, activation=Square()))
+    with pytest.raises(TypeError, match="must be a minidl Sequential or Layer, got str"):
+        to_torch("model")
+    with pytest.raises(TypeError, match="expected a torch.nn.Module, got Sequential"):
+        from_torch(Sequential([Dense(2, 2)]))
+    with pytest.raises(TypeError, match=r"layer 0\.block\.1 \(Square\) has no PyTorch"):
+        to_torch(Residual(Sequential([Dense(2, 2), Square()])))
+    with pytest.raises(TypeError, match=r"layer 0\.1 \(Square\) has no PyTorch"):
+        to_torch(Concat([Dense(2, 2), Square()]))
+    with pytest.raises(TypeError, match=r"module 1 \(GELU\) has no minidl layer"):
+        from_torch(nn.Sequential(nn.Linear(2, 2), nn.GELU()))
+    with pytest.raises(TypeError, match=r"module 1\.0 \(GELU\) has no minidl layer"):
+        from_torch(nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.GELU())))
+    residual = to_torch(Residual(Dense(2, 2), shortcut=Dense(2, 2)))
+    residual[0].shortcut = nn.GELU()
+    with pytest.raises(TypeError, match=r"module 0\.shortcut \(GELU\) has no minidl layer"):
+        from_torch(residual)
+    cases = [(nn.Conv2d(1, 2, 3, dilation=2), r"module 0 \(Conv2d\): dilation=\(2, 2\)"),
+             (nn.Conv2d(2, 2, 3, groups=2), "groups=2 is not supported"),
+             (nn.MaxPool2d(2, ceil_mode=True), "ceil_mode=True is not supported"),
+             (nn.AvgPool2d(3, padding=1, count_include_pad=False), "count_include_pad=False"),
+             (nn.BatchNorm1d(3, track_running_stats=False), "track_running_stats=False"),
+             (nn.Softmax(), "dim=None"), (nn.Flatten(0), "start_dim=0")]
+    for module, message in cases:
+        with pytest.raises(ValueError, match=message):
+            from_torch(module)
+
+
+def test_without_torch_the_error_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)       # import torch now fails
+    with pytest.raises(ImportError, match="to_torch needs PyTorch: pip install torch"):
+        to_torch(Dense(2, 2))
+    with pytest.raises(ImportError, match="from_torch needs PyTorch"):
+        from_torch(object())
+
+
+@needs_torch
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                    reason="onnxruntime is not installed: pip install 'minidl[onnx]'")
+def test_the_examples_in_interop_md_run(tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).resolve().parents[2] / "docs" / "interop.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "interop.md", "exec"), {})
+    differences = [float(line) for line in capsys.readouterr().out.split()]
+    assert len(differences) == 2 and max(differences) < 1e-4
+
+
+@needs_torch
+def test_nested_sequentials_stay_nested():
+    model = Sequential([Dense(4, 3, activation="relu"), Sequential([Dense(3, 2), Tanh()])])
+    module = to_torch(model)
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    assert_close(torch_output(module, x), model.predict(x))
+    back = from_torch(module)
+    assert isinstance(back[1], Sequential) and layer_kinds(back[1]) == layer_kinds(model[1])
+    np.testing.assert_array_equal(back.predict(x), model.predict(x))
+
+
+@needs_torch
+def test_blocks_keep_their_branches_and_modes():
+    """An empty branch (the identity) both ways; a branch that torch needs two modules
+    for (a Dense and its activation) comes back as one layer; train mode reaches every
+    branch; torch's state_dict names are minidl's where each branch is one module."""
+    model = Sequential([Residual(Dense(4, 4), shortcut=Sequential([])),
+                        Concat([Sequential([]), Dense(4, 3, activation="relu"), ReLU()]),
+                        Residual(Sequential([Dense(11, 11), Tanh()]))])
+    module = to_torch(model)
+    resnet = resnet_small(width=4)
+    assert sorted(to_torch(resnet).state_dict()) == sorted(resnet.state_dict())
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    assert_close(torch_output(module, x), model.predict(x))
+    back = from_torch(module.eval())
+    assert layer_kinds(back) == layer_kinds(model) and back[1].axis == 1
+    assert not back.training and not back[2].block[0].training
+    np.testing.assert_array_equal(back.predict(x), model.predict(x))
+    assert from_torch(module.train())[2].block[1].training

@@ -1,0 +1,178 @@
+"""Resumable training (minidl/ext/resume.py, TrainingState): bit for bit on the CPU,
+after a stop and after a kill of ``minidl train`` (--resume); a state of another run
+or a model checkpoint is refused."""
+import json
+
+import numpy as np
+import pytest
+
+import minidl
+from minidl import (Adam, BatchNorm2D, Callback, Conv2D, DataLoader, Dense, Dropout, Flatten,
+                    MaxPool2D, ReLU, Residual, Sequential, SoftmaxCrossEntropy, Trainer, cli)
+from minidl.cli import train as cli_train
+from minidl.data import datasets
+from minidl.ext.transforms import Compose, RandomHorizontalFlip, RandomShift
+from minidl.ext import plots, resume
+from minidl.ext.recorder import GradientRecorder
+from minidl.ext.resume import TrainingState
+from minidl.schedulers import CosineAnnealingLR, OneCycleLR
+
+from conftest import write_fake_dataset
+
+
+def fake_images(n=48):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 60, (n, 1, 8, 8)).astype(np.uint8)
+    for image, label in zip(x, y):
+        image[0, 2 * label + 1] = 255
+    return x, y
+
+
+def to_float(images):
+    return images.astype(np.float32) / 255
+
+
+class StopAfter(Callback):
+    """Stand-in for Ctrl-C or a kill: stop once ``epochs`` epochs are done."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch + 1 == self.epochs:
+            trainer.stop_training = True
+
+
+def run(state, epochs=2, resume=None, stop_after=None, per_batch=False, callbacks=()):
+    """A seeded run with every source of randomness: shuffles, augmentation, dropout,
+    batch norm statistics, Adam's moments and a scheduler."""
+    minidl.manual_seed(0)
+    model = Sequential(Conv2D(1, 4, 3, padding=1, bias=False), BatchNorm2D(4), ReLU(),
+                       Residual(Conv2D(4, 4, 3, padding=1)), MaxPool2D(2), Flatten(),
+                       Dropout(0.3), Dense(64, 3))
+    x, y = fake_images()
+    train = DataLoader(x, y, 16, seed=0, transform=Compose(
+        [RandomShift(1), RandomHorizontalFlip(), to_float]))
+    optimizer = Adam(model.parameters(), lr=1e-2)
+    scheduler = (OneCycleLR(optimizer, 1e-2, epochs=epochs, steps_per_epoch=len(train))
+                 if per_batch else CosineAnnealingLR(optimizer, T_max=epochs))
+    trainer = Trainer(model, SoftmaxCrossEntropy(), optimizer, scheduler=scheduler, verbose=0)
+    callbacks = list(callbacks) + ([] if stop_after is None else [StopAfter(stop_after)])
+    callbacks.append(TrainingState(state, resume=resume))
+    history = trainer.fit(train, epochs=epochs, val=DataLoader(x, y, 48, transform=to_float),
+                          callbacks=callbacks)
+    return model, optimizer, history
+
+
+class InterruptIn(Callback):
+    """Ctrl-C at the first batch of ``epoch`` (from 0)."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_batch_begin(self, trainer, batch):
+        if trainer.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_run_stopped_again_keeps_the_earlier_epochs(tmp_path):
+    """history.csv used to lose the epochs before the resume when the resumed run was
+    stopped again, and ModelCheckpoint forgot which epoch its file held."""
+    state, csv_path = tmp_path / "state.npz", tmp_path / "history.csv"
+    run(state, epochs=4, stop_after=2, callbacks=[minidl.CSVLogger(csv_path)])
+    saver = minidl.ModelCheckpoint(tmp_path / "model.npz")
+    with pytest.raises(KeyboardInterrupt) as info:
+        run(state, epochs=4, resume=True,
+            callbacks=[saver, minidl.CSVLogger(csv_path), InterruptIn(3)])
+    assert [row.split(",")[0] for row in csv_path.read_text().splitlines()] == [
+        "epoch", "1", "2", "3"]
+    accuracies = info.value.history["val_accuracy"]
+    assert len(accuracies) == 3 and saver.saved_epoch == accuracies.index(max(accuracies)) + 1
+
+
+@pytest.mark.parametrize("per_batch", [False, True], ids=["cosine", "onecycle"])
+def test_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path, per_batch):
+    model, optimizer, history = run(tmp_path / "full.npz", per_batch=per_batch)
+    run(tmp_path / "part.npz", stop_after=1, per_batch=per_batch)
+    # a fresh process would start from other weights: the state must replace them all
+    minidl.manual_seed(123)
+    resumed, resumed_opt, resumed_history = run(tmp_path / "part.npz", per_batch=per_batch,
+                                                resume=True)
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert resumed_opt.lr == optimizer.lr
+    for name, value in optimizer.state_dict().items():
+        np.testing.assert_array_equal(resumed_opt.state_dict()[name], value, err_msg=name)
+    assert resumed_history.epochs == history.epochs == 2
+    for key in history.history:
+        if key != "time":
+            assert resumed_history[key] == history[key], key
+
+
+def test_resume_refuses_another_run_and_model_checkpoints(tmp_path):
+    run(tmp_path / "state.npz", epochs=1)
+    minidl.manual_seed(0)
+    model = Sequential(Flatten(), Dense(64, 3))
+    x, y = fake_images()
+    trainer = Trainer(model, SoftmaxCrossEntropy(), Adam(model.parameters()), verbose=0)
+    def resume_from(path):
+        trainer.fit(DataLoader(x, y, 16, transform=to_float),
+                    callbacks=[TrainingState(path, resume=True)])
+
+    with pytest.raises(ValueError, match="saved with a scheduler"):
+        resume_from(tmp_path / "state.npz")
+    model.save(tmp_path / "model.npz")
+    with pytest.raises(ValueError, match="not a training state"):
+        resume_from(tmp_path / "model.npz")
+    with pytest.raises(FileNotFoundError):
+        resume_from(tmp_path / "none.npz")
+    # a crafted state: a tiny file whose history member inflates to 40 MB
+    np.savez_compressed(tmp_path / "big.npz", **{"epoch": np.int64(1),
+                                                 "history/loss": np.zeros(5 * 10**6)})
+    assert (tmp_path / "big.npz").stat().st_size < 10**6
+    with pytest.raises(ValueError, match="'history/loss' of shape .* is larger than any"):
+        resume_from(tmp_path / "big.npz")
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", n_train=200))
+    monkeypatch.setattr(cli_train, "GradientRecorder", _QuietRecorder)
+    return root
+
+
+class _QuietRecorder(GradientRecorder):
+    """The CLI's recorder, sampling activations rarely (faster tests, same code)."""
+
+    def __init__(self, model):
+        super().__init__(model, every=1000)
+
+
+@pytest.mark.slow
+def test_cli_resume_continues_a_killed_run(data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(plots, "available", lambda: False)
+    common = ["train", "--limit", "120", "--epochs", "2", "--batch-size", "40", "--data-root",
+              str(data_root), "--quiet", "--schedule", "onecycle"]
+    assert cli.main(common + ["--out", str(tmp_path / "full")]) == 0
+    full = capsys.readouterr().out.strip().splitlines()[-1]
+
+    real_save = resume.save_training_state
+
+    def save_then_die(path, trainer, *args):
+        real_save(path, trainer, *args)
+        if trainer.epoch == 0:
+            raise KeyboardInterrupt        # killed right after epoch 1 was saved
+    monkeypatch.setattr(resume, "save_training_state", save_then_die)
+    assert cli.main(common + ["--out", str(tmp_path / "part")]) == 130   # as Ctrl-C
+    monkeypatch.setattr(resume, "save_training_state", real_save)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "part"), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == full
+    a, b = np.load(tmp_path / "full" / "model.npz"), np.load(tmp_path / "part" / "model.npz")
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    rows = (tmp_path / "part" / "history.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2"]
+    assert json.loads((tmp_path / "part" / "run.json").read_text())["schedule"] == "onecycle"
