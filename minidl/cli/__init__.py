@@ -1,14 +1,16 @@
-"""The ``minidl`` command: train, evaluate or export a CNN for (Fashion-)MNIST; lr-find.
+"""The ``minidl`` command: train a CNN for (Fashion-)MNIST; evaluate, explain, export, report.
 
     minidl train [--dataset mnist] [--model cnn] [--epochs 8] [--out runs/mnist] ...
     minidl lr-find [--steps 100] ...
     minidl evaluate --checkpoint runs/mnist/model.npz
     minidl export --checkpoint runs/mnist/model.npz --onnx model.onnx
+    minidl explain --checkpoint runs/mnist/model.npz [--index 0 1 2] [--method gradcam]
+    minidl report runs/mnist
 
-One module per sub-command (train.py, lr_find.py, evaluate.py, export.py), what they
-share in recipe.py. Options and outputs: docs/api.md. An error prints one line and
-exits 1; Ctrl-C or SIGTERM stops with one line saying where, and exit 128 + the
-signal's number (130, 143).
+One module per sub-command (train.py, lr_find.py, evaluate.py, export.py, explain.py,
+report.py), what they share in recipe.py. Options and outputs: docs/api.md. An error
+prints one line and exits 1; Ctrl-C or SIGTERM stops with one line saying where, and
+exit 128 + the signal's number (130, 143).
 """
 import argparse
 import signal
@@ -16,7 +18,7 @@ import sys
 import threading
 
 from ..ext.zoo import MODELS
-from . import evaluate, export, lr_find, train
+from . import evaluate, explain, export, lr_find, report, train
 from .recipe import DATASETS, OPTIMIZERS, POSITIVE, Stopped, int_option
 
 FROM_RUN_JSON = "default: the one recorded in run.json beside the checkpoint"
@@ -54,6 +56,8 @@ def build_parser():
     lr_find.add_parser(sub, [setup])
     evaluate.add_parser(sub, [checkpoint, machine], FROM_RUN_JSON)
     export.add_parser(sub, [checkpoint])
+    explain.add_parser(sub, [checkpoint, machine], FROM_RUN_JSON)
+    report.add_parser(sub, [machine])
     return parser
 
 

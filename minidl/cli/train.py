@@ -17,6 +17,7 @@ from ..ext.zoo import build_model
 from ..losses import SoftmaxCrossEntropy
 from ..random import manual_seed
 from ..trainer import Trainer
+from .report import after_training as write_report
 from .recipe import (CLASS_NAMES, OPTIMIZERS, POSITIVE, SCHEDULES, SETTINGS, Stopped, load_split, make_output_folder, predict_labels, read_json,
                      remove_empty_folders, split_validation, to_float, train_images,
                      train_loader, use_device, write_run_json)
@@ -116,6 +117,7 @@ def train_and_test(args, out, comm, batch_size):
     if scheduler.per_batch and plots.available():
         plots.plot_lr([scheduler.lr_at(t) for t in range(scheduler.last_epoch)],
                       os.path.join(out, "lr.png"), steps_per_epoch=len(train))
+    write_report(out)       # report.html, read back from out as `minidl report` does
     print(f"checkpoint and plots in {out}")
     print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
 
