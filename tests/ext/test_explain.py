@@ -321,7 +321,6 @@ def test_randomised_weights_change_the_saliency(trained):
             for k in range(5)]
     across = [rank_correlation(t, r) for t, r in zip(trained_maps, random_maps)]
     assert min(same) > 0.999
-    print("rank correlation", min(same), np.mean(across))
     assert np.mean(across) < 0.5, np.mean(across)
 
 
@@ -345,5 +344,4 @@ def test_covering_the_grad_cam_top_quarter_hurts_more_than_a_random_quarter(trai
         flat = x.reshape(n, -1).copy()
         np.put_along_axis(flat, covered, flat.mean(axis=1, keepdims=True), axis=1)
         drop[name] = float(np.mean(clean - p(flat.reshape(x.shape))[np.arange(n), predicted]))
-    print(drop)
     assert drop["grad_cam"] > drop["random"] + 0.1, drop

@@ -2,7 +2,8 @@
 resume, ``minidl report RUN_DIR`` writes it again from the folder alone, the learning
 rate of every step is the run's schedule; a missing or crafted folder, settings file,
 history or checkpoint is one line on stderr, exit 1, and nothing written. What the
-page holds and how a browser shows it: tests/ext/test_report.py."""
+page holds and how a browser shows it: tests/ext/test_report.py (minidl.ext.report).
+"""
 import json
 import os
 import re
