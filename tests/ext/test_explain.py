@@ -19,7 +19,7 @@ from minidl.ext import explain
 from minidl.ext.zoo import mnist_cnn
 from minidl.layers.base import layer_spec
 
-from conftest import make_trainer, write_fake_dataset
+from conftest import GPU, NO_GPU_REASON, make_trainer, write_fake_dataset
 from interop_models import branches_model, build
 
 
@@ -189,6 +189,25 @@ def test_upsample_keeps_a_constant_and_matches_block_averages():
     big = np.random.default_rng(1).standard_normal((1, 6, 8))
     blocks = big.reshape(1, 3, 2, 4, 2).mean(axis=(2, 4))
     np.testing.assert_allclose(explain.upsample(big, (3, 4)), blocks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason=NO_GPU_REASON)
+def test_the_maps_on_cupy_equal_those_on_numpy():
+    model, x = float64_model("resnet")
+    methods = {"saliency": {}, "smoothgrad": {"n": 3}, "grad_cam": {"layer": "5.block.3"},
+               "occlusion": {"window": 7, "stride": 7}}
+    target = [1, 2, 3, 4]
+    expected = {name: getattr(explain, name)(model, x, target=target, **kw)
+                for name, kw in methods.items()}
+    with minidl.set_backend("cupy"):
+        model.to("gpu")
+        for name, kw in methods.items():
+            got = getattr(explain, name)(model, minidl.to_device(x, "gpu"), target=target, **kw)
+            assert minidl.backend.device_of(got) == "gpu"
+            scale = float(np.abs(expected[name]).max())
+            np.testing.assert_allclose(minidl.to_numpy(got), expected[name], rtol=1e-9,
+                                       atol=1e-12 * scale, err_msg=name)
 
 
 # -- the model is left as it was --------------------------------------------------------------
