@@ -12,7 +12,7 @@ from ..serialization import atomic_write
 from .evaluate import load_checkpoint
 from .recipe import CLASS_NAMES, DATASETS, checkpoint_settings, int_option, load_split, \
     to_float, use_device
-from .report import checked_file
+from .report import MAX_SETTINGS_BYTES, checked_file
 
 # --method: (the map's name in the picture, how it is computed)
 METHODS = {"saliency": ("saliency", explain.saliency),
@@ -41,6 +41,9 @@ def run(args):
     if not plots.available():
         raise RuntimeError("explain draws with matplotlib: pip install 'minidl[viz]'")
     checked_file(args.checkpoint, "checkpoint", None)
+    settings = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json")
+    if os.path.lexists(settings):       # read by checkpoint_settings: no pipe, no giant
+        checked_file(settings, "run.json", MAX_SETTINGS_BYTES)
     dataset, _ = checkpoint_settings(args, "dataset", "model")
     dataset = dataset or "mnist"
     methods = list(METHODS) if args.method == "all" else [args.method]

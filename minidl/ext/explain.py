@@ -85,7 +85,7 @@ def grad_cam(model, x, target=None, layer=None):
     ``layer``: None (the last top-level layer whose output is 4-D), an index into
     ``model.layers``, a name of ``model.named_layers()`` nested with dots ("6.block.0"),
     or a layer of the model."""
-    x = _checked_input(model, x, "grad_cam")
+    x = _checked_input(model, x, "grad_cam", images=True)
     name, chosen = _cam_layer(model, layer, x)
     caught = {"A": [], "dA": []}
     removers = [chosen.register_hook(lambda _, inp, out: caught["A"].append(out)),
@@ -125,10 +125,7 @@ def occlusion(model, x, target=None, window=4, stride=2, fill=None, batch_size=2
     value (a neutral grey), or a number. Shape (N, H, W); positive where covering
     hurts the prediction. Runs N times as many forwards as there are patches, in
     batches of ``batch_size``. A model that ends in ``Softmax`` gives p directly."""
-    x = _checked_input(model, x, "occlusion")
-    if x.ndim != 4:
-        raise ValueError(f"occlusion: expected images x of shape (N, C, H, W), got "
-                         f"{tuple(x.shape)}")
+    x = _checked_input(model, x, "occlusion", images=True)
     window = check_pair(window, "window", "occlusion", minimum=1)
     stride = check_pair(stride, "stride", "occlusion", minimum=1)
     batch_size = check_int(batch_size, "batch_size", "occlusion", minimum=1)
@@ -231,9 +228,9 @@ def _patches(xp, size, window, stride, dtype):
                      for i in starts[0] for j in starts[1]])
 
 
-def _checked_input(model, x, where):
+def _checked_input(model, x, where, images=False):
     """``x`` once ``model`` is a Sequential and ``x`` a non-empty float batch on its
-    device."""
+    device; of images (N, C, H, W) when ``images``."""
     if not isinstance(model, Sequential):
         raise TypeError(f"{where}: expected a minidl Sequential, got {type(model).__name__}")
     backend.check_input(where, x, model.device)
@@ -243,6 +240,9 @@ def _checked_input(model, x, where):
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"{where}: expected a batch x of shape (N, ...) with N >= 1, got "
                          f"shape {tuple(x.shape)}")
+    if images and x.ndim != 4:
+        raise ValueError(f"{where}: expected images x of shape (N, C, H, W), got "
+                         f"{tuple(x.shape)}")
     return x
 
 

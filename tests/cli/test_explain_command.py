@@ -90,11 +90,16 @@ def test_a_bad_checkpoint_or_option_is_one_line_and_nothing_written(data_root, t
     assert sorted(os.listdir(tmp_path)) == before          # no PNG, no temporary file
 
 
-def test_a_crafted_run_json_beside_the_checkpoint_is_named(data_root, tmp_path, capsys):
+@pytest.mark.parametrize("make, message", [
+    (lambda path: path.write_text('{"dataset": "../../etc"}'), "run.json: unknown dataset"),
+    (os.mkfifo, "run.json: the run.json is not a regular file"),
+])
+def test_a_crafted_run_json_beside_the_checkpoint_is_named(data_root, tmp_path, capsys, make,
+                                                           message):
     mnist_cnn().save(tmp_path / "model.npz")
-    (tmp_path / "run.json").write_text('{"dataset": "../../etc"}')
+    make(tmp_path / "run.json")
     assert explain("--checkpoint", tmp_path / "model.npz", "--data-root", data_root) == 1
-    assert re.search(r"run.json: unknown dataset '../../etc'", capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "explain.png").exists()
 
 

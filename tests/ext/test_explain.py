@@ -20,7 +20,7 @@ from minidl.ext.zoo import mnist_cnn
 from minidl.layers.base import layer_spec
 
 from conftest import GPU, NO_GPU_REASON, make_trainer, write_fake_dataset
-from interop_models import branches_model, build
+from interop_models import build
 
 
 def as_float64(model):
@@ -292,6 +292,10 @@ def test_bad_model_or_input_is_a_clear_error():
         explain.saliency(model[:1], x)
     with pytest.raises(ValueError, match=r"grad_cam: no layer of the model gives a 4-D output"):
         explain.grad_cam(Sequential(Flatten(), Dense(784, 3, dtype=np.float64)), x)
+    for method in (explain.grad_cam, explain.occlusion):
+        with pytest.raises(ValueError, match=rf"{method.__name__}: expected images x of shape "
+                                             r"\(N, C, H, W\), got \(4, 784\)"):
+            method(Sequential(Dense(784, 3, dtype=np.float64)), x.reshape(4, -1))
     with pytest.raises(ValueError, match=r"occlusion: window \(30, 30\) is larger than"):
         explain.occlusion(model, x, window=30)
     with pytest.raises(ValueError, match="smoothgrad: n must be >= 1, got 0"):
