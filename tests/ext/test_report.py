@@ -63,7 +63,8 @@ def test_the_page_holds_every_section_with_inline_pictures_only(page):
     text = page.read_text()
     assert re.findall(r'<section id="([\w-]+)">', text) == SECTION_IDS
     sources = re.findall(r'src="([^"]*)"', text)
-    assert len(sources) == 7 + report.GALLERY_SIZE and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 7 + report.GALLERY_SIZE
+    assert all(source.startswith("data:image/png;base64,") for source in sources)
     for source in sources:                      # each a whole PNG
         assert base64.b64decode(source.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
     outside = re.sub(r'src="data:[^"]*"', "", text)
