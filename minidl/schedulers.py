@@ -7,14 +7,17 @@
 
 A scheduler is a Callback that ``Trainer(scheduler=sched)`` steps after each epoch, or
 after every batch when ``per_batch`` (``last_epoch`` then counts optimizer steps). Most
-give the rate in closed form from ``base_lr`` (the optimizer's lr when made) and
-``last_epoch``: torch.optim.lr_scheduler's (recursive) values up to rounding.
+give the rate in closed form from ``base_lr`` (the optimizer's lr before any scheduler
+changed it: PyTorch's ``initial_lr``) and ``last_epoch``: torch.optim.lr_scheduler's
+(recursive) values up to rounding. One scheduler sets an optimizer's rate, the one made
+last; SequentialLR and ChainedScheduler combine several.
 """
 import bisect
+import copy
 import math
 
 from .backend import to_numpy
-from .callbacks import Callback
+from .callbacks import Callback, _Monitor
 from .checks import check_bool, check_int, check_real
 from .optim import Optimizer
 
@@ -45,23 +48,25 @@ _POSITIVE_INT = (check_int, {"minimum": 1})
 class LRScheduler(Callback):
     """Base class: a subclass implements ``lr_at(epoch)`` and maps each hyper-parameter
     to (check, bounds) from minidl.checks in ``_checks``, applied when made and when
-    loaded; ``_counters`` (further state) are checked likewise when loaded.
+    loaded; ``_counters`` (the state that changes) are checked likewise when loaded.
     """
 
     per_batch = False
     priority = 100      # stepped before the other callbacks, which then see the new rate
     _checks = {}
-    _counters = {}
+    _counters = {"base_lr": _NON_NEGATIVE, "last_epoch": _COUNT}
 
     def __init__(self, optimizer, **hyperparameters):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(self).__name__}: expected a minidl Optimizer, got "
                             f"{type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.base_lr = optimizer.lr
+        # a cosine made after a warm-up starts from the optimizer's rate, not the warm-up's
+        self.base_lr = vars(optimizer).setdefault("initial_lr", optimizer.lr)
         self.last_epoch = 0
         self._hyper_names = tuple(hyperparameters)
-        self._set(self._checked(hyperparameters))
+        vars(self).update(self._checked(hyperparameters))
+        optimizer._scheduler = self     # the one that sets its rate from now on
         self._apply(0)
 
     def on_batch_end(self, trainer, batch, logs):
@@ -82,12 +87,12 @@ class LRScheduler(Callback):
         return {**h, **{name: check(h[name], name, owner, **bounds)
                         for name, (check, bounds) in self._checks.items()}}
 
-    def _set(self, values):
-        for name, value in values.items():
-            setattr(self, name, value)
-
     def step(self):
         """End an epoch: advance ``last_epoch`` and set the optimizer's lr for the next."""
+        if self.optimizer._scheduler is not self:   # two would overwrite each other's rate
+            raise ValueError(f"{type(self).__name__}: {self.optimizer._scheduler!r}, made "
+                             f"later, sets this optimizer's rate; combine schedulers with "
+                             f"SequentialLR or ChainedScheduler")
         self.last_epoch += 1
         self._apply(self.last_epoch)
 
@@ -100,23 +105,22 @@ class LRScheduler(Callback):
         return self.lr_at(self.last_epoch)
 
     def state_dict(self):
-        """base_lr, last_epoch, the hyper-parameters and counters: Python scalars (or tuple)."""
-        names = ("base_lr", "last_epoch", *self._hyper_names, *self._counters)
-        return {name: getattr(self, name) for name in names}
+        """The hyper-parameters and counters (base_lr, last_epoch...): Python scalars, tuples."""
+        return {name: getattr(self, name) for name in (*self._hyper_names, *self._counters)}
 
     def load_state_dict(self, state):
         """Restore ``state_dict()``'s output (numpy 0-d arrays from numpy.load are fine).
         The optimizer's lr is left alone: its own load_state_dict restores it."""
         owner = f"{type(self).__name__}.load_state_dict"
-        expected = {"base_lr", "last_epoch", *self._hyper_names, *self._counters}
+        expected = {*self._hyper_names, *self._counters}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(f"{owner}: missing keys {missing}, unexpected keys {unexpected}")
         # numpy.load gives 0-d or 1-d arrays: tolist() makes them Python data again
         values = {name: to_numpy(state[name]).tolist() for name in expected}
-        checks = {"base_lr": _NON_NEGATIVE, "last_epoch": _COUNT, **self._counters}
-        self._set({**self._checked(values), **{name: check(values[name], name, owner, **bounds)
-                                               for name, (check, bounds) in checks.items()}})
+        vars(self).update({**self._checked(values), **{
+            name: check(values[name], name, owner, **bounds)
+            for name, (check, bounds) in self._counters.items()}})
 
     def __repr__(self):
         names = (*self._hyper_names, "base_lr", "last_epoch")
@@ -276,16 +280,15 @@ class OneCycleLR(LRScheduler):
         if step > self.total_steps:
             raise ValueError(f"OneCycleLR: stepped {step} times, but total_steps is "
                              f"{self.total_steps}")
-        phases, start_step = self._phases(), 0.0
-        for k, phase in enumerate(phases):
-            end_step, (start, end) = phase[0], phase[which]
-            if step <= end_step or k == len(phases) - 1:
-                # past the end torch extrapolates (a linear anneal to below 0): stay final
-                pct = min((step - start_step) / (end_step - start_step), 1.0)
-                if self.anneal_strategy == "linear":
-                    return start + (end - start) * pct
-                return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2
-            start_step = end_step
+        phases = self._phases()
+        k = next((k for k, phase in enumerate(phases) if step <= phase[0]), len(phases) - 1)
+        start_step = phases[k - 1][0] if k else 0.0
+        end_step, (start, end) = phases[k][0], phases[k][which]
+        # past the end torch extrapolates (a linear anneal to below 0): stay final
+        pct = min((step - start_step) / (end_step - start_step), 1.0)
+        if self.anneal_strategy == "linear":
+            return start + (end - start) * pct
+        return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2
 
 
 class ReduceLROnPlateau(LRScheduler):
@@ -298,13 +301,14 @@ class ReduceLROnPlateau(LRScheduler):
     The rate never goes below ``min_lr``, and changes smaller than ``eps`` are skipped.
     """
 
-    _counters = {"best": (check_real, {"finite": False}), "num_bad_epochs": _COUNT,
-                 "cooldown_counter": _COUNT}
+    _counters = {**LRScheduler._counters, "best": (check_real, {"finite": False}),
+                 "num_bad_epochs": _COUNT, "cooldown_counter": _COUNT}
     _checks = {"mode": (_check_choice, {"options": ("min", "max")}),
                "threshold_mode": (_check_choice, {"options": ("rel", "abs")}),
                "factor": (check_real, {"minimum": 0, "below": 1}), "patience": _COUNT,
                "threshold": _NON_NEGATIVE, "cooldown": _COUNT,
-               "min_lr": _NON_NEGATIVE, "eps": _NON_NEGATIVE}
+               "min_lr": _NON_NEGATIVE, "eps": _NON_NEGATIVE,
+               "monitor": (lambda value, name, owner: str(value), {})}
 
     def __init__(self, optimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
                  threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8, monitor="val_loss"):
@@ -314,16 +318,13 @@ class ReduceLROnPlateau(LRScheduler):
         self.best = math.inf if self.mode == "min" else -math.inf
         self.num_bad_epochs = self.cooldown_counter = 0
 
-    def _checked(self, h):
-        return {**super()._checked(h), "monitor": str(h["monitor"])}
-
     def lr_at(self, epoch):
         return self.optimizer.lr     # no closed form: the rate is whatever it was set to
 
     def step(self, value):
         """End an epoch whose monitored metric was ``value``."""
         value = float(value)
-        self.last_epoch += 1
+        super().step()      # lr_at is the optimizer's rate: only last_epoch moves
         if self._improved(value):
             self.best, self.num_bad_epochs = value, 0
         else:
@@ -345,8 +346,81 @@ class ReduceLROnPlateau(LRScheduler):
         return sign * value > sign * self.best + self.threshold
 
     def on_epoch_end(self, trainer, epoch, logs):
-        if self.monitor not in logs:
-            raise ValueError(f"ReduceLROnPlateau: the metric {self.monitor!r} is not logged; "
-                             f"available: {sorted(logs)} (pass val= to fit for val_*)")
-        self.step(logs[self.monitor])
+        self.step(_Monitor(self.monitor, self.mode).value(logs, "ReduceLROnPlateau"))
 
+
+
+class _Combined(LRScheduler):
+    """What SequentialLR and ChainedScheduler share: ``schedulers`` of one optimizer (only
+    their ``lr_at`` is used: they are not stepped), stepped ``per_batch`` as they all are."""
+
+    def __init__(self, optimizer, schedulers, per_batch, refused, **hyperparameters):
+        owner = type(self).__name__
+        if not isinstance(schedulers, (list, tuple)) or not schedulers:
+            raise TypeError(f"{owner}: schedulers must be a non-empty list, got {schedulers!r}")
+        self.schedulers = list(schedulers)
+        for i, s in enumerate(self.schedulers):
+            if not isinstance(s, LRScheduler) or isinstance(s, refused):
+                raise TypeError(f"{owner}: schedulers[{i}] must be a minidl scheduler, not "
+                                f"{' or '.join(c.__name__ for c in refused)}, got {s!r}")
+            if s.optimizer is not (optimizer or schedulers[0].optimizer):
+                raise ValueError(f"{owner}: schedulers[{i}] schedules another optimizer")
+        cadences = ({s.per_batch for s in self.schedulers} if per_batch is None
+                    else {check_bool(per_batch, "per_batch", owner)})
+        if len(cadences) > 1:
+            raise ValueError(f"{owner}: some schedulers step per batch, some per epoch; pass "
+                             f"per_batch=True (all count optimizer steps) or False (epochs)")
+        self.per_batch = cadences.pop()
+        super().__init__(optimizer or schedulers[0].optimizer, **hyperparameters)
+
+
+class SequentialLR(_Combined):
+    """``schedulers`` one after another, as torch.optim.lr_scheduler.SequentialLR: the
+    i-th from ``milestones[i - 1]`` on, counting its own steps from 0 there,
+
+        lr(t) = schedulers[i].lr_at(t - milestones[i - 1]),  i = number of milestones <= t
+
+    e.g. a warm-up, then a cosine: SequentialLR(opt, [LinearLR(opt, 0.1, total_iters=5,
+    per_batch=False), CosineAnnealingLR(opt, T_max=45)], milestones=[5]).
+    """
+
+    _checks = {"milestones": (_check_milestones, {})}
+
+    def __init__(self, optimizer, schedulers, milestones, per_batch=None):
+        super().__init__(optimizer, schedulers, per_batch, (ReduceLROnPlateau,),
+                         milestones=milestones)
+
+    def _checked(self, h):
+        checked, n = super()._checked(h), len(self.schedulers)
+        if tuple(h["milestones"]) != checked["milestones"] or len(checked["milestones"]) != n - 1:
+            raise ValueError(f"SequentialLR: milestones must be {n - 1} increasing epochs, one "
+                             f"per scheduler after the first, got {h['milestones']!r}")
+        return checked
+
+    def _active(self, t):
+        """The scheduler of step ``t``, and ``t`` counted from its milestone."""
+        i = bisect.bisect_right(self.milestones, t)
+        return self.schedulers[i], t - (self.milestones[i - 1] if i else 0)
+
+    def lr_at(self, t):
+        scheduler, local = self._active(t)
+        return scheduler.lr_at(local)
+
+    def _apply(self, t):
+        scheduler, local = self._active(t)
+        scheduler._apply(local)         # OneCycleLR sets the momentum too
+
+
+class ChainedScheduler(_Combined):
+    """The schedulers' factors applied together, as torch.optim.lr_scheduler's
+    ChainedScheduler stepping each of them in turn (each scales the rate it is given):
+
+        lr(t) = base_lr * product over i of schedulers[i].lr_at(t) / base_lr
+    """
+
+    def __init__(self, schedulers, optimizer=None, per_batch=None):
+        super().__init__(optimizer, schedulers, per_batch, (OneCycleLR, ReduceLROnPlateau))
+
+    def lr_at(self, t):
+        return self.base_lr * math.prod(s.lr_at(t) / s.base_lr for s in self.schedulers
+                                        if s.base_lr)

@@ -1,7 +1,8 @@
 """minidl.schedulers: StepLR, ExponentialLR and CosineAnnealingLR by hand and against
-PyTorch; MultiStepLR, LinearLR (warm-up), OneCycleLR and ReduceLROnPlateau against
-PyTorch (golden file and live); state dicts, argument checks, and how the Trainer
-steps them: once per epoch, or per batch between the batch callbacks."""
+PyTorch; MultiStepLR, LinearLR (warm-up), OneCycleLR, ReduceLROnPlateau, SequentialLR
+and ChainedScheduler against PyTorch (golden file and live); state dicts, argument
+checks, one scheduler per optimizer, and how the Trainer steps them: once per epoch,
+or per batch between the batch callbacks."""
 import importlib.util
 import io
 import math
@@ -14,8 +15,9 @@ import minidl
 from minidl import SGD, Adam, Callback, DataLoader, Dense, Sequential, SoftmaxCrossEntropy, Trainer
 from minidl.callbacks import LearningRateMonitor
 from minidl.layers import Parameter
-from minidl.schedulers import (CosineAnnealingLR, ExponentialLR, LinearLR, LRScheduler, MultiStepLR,
-                               OneCycleLR, ReduceLROnPlateau, StepLR)
+from minidl.schedulers import (ChainedScheduler, CosineAnnealingLR, ExponentialLR, LinearLR,
+                               LRScheduler, MultiStepLR, OneCycleLR, ReduceLROnPlateau,
+                               SequentialLR, StepLR)
 
 from conftest import GOLDEN_DIR, bar_model, oriented_bars
 
@@ -157,23 +159,24 @@ def test_schedulers_match_torch(cls, kwargs, torch_reference):
 # -- MultiStepLR, LinearLR, OneCycleLR, ReduceLROnPlateau against PyTorch ------------------
 def minidl_lrs(case, optimizer="SGD"):
     """Like cases.torch_lrs: (lr, momentum or beta1) after construction and each step."""
-    cls, kwargs, steps = cases.CASES[case]
     opt = (SGD([Parameter(np.zeros(1))], lr=cases.BASE_LR, momentum=0.9) if optimizer == "SGD"
            else Adam([Parameter(np.zeros(1))], lr=cases.BASE_LR))
-    sched = cls(opt, **kwargs)
+    sched, steps = cases.make(case, minidl.schedulers, opt)
 
     def now():
         return opt.lr, opt.momentum if optimizer == "SGD" else opt.betas[0]
 
     rows = [now()]
     for step in range(1, steps + 1):
-        sched.step(cases.metric(case, step)) if cls is ReduceLROnPlateau else sched.step()
+        plateau = isinstance(sched, ReduceLROnPlateau)
+        sched.step(cases.metric(case, step)) if plateau else sched.step()
         rows.append(now())
         assert sched.get_last_lr() == opt.lr
     return np.array(rows)
 
 
-RUNS = sorted(cases.CASES) + [f"{c}/adam" for c in sorted(cases.CASES) if c.startswith("onecycle")]
+RUNS = (sorted(cases.CASES) + sorted(cases.COMBINED)
+        + [f"{c}/adam" for c in sorted(cases.CASES) if c.startswith("onecycle")])
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -339,3 +342,87 @@ def test_scheduler_steps_once_per_epoch():
     history = Trainer(model, SoftmaxCrossEntropy(), opt, scheduler=sched, verbose=0).fit(
         DataLoader(x, y, 16), epochs=3)
     assert history["lr"] == pytest.approx([0.1, 0.05, 0.025])
+
+
+# -- combined schedulers, and one scheduler per optimizer ----------------------------------
+def test_a_scheduler_made_after_a_warm_up_starts_from_the_optimizers_rate():
+    """The cosine used to take the warm-up's first rate (0.01) as its base."""
+    opt = SGD([P()], lr=0.1)
+    LinearLR(opt, start_factor=0.1, total_iters=4)
+    assert opt.lr == pytest.approx(0.01)
+    assert CosineAnnealingLR(opt, T_max=10).base_lr == 0.1 == opt.initial_lr
+
+
+def test_two_schedulers_stepping_one_optimizer_are_refused():
+    """A warm-up callback beside a cosine scheduler used to overwrite its rate at every
+    batch, without a word."""
+    x, y = oriented_bars(32)
+    model = bar_model()
+    opt = SGD(model.parameters(), lr=0.1)
+    warmup = LinearLR(opt, start_factor=0.1, total_iters=4)
+    trainer = Trainer(model, SoftmaxCrossEntropy(), opt,
+                      scheduler=CosineAnnealingLR(opt, T_max=3), verbose=0)
+    with pytest.raises(ValueError, match=r"LinearLR: CosineAnnealingLR\(T_max=3.*made later, "
+                                         r"sets this optimizer's rate; combine schedulers "
+                                         r"with SequentialLR or ChainedScheduler"):
+        trainer.fit(DataLoader(x, y, 16), epochs=2, callbacks=[warmup])
+
+
+def test_sequential_warm_up_then_cosine_per_batch_in_the_trainer():
+    monitor = LearningRateMonitor()
+
+    def schedule(opt):
+        warmup = LinearLR(opt, start_factor=0.25, total_iters=3)
+        cosine = CosineAnnealingLR(opt, T_max=5)       # counts optimizer steps here
+        return SequentialLR(opt, [warmup, cosine], milestones=[3], per_batch=True)
+
+    trainer, _ = tiny_fit(schedule, epochs=2, callbacks=[monitor])
+    cosine = [0.1 * (1 + math.cos(math.pi * t / 5)) / 2 for t in range(5)]
+    assert monitor.lrs == pytest.approx([0.025, 0.05, 0.075] + cosine, rel=1e-12)
+    assert trainer.scheduler.per_batch and trainer.scheduler.last_epoch == 8
+
+
+def test_sequential_passes_the_momentum_of_one_cycle_on():
+    opt = SGD([P()], lr=0.1, momentum=0.9)
+    cycle = OneCycleLR(opt, max_lr=1.0, total_steps=10)
+    sched = SequentialLR(opt, [LinearLR(opt, 0.5, total_iters=2), cycle], milestones=[2])
+    for _ in range(4):
+        sched.step()
+    assert (opt.lr, opt.momentum) == (cycle.lr_at(2), cycle.momentum_at(2))
+
+
+@pytest.mark.parametrize("case", sorted(cases.COMBINED))
+def test_combined_state_dict_round_trip(case):
+    opt = SGD([P()], lr=cases.BASE_LR)
+    sched, steps = cases.make(case, minidl.schedulers, opt)
+    for _ in range(steps // 2):
+        sched.step()
+    other_opt = SGD([P()], lr=cases.BASE_LR)
+    other, _ = cases.make(case, minidl.schedulers, other_opt)
+    other.load_state_dict(npz_round_trip(sched.state_dict()))
+    assert other.last_epoch == steps // 2
+    other_opt.lr = opt.lr
+    assert lrs_over(other, 3) == lrs_over(sched, 3)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda o: SequentialLR(o, [StepLR(o, 2), ExponentialLR(o, 0.9)], milestones=[]),
+     ValueError, r"milestones must be 1 increasing epochs, one per scheduler after the first"),
+    (lambda o: SequentialLR(o, [StepLR(o, 2), StepLR(o, 3), StepLR(o, 4)], milestones=[5, 2]),
+     ValueError, r"milestones must be 2 increasing epochs.*got \[5, 2\]"),
+    (lambda o: SequentialLR(o, [StepLR(o, 2), ReduceLROnPlateau(o)], milestones=[3]),
+     TypeError, r"SequentialLR: schedulers\[1\] must be a minidl scheduler, not "
+                r"ReduceLROnPlateau"),
+    (lambda o: ChainedScheduler([StepLR(o, 2), OneCycleLR(o, 0.1, total_steps=9)]),
+     TypeError, r"schedulers\[1\] must be a minidl scheduler, not OneCycleLR or"),
+    (lambda o: ChainedScheduler([StepLR(o, 2), StepLR(SGD([P()], lr=0.1), 2)]),
+     ValueError, r"ChainedScheduler: schedulers\[1\] schedules another optimizer"),
+    (lambda o: ChainedScheduler([StepLR(o, 2), LinearLR(o)]),
+     ValueError, r"some schedulers step per batch, some per epoch; pass per_batch=True"),
+    (lambda o: ChainedScheduler([]), TypeError, r"schedulers must be a non-empty list, got \[\]"),
+    (lambda o: ChainedScheduler([StepLR(o, 2)], per_batch="yes"), TypeError,
+     "per_batch must be True or False"),
+])
+def test_combined_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make(SGD([P()], lr=0.1))
