@@ -104,13 +104,18 @@ class LRScheduler(Callback):
         """The rate this scheduler set last (a float: minidl has no parameter groups)."""
         return self.lr_at(self.last_epoch)
 
+    def hyperparameters(self):
+        """The constructor's hyper-parameters, by name."""
+        return {name: getattr(self, name) for name in self._hyper_names}
+
     def state_dict(self):
         """The hyper-parameters and counters (base_lr, last_epoch...): Python scalars, tuples."""
-        return {name: getattr(self, name) for name in (*self._hyper_names, *self._counters)}
+        return {**self.hyperparameters(), **{name: getattr(self, name) for name in self._counters}}
 
     def load_state_dict(self, state):
-        """Restore ``state_dict()``'s output (numpy 0-d arrays from numpy.load are fine).
-        The optimizer's lr is left alone: its own load_state_dict restores it."""
+        """Restore ``state_dict()``'s output (numpy 0-d arrays from numpy.load are fine), all
+        checked first, and set the optimizer's rate for ``last_epoch`` (so load it after
+        the optimizer's state: a longer T_max, say, continues on its own schedule)."""
         owner = f"{type(self).__name__}.load_state_dict"
         expected = {*self._hyper_names, *self._counters}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -121,11 +126,11 @@ class LRScheduler(Callback):
         vars(self).update({**self._checked(values), **{
             name: check(values[name], name, owner, **bounds)
             for name, (check, bounds) in self._counters.items()}})
+        self._apply(self.last_epoch)
 
     def __repr__(self):
-        names = (*self._hyper_names, "base_lr", "last_epoch")
-        args = ", ".join(f"{name}={getattr(self, name)}" for name in names)
-        return f"{type(self).__name__}({args})"
+        values = {**self.hyperparameters(), "base_lr": self.base_lr, "last_epoch": self.last_epoch}
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in values.items())})"
 
 
 class StepLR(LRScheduler):

@@ -54,12 +54,13 @@ class Trainer:
 
     ``metrics``: names ("accuracy"), callables ``f(logits, labels)`` averaged over
     samples, or a dict ``{name: metric}``. ``clip_grad_norm``: the global gradient norm's
-    limit before each step; ``verbose=0``: no progress bars. A batch loss that is not
-    finite, or above ``max_loss_ratio`` times the fit's first one (or 1), stops ``fit``.
-    Every option and error: docs/api.md.
+    limit before each step; ``verbose``: 1 progress bars and a line per epoch, 2 that
+    line only (as Keras), 0 nothing. A batch loss that is not finite, or above
+    ``max_loss_ratio`` times the fit's first one (or 1), stops ``fit``. Every option and
+    error: docs/api.md.
 
-    What ``fit`` is doing, for callbacks to read: ``epoch``, ``batch``, ``history`` (the
-    epochs done), ``train_loader`` and ``start_epoch`` (where the epoch loop starts: a
+    What ``fit`` is doing, for callbacks to read: ``epoch``, ``batch``, ``epochs``,
+    ``history`` (the epochs done), ``train_loader`` and ``start_epoch`` (where it starts: a
     callback's ``on_train_begin`` may move it to continue a run, minidl/ext/resume.py).
     """
 
@@ -147,7 +148,7 @@ class Trainer:
             if data is not None:
                 self._check_data(data, "Trainer.fit", name)
         epochs = check_int(epochs, "epochs", "Trainer.fit", minimum=1)
-        self.history, self.train_loader, self.start_epoch = History(), train, 0
+        self.history, self.train_loader, self.start_epoch, self.epochs = History(), train, 0, epochs
         self.stop_training, self._start_loss = False, None
         callbacks = _by_priority(([] if self.scheduler is None else [self.scheduler])
                                  + list(callbacks))
@@ -188,7 +189,7 @@ class Trainer:
         start = time.perf_counter()
         # `with`: the bar ends its line even when a step fails or Ctrl-C stops it
         with tqdm(train, total=len(train), desc=f"Epoch {self.epoch + 1}/{epochs}", unit="batch",
-                  disable=not verbose, leave=True, dynamic_ncols=True) as bar:
+                  disable=verbose != 1, leave=True, dynamic_ncols=True) as bar:
             for self.batch, (x, y) in enumerate(bar):
                 for cb in callbacks:
                     cb.on_batch_begin(self, self.batch)

@@ -9,9 +9,13 @@ Keras's BackupAndRestore, or Chainer's snapshot extension).
     trainer.fit(train, epochs=8, callbacks=[TrainingState("runs/state.npz", resume=True)])
 
 Keys: "model/<name>", "optimizer/<name>", "scheduler/<name>", "history/<metric>" (NaN
-for an epoch that did not log it), "epoch" and "rng/<owner>": the state, as JSON text,
-of each generator the run draws from.
+for an epoch that did not log it), "epoch", "loader" (the training loader's batches and
+samples per epoch) and "rng/<owner>": the state, as JSON text, of each generator the run
+draws from. A resume is all or nothing: every member's header is checked against what
+this run can hold before its data is read, then every value, on copies; only then do
+the model, optimizer, scheduler, generators and History change.
 """
+import copy
 import json
 import math
 
@@ -23,22 +27,27 @@ from ..serialization import NpzReader, save_npz
 from ..trainer import History
 
 _cpu = backend.get_module("cpu")   # the file holds CPU arrays
+MAX_RNG_CHARS = 4096               # a generator's state as JSON (PCG64's: about 150)
+MAX_HISTORY_VALUES = 2**24         # epochs x logged numbers (128 MB of float64)
 
 
 class TrainingState(Callback):
     """Save the training state to ``path`` after every epoch (unless ``save`` is False:
-    in a data-parallel job one rank writes); with ``resume=True`` restore it first."""
+    in a data-parallel job one rank writes); with ``resume=True`` restore it first.
+    ``reschedule=True``: the scheduler keeps the hyper-parameters this run made it with
+    (a longer T_max or total_steps, to extend a run) and takes only its position from
+    the file."""
 
     priority = -100     # last: it saves what every other callback did in the epoch
 
-    def __init__(self, path, resume=False, save=True):
-        self.path, self.resume, self.save = path, resume, save
+    def __init__(self, path, resume=False, save=True, reschedule=False):
+        self.path, self.resume, self.save, self.reschedule = path, resume, save, reschedule
 
     def on_train_begin(self, trainer):
         if self.resume:
             history = History()
-            trainer.start_epoch = load_training_state(self.path, trainer,
-                                                      trainer.train_loader, history)
+            trainer.start_epoch = load_training_state(self.path, trainer, trainer.train_loader,
+                                                      history, self.reschedule)
             trainer.history = history
 
     def on_epoch_end(self, trainer, epoch, logs):
@@ -49,7 +58,7 @@ class TrainingState(Callback):
 
 def save_training_state(path, trainer, train, history, epoch):
     """Write the state of ``trainer`` after ``epoch`` epochs over the DataLoader ``train``."""
-    arrays = {"epoch": _cpu.int64(epoch)}
+    arrays = {"epoch": _cpu.int64(epoch), "loader": _cpu.array(_loader_size(train))}
     arrays.update(_prefixed("model/", trainer.model.state_dict()))
     arrays.update(_prefixed("optimizer/", trainer.optimizer.state_dict()))
     if trainer.scheduler is not None:
@@ -61,49 +70,164 @@ def save_training_state(path, trainer, train, history, epoch):
     save_npz(path, arrays)
 
 
-def load_training_state(path, trainer, train, history):
+def load_training_state(path, trainer, train, history, reschedule=False):
     """Restore what ``save_training_state`` wrote into ``trainer``, ``train`` and the
-    (empty) ``history``; returns the number of epochs already done. ValueError when
-    the file was written for another model, optimizer, scheduler or data pipeline."""
-    saved = _read_state(path, trainer.model)
-    parts = {prefix: {key[len(prefix):]: value for key, value in saved.items()
-                      if key.startswith(prefix)}
-             for prefix in ("model/", "optimizer/", "scheduler/", "history/", "rng/")}
-    if bool(parts["scheduler/"]) != (trainer.scheduler is not None):
-        raise ValueError(f"resume: {path!r} was saved "
-                         f"{'with' if parts['scheduler/'] else 'without'} a scheduler, "
-                         f"this Trainer has {trainer.scheduler!r}")
-    ours = generators(trainer.model, train)
-    if set(parts["rng/"]) != set(ours):
-        raise ValueError(f"resume: {path!r} holds random generators {sorted(parts['rng/'])}, "
-                         f"this run has {sorted(ours)} (another model, loader or transform?)")
+    (empty) ``history``; returns the number of epochs already done. All or nothing:
+    ValueError, with nothing changed, when the file was written for another model,
+    optimizer, scheduler or data pipeline, or holds a value this run cannot take."""
+    epochs, parts = _read_state(path, trainer, train)
+    scheduler, optimizer = trainer.scheduler, _inner(trainer.optimizer)
+    if scheduler is not None and reschedule:
+        parts["scheduler/"].update(scheduler.hyperparameters())
+    # Everything is loaded into copies first (the model checks all before it sets
+    # anything); a copy of the scheduler sets the rate of the optimizer's copy.
+    try:
+        trainer.model.check_state_dict(parts["model/"])
+        staged = copy.copy(optimizer)
+        staged.load_state_dict(parts["optimizer/"])
+        _check_optimizer_state(staged)
+        if scheduler is not None:
+            probe = copy.deepcopy(scheduler, {id(optimizer): staged})
+            probe.load_state_dict(parts["scheduler/"])
+        rows = [{k: float(v[i]) for k, v in parts["history/"].items() if not math.isnan(v[i])}
+                for i in range(epochs)]
+        states = {name: _generator_state(name, gen, parts["rng/"][name])
+                  for name, gen in generators(trainer.model, train).items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"resume: {path!r}: {exc}") from None
     trainer.model.load_state_dict(parts["model/"])
-    trainer.optimizer.load_state_dict(parts["optimizer/"])
-    if trainer.scheduler is not None:
-        trainer.scheduler.load_state_dict(parts["scheduler/"])
-    epochs = int(saved["epoch"])
-    for i in range(epochs):
-        history.append({k: float(v[i]) for k, v in parts["history/"].items()
-                        if not math.isnan(v[i])})
-    for name, gen in ours.items():
-        gen.bit_generator.state = json.loads(str(parts["rng/"][name]))
+    vars(optimizer).update(vars(staged))
+    if scheduler is not None:       # as its copy did: it sets the optimizer's rate
+        scheduler.load_state_dict(parts["scheduler/"])
+    for name, gen in generators(trainer.model, train).items():
+        gen.bit_generator.state = states[name]
+    for row in rows:
+        history.append(row)
     return epochs
 
 
-def _read_state(path, model):
-    """The arrays of the state file, each member's header checked before its data is
-    read: none may be larger than a training state of ``model`` can hold (optimizer
-    moments of every parameter, or a History and generator text of bounded size)."""
+def saved_epochs(path):
+    """The number of epochs done in the training state at ``path`` (its "epoch" member,
+    read alone): FileNotFoundError, or ValueError for a file that is no training state."""
     with NpzReader(path) as npz:
-        if "epoch" not in npz.headers:
-            raise ValueError(f"resume: {path!r} is not a training state written by "
-                             f"TrainingState (a model checkpoint has no 'epoch')")
-        limit = 4 * sum(p.size for p in model.parameters()) + 2**20
-        for name, (shape, _) in npz.headers.items():
-            if math.prod(shape) > limit:
-                raise npz.error(f"array {name!r} of shape {shape} is larger than any "
-                                f"training state of this model")
-        return npz.read_all(npz.headers)
+        _require_epoch(npz, path)
+        return _epoch_count(npz)
+
+
+def _read_state(path, trainer, train):
+    """(epochs, {part: {key: array}}) from the file, each member's header checked against
+    what this run can hold before any data is read, and every float finite."""
+    with NpzReader(path) as npz:
+        _require_epoch(npz, path)
+        epochs = _epoch_count(npz)
+        if epochs > getattr(trainer, "epochs", epochs):     # the epochs of this fit
+            raise npz.error(f"it holds {epochs} epochs done, more than this fit's "
+                            f"epochs={trainer.epochs}")
+        history = [name for name in npz.headers if name.startswith("history/")]
+        if epochs * len(history) > MAX_HISTORY_VALUES:
+            raise npz.error(f"its history of {epochs} epochs x {len(history)} numbers is "
+                            f"larger than any run's")
+        saved = {prefix: sorted(name[len(prefix):] for name in npz.headers
+                                if name.startswith(prefix)) for prefix in ("scheduler/", "rng/")}
+        if bool(saved["scheduler/"]) != (trainer.scheduler is not None):
+            raise ValueError(f"resume: {path!r} was saved "
+                             f"{'with' if saved['scheduler/'] else 'without'} a scheduler, "
+                             f"this Trainer has {trainer.scheduler!r}")
+        ours = sorted(generators(trainer.model, train))
+        if saved["rng/"] != ours:
+            raise ValueError(f"resume: {path!r} holds random generators {saved['rng/']}, "
+                             f"this run has {ours} (another model, loader or transform?)")
+        required, optional = _expected(trainer, train, epochs, history)
+        unexpected = sorted(set(npz.headers) - set(required) - set(optional))
+        missing = sorted(set(required) - set(npz.headers))
+        if unexpected or missing:
+            raise npz.error(f"it was not saved by this run (another model, optimizer or "
+                            f"scheduler?): missing arrays {_few(missing)}, unexpected arrays "
+                            f"{_few(unexpected)}")
+        arrays = npz.read_all({**required, **{name: spec for name, spec in optional.items()
+                                              if name in npz.headers}})
+        for name, a in arrays.items():      # never saved: the Trainer stops first
+            if name.startswith(("model/", "optimizer/")) and not _cpu.isfinite(a).all():
+                raise npz.error(f"array {name!r} holds inf or NaN")
+        if "loader" in arrays and arrays["loader"].tolist() != _loader_size(train):
+            batches, samples = arrays["loader"].tolist()
+            raise npz.error(f"it was saved by a run of {batches} batches ({samples} samples) "
+                            f"per epoch; this one has {len(train)} ({train.num_samples}): "
+                            f"another data set size, limit or batch size?")
+    return epochs, {prefix: {key[len(prefix):]: value for key, value in arrays.items()
+                             if key.startswith(prefix)}
+                    for prefix in ("model/", "optimizer/", "scheduler/", "history/", "rng/")}
+
+
+def _expected(trainer, train, epochs, history):
+    """({name: (shape, dtype)} of the members a state of this run must hold, and of
+    those it may hold: optimizer buffers appear with their first update, "loader" since
+    minidl 0.1 wrote it)."""
+    required = {"epoch": ((), _cpu.int64)}
+    required.update(_specs("model/", trainer.model.state_dict()))
+    optimizer = _inner(trainer.optimizer)
+    required.update(_specs("optimizer/", {k: v for k, v in optimizer.state_dict().items()
+                                          if not k.startswith("state.")}))
+    if trainer.scheduler is not None:
+        required.update(_specs("scheduler/", trainer.scheduler.state_dict()))
+    required.update({name: ((epochs,), _cpu.float64) for name in history})
+    required.update({f"rng/{name}": ((), f"<U{MAX_RNG_CHARS}")
+                     for name in generators(trainer.model, train)})
+    optional = {"loader": ((2,), _cpu.int64)}
+    for i, p in enumerate(optimizer.params):
+        optional[f"optimizer/state.{i}.t"] = ((), _cpu.int64)
+        optional.update({f"optimizer/state.{i}.{name}": (tuple(p.data.shape), p.data.dtype)
+                         for name in optimizer.buffer_names})
+    return required, optional
+
+
+def _check_optimizer_state(optimizer):
+    """A run updates every parameter at every step: the same buffers and a step count t
+    of at least 1 for each, or no state at all (no step yet)."""
+    entries = {i: (tuple(sorted(state)), state["t"]) for i, state in optimizer.state.items()}
+    if entries and (len(entries) != len(optimizer.params) or len(set(entries.values())) > 1
+                    or min(t for _, t in entries.values()) < 1):
+        raise ValueError(f"the optimizer's state is not one of a training run: parameter -> "
+                         f"(entries, step count) {entries}, for {len(optimizer.params)} "
+                         f"parameters")
+
+
+def _generator_state(name, gen, text):
+    """The generator state in ``text`` (JSON), once a fresh generator of ``gen``'s kind
+    takes it unchanged."""
+    try:
+        state = json.loads(str(text))
+        probe = type(gen.bit_generator)()
+        probe.state = state
+        if probe.state == state:
+            return state
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError):
+        pass
+    raise ValueError(f"'rng/{name}' is not a state of its {type(gen.bit_generator).__name__} "
+                     f"generator: {str(text)[:200]!r}")
+
+
+def _require_epoch(npz, path):
+    if "epoch" not in npz.headers:
+        raise ValueError(f"resume: {path!r} is not a training state written by "
+                         f"TrainingState (a model checkpoint has no 'epoch')")
+
+
+def _epoch_count(npz):
+    epochs = npz.read("epoch", (), _cpu.int64).item()
+    if epochs < 0:
+        raise npz.error(f"its epoch count is {epochs}")
+    return epochs
+
+
+def _loader_size(train):
+    """[batches, samples] of one epoch of the DataLoader ``train``."""
+    return [len(train), int(getattr(train, "num_samples", -1))]
+
+
+def _inner(optimizer):
+    """The optimizer that holds the state (a DistributedOptimizer wraps one)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def generators(model, train):
@@ -127,5 +251,19 @@ def _named_layers(layer, name):
             yield from _named_layers(child, f"{name}.{child_name}")
 
 
+def _few(names, shown=8):
+    """A list of names as text, cut after ``shown``."""
+    return f"{names[:shown]}{f' and {len(names) - shown} more' * (len(names) > shown)}"
+
+
 def _prefixed(prefix, state):
     return {prefix + key: _cpu.asarray(value) for key, value in state.items()}
+
+
+def _specs(prefix, state):
+    """{prefix + key: (shape, dtype)} of a state dict's values; text may be longer."""
+    specs = {}
+    for key, value in state.items():
+        a = _cpu.asarray(value)
+        specs[prefix + key] = (a.shape, "<U1024" if a.dtype.kind == "U" else a.dtype)
+    return specs

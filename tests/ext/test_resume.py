@@ -44,25 +44,30 @@ class StopAfter(Callback):
             trainer.stop_training = True
 
 
-def run(state, epochs=2, resume=None, stop_after=None, per_batch=False, callbacks=()):
+def setup(epochs=2, per_batch=False, batch_size=16):
     """A seeded run with every source of randomness: shuffles, augmentation, dropout,
-    batch norm statistics, Adam's moments and a scheduler."""
+    batch norm statistics, Adam's moments and a scheduler: (trainer, train, val)."""
     minidl.manual_seed(0)
     model = Sequential(Conv2D(1, 4, 3, padding=1, bias=False), BatchNorm2D(4), ReLU(),
                        Residual(Conv2D(4, 4, 3, padding=1)), MaxPool2D(2), Flatten(),
                        Dropout(0.3), Dense(64, 3))
     x, y = fake_images()
-    train = DataLoader(x, y, 16, seed=0, transform=Compose(
+    train = DataLoader(x, y, batch_size, seed=0, transform=Compose(
         [RandomShift(1), RandomHorizontalFlip(), to_float]))
     optimizer = Adam(model.parameters(), lr=1e-2)
     scheduler = (OneCycleLR(optimizer, 1e-2, epochs=epochs, steps_per_epoch=len(train))
                  if per_batch else CosineAnnealingLR(optimizer, T_max=epochs))
     trainer = Trainer(model, SoftmaxCrossEntropy(), optimizer, scheduler=scheduler, verbose=0)
+    return trainer, train, DataLoader(x, y, 48, transform=to_float)
+
+
+def run(state, epochs=2, resume=None, stop_after=None, per_batch=False, callbacks=(),
+        reschedule=False):
+    trainer, train, val = setup(epochs, per_batch)
     callbacks = list(callbacks) + ([] if stop_after is None else [StopAfter(stop_after)])
-    callbacks.append(TrainingState(state, resume=resume))
-    history = trainer.fit(train, epochs=epochs, val=DataLoader(x, y, 48, transform=to_float),
-                          callbacks=callbacks)
-    return model, optimizer, history
+    callbacks.append(TrainingState(state, resume=resume, reschedule=reschedule))
+    history = trainer.fit(train, epochs=epochs, val=val, callbacks=callbacks)
+    return trainer.model, trainer.optimizer, history
 
 
 class InterruptIn(Callback):
@@ -131,7 +136,7 @@ def test_resume_refuses_another_run_and_model_checkpoints(tmp_path):
     np.savez_compressed(tmp_path / "big.npz", **{"epoch": np.int64(1),
                                                  "history/loss": np.zeros(5 * 10**6)})
     assert (tmp_path / "big.npz").stat().st_size < 10**6
-    with pytest.raises(ValueError, match="'history/loss' of shape .* is larger than any"):
+    with pytest.raises(ValueError, match="holds random generators"):
         resume_from(tmp_path / "big.npz")
 
 
@@ -176,3 +181,91 @@ def test_cli_resume_continues_a_killed_run(data_root, tmp_path, monkeypatch, cap
     rows = (tmp_path / "part" / "history.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2"]
     assert json.loads((tmp_path / "part" / "run.json").read_text())["schedule"] == "onecycle"
+
+
+# -- crafted and damaged states: a clear ValueError, and nothing changes ---------------------
+def snapshot(trainer, train):
+    """Everything a resume may change, as plain values."""
+    return (trainer.model.state_dict(), trainer.optimizer.state_dict(),
+            trainer.optimizer.lr, trainer.scheduler.state_dict(), trainer.history.rows(),
+            {name: gen.bit_generator.state for name, gen in resume.generators(
+                trainer.model, train).items()})
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        if isinstance(x, dict) and x and all(isinstance(v, np.ndarray) for v in x.values()):
+            assert x.keys() == y.keys()
+            for key in x:
+                np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+        else:
+            assert str(x) == str(y)
+
+
+BAD_RNG = json.dumps({"bit_generator": "PCG64", "state": {"state": -1, "inc": 1},
+                      "has_uint32": 0, "uinteger": 0})
+
+
+def _rename(arrays, old, new):
+    arrays[new] = arrays.pop(old)
+
+
+@pytest.mark.parametrize("craft, message", [
+    (lambda a: a.update({"optimizer/state.0.m": a["optimizer/state.0.m"].astype(complex)}),
+     r"array 'optimizer/state.0.m' is complex128 of shape \(4, 1, 3, 3\), expected float32"),
+    (lambda a: a.update({"epoch": np.int64(10**6)}),
+     r"it holds 1000000 epochs done, more than this fit's epochs=2"),
+    (lambda a: a.update({"epoch": np.int64(-1)}), r"its epoch count is -1"),
+    (lambda a: a.pop("optimizer/state.1.m"), r"the optimizer's state is not one of a training run"),
+    (lambda a: a.update({f"optimizer/state.{i}.t": np.int64(0) for i in range(7)}),
+     r"the optimizer's state is not one of a training run"),
+    (lambda a: _rename(a, "optimizer/state.1.m", "optimizer/state.01.m"),
+     r"unexpected arrays \['optimizer/state.01.m'\]"),
+    (lambda a: a.update({"rng/loader": np.array(BAD_RNG)}),
+     r"resume: .*'rng/loader' is not a state of its PCG64 generator"),
+    (lambda a: a.update({"rng/minidl": np.array("{")}),
+     r"'rng/minidl' is not a state of its PCG64 generator: '\{'"),
+    (lambda a: a.update({"rng/minidl": np.array("x" * 10**5)}),
+     r"array 'rng/minidl' is <U100000 of shape \(\), expected <U4096"),
+    (lambda a: a["model/7.weight"].__setitem__((0, 0), np.nan),
+     r"array 'model/7.weight' holds inf or NaN"),
+    (lambda a: a.update({"optimizer/lr": np.float64(np.inf)}),
+     r"array 'optimizer/lr' holds inf or NaN"),
+    (lambda a: a.update({"history/loss": np.zeros(5)}),
+     r"array 'history/loss' is float64 of shape \(5,\), expected float64 of shape \(1,\)"),
+    (lambda a: a.update({"scheduler/last_epoch": np.int64(-3)}),
+     r"last_epoch must be >= 0, got -3"),
+    (lambda a: a.update({"loader": np.array([7, 100])}),
+     r"saved by a run of 7 batches \(100 samples\) per epoch; this one has 3 \(48\)"),
+    (lambda a: a.update({"model/1.running_var": a["model/1.running_var"][:2]}),
+     r"'model/1.running_var' is float32 of shape \(2,\), expected float32 of shape \(4,\)"),
+], ids=["complex moment", "epoch 10**6", "epoch -1", "dropped moment", "step count 0",
+        "aliased moment", "bad generator state", "generator not JSON", "huge generator text",
+        "NaN weight", "inf lr", "history too long", "negative scheduler epoch",
+        "other loader", "misshapen buffer"])
+def test_a_crafted_state_is_refused_and_changes_nothing(tmp_path, craft, message):
+    run(tmp_path / "state.npz", epochs=2, stop_after=1)
+    with np.load(tmp_path / "state.npz") as data:
+        arrays = dict(data)
+    craft(arrays)
+    np.savez(tmp_path / "crafted.npz", **arrays)
+    trainer, train, val = setup()
+    before = snapshot(trainer, train)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(train, epochs=2, val=val,
+                    callbacks=[TrainingState(tmp_path / "crafted.npz", resume=True)])
+    assert_same(snapshot(trainer, train), before)
+
+
+def test_resume_reschedules_when_asked(tmp_path):
+    """An extended run: the cosine over 4 epochs, not the 2 the file was saved with."""
+    run(tmp_path / "state.npz", epochs=2)
+    assert resume.saved_epochs(tmp_path / "state.npz") == 2
+    _, optimizer, history = run(tmp_path / "state.npz", epochs=4, resume=True,
+                                reschedule=True)
+    assert history.epochs == 4
+    assert history["lr"][2:] == pytest.approx([1e-2 * (1 + np.cos(np.pi * t / 4)) / 2
+                                               for t in (2, 3)])
+    Sequential(Dense(2, 2)).save(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match="not a training state"):
+        resume.saved_epochs(tmp_path / "m.npz")
