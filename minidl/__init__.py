@@ -30,8 +30,8 @@ from .losses import MSE, Loss, SoftmaxCrossEntropy
 from .model import Sequential
 from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm_
 from .random import manual_seed
-from .schedulers import (CosineAnnealingLR, ExponentialLR, LinearLR, MultiStepLR, OneCycleLR,
-                         ReduceLROnPlateau, StepLR)
+from .schedulers import (ChainedScheduler, CosineAnnealingLR, ExponentialLR, LinearLR,
+                         MultiStepLR, OneCycleLR, ReduceLROnPlateau, SequentialLR, StepLR)
 from .trainer import History, Trainer
 
 __version__ = "0.1.0"

@@ -107,10 +107,12 @@ class ModelCheckpoint(Callback):
     ``monitor`` reached a new best (``save_best_only``). Writes are atomic; a model
     holding inf or NaN is never saved (FloatingPointError). Errors: docs/api.md.
     ``saved_epoch``: the epoch (from 1) whose model the file holds, once an epoch of
-    this fit has ended (a resumed run's earlier epochs count), else None."""
+    this fit has ended (a resumed run's earlier epochs count), else None. ``metadata``:
+    what ``model.save`` stores beside the weights (the preprocessing, class names...)."""
 
-    def __init__(self, path, monitor="val_accuracy", mode="auto", save_best_only=True):
-        self.path = os.fspath(path)
+    def __init__(self, path, monitor="val_accuracy", mode="auto", save_best_only=True,
+                 metadata=None):
+        self.path, self.metadata = os.fspath(path), metadata
         self.tracker = _Monitor(monitor, mode)
         self.save_best_only = save_best_only
         self.saved_epoch = None
@@ -131,7 +133,8 @@ class ModelCheckpoint(Callback):
             raise FloatingPointError(f"ModelCheckpoint: not saving {self.path!r}: "
                                      f"{', '.join(bad)} hold inf or NaN (the file keeps its "
                                      f"last good save)")
-        trainer.model.save(self.path)
+        trainer.model.save(self.path, **({} if self.metadata is None else
+                                         {"metadata": self.metadata}))
         self.saved_epoch = epoch + 1
 
 

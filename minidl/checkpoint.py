@@ -4,9 +4,10 @@
     model.load("cnn.npz")                # into a model of the same structure
     model = minidl.load_model("cnn.npz") # rebuilt from the file alone
 
-Members: every parameter and buffer under its ``state_dict`` name, and "__model__",
-the model's ``layer_spec`` ({"class": name, "config": get_config()}, nested for
-containers) as JSON text. ``load_model`` builds only classes of the layer registry
+Members: every parameter and buffer under its ``state_dict`` name, "__model__", the
+model's ``layer_spec`` ({"class": name, "config": get_config()}, nested for containers)
+as JSON text, and "__metadata__" (JSON the caller gives: preprocessing, class names;
+``load_metadata``). ``load_model`` builds only classes of the layer registry
 (layers/registry.py); nothing is unpickled or imported by name. Every refusal is a
 CheckpointError naming the file (docs/api.md, "Errors of checkpoints"), raised before
 the model changes.
@@ -19,14 +20,24 @@ from .layers.registry import layer_class
 from .serialization import NpzReader, save_npz
 
 CONFIG_KEY = "__model__"          # the model's layer_spec, as JSON text
+METADATA_KEY = "__metadata__"     # what the caller says about the model, as JSON text
 _MAX_CONFIG_CHARS = 1 << 20
 
 
-def save_model(model, path):
-    """Write ``model``'s parameters, buffers and config to ``path`` (.npz), atomically."""
+def save_model(model, path, metadata=None):
+    """Write ``model``'s parameters, buffers and config, and the JSON-able dict
+    ``metadata`` if given, to ``path`` (.npz), atomically."""
     state = model.state_dict()
     state[CONFIG_KEY] = backend.get_module("cpu").array([_config_text(model)])
+    if metadata is not None:
+        state[METADATA_KEY] = backend.get_module("cpu").array([json.dumps(dict(metadata))])
     save_npz(path, state)
+
+
+def load_metadata(path):
+    """The ``metadata`` dict saved with the model at ``path`` ({} if none)."""
+    with NpzReader(path) as npz:
+        return _read_json(npz, METADATA_KEY) if METADATA_KEY in npz.headers else {}
 
 
 def load_weights(model, path):
@@ -79,10 +90,9 @@ def _load_into(model, npz):
         raise npz.error(f"it was saved from a different model structure "
                         f"({_difference(saved, mine)})")
     expected = {name: (a.shape, a.dtype) for name, a in model._state_arrays().items()}
-    expected[CONFIG_KEY] = npz.headers[CONFIG_KEY]
-    state = npz.read_all(expected)
-    del state[CONFIG_KEY]
-    model.load_state_dict(state)
+    texts = {key: npz.headers[key] for key in (CONFIG_KEY, METADATA_KEY) if key in npz.headers}
+    state = npz.read_all({**expected, **texts})
+    model.load_state_dict({key: state[key] for key in expected})
 
 
 def _config_text(model):
@@ -98,13 +108,16 @@ def _read_config(npz):
     if CONFIG_KEY not in npz.headers:
         raise npz.error(f"it has no {CONFIG_KEY!r} entry: it was not written by "
                         f"Sequential.save (or by an older minidl)")
-    text = npz.read(CONFIG_KEY, (1,), f"<U{_MAX_CONFIG_CHARS}")[0]
+    return _read_json(npz, CONFIG_KEY)
+
+
+def _read_json(npz, key):
     try:
-        config = json.loads(text)
-        _comparable(config)   # nested too deep for that: not a model's config
-        return config
+        value = json.loads(npz.read(key, (1,), f"<U{_MAX_CONFIG_CHARS}")[0])
+        _comparable(value)   # nested too deep for that: not a config
+        return value
     except (ValueError, RecursionError) as exc:
-        raise npz.error(f"its {CONFIG_KEY!r} entry is not valid JSON ({exc})") from None
+        raise npz.error(f"its {key!r} entry is not valid JSON ({exc})") from None
 
 
 def _comparable(config):

@@ -85,10 +85,11 @@ class Sequential(Container):
     def named_layers(self):
         return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
-    def save(self, path):
+    def save(self, path, metadata=None):
         """Write parameters, buffers and the model's config (every layer's class and
-        constructor arguments, as JSON) to ``path`` (.npz), atomically (checkpoint.py)."""
-        save_model(self, path)
+        constructor arguments, as JSON) to ``path`` (.npz), atomically (checkpoint.py);
+        ``metadata``: a JSON-able dict about the model, for ``load_metadata``."""
+        save_model(self, path, metadata)
 
     def load(self, path):
         """Load a checkpoint written by ``save``; all or nothing (the errors: docs/api.md,

@@ -7,13 +7,11 @@
 
 A scheduler is a Callback that ``Trainer(scheduler=sched)`` steps after each epoch, or
 after every batch when ``per_batch`` (``last_epoch`` then counts optimizer steps). Most
-give the rate in closed form from ``base_lr`` (the optimizer's lr before any scheduler
-changed it: PyTorch's ``initial_lr``) and ``last_epoch``: torch.optim.lr_scheduler's
-(recursive) values up to rounding. One scheduler sets an optimizer's rate, the one made
-last; SequentialLR and ChainedScheduler combine several.
+give the rate in closed form from ``base_lr`` (the lr before any scheduler changed it:
+torch's ``initial_lr``) and ``last_epoch``: torch.optim.lr_scheduler's values up to
+rounding. The scheduler made last sets the rate; SequentialLR, ChainedScheduler combine.
 """
 import bisect
-import copy
 import math
 
 from .backend import to_numpy
@@ -47,9 +45,8 @@ _POSITIVE_INT = (check_int, {"minimum": 1})
 
 class LRScheduler(Callback):
     """Base class: a subclass implements ``lr_at(epoch)`` and maps each hyper-parameter
-    to (check, bounds) from minidl.checks in ``_checks``, applied when made and when
-    loaded; ``_counters`` (the state that changes) are checked likewise when loaded.
-    """
+    to (check, bounds) from minidl.checks in ``_checks`` (its hyper-parameters), applied
+    when made and when loaded; ``_counters`` (the state that changes) likewise."""
 
     per_batch = False
     priority = 100      # stepped before the other callbacks, which then see the new rate
@@ -60,11 +57,9 @@ class LRScheduler(Callback):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(self).__name__}: expected a minidl Optimizer, got "
                             f"{type(optimizer).__name__}")
-        self.optimizer = optimizer
-        # a cosine made after a warm-up starts from the optimizer's rate, not the warm-up's
+        self.optimizer = optimizer      # base_lr: the rate before any scheduler changed it
         self.base_lr = vars(optimizer).setdefault("initial_lr", optimizer.lr)
         self.last_epoch = 0
-        self._hyper_names = tuple(hyperparameters)
         vars(self).update(self._checked(hyperparameters))
         optimizer._scheduler = self     # the one that sets its rate from now on
         self._apply(0)
@@ -82,10 +77,10 @@ class LRScheduler(Callback):
         raise NotImplementedError(f"{type(self).__name__} must implement lr_at(epoch)")
 
     def _checked(self, h):
-        """``h`` normalised by ``_checks``: TypeError (wrong kind) or ValueError."""
-        owner = type(self).__name__
-        return {**h, **{name: check(h[name], name, owner, **bounds)
-                        for name, (check, bounds) in self._checks.items()}}
+        """``h`` normalised by ``_checks`` and ``_counters``: TypeError (kind) or ValueError."""
+        return {**h, **{name: check(h[name], name, type(self).__name__, **bounds)
+                        for name, (check, bounds) in {**self._checks, **self._counters}.items()
+                        if name in h}}
 
     def step(self):
         """End an epoch: advance ``last_epoch`` and set the optimizer's lr for the next."""
@@ -106,26 +101,23 @@ class LRScheduler(Callback):
 
     def hyperparameters(self):
         """The constructor's hyper-parameters, by name."""
-        return {name: getattr(self, name) for name in self._hyper_names}
+        return {name: getattr(self, name) for name in self._checks}
 
     def state_dict(self):
         """The hyper-parameters and counters (base_lr, last_epoch...): Python scalars, tuples."""
         return {**self.hyperparameters(), **{name: getattr(self, name) for name in self._counters}}
 
     def load_state_dict(self, state):
-        """Restore ``state_dict()``'s output (numpy 0-d arrays from numpy.load are fine), all
-        checked first, and set the optimizer's rate for ``last_epoch`` (so load it after
-        the optimizer's state: a longer T_max, say, continues on its own schedule)."""
-        owner = f"{type(self).__name__}.load_state_dict"
-        expected = {*self._hyper_names, *self._counters}
+        """Restore ``state_dict()``'s output (numpy.load's arrays are fine), all checked
+        first, and set the optimizer's rate for ``last_epoch`` (load the optimizer first)."""
+        expected = {*self._checks, *self._counters}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
-            raise ValueError(f"{owner}: missing keys {missing}, unexpected keys {unexpected}")
+            raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
         # numpy.load gives 0-d or 1-d arrays: tolist() makes them Python data again
-        values = {name: to_numpy(state[name]).tolist() for name in expected}
-        vars(self).update({**self._checked(values), **{
-            name: check(values[name], name, owner, **bounds)
-            for name, (check, bounds) in self._counters.items()}})
+        vars(self).update(self._checked({name: to_numpy(state[name]).tolist()
+                                         for name in expected}))
         self._apply(self.last_epoch)
 
     def __repr__(self):
@@ -356,18 +348,20 @@ class ReduceLROnPlateau(LRScheduler):
 
 
 class _Combined(LRScheduler):
-    """What SequentialLR and ChainedScheduler share: ``schedulers`` of one optimizer (only
-    their ``lr_at`` is used: they are not stepped), stepped ``per_batch`` as they all are."""
+    """What SequentialLR and ChainedScheduler share: ``schedulers`` of one optimizer, of
+    which only ``lr_at`` is used (they are not stepped), stepped ``per_batch`` as they all
+    are. OneCycleLR (a schedule of its own, warm-up included) and ReduceLROnPlateau (no
+    closed form) cannot join."""
 
-    def __init__(self, optimizer, schedulers, per_batch, refused, **hyperparameters):
+    def __init__(self, optimizer, schedulers, per_batch, **hyperparameters):
         owner = type(self).__name__
         if not isinstance(schedulers, (list, tuple)) or not schedulers:
             raise TypeError(f"{owner}: schedulers must be a non-empty list, got {schedulers!r}")
         self.schedulers = list(schedulers)
         for i, s in enumerate(self.schedulers):
-            if not isinstance(s, LRScheduler) or isinstance(s, refused):
+            if not isinstance(s, LRScheduler) or isinstance(s, (OneCycleLR, ReduceLROnPlateau)):
                 raise TypeError(f"{owner}: schedulers[{i}] must be a minidl scheduler, not "
-                                f"{' or '.join(c.__name__ for c in refused)}, got {s!r}")
+                                f"OneCycleLR or ReduceLROnPlateau, got {s!r}")
             if s.optimizer is not (optimizer or schedulers[0].optimizer):
                 raise ValueError(f"{owner}: schedulers[{i}] schedules another optimizer")
         cadences = ({s.per_batch for s in self.schedulers} if per_batch is None
@@ -384,16 +378,12 @@ class SequentialLR(_Combined):
     i-th from ``milestones[i - 1]`` on, counting its own steps from 0 there,
 
         lr(t) = schedulers[i].lr_at(t - milestones[i - 1]),  i = number of milestones <= t
-
-    e.g. a warm-up, then a cosine: SequentialLR(opt, [LinearLR(opt, 0.1, total_iters=5,
-    per_batch=False), CosineAnnealingLR(opt, T_max=45)], milestones=[5]).
     """
 
     _checks = {"milestones": (_check_milestones, {})}
 
     def __init__(self, optimizer, schedulers, milestones, per_batch=None):
-        super().__init__(optimizer, schedulers, per_batch, (ReduceLROnPlateau,),
-                         milestones=milestones)
+        super().__init__(optimizer, schedulers, per_batch, milestones=milestones)
 
     def _checked(self, h):
         checked, n = super()._checked(h), len(self.schedulers)
@@ -402,18 +392,9 @@ class SequentialLR(_Combined):
                              f"per scheduler after the first, got {h['milestones']!r}")
         return checked
 
-    def _active(self, t):
-        """The scheduler of step ``t``, and ``t`` counted from its milestone."""
-        i = bisect.bisect_right(self.milestones, t)
-        return self.schedulers[i], t - (self.milestones[i - 1] if i else 0)
-
     def lr_at(self, t):
-        scheduler, local = self._active(t)
-        return scheduler.lr_at(local)
-
-    def _apply(self, t):
-        scheduler, local = self._active(t)
-        scheduler._apply(local)         # OneCycleLR sets the momentum too
+        i = bisect.bisect_right(self.milestones, t)
+        return self.schedulers[i].lr_at(t - (self.milestones[i - 1] if i else 0))
 
 
 class ChainedScheduler(_Combined):
@@ -424,7 +405,7 @@ class ChainedScheduler(_Combined):
     """
 
     def __init__(self, schedulers, optimizer=None, per_batch=None):
-        super().__init__(optimizer, schedulers, per_batch, (OneCycleLR, ReduceLROnPlateau))
+        super().__init__(optimizer, schedulers, per_batch)
 
     def lr_at(self, t):
         return self.base_lr * math.prod(s.lr_at(t) / s.base_lr for s in self.schedulers

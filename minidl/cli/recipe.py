@@ -1,10 +1,11 @@
 """What the sub-commands share: the datasets, models, optimizers and schedules they
 offer, the data pipeline (validation split, augmentation, uint8 -> float), the output
-folder and run.json, and the argument types."""
+folder and run.json, the argument types, and the checks every run makes first."""
 import argparse
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import numpy
 
@@ -18,7 +19,8 @@ from ..schedulers import CosineAnnealingLR, OneCycleLR
 from ..serialization import atomic_write
 
 DATASETS = {"mnist": datasets.mnist, "fashion-mnist": datasets.fashion_mnist}
-CLASS_NAMES = {"fashion-mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
+               "fashion-mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                                  "Shirt", "Sneaker", "Bag", "Boot"]}
 OPTIMIZERS = {"adam": Adam, "adamw": AdamW, "sgd": SGD, "rmsprop": RMSprop}
 SCHEDULES = {
@@ -30,6 +32,9 @@ SCHEDULES = {
 SETTINGS = ("dataset", "model", "epochs", "batch_size", "lr", "label_smoothing", "optimizer",
             "augment", "schedule", "device", "seed", "limit", "data_root")
 VALIDATION_SIZE = 5000
+# Environment variables that give the size of an MPI job (Open MPI, MPICH / Intel MPI /
+# Slurm's PMI, MVAPICH): more than 1 means mpiexec started several copies of the command.
+MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def int_option(low, requirement):
@@ -48,6 +53,26 @@ def int_option(low, requirement):
 POSITIVE = int_option(1, "a positive integer")
 
 
+def folder_option(text):
+    """An argparse type: a folder path, not empty (an empty one used to mean "none")."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be a folder, got ''")
+    return text
+
+
+def refuse_mpi_copies(args):
+    """ValueError when mpiexec started this command several times without --distributed:
+    each copy would run alone, into the same files."""
+    for name in MPI_SIZE_VARIABLES:
+        size = os.environ.get(name, "")
+        if size.isdigit() and int(size) > 1 and not getattr(args, "distributed", False):
+            fix = ("add --distributed to train over them" if hasattr(args, "distributed")
+                   else "run it as one process")
+            raise ValueError(f"mpiexec started {size} copies of 'minidl {args.command}' "
+                             f"({name}={size}); each would run alone, into the same --out: "
+                             f"{fix}")
+
+
 class Stopped(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, with the signal's number and, once known, where it stopped."""
 
@@ -64,7 +89,14 @@ def use_device(args):
 # -- data -----------------------------------------------------------------------------
 def load_split(dataset, split, root):
     """One split of ``dataset``, fetched (mirrors, then minidl/ext/dataset_sources.py) and
-    cached under ``root``."""
+    cached under ``root``; ValueError when a file stands where the cache folder goes."""
+    folder = datasets.dataset_dir(dataset, root)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"the dataset cache {folder} cannot be made: {path} is a "
+                                 f"file, not a folder (--data-root or $MINIDL_DATA)")
+            break
     return DATASETS[dataset](split=split, root=root, fallbacks=dataset_sources.fallbacks(dataset))
 
 
@@ -83,6 +115,14 @@ def split_validation(x, y):
 def to_float(images):
     """uint8 pixels -> float32 in [0, 1] (done per batch, so the set stays small)."""
     return images.astype(numpy.float32) * numpy.float32(1 / 255)
+
+
+def checkpoint_metadata(dataset):
+    """What a checkpoint of these models records beside its weights: the input, its
+    preprocessing (x = (pixels * scale - mean) / std, as to_float does) and the classes."""
+    return {"dataset": dataset, "input": {"shape": [1, 28, 28], "dtype": "uint8"},
+            "preprocessing": {"scale": 1 / 255, "mean": [0.0], "std": [1.0]},
+            "class_names": CLASS_NAMES[dataset]}
 
 
 def train_transform(dataset, augment):
@@ -140,11 +180,52 @@ def remove_empty_folders(created):
             return
 
 
-def write_run_json(out, args):
-    """run.json: the run's settings, what `minidl evaluate` and --resume read."""
+def write_run_json(out, args, legs=None):
+    """run.json: the run's settings, what `minidl evaluate` and --resume read; ``legs``:
+    [first epoch, epochs of its schedule] of each part of a run that was extended."""
+    extended = {"schedule_legs": legs} if legs else {}
     with atomic_write(os.path.join(out, "run.json")) as tmp, open(tmp, "w") as f:
-        json.dump({**{key: getattr(args, key) for key in SETTINGS}, "checkpoint": "model.npz"},
-                  f, indent=2)
+        json.dump({**{key: getattr(args, key) for key in SETTINGS}, "checkpoint": "model.npz",
+                   **extended}, f, indent=2)
+
+
+def checked_settings(parser, saved, path):
+    """The settings of run.json (``saved``), each checked by the rule of its option in
+    ``parser`` (type, choices or flag), and its schedule legs; ValueError naming the key."""
+    missing = [key for key in SETTINGS if key not in saved]
+    if missing:
+        raise ValueError(f"{path} lacks the settings {missing}: was it written by minidl train?")
+    actions = {action.dest: action for action in parser._actions}
+    for key in SETTINGS:
+        value, action, reason = saved[key], actions[key], ""
+        try:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                ok, reason = isinstance(value, bool), "true or false"
+            elif value is None:
+                ok = action.default is None
+            elif action.type is None:
+                ok = isinstance(value, str) and (not action.choices or value in action.choices)
+            else:
+                ok = not isinstance(value, (bool, list, dict)) and action.type(str(value)) == value
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            ok, reason = False, str(exc)
+        if not ok:
+            reason = reason or (f"one of {', '.join(sorted(action.choices))}" if action.choices
+                                else "a number" if action.type else "a string")
+            raise ValueError(f"{path}: {key!r} is {value!r}, which {action.option_strings[0]} "
+                             f"does not take ({reason})")
+    legs = saved.get("schedule_legs", [[0, saved["epochs"]]])
+    try:
+        firsts, totals = zip(*legs)
+        ok = (all(type(n) is int for n in firsts + totals) and firsts[0] == 0
+              and totals[-1] == saved["epochs"] and list(firsts) == sorted(set(firsts))
+              and list(totals) == sorted(set(totals)) and all(f < t for f, t in legs))
+    except (TypeError, ValueError):         # not pairs
+        ok = False
+    if not ok:
+        raise ValueError(f"{path}: 'schedule_legs' must be [first epoch, epochs] pairs from "
+                         f"epoch 0 on, ending with the run's epochs, got {legs!r:.200}")
+    return saved
 
 
 def read_json(path):

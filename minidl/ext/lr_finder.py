@@ -15,6 +15,7 @@ below where it turns up: ``suggest_lr`` returns that point.
 """
 import math
 
+from .. import backend
 from ..checks import check_int, check_real
 
 
@@ -37,7 +38,12 @@ def lr_find(trainer, train, start_lr=1e-7, end_lr=10.0, steps=100, beta=0.98, di
                 trainer.optimizer.lr = start_lr * (end_lr / start_lr) ** (k / (steps - 1))
                 try:
                     loss, _ = trainer.train_step(x, y)
-                except FloatingPointError:      # the loss blew up: the test is over
+                except FloatingPointError as exc:   # the loss blew up: the test is over,
+                    _check_finite(x, k)             # unless the data or model is at fault
+                    if not lrs:
+                        raise ValueError(f"lr_find: the loss is not finite from the first step "
+                                         f"on, at the lowest rate {start_lr:g}: the model or "
+                                         f"the data is at fault, not the rate ({exc})") from None
                     return lrs, losses
                 avg = beta * avg + (1 - beta) * loss
                 smoothed = avg / (1 - beta ** (k + 1))
@@ -49,6 +55,13 @@ def lr_find(trainer, train, start_lr=1e-7, end_lr=10.0, steps=100, beta=0.98, di
     finally:
         trainer.model.load_state_dict(model_state)
         trainer.optimizer.load_state_dict(optimizer_state)
+
+
+def _check_finite(x, k):
+    """ValueError when batch ``k`` holds NaN or inf: no rate is to blame for that."""
+    if not bool(backend.get_array_module(x).isfinite(x).all()):
+        raise ValueError(f"lr_find: batch {k + 1} of the data holds NaN or inf: the data, "
+                         f"not the learning rate, is at fault")
 
 
 def suggest_lr(lrs, losses):

@@ -1,12 +1,14 @@
 """Pictures of training and of what a network learned, as PNG files.
 
 Needs matplotlib (``pip install 'minidl[viz]'``); ``available()`` tells whether it
-imports. Every function takes NumPy arrays or a model and writes one PNG.
+imports. Every function takes NumPy arrays or a model and writes one PNG, atomically (a
+kill never leaves half a picture, nor loses the previous one).
 """
 import numpy
 
 from .. import backend
 from ..layers.base import Container
+from ..serialization import atomic_write
 
 
 def available():
@@ -28,10 +30,14 @@ def _subplots(*args, **kwargs):
     return _pyplot().subplots(*args, **kwargs)
 
 
-def _save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+def _save(fig, path, layout=True):
+    if layout:
+        fig.tight_layout()
+    try:
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -55,14 +61,16 @@ def plot_filters(weight, path, title="First-layer filters"):
     weight = backend.to_numpy(weight)
     cols = min(8, len(weight))
     rows = -(-len(weight) // cols)
-    fig, axes = _subplots(rows, cols, figsize=(cols * 1.2, rows * 1.2 + 0.4), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(cols * 1.2 + 1.0, rows * 1.2 + 0.4),
+                          squeeze=False, layout="constrained")
     limit = float(numpy.abs(weight).max()) or 1.0
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < len(weight):
-            ax.imshow(weight[k, 0], cmap="RdBu_r", vmin=-limit, vmax=limit)
+            image = ax.imshow(weight[k, 0], cmap="RdBu_r", vmin=-limit, vmax=limit)
+    fig.colorbar(image, ax=axes, shrink=0.9, label="weight")
     fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, layout=False)
 
 
 def plot_feature_maps(model, image, path, max_maps=16):
@@ -120,15 +128,25 @@ def plot_confusion_matrix(counts, path, class_names=None):
     return _save(fig, path)
 
 
-def plot_gradient_norms(norms, path):
-    """Gradient norm per parameter per epoch: ``norms`` maps a name to a list."""
+def plot_gradient_norms(norms, path, model=None):
+    """Gradient norm per parameter per epoch: ``norms`` maps a name ("9.weight", as
+    GradientRecorder keys it) to a list; with the ``model`` (a Sequential) the legend
+    names the layer's class ("Dense 9 weight")."""
     fig, ax = _subplots(figsize=(8, 4.5))
     ax.set_prop_cycle(color=_pyplot().get_cmap("tab20").colors)  # distinct for ~20 parameters
     for name, values in norms.items():
-        ax.plot(range(1, len(values) + 1), values, "-o", label=name, markersize=3)
-    _epoch_axis(ax, yscale="log", ylabel="mean gradient L2 norm",
-                title="Gradient norm per parameter")
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        index, _, param = name.partition(".")
+        layer = (type(model.layers[int(index)]).__name__
+                 if model is not None and index.isdigit() and int(index) < len(model.layers)
+                 else "layer")
+        ax.plot(range(1, len(values) + 1), values, "-o", label=f"{layer} {index} {param}",
+                markersize=3)
+    _epoch_axis(ax, ylabel="mean gradient L2 norm", title="Gradient norm per parameter")
+    if norms:
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:       # an empty legend is a matplotlib warning; say why the plot is empty
+        ax.text(0.5, 0.5, "no gradient norms recorded", ha="center", transform=ax.transAxes)
     return _save(fig, path)
 
 
@@ -162,6 +180,7 @@ def plot_lr_find(lrs, losses, path, suggestion=None):
 def _epoch_axis(ax, **labels):
     """x: whole epochs; a light grid; ``labels``: what ``ax.set`` takes (title...)."""
     from matplotlib.ticker import MaxNLocator
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # min_n_ticks=1: with one epoch the default (2) falls back to fractional ticks
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set(xlabel="epoch", **labels)
     ax.grid(alpha=0.3)

@@ -74,11 +74,16 @@ class GradientRecorder(Callback):
         self._removers = []
 
     def norms_per_epoch(self):
-        """{parameter name: [mean gradient norm in epoch 1, 2, ...]}."""
-        names = sorted({k for logs in self.epoch_logs for k in logs if k.startswith("grad_norm/")},
-                       key=_natural)
-        return {k[len("grad_norm/"):]: [logs.get(k, float("nan")) for logs in self.epoch_logs]
-                for k in names}
+        """{parameter name: [mean gradient norm in epoch 1, 2, ...]} of this fit's epochs."""
+        return grad_norms(self.epoch_logs)
+
+
+def grad_norms(history):
+    """{parameter name: [mean gradient norm per epoch]} from the "grad_norm/" numbers of
+    a ``History`` (a resumed run's earlier epochs included) or a list of epoch logs."""
+    rows = history.rows() if hasattr(history, "rows") else list(history)
+    names = sorted({k for logs in rows for k in logs if k.startswith("grad_norm/")}, key=_natural)
+    return {k[len("grad_norm/"):]: [logs.get(k, float("nan")) for logs in rows] for k in names}
 
 
 def activation_table(logs):

@@ -70,7 +70,8 @@ sys.exit(cli.main(sys.argv[2:]))
                                                 (signal.SIGTERM, 143, "SIGTERM")])
 def test_a_signal_stops_training_with_one_line_and_keeps_the_checkpoint(
         tmp_path, signum, code, name):
-    """Ctrl-C used to print a 35-line traceback; SIGTERM killed the run silently."""
+    """Ctrl-C used to print a 35-line traceback; SIGTERM killed the run silently; the
+    line did not say how to resume."""
     checksums = write_fake_dataset(tmp_path / "data", "mnist", n_train=40, n_test=20)
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]),
@@ -94,7 +95,8 @@ def test_a_signal_stops_training_with_one_line_and_keeps_the_checkpoint(
     last = stderr.strip().splitlines()[-1]
     assert re.fullmatch(rf"minidl train: stopped by {re.escape(name)}: in epoch \d+/1000, "
                         rf"batch \d+/5; kept {re.escape(str(out / 'model.npz'))} from epoch "
-                        rf"\d+ \(the best validation accuracy so far\)", last), last
+                        rf"\d+ \(the best validation accuracy so far\); continue with: "
+                        rf"minidl train --resume {re.escape(str(out))}", last), last
     assert (out / "model.npz").exists()
     assert json.loads((out / "run.json").read_text())["model"] == "lenet5"
 
