@@ -10,7 +10,8 @@ def add_parser(sub, parents, from_run_json):
     evaluate = sub.add_parser("evaluate", parents=parents,
                               help="reload a checkpoint and report test accuracy")
     evaluate.add_argument("--dataset", choices=sorted(DATASETS), default=None, help=from_run_json)
-    evaluate.add_argument("--batch-size", type=POSITIVE, default=500)
+    evaluate.add_argument("--batch-size", type=POSITIVE, default=500,
+                          help="images per forward pass (default: %(default)s)")
     evaluate.set_defaults(func=run)
 
 

@@ -3,8 +3,10 @@
     minidl.ext.onnx.export(model, "model.onnx", input_shape=(1, 28, 28))
     model = minidl.ext.onnx.load("model.onnx")
 
-The graph has one input "input" of shape (N, *input_shape), N symbolic, opset 17, and
-float32 weights and values throughout (a float64 model is rounded). Each layer maps to one op:
+The graph has one input "input" of shape (N, *input_shape), N symbolic, and one output
+"output", opset 17, and float32 weights and values throughout (a float64 model is
+rounded); ``metadata`` (a checkpoint's: preprocessing, class names) goes into the
+model's metadata_props, each value as JSON text. Each layer maps to one op:
 
     Conv2D -> Conv              pads [top, left, bottom, right]: "same" may be uneven
     Dense -> Gemm               y = x @ W + b with W stored (in, out), so transB = 0
@@ -20,6 +22,7 @@ How nodes and initializers are named, and how ``load`` reads a graph: docs/inter
 Each layer class's ``OnnxConverter`` is kept in the layer registry (the calls to
 ``register`` at the end): export looks a layer's class up there, load a node's op.
 """
+import json
 import os
 
 from .. import backend
@@ -36,10 +39,11 @@ IR_VERSION = 8          # the IR version that came with opset 17: readable by ol
 _INSTALL = "the onnx package: pip install 'minidl[onnx]' (onnx, onnxruntime)"
 
 
-def export(model, path, input_shape):
+def export(model, path, input_shape, metadata=None):
     """Write ``model`` (a Sequential or a single Layer) to ``path`` as an ONNX model.
 
-    ``input_shape`` is one sample's shape, without the batch: (C, H, W) or (features,).
+    ``input_shape`` is one sample's shape, without the batch: (C, H, W) or (features,);
+    ``metadata``: a dict of JSON values, stored as the model's metadata_props.
     Raises ImportError without the ``onnx`` package, TypeError for a layer that has no
     ONNX equivalent (naming it) or a bad ``input_shape``, ValueError when the model
     does not accept ``input_shape``. Returns the ``onnx.ModelProto`` it wrote."""
@@ -51,11 +55,15 @@ def export(model, path, input_shape):
     y = _export_layer(graph, model, "input", "")
     if y == "input":                      # an empty model: the graph still needs a node
         y = graph.node("Identity", ["input"], "output")
+    last = graph.nodes[-1]                # its tensor is the graph's output: name it so
+    last.output[list(last.output).index(y)] = y = "output"
     proto = onnx.helper.make_model(
         onnx.helper.make_graph(graph.nodes, "minidl", [_tensor_info(onnx, "input", input_shape)],
                                [_tensor_info(onnx, y, output_shape[1:])], graph.weights),
         opset_imports=[onnx.helper.make_opsetid("", OPSET)], producer_name="minidl")
     proto.ir_version = IR_VERSION
+    onnx.helper.set_model_props(proto, {key: json.dumps(value)
+                                        for key, value in (metadata or {}).items()})
     onnx.checker.check_model(proto, full_check=True)     # shapes inferred and checked too
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx.save_model(proto, path)
