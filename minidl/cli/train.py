@@ -49,7 +49,8 @@ def add_parser(sub, parents):
                        help="cosine: annealed to 0 per epoch; onecycle: warm-up to --lr, "
                             "then down, per batch (plotted in lr.png) (default: %(default)s)")
     train.add_argument("--resume", metavar="DIR", type=folder_option, default=None,
-                       help="continue the stopped run whose --out was DIR, with its settings")
+                       help="continue the run whose --out was DIR, with its settings "
+                            "(default: a new run)")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the earlier run in --out (default: refuse to)")
     train.add_argument("--quiet", action="store_true",
