@@ -1,8 +1,9 @@
 """The shape of the package (docs/architecture.md): a capped core that imports none of
-its edges (minidl/ext, minidl/cli), imports that point one way, and a training loop
-that reads as one."""
+its edges (minidl/ext, minidl/cli), imports that point one way, a training loop that
+reads as one, and every documented module reachable after ``import minidl``."""
 import ast
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,17 @@ def test_the_trainer_knows_no_transport_and_fit_reads_as_the_loop():
     assert "comm" not in source and "resume" not in source.replace("resumed", "")
     lines = [line for line in source.splitlines() if line.strip()]
     assert len(lines) <= 60, len(lines)
+
+
+def test_every_documented_module_is_reachable_after_import_minidl():
+    """``import minidl`` then ``minidl.ext.plots`` (or any module docs/api.md names)
+    works: the edges and the command load on first use."""
+    api = (PACKAGE.parent / "docs" / "api.md").read_text()
+    section = api[api.index("\n## Modules"):api.index("\n## The `minidl` command")]
+    names = sorted(set(re.findall(r"`(minidl(?:\.\w+)+)`", section)))
+    assert {"minidl.ext.plots", "minidl.ext.onnx", "minidl.cli.train"} <= set(names)
+    script = ("import functools, minidl\n"
+              f"for name in {names!r}:\n"
+              "    functools.reduce(getattr, name.split('.')[1:], minidl)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -52,7 +52,8 @@ def plot_history(history, path):
                 ax.plot(range(1, len(values) + 1), values, style,
                         label=(prefix or "train_") + metric)
         _epoch_axis(ax, title=metric)
-        ax.legend()
+        if ax.lines:        # a metric not logged: no empty legend (a matplotlib warning)
+            ax.legend()
     return _save(fig, path)
 
 

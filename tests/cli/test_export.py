@@ -1,11 +1,14 @@
 """``minidl export``: a checkpoint written as ONNX (a trained model keeps its accuracy
-in ONNX Runtime; a resnet's layers come from the file), and errors without a traceback."""
+in ONNX Runtime; a resnet's layers come from the file), its output named and its
+metadata carried over, and errors without a traceback."""
+import json
 import sys
 
 import numpy as np
 import pytest
 
 import minidl
+import minidl.checkpoint
 import minidl.ext.plots
 from minidl import cli
 from minidl.cli import recipe
@@ -38,6 +41,13 @@ def test_trained_model_has_the_same_accuracy_in_onnx_runtime(tmp_path, monkeypat
         minidl.ext.zoo.mnist_cnn().load(out / "model.npz"), x_test))
     assert round(float(np.mean(labels == y_test)), 4) == minidl_accuracy
     assert minidl_accuracy > 0.5          # five steps do learn the stripes: a real model
+    # what the checkpoint says of its input and classes, the ONNX file says too
+    import onnx
+    props = {p.key: json.loads(p.value) for p in onnx.load(out / "model.onnx").metadata_props}
+    assert props == minidl.checkpoint.load_metadata(out / "model.npz") == {
+        "dataset": "mnist", "input": {"shape": [1, 28, 28], "dtype": "uint8"},
+        "preprocessing": {"scale": 1 / 255, "mean": [0.0], "std": [1.0]},
+        "class_names": [str(k) for k in range(10)]}
 
 
 @needs_onnx
@@ -60,3 +70,23 @@ def test_cli_export_errors_without_traceback(tmp_path, capsys, monkeypatch):
                      "--onnx", str(tmp_path / "m.onnx")])
     assert code == 1
     assert "needs the onnx package" in capsys.readouterr().err
+
+
+@needs_onnx
+def test_export_names_the_output_and_carries_the_metadata(tmp_path):
+    """The output used to be named after its last node ("11"), and the file held neither
+    the preprocessing nor the class names."""
+    import onnx
+    import onnxruntime
+    model, x = build("cnn")
+    metadata = {"class_names": ["a", "b"], "preprocessing": {"scale": 0.5}}
+    model.save(tmp_path / "model.npz", metadata=metadata)
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "model.npz"),
+                     "--onnx", str(tmp_path / "m.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    assert [t.name for t in session.get_inputs()] == ["input"]
+    assert [t.name for t in session.get_outputs()] == ["output"]
+    proto = onnx.load(tmp_path / "m.onnx")
+    assert {p.key: json.loads(p.value) for p in proto.metadata_props} == metadata
+    assert_close(run_onnx(tmp_path / "m.onnx", x), model.predict(x))

@@ -1,10 +1,17 @@
 """Callbacks: EarlyStopping, ModelCheckpoint and CSVLogger in a fit, across fits, and
-without validation data."""
+without validation data; a SIGKILL while CSVLogger writes keeps the previous file; the
+metadata a ModelCheckpoint saves."""
 import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import minidl.checkpoint
 from minidl import (SGD, Callback, CSVLogger, DataLoader, Dense, EarlyStopping, ModelCheckpoint,
                     Sequential, SoftmaxCrossEntropy, Trainer)
 
@@ -154,3 +161,62 @@ def test_csv_logger_adds_columns_for_keys_that_appear_later(tmp_path):
     # A new fit starts the file afresh.
     frozen_trainer().fit(data(), epochs=1, callbacks=[CSVLogger(path)])
     assert "late" not in path.read_text() and len(path.read_text().splitlines()) == 2
+
+
+KILLED_IN_THE_SECOND_WRITE = """
+import csv, os, shutil, signal, sys
+sys.path.insert(0, sys.argv[2])
+from minidl import Callback, CSVLogger, DataLoader
+from conftest import bar_model, make_trainer, oriented_bars
+
+path = sys.argv[1]
+real_writerows, calls = csv.DictWriter.writerows, []
+
+
+def die_in_the_second_write(self, rows):
+    calls.append(1)
+    if len(calls) == 2:            # epoch 2: half the rows written, then SIGKILL
+        real_writerows(self, rows[:1])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_writerows(self, rows)
+
+
+class KeepACopy(Callback):
+    priority = -1                  # after CSVLogger
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        shutil.copy(path, path + ".after-epoch-1")
+
+
+csv.DictWriter.writerows = die_in_the_second_write
+x, y = oriented_bars(32)
+make_trainer(bar_model()).fit(DataLoader(x, y, 16), epochs=3,
+                              callbacks=[CSVLogger(path), KeepACopy()])
+"""
+
+
+def test_a_kill_while_csv_logger_writes_leaves_the_previous_file(tmp_path):
+    """history.csv is written whole to a temporary file, then renamed over the old one:
+    a SIGKILL in the middle of that write leaves the previous epoch's file intact."""
+    path = tmp_path / "history.csv"
+    tests = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", KILLED_IN_THE_SECOND_WRITE, str(path),
+                           str(tests)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(tests.parent)))
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    after_epoch_1 = (tmp_path / "history.csv.after-epoch-1").read_bytes()
+    assert path.read_bytes() == after_epoch_1
+    assert [row[0] for row in csv.reader(after_epoch_1.decode().splitlines())] == ["epoch", "1"]
+    # the half-written temporary file is swept by the next write in the folder
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) == 1
+    CSVLogger(path).on_epoch_end(frozen_trainer(), 0, {"loss": 1.0})
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_model_checkpoint_saves_metadata_with_the_model(tmp_path):
+    x, y = oriented_bars(32)
+    metadata = {"class_names": ["vertical", "horizontal"], "preprocessing": {"scale": 1.0}}
+    saver = ModelCheckpoint(tmp_path / "m.npz", monitor="loss", metadata=metadata)
+    make_trainer(bar_model()).fit(DataLoader(x, y, 16), epochs=1, callbacks=[saver])
+    assert minidl.checkpoint.load_metadata(tmp_path / "m.npz") == metadata

@@ -215,3 +215,24 @@ def test_damaged_config_entries_are_refused(tmp_path, config, message):
         with pytest.raises(ValueError, match=message) as info:
             load(path)
         assert str(path) in str(info.value)
+
+
+def test_metadata_is_saved_beside_the_model_and_read_back(tmp_path):
+    """A checkpoint used to record neither the preprocessing nor the class names."""
+    from minidl.checkpoint import METADATA_KEY, load_metadata
+    model, path = small_cnn(), tmp_path / "m.npz"
+    metadata = {"preprocessing": {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]},
+                "class_names": ["a", "b", "c"]}
+    model.save(path, metadata=metadata)
+    assert load_metadata(path) == metadata
+    x = randn(np, 2, 1, 8, 8, dtype=np.float32)
+    np.testing.assert_array_equal(small_cnn().load(path).predict(x), model.predict(x))
+    np.testing.assert_array_equal(load_model(path).predict(x), model.predict(x))
+    model.save(path)                                    # none given: none stored
+    assert load_metadata(path) == {}
+    with np.load(path) as data:
+        arrays = dict(data)
+    arrays[METADATA_KEY] = np.array(["{not json"])
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=r"its '__metadata__' entry is not valid JSON"):
+        load_metadata(path)

@@ -45,6 +45,15 @@ def test_verbose_zero_is_silent(capsys):
     assert out.out == "" and out.err == ""
 
 
+def test_verbose_two_prints_the_epoch_lines_without_bars(capsys):
+    x, y = oriented_bars(32)
+    trainer = make_trainer(bar_model())
+    trainer.fit(DataLoader(x, y, 16), epochs=2, verbose=2)
+    out = capsys.readouterr()
+    assert [line[:10] for line in out.out.splitlines()] == ["epoch 1/2:", "epoch 2/2:"]
+    assert out.err == "" and trainer.epochs == 2
+
+
 def test_same_seed_same_weights_after_training():
     def run():
         minidl.manual_seed(5)

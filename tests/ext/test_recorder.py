@@ -8,7 +8,7 @@ import pytest
 import minidl
 from minidl import (SGD, BatchNorm2D, Conv2D, DataLoader, Dense, Flatten, MaxPool2D, ReLU,
                     Sequential, SoftmaxCrossEntropy, Trainer)
-from minidl.ext.recorder import GradientRecorder, activation_table
+from minidl.ext.recorder import GradientRecorder, activation_table, grad_norms
 
 
 def small_model():
@@ -167,3 +167,20 @@ def test_conv_bias_before_batch_norm_records_a_zero_gradient():
     history = fit(model, x, y, GradientRecorder(model), lr=0.0)
     assert history["grad_norm/0.bias"][0] < 1e-5 * history["grad_norm/0.weight"][0]
     assert history["grad_norm/1.bias"][0] > 1e-3 * history["grad_norm/1.weight"][0]
+
+
+def test_grad_norms_come_from_a_history_too():
+    """A resumed run's plot used to show the resumed epochs only: the norms are in the
+    History, which holds the earlier epochs as well."""
+    x, y = batch(16)
+    recorder = GradientRecorder(small_model())
+    history = fit(recorder.model, x, y, recorder, batch_size=8, epochs=2)
+    earlier = minidl.History([{"grad_norm/0.weight": 5.0, "grad_norm/10.bias": 1.0}])
+    resumed = minidl.History(earlier.rows() + history.rows())
+    norms = grad_norms(resumed)
+    assert list(norms) == ["0.bias", "0.weight", "3.bias", "3.weight", "5.bias", "5.weight",
+                           "10.bias"]
+    assert norms["0.weight"] == [5.0] + recorder.norms_per_epoch()["0.weight"]
+    np.testing.assert_array_equal(norms["10.bias"], [1.0, np.nan, np.nan])
+    assert np.isnan(norms["0.bias"][0]) and len(norms["0.bias"]) == 3
+    assert grad_norms(recorder.epoch_logs) == recorder.norms_per_epoch()
