@@ -66,7 +66,8 @@ def main(argv=None):
     first_conv = model[0]
     plots.plot_filters(first_conv.weight.data, os.path.join(args.out, "filters.png"))
     plots.plot_feature_maps(model, to_float(x_test[0]), os.path.join(args.out, "feature_maps.png"))
-    plots.plot_gradient_norms(recorder.norms_per_epoch(), os.path.join(args.out, "gradients.png"))
+    plots.plot_gradient_norms(recorder.norms_per_epoch(), os.path.join(args.out, "gradients.png"),
+                              model=model)
     last_epoch = {key: values[-1] for key, values in history.history.items()}
     table = activation_table(last_epoch)
     with open(os.path.join(args.out, "activations.txt"), "w") as f:
