@@ -69,9 +69,9 @@ def run(args):
         if args is None:
             return 0                    # a finished run: said so, nothing to do
     out = args.out or os.path.join("runs", args.dataset)
-    comm = communicator(args)
-    if args.resume is None and comm.rank == 0:
+    if args.resume is None:     # on every rank: all of them stop alike
         refuse_earlier_run(out, args.overwrite)
+    comm = communicator(args)
     manual_seed(args.seed)
     batch_size = batch_per_rank(args.batch_size, comm.size)
     created = make_output_folder(out) if comm.rank == 0 else []

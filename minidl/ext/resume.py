@@ -9,11 +9,11 @@ Keras's BackupAndRestore, or Chainer's snapshot extension).
     trainer.fit(train, epochs=8, callbacks=[TrainingState("runs/state.npz", resume=True)])
 
 Keys: "model/<name>", "optimizer/<name>", "scheduler/<name>", "history/<metric>" (NaN
-for an epoch that did not log it), "epoch", "loader" (the training loader's batches and
-samples per epoch) and "rng/<owner>": the state, as JSON text, of each generator the run
-draws from. A resume is all or nothing: every member's header is checked against what
-this run can hold before its data is read, then every value, on copies; only then do
-the model, optimizer, scheduler, generators and History change.
+for an epoch that did not log it), "epoch", "loader" (the training loader's batches per
+epoch and training samples) and "rng/<owner>": the state, as JSON text, of each
+generator the run draws from. A resume is all or nothing: every member's header is
+checked against what this run can hold before its data is read, then every value, on
+copies; only then do the model, optimizer, scheduler, generators and History change.
 """
 import copy
 import json
@@ -150,10 +150,10 @@ def _read_state(path, trainer, train):
             if name.startswith(("model/", "optimizer/")) and not _cpu.isfinite(a).all():
                 raise npz.error(f"array {name!r} holds inf or NaN")
         if "loader" in arrays and arrays["loader"].tolist() != _loader_size(train):
-            batches, samples = arrays["loader"].tolist()
-            raise npz.error(f"it was saved by a run of {batches} batches ({samples} samples) "
-                            f"per epoch; this one has {len(train)} ({train.num_samples}): "
-                            f"another data set size, limit or batch size?")
+            (batches, samples), (ours, our_samples) = arrays["loader"].tolist(), _loader_size(train)
+            raise npz.error(f"it was saved by a run of {batches} batches per epoch over "
+                            f"{samples} training samples; this one has {ours} over "
+                            f"{our_samples}: another data set size, limit or batch size?")
     return epochs, {prefix: {key[len(prefix):]: value for key, value in arrays.items()
                              if key.startswith(prefix)}
                     for prefix in ("model/", "optimizer/", "scheduler/", "history/", "rng/")}
@@ -221,8 +221,9 @@ def _epoch_count(npz):
 
 
 def _loader_size(train):
-    """[batches, samples] of one epoch of the DataLoader ``train``."""
-    return [len(train), int(getattr(train, "num_samples", -1))]
+    """[batches per epoch, training samples] of the DataLoader ``train`` (all of them,
+    whichever share a data-parallel rank takes)."""
+    return [len(train), len(train.x) if hasattr(train, "x") else -1]
 
 
 def _inner(optimizer):

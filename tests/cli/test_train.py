@@ -231,7 +231,8 @@ _DROP = object()
     ({"model": "vgg"}, "'model' is 'vgg', which --model does not take (one of cnn, lenet5, "
                        "resnet)"),
     ({"lr": float("nan")}, "'lr' is nan, which --lr does not take"),
-    ({"limit": 60}, "saved by a run of 2 batches (72 samples) per epoch; this one has 2 (54)"),
+    ({"limit": 60}, "saved by a run of 2 batches per epoch over 72 training samples; this one "
+                    "has 2 over 54"),
     ({"schedule_legs": [[0, 5]]}, "'schedule_legs' must be [first epoch, epochs] pairs"),
 ])
 def test_a_bad_run_json_is_refused_before_anything_runs(finished_run, capsys, monkeypatch,
