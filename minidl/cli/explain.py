@@ -29,7 +29,8 @@ def add_parser(sub, parents, from_run_json):
     parser.add_argument("--dataset", choices=sorted(DATASETS), default=None, help=from_run_json)
     parser.add_argument("--index", type=INDEX, nargs="+", default=list(range(8)), metavar="N",
                         help="which test images (default: the first 8)")
-    parser.add_argument("--method", choices=[*METHODS, "all"], default="all")
+    parser.add_argument("--method", choices=[*METHODS, "all"], default="all",
+                        help="which map to draw (default: %(default)s, every one)")
     parser.add_argument("--target", type=INDEX, default=None, metavar="CLASS",
                         help="the class to explain (default: each image's predicted class)")
     parser.add_argument("--out", default=None,

@@ -14,6 +14,7 @@ from ..data import DataLoader, datasets
 from ..ext.transforms import Compose, RandomHorizontalFlip, RandomShift
 from ..ext import dataset_sources
 from ..ext.zoo import MODELS
+from ..layers import Parameter
 from ..optim import SGD, Adam, AdamW, RMSprop
 from ..schedulers import CosineAnnealingLR, OneCycleLR
 from ..serialization import atomic_write
@@ -214,6 +215,13 @@ def checked_settings(parser, saved, path):
                                 else "a number" if action.type else "a string")
             raise ValueError(f"{path}: {key!r} is {value!r}, which {action.option_strings[0]} "
                              f"does not take ({reason})")
+    checked_legs(saved, path)
+    return saved
+
+
+def checked_legs(saved, path):
+    """ValueError unless run.json's ``schedule_legs``, if any, are [first epoch, epochs]
+    pairs from epoch 0 on, ending with the run's ``epochs``."""
     legs = saved.get("schedule_legs", [[0, saved["epochs"]]])
     try:
         firsts, totals = zip(*legs)
@@ -225,7 +233,23 @@ def checked_settings(parser, saved, path):
     if not ok:
         raise ValueError(f"{path}: 'schedule_legs' must be [first epoch, epochs] pairs from "
                          f"epoch 0 on, ending with the run's epochs, got {legs!r:.200}")
-    return saved
+
+
+def scheduled_rates(settings, steps, epochs):
+    """The learning rate of every step of a run's first ``epochs`` epochs of ``steps``
+    batches, its schedule rebuilt from its ``settings`` (run.json's): each part of an
+    extended run (``schedule_legs``) under the schedule it had."""
+    legs = settings.get("schedule_legs") or [[0, settings["epochs"]]]
+    rates = []
+    for k, (first, total) in enumerate(legs):
+        end = legs[k + 1][0] if k + 1 < len(legs) else epochs
+        weight = Parameter(backend.zeros((1,), backend.float32, backend.default_device()))
+        scheduler = SCHEDULES[settings["schedule"]](
+            OPTIMIZERS[settings["optimizer"]]([weight], lr=settings["lr"]),
+            argparse.Namespace(**{**settings, "epochs": total}), steps)
+        rates += [scheduler.lr_at(t if scheduler.per_batch else t // steps)
+                  for t in range(first * steps, end * steps)]
+    return rates
 
 
 def read_json(path):

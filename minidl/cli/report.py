@@ -13,15 +13,14 @@ import math
 import os
 import stat
 
-from .. import backend
 from ..checkpoint import load_model
 from ..checks import check_int, check_real
 from ..ext import plots
 from ..ext import report as page
 from ..ext.zoo import MODELS
-from ..layers.base import Parameter
-from .recipe import (CLASS_NAMES, DATASETS, OPTIMIZERS, SCHEDULES, load_split, read_json,
-                     split_validation, to_float, train_images, use_device)
+from .recipe import (CLASS_NAMES, DATASETS, OPTIMIZERS, SCHEDULES, checked_legs, load_split,
+                     read_json, scheduled_rates, split_validation, to_float, train_images,
+                     use_device)
 
 MAX_SETTINGS_BYTES = 1 << 20
 MAX_HISTORY_BYTES = 64 << 20
@@ -117,6 +116,7 @@ def read_settings(path):
         raise ValueError(f"{path}: data_root must be a folder name or null, got "
                          f"{saved['data_root']!r:.80}")
     settings.setdefault("data_root", None)
+    checked_legs(settings, path)
     return settings
 
 
@@ -149,14 +149,10 @@ def read_history(path):
 
 def learning_rates(settings, epochs, data_root):
     """The learning rate of each step of the ``epochs`` that ran, from the run's schedule
-    rebuilt with its settings, and the steps per epoch (the training split, without
-    its validation part, in batches of batch_size)."""
-    args = argparse.Namespace(**settings)
+    rebuilt with its settings (each part of an extended run under the schedule it had),
+    and the steps per epoch (the training split, without its validation part, in
+    batches of batch_size)."""
     images, labels = train_images(argparse.Namespace(**{**settings, "data_root": data_root}))
     (train, _), _ = split_validation(images, labels)
     steps = -(-len(train) // settings["batch_size"])
-    weight = Parameter(backend.zeros((1,), backend.float32, backend.default_device()))
-    scheduler = SCHEDULES[settings["schedule"]](
-        OPTIMIZERS[settings["optimizer"]]([weight], lr=settings["lr"]), args, steps)
-    return [scheduler.lr_at(t if scheduler.per_batch else t // steps)
-            for t in range(epochs * steps)], steps
+    return scheduled_rates(settings, steps, epochs), steps

@@ -16,7 +16,6 @@ from ..ext import distributed, plots, resume
 from ..ext.recorder import GradientRecorder, grad_norms
 from ..ext.resume import TrainingState
 from ..ext.zoo import build_model
-from ..layers import Parameter
 from ..losses import SoftmaxCrossEntropy
 from ..random import manual_seed
 from ..trainer import Trainer
@@ -24,13 +23,13 @@ from .report import after_training as write_report
 from .recipe import (CLASS_NAMES, OPTIMIZERS, POSITIVE, SCHEDULES, SETTINGS, Stopped,
                      checked_settings, checkpoint_metadata, folder_option, load_split,
                      make_output_folder, predict_labels, read_json, refuse_mpi_copies,
-                     remove_empty_folders, split_validation, to_float, train_images,
-                     train_loader, use_device, write_run_json)
+                     remove_empty_folders, scheduled_rates, split_validation, to_float,
+                     train_images, train_loader, use_device, write_run_json)
 
-# What a run writes to --out; a folder holding one of EARLIER_RUN holds a run that ended
-# an epoch, which a new run may replace only with --overwrite.
-PLOTS = ("curves.png", "filters.png", "feature_maps.png", "confusion_matrix.png",
-         "gradients.png", "lr.png")
+# What a run writes to --out (RESULTS at its end); a folder holding one of EARLIER_RUN
+# holds a run that ended an epoch, which a new run may replace only with --overwrite.
+RESULTS = ("curves.png", "filters.png", "feature_maps.png", "confusion_matrix.png",
+           "gradients.png", "lr.png", "report.html")
 EARLIER_RUN = ("state.npz", "model.npz", "history.csv")
 # The settings --resume takes from the command line: where to run, not what to train.
 WHERE_TO_RUN = ("device", "data_root")
@@ -138,8 +137,8 @@ def train_and_test(args, out, comm, batch_size, legs):
     predictions = predict_labels(model, x_test)
     write_plots(out, args.dataset, model, history, x_test, y_test, predictions)
     if scheduler.per_batch and plots.available():
-        plots.plot_lr(scheduled_rates(args, legs, len(train)), os.path.join(out, "lr.png"),
-                      steps_per_epoch=len(train))
+        rates = scheduled_rates({**vars(args), "schedule_legs": legs}, len(train), args.epochs)
+        plots.plot_lr(rates, os.path.join(out, "lr.png"), steps_per_epoch=len(train))
     write_report(out)       # report.html, read back from out as `minidl report` does
     print(f"checkpoint and plots in {out}")
     print(f"test accuracy: {numpy.mean(predictions == y_test):.4f}")
@@ -163,7 +162,7 @@ def start_writing(out, args, legs):
     checkpoint and --resume need), after removing the earlier run's files when it
     replaces one (--overwrite); a resumed run rewrites run.json only when extended."""
     if args.resume is None:
-        for name in ("run.json",) + EARLIER_RUN + PLOTS:
+        for name in ("run.json",) + EARLIER_RUN + RESULTS:
             if os.path.isfile(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
     if args.resume is None or legs is not None:
@@ -254,8 +253,8 @@ def resumed_args(args):
                          f"epochs; a run can be extended, not shortened")
     if done >= epochs:
         print(f"the run in {folder} is finished ({done} of {epochs} epochs; model.npz, "
-              f"history.csv and the plots are there); pass --epochs N with N > {epochs} "
-              f"to train it further")
+              f"history.csv and the plots are there, `minidl report {folder}` writes its "
+              f"report again); pass --epochs N with N > {epochs} to train it further")
         return None, None
     legs = saved.get("schedule_legs", [[0, saved["epochs"]]])
     if epochs > saved["epochs"]:
@@ -267,21 +266,6 @@ def resumed_args(args):
     settings = {**{key: saved[key] for key in SETTINGS}, **kept, "epochs": epochs}
     extended = legs if epochs > saved["epochs"] else None
     return argparse.Namespace(**{**vars(args), **settings, "out": folder}), extended
-
-
-def scheduled_rates(args, legs, steps_per_epoch):
-    """The learning rate of every step of the run so far, each leg of an extended run
-    under the schedule it had."""
-    legs = legs or [[0, args.epochs]]
-    rates = []
-    for k, (first, epochs) in enumerate(legs):
-        end = legs[k + 1][0] if k + 1 < len(legs) else args.epochs
-        optimizer = OPTIMIZERS[args.optimizer]([Parameter(numpy.zeros(1))], lr=args.lr)
-        leg = SCHEDULES[args.schedule](optimizer, argparse.Namespace(**{**vars(args),
-                                                                        "epochs": epochs}),
-                                       steps_per_epoch)
-        rates += [leg.lr_at(t) for t in range(first * steps_per_epoch, end * steps_per_epoch)]
-    return rates
 
 
 def write_plots(out, dataset, model, history, x_test, y_test, predictions):

@@ -1,8 +1,9 @@
 """Pictures of training and of what a network learned, as PNG files.
 
 Needs matplotlib (``pip install 'minidl[viz]'``); ``available()`` tells whether it
-imports. Every function takes NumPy arrays or a model and writes one PNG, atomically (a
-kill never leaves half a picture, nor loses the previous one).
+imports. Every function takes NumPy arrays or a model and writes one PNG, to a file
+atomically (a kill never leaves half a picture, nor loses the previous one), or to a
+file object.
 """
 import numpy
 
@@ -31,11 +32,16 @@ def _subplots(*args, **kwargs):
 
 
 def _save(fig, path, layout=True):
+    """``fig`` as a PNG: to a file name atomically; a file object (the report's
+    io.BytesIO) takes the bytes as they come."""
     if layout:
         fig.tight_layout()
     try:
-        with atomic_write(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
+        if hasattr(path, "write"):
+            fig.savefig(path, dpi=110, format="png")
+        else:
+            with atomic_write(path) as tmp:
+                fig.savefig(tmp, dpi=110, format="png")
     finally:
         _pyplot().close(fig)
     return path

@@ -62,11 +62,22 @@ def test_train_writes_the_report_and_minidl_report_writes_it_again(finished_run,
 def test_a_resumed_run_writes_its_report_again(finished_run, data_root, tmp_path, capsys):
     run = shutil.copytree(finished_run, tmp_path / "run")
     os.remove(run / "report.html")
+    # a finished run says so and trains nothing: `minidl report` writes the page again
     assert cli.main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert f"minidl report {run}" in capsys.readouterr().out
+    assert not (run / "report.html").exists()
+    # extended by an epoch, it ends with its report, of all three epochs
+    assert cli.main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-3].startswith(f"report in {run / 'report.html'} (")
     assert printed[-1].startswith("test accuracy: ")    # still the last line
     assert sections(run / "report.html") == [key for key, _ in SECTIONS]
+    settings = cli_report.read_settings(run / "run.json")
+    lrs, steps = cli_report.learning_rates(settings, 3, settings["data_root"])
+    assert settings["schedule_legs"] == [[0, 2], [2, 3]] and steps == 4
+    assert lrs[:8] == cli_report.learning_rates({**settings, "epochs": 2,
+                                                 "schedule_legs": None}, 2,
+                                                settings["data_root"])[0]
 
 
 @pytest.mark.parametrize("schedule, expected", [

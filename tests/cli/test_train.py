@@ -160,8 +160,9 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(finished_run, data
                      "--data-root", str(data_root)]) == 0
     printed = capsys.readouterr()
     assert printed.out == (f"the run in {out} is finished (2 of 2 epochs; model.npz, "
-                           f"history.csv and the plots are there); pass --epochs N with N > 2 "
-                           f"to train it further\n")
+                           f"history.csv and the plots are there, `minidl report {out}` "
+                           f"writes its report again); pass --epochs N with N > 2 to train "
+                           f"it further\n")
     assert printed.err == "" and files_of(out) == before
     assert cli.main(["train", "--resume", str(out), "--epochs", "1"]) == 1
     assert "--epochs 1 is fewer than the run's 2 epochs" in capsys.readouterr().err
