@@ -116,7 +116,7 @@ def saved_epochs(path):
 
 def _read_state(path, trainer, train):
     """(epochs, {part: {key: array}}) from the file, each member's header checked against
-    what this run can hold before any data is read, and every float finite."""
+    what this run can hold before any data is read; the model and optimizer finite."""
     with NpzReader(path) as npz:
         _require_epoch(npz, path)
         epochs = _epoch_count(npz)
@@ -149,11 +149,11 @@ def _read_state(path, trainer, train):
         for name, a in arrays.items():      # never saved: the Trainer stops first
             if name.startswith(("model/", "optimizer/")) and not _cpu.isfinite(a).all():
                 raise npz.error(f"array {name!r} holds inf or NaN")
-        if "loader" in arrays and arrays["loader"].tolist() != _loader_size(train):
-            (batches, samples), (ours, our_samples) = arrays["loader"].tolist(), _loader_size(train)
+        (batches, samples), mine = arrays.get("loader", [0, 0]), _loader_size(train)
+        if "loader" in arrays and [batches, samples] != mine:
             raise npz.error(f"it was saved by a run of {batches} batches per epoch over "
-                            f"{samples} training samples; this one has {ours} over "
-                            f"{our_samples}: another data set size, limit or batch size?")
+                            f"{samples} training samples; this one has {mine[0]} over "
+                            f"{mine[1]}: another data set size, limit or batch size?")
     return epochs, {prefix: {key[len(prefix):]: value for key, value in arrays.items()
                              if key.startswith(prefix)}
                     for prefix in ("model/", "optimizer/", "scheduler/", "history/", "rng/")}
@@ -161,8 +161,8 @@ def _read_state(path, trainer, train):
 
 def _expected(trainer, train, epochs, history):
     """({name: (shape, dtype)} of the members a state of this run must hold, and of
-    those it may hold: optimizer buffers appear with their first update, "loader" since
-    minidl 0.1 wrote it)."""
+    those it may hold: optimizer buffers appear with their first update, and the states
+    of older minidl versions have no "loader")."""
     required = {"epoch": ((), _cpu.int64)}
     required.update(_specs("model/", trainer.model.state_dict()))
     optimizer = _inner(trainer.optimizer)
