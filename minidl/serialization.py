@@ -11,6 +11,8 @@ import os
 import re
 import secrets
 import shutil
+import stat
+import tokenize
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -71,6 +73,18 @@ def atomic_write(path):
         tmp.unlink(missing_ok=True)
 
 
+def open_regular(path, error=ValueError):
+    """``path`` opened to read, as every file minidl reads, once fstat shows a regular file
+    (O_NONBLOCK: a FIFO opens at once); else ``error``: a FIFO or /dev/zero never ends."""
+    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0)))
+    kind = stat.S_IFMT(os.fstat(f.fileno()).st_mode)
+    if kind != stat.S_IFREG:
+        f.close()
+        raise error(f"{os.fspath(path)!r} is {'a FIFO' if kind == stat.S_IFIFO else 'a device'}"
+                    f", not a regular file")
+    return f
+
+
 def save_npz(path, arrays):
     """Write ``arrays`` (name -> array) to ``path`` (.npz) atomically."""
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
@@ -92,26 +106,29 @@ class NpzReader:
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"checkpoint {self.path!r} does not exist")
-        with self._reading():
-            self._zip = zipfile.ZipFile(self.path)
-            try:
+        self._file = open_regular(self.path, lambda why: CheckpointError(f"checkpoint {why}"))
+        try:
+            with self._reading():
+                self._zip = zipfile.ZipFile(self._file)
                 self.headers = dict(self._header(info) for info in self._zip.infolist())
-            except BaseException:
-                self._zip.close()
-                raise
+                if len(self.headers) < len(self._zip.infolist()):   # zipfile reads the last
+                    raise self.error("it holds two members of one name")
+        except BaseException:
+            self._file.close()
+            raise
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
-        self._zip.close()
+        self._file.close()
 
     def error(self, problem):
         return CheckpointError(f"checkpoint {self.path!r}: {problem}")
 
     def read(self, name, shape, dtype):
         """The array ``name``, after checking its header against ``shape`` and ``dtype``."""
-        self._check(name, shape, dtype)
+        self.check(name, shape, dtype)
         with self._reading(), self._zip.open(f"{name}.npy") as f:
             return npy.read_array(f, allow_pickle=False)
 
@@ -123,10 +140,10 @@ class NpzReader:
         if missing or unexpected:
             raise self.error(f"missing arrays {missing}, unexpected arrays {unexpected}")
         for name, (shape, dtype) in expected.items():
-            self._check(name, shape, dtype)
+            self.check(name, shape, dtype)
         return {name: self.read(name, *spec) for name, spec in expected.items()}
 
-    def _check(self, name, shape, dtype):
+    def check(self, name, shape, dtype):
         """Same shape, and a dtype that casts within its kind (float64 into float32 yes,
         float into int no); a text member may not be longer than ``dtype`` allows."""
         if name not in self.headers:
@@ -168,8 +185,8 @@ class NpzReader:
             yield
         except CheckpointError:
             raise
-        except (zipfile.BadZipFile, EOFError, OSError, KeyError, RuntimeError,
-                NotImplementedError, zlib.error, ValueError) as exc:
+        except (zipfile.BadZipFile, EOFError, OSError, KeyError, RuntimeError, TypeError,
+                zlib.error, ValueError, SyntaxError, tokenize.TokenError) as exc:  # (or a header)
             raise self.error(f"it is corrupt, truncated or not an .npz written by minidl "
                              f"({type(exc).__name__}: {exc})") from None
 

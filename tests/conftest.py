@@ -10,11 +10,13 @@ here at the root. Test modules import these helpers as ``from conftest import ..
 tests/test_gpu.py (marker ``gpu``); every other test runs on numpy, so a machine
 without a GPU or torch still runs them all.
 """
+import contextlib
 import functools
 import gzip
 import hashlib
 import os
 import pathlib
+import signal
 import urllib.error
 
 import numpy
@@ -86,6 +88,31 @@ def write_fake_dataset(root, dataset, n_train=256, n_test=100):
 # -- PyTorch's answers: live when torch imports, else recorded in tests/golden/ -------------
 
 @functools.lru_cache(maxsize=None)
+def special_files(folder, name):
+    """Two paths in ``folder`` ending in ``name`` that are no regular files: a FIFO (opening
+    it waits for a writer forever) and a link to /dev/zero (which never ends)."""
+    fifo, zero = folder / f"fifo-{name}", folder / f"zero-{name}"
+    os.mkfifo(fifo)
+    os.symlink("/dev/zero", zero)
+    return [fifo, zero]
+
+
+@contextlib.contextmanager
+def fails_instead_of_hanging(seconds=30):
+    """A block that would hang (a blocked open of a FIFO, an endless read) raises
+    TimeoutError after ``seconds`` instead: SIGALRM interrupts both."""
+    def stop(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: it hangs")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def golden_file(module):
     path = GOLDEN_DIR / f"{module}.npz"
     if not path.exists():

@@ -17,7 +17,7 @@ from ..ext.zoo import MODELS
 from ..layers import Parameter
 from ..optim import SGD, Adam, AdamW, RMSprop
 from ..schedulers import CosineAnnealingLR, OneCycleLR
-from ..serialization import atomic_write
+from ..serialization import atomic_write, open_regular
 
 DATASETS = {"mnist": datasets.mnist, "fashion-mnist": datasets.fashion_mnist}
 CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
@@ -256,7 +256,7 @@ def read_json(path):
     """The settings in ``path`` ({} if there is none); ValueError if it is not a JSON object."""
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
+    with open_regular(path) as f:     # ValueError for a FIFO or a device
         try:
             data = json.load(f)
         except (ValueError, RecursionError) as exc:   # not JSON, not UTF-8, or too deep

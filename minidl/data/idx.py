@@ -15,6 +15,8 @@ import zlib
 
 import numpy as np
 
+from ..serialization import open_regular
+
 # IDX dtype code -> big-endian NumPy dtype, as the format defines them.
 _CODE_TO_DTYPE = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
                   0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -23,7 +25,7 @@ _KIND_SIZE_TO_CODE = {(dt.kind, dt.itemsize): code for code, dt in _CODE_TO_DTYP
 
 
 def is_gzip(path):
-    with open(path, "rb") as f:
+    with open_regular(path) as f:     # ValueError for a FIFO or a device
         return f.read(2) == b"\x1f\x8b"
 
 
@@ -34,7 +36,7 @@ def read_idx_bytes(path, max_bytes=None):
     path = os.fspath(path)
     gzipped = is_gzip(path)
     try:
-        with (gzip.open if gzipped else open)(path, "rb") as f:
+        with open_regular(path) as raw, (gzip.GzipFile(fileobj=raw) if gzipped else raw) as f:
             data = f.read(-1 if max_bytes is None else max_bytes + 1)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise ValueError(f"{path}: corrupt or truncated gzip stream ({exc})") from exc

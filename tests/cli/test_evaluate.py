@@ -1,6 +1,7 @@
 """``minidl evaluate``: the model rebuilt from the checkpoint alone (or --model loaded
 into), and a damaged checkpoint reported in one line naming the file."""
 import io
+import os
 import re
 import zipfile
 
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 from minidl import cli
+
+from conftest import fails_instead_of_hanging, special_files
 
 
 def test_evaluate_rebuilds_the_model_from_the_checkpoint(data_root, tmp_path, capsys):
@@ -76,3 +79,21 @@ def test_evaluate_on_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, capsys
     assert code == 1 and err.count("\n") == 1, err
     assert err.startswith(f"minidl evaluate: error: checkpoint {str(path)!r}: ")
     assert re.search(message, err) and "allow_pickle" not in err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs and /dev/zero are POSIX")
+def test_evaluate_refuses_a_fifo_or_a_device_in_one_line(tmp_path, capsys):
+    for path in special_files(tmp_path, "model.npz"):
+        with fails_instead_of_hanging():
+            code = cli.main(["evaluate", "--checkpoint", str(path)])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1, err
+        assert err.startswith(f"minidl evaluate: error: checkpoint {str(path)!r} is a ")
+    # run.json beside the checkpoint is read too, before the checkpoint
+    _small_checkpoint(tmp_path / "model.npz")
+    os.mkfifo(tmp_path / "run.json")
+    with fails_instead_of_hanging():
+        code = cli.main(["evaluate", "--checkpoint", str(tmp_path / "model.npz")])
+    err = capsys.readouterr().err
+    assert code == 1 and err == (f"minidl evaluate: error: {str(tmp_path / 'run.json')!r} is "
+                                 f"a FIFO, not a regular file\n")

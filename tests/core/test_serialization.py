@@ -17,7 +17,9 @@ import pytest
 
 import minidl
 from minidl import Conv2D, Dense, Flatten, Sequential, load_model
-from minidl.serialization import NpzReader, load_npz, save_npz
+from minidl.serialization import CheckpointError, NpzReader, load_npz, open_regular, save_npz
+
+from conftest import fails_instead_of_hanging, special_files
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
@@ -166,3 +168,58 @@ def test_temp_file_of_a_killed_save_is_swept_by_the_next_save(tmp_path):
     assert os.path.exists(leftover)
     tiny().save(tmp_path / "model.npz")
     assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]
+
+
+# -- what is read: regular files only, one member per name, every header parsed or refused
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs and /dev/zero are POSIX")
+def test_a_fifo_or_a_device_is_refused_not_waited_on(tmp_path):
+    for path in special_files(tmp_path, "model.npz"):
+        kind = "a FIFO" if path.name.startswith("fifo") else "a device"
+        for read in (open_regular, NpzReader, load_model, tiny().load):
+            with fails_instead_of_hanging(), \
+                    pytest.raises(ValueError, match=f"'{path}' is {kind}, not a regular file"):
+                read(path)
+    tiny().save(tmp_path / "model.npz")           # a link to a regular file is followed
+    (tmp_path / "link.npz").symlink_to(tmp_path / "model.npz")
+    load_model(tmp_path / "link.npz")
+
+
+def test_duplicate_members_are_refused(tmp_path):
+    # zipfile reads the last of two members of one name: a file could show one
+    # array to a checker that lists members and load another
+    model, path = tiny(), tmp_path / "twice.npz"
+    model.save(path)
+    with np.load(path) as data:
+        arrays = dict(data)
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(path, "a") as z:
+        z.writestr("0.weight.npy", _npy_bytes(np.ones_like(arrays["0.weight"])))
+    before = model.state_dict()
+    for load in (model.load, load_model, NpzReader):
+        with pytest.raises(CheckpointError, match="it holds two members of one name"):
+            load(path)
+    np.testing.assert_array_equal(model.state_dict()["0.weight"], before["0.weight"])
+
+
+def test_every_damaged_npy_header_is_a_checkpoint_error(tmp_path):
+    """Each byte of a member's .npy header set to characters that matter to the parser
+    (a quote, brackets, separators, a newline) or flipped: the file loads as it says,
+    or is refused as a CheckpointError; never tokenize's or ast's errors."""
+    tiny().save(tmp_path / "m.npz")
+    with zipfile.ZipFile(tmp_path / "m.npz") as z:
+        members = {info.filename: z.read(info) for info in z.infolist()}
+    data = members["0.weight.npy"]
+    header_end = 10 + int.from_bytes(data[8:10], "little")
+    outcomes = set()
+    for position in range(header_end):
+        for value in {*b"'({,:\n", data[position] ^ 1}:
+            damaged = bytearray(data)
+            damaged[position] = value
+            with zipfile.ZipFile(tmp_path / "d.npz", "w") as z:
+                for name, member in members.items():
+                    z.writestr(name, bytes(damaged) if name == "0.weight.npy" else member)
+            try:
+                load_model(tmp_path / "d.npz")
+                outcomes.add("loaded")
+            except CheckpointError:
+                outcomes.add("refused")
+    assert outcomes == {"loaded", "refused"}      # e.g. a space in the padding still loads

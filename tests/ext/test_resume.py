@@ -2,6 +2,7 @@
 after a stop and after a kill of ``minidl train`` (--resume); a state of another run
 or a model checkpoint is refused."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from minidl.ext.recorder import GradientRecorder
 from minidl.ext.resume import TrainingState
 from minidl.schedulers import CosineAnnealingLR, OneCycleLR
 
-from conftest import write_fake_dataset
+from conftest import fails_instead_of_hanging, special_files, write_fake_dataset
 
 
 def fake_images(n=48):
@@ -138,6 +139,13 @@ def test_resume_refuses_another_run_and_model_checkpoints(tmp_path):
     assert (tmp_path / "big.npz").stat().st_size < 10**6
     with pytest.raises(ValueError, match="holds random generators"):
         resume_from(tmp_path / "big.npz")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs and /dev/zero are POSIX")
+def test_resume_refuses_a_fifo_or_a_device_as_its_state(tmp_path):
+    for path in special_files(tmp_path, "state.npz"):
+        with fails_instead_of_hanging(), pytest.raises(ValueError, match="not a regular file"):
+            run(path, epochs=1, resume=True)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ layout, gzip found by content, and malformed, truncated or corrupt files refused
 naming the file."""
 import gzip
 import math
+import os
 import struct
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 
 from minidl.data import read_idx, write_idx
 from minidl.data.idx import encode_idx
+
+from conftest import fails_instead_of_hanging, special_files
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
@@ -95,3 +98,10 @@ def test_idx_corrupt_gzip_is_refused(tmp_path, damage):
 def test_write_idx_refuses_dtypes_idx_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="int64"):
         write_idx(tmp_path / "x.idx", np.zeros(3, np.int64))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs and /dev/zero are POSIX")
+def test_a_fifo_or_a_device_is_refused_not_read(tmp_path):
+    for path in special_files(tmp_path, "train-images-idx3-ubyte"):
+        with fails_instead_of_hanging(), pytest.raises(ValueError, match="not a regular file"):
+            read_idx(path)
