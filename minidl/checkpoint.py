@@ -8,16 +8,18 @@ Members: every parameter and buffer under its ``state_dict`` name, "__model__", 
 model's ``layer_spec`` ({"class": name, "config": get_config()}, nested for containers)
 as JSON text, and "__metadata__" (JSON the caller gives: preprocessing, class names;
 ``load_metadata``). ``load_model`` builds only classes of the layer registry
-(layers/registry.py); nothing is unpickled or imported by name. Every refusal is a
-CheckpointError naming the file (docs/api.md, "Errors of checkpoints"), raised before
-the model changes.
+(layers/registry.py), and only once their arrays fit in memory and are in the file (as
+``state_shapes`` says); nothing is unpickled. Every refusal is a CheckpointError naming
+the file (docs/api.md, "Errors of checkpoints"), raised before the model changes.
 """
 import json
+import math
 
 from . import backend
-from .layers.base import layer_spec
+from .checks import check_float_dtype, machine_memory
+from .layers.base import Container, layer_spec
 from .layers.registry import layer_class
-from .serialization import NpzReader, save_npz
+from .serialization import CheckpointError, NpzReader, save_npz
 
 CONFIG_KEY = "__model__"          # the model's layer_spec, as JSON text
 METADATA_KEY = "__metadata__"     # what the caller says about the model, as JSON text
@@ -44,17 +46,30 @@ def load_weights(model, path):
     """Load the checkpoint at ``path`` into ``model``, whose structure must be the saved
     one (dtypes and Dropout seeds aside); all or nothing."""
     with NpzReader(path) as npz:
+        saved, mine = _read_config(npz), json.loads(_config_text(model))
+        if _comparable(saved) != _comparable(mine):
+            raise npz.error(f"it was saved from a different model structure "
+                            f"({_difference(saved, mine)})")
         _load_into(model, npz)
     return model
 
 
 def load_model(path):
     """The model saved at ``path`` by ``Sequential.save``, rebuilt from the file alone
-    (registered classes only; nothing is unpickled), then loaded."""
+    (registered classes only; nothing is unpickled), then loaded. Nothing is built before
+    its arrays are known to fit in memory and to be in the file."""
     with NpzReader(path) as npz:
-        spec = _read_config(npz)
+        spec, total = _read_config(npz), [0]
         try:
+            planned = _planned(spec, total)
+            if total[0] > (machine_memory() or math.inf):
+                raise ValueError(f"its layers would hold {total[0] / 2**30:.3g} GiB, more than "
+                                 f"this machine's memory ({machine_memory() / 2**30:.3g} GiB)")
+            for name, (shape, dtype) in planned.items():
+                npz.check(name, shape, dtype)
             model = build_layer(spec)
+        except CheckpointError:
+            raise
         except (TypeError, ValueError, KeyError, MemoryError, RecursionError) as exc:
             raise npz.error(f"cannot rebuild the model from its config: {exc}") from None
         if type(model) is not layer_class("Sequential"):
@@ -65,30 +80,48 @@ def load_model(path):
 
 def build_layer(spec):
     """The layer a ``layer_spec`` describes, nested layers built first."""
-    if not (isinstance(spec, dict) and set(spec) == {"class", "config"}
-            and isinstance(spec["config"], dict)):
-        raise ValueError(f"expected {{'class': name, 'config': {{...}}}}, got {spec!r:.200}")
-    cls = layer_class(spec["class"])
+    cls, config = _parts(spec)
     try:
-        return cls.from_config({key: _built(value) for key, value in spec["config"].items()})
+        return cls.from_config(_nested(config, build_layer))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{spec['class']}: {exc}") from None
 
 
-def _built(value):
-    """A config value with the layer specs in it (dicts) built into layers."""
-    if isinstance(value, dict):
-        return build_layer(value)
-    if isinstance(value, list):
-        return [_built(item) for item in value]
-    return value
+def _planned(spec, total):
+    """{name: (shape, dtype)} of layer ``spec``'s arrays, from the config alone; bytes: total."""
+    cls, config = _parts(spec)
+    config = _nested(config, lambda inner: _planned(inner, total))
+    sizes = getattr(cls, "state_shapes", None)       # a class of one's own may not say
+    if sizes is None or issubclass(cls, Container):  # a container's arrays are its layers'
+        return sizes(config) if sizes else {}
+    if any(isinstance(plan, dict) and plan for plan in config.values()):   # not saved
+        raise ValueError(f"{spec['class']}: its activation has arrays, which checkpoints omit")
+    try:
+        dtype = check_float_dtype(config.get("dtype") or backend.float32, cls.__name__)
+        shapes = sizes(config)
+    except (TypeError, ValueError, KeyError):   # its constructor refuses it, saying why
+        return {}
+    total[0] += sum(map(math.prod, shapes.values())) * dtype.itemsize
+    return {name: (shape, dtype) for name, shape in shapes.items()}
+
+
+def _parts(spec):
+    """(registered class, config) of a ``layer_spec``; ValueError for anything else."""
+    if not (isinstance(spec, dict) and set(spec) == {"class", "config"}
+            and isinstance(spec["config"], dict)):
+        raise ValueError(f"expected {{'class': name, 'config': {{...}}}}, got {spec!r:.200}")
+    return layer_class(spec["class"]), spec["config"]
+
+
+def _nested(config, fn):
+    """``config`` with ``fn(spec)`` for each layer spec in it (a dict, alone or in a list)."""
+    def each(value):
+        return fn(value) if isinstance(value, dict) else \
+            [each(item) for item in value] if isinstance(value, list) else value
+    return {key: each(value) for key, value in config.items()}
 
 
 def _load_into(model, npz):
-    saved, mine = _read_config(npz), json.loads(_config_text(model))
-    if _comparable(saved) != _comparable(mine):
-        raise npz.error(f"it was saved from a different model structure "
-                        f"({_difference(saved, mine)})")
     expected = {name: (a.shape, a.dtype) for name, a in model._state_arrays().items()}
     texts = {key: npz.headers[key] for key in (CONFIG_KEY, METADATA_KEY) if key in npz.headers}
     state = npz.read_all({**expected, **texts})

@@ -116,12 +116,16 @@ def check_allocation(shape, name, owner, itemsize=8):
     """ValueError when an array of ``shape`` (``itemsize`` bytes per value: initial
     weights are drawn in float64) would not fit in this machine's RAM, so that an absurd
     size is refused before numpy tries to allocate it."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):      # the OS does not say: allow it
-        return
-    count = math.prod(shape)
-    if count * itemsize > memory:
+    memory, count = machine_memory(), math.prod(shape)
+    if memory is not None and count * itemsize > memory:    # None: the OS does not say
         raise ValueError(f"{owner}: {name} of shape {tuple(shape)} would hold {count:.3g} "
                          f"values ({count * itemsize / 2**30:.3g} GiB), more than this "
                          f"machine's memory ({memory / 2**30:.3g} GiB)")
+
+
+def machine_memory():
+    """This machine's RAM in bytes, or None when the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None

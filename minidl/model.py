@@ -9,7 +9,7 @@ A Sequential is itself a Layer, so it nests and ``minidl.gradcheck`` applies to 
 from . import backend
 from .checkpoint import load_weights, save_model
 from .checks import check_int
-from .layers.base import Container, Layer, layer_spec
+from .layers.base import Container, Layer, layer_spec, sub_layer_shapes
 from .layers.registry import register_layer
 from .summary import summary_table
 
@@ -103,6 +103,8 @@ class Sequential(Container):
 
     def get_config(self):
         return {"layers": [layer_spec(layer) for layer in self.layers]}
+
+    state_shapes = classmethod(sub_layer_shapes)
 
     # -- description ---------------------------------------------------------
     def output_shape(self, input_shape):

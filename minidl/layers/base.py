@@ -305,6 +305,14 @@ def _part(state, name):
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
+def sub_layer_shapes(cls, config):
+    """``state_shapes`` of a container naming a sub-layer by its key or place in a list."""
+    subs = [(k, v) for key, value in config.items()
+            for k, v in (enumerate(value) if isinstance(value, list) else [(key, value)])]
+    return {f"{k}.{name}": shape for k, v in subs if isinstance(v, dict)
+            for name, shape in v.items()}
+
+
 def layer_spec(layer):
     """``{"class": name, "config": get_config()}``: a layer as a checkpoint stores it."""
     return {"class": type(layer).__name__, "config": layer.get_config()}

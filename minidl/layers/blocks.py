@@ -13,7 +13,7 @@ import itertools
 import math
 
 from .. import backend
-from .base import Container, Layer, layer_spec
+from .base import Container, Layer, layer_spec, sub_layer_shapes
 from .registry import register_layer
 
 
@@ -22,6 +22,7 @@ class _Branches(Container):
     ``branch_names``."""
 
     in_parallel = True
+    state_shapes = classmethod(sub_layer_shapes)
 
     def __init__(self, branches):
         super().__init__()

@@ -56,7 +56,7 @@ class Conv2D(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  activation=None, bias=True, dtype=backend.float32,
                  max_im2col_bytes=DEFAULT_IM2COL_BYTES):
-        super().__init__(dtype)
+        super().__init__(backend.float32 if dtype is None else dtype)   # None: as torch
         name = type(self).__name__
         self.in_channels = check_int(in_channels, "in_channels", name, minimum=1)
         self.out_channels = check_int(out_channels, "out_channels", name, minimum=1)
@@ -79,10 +79,23 @@ class Conv2D(Layer):
         w = default_rng().standard_normal(shape) * math.sqrt(2.0 / fan_in)
         return backend.to_device(w.astype(self.dtype), self.device)
 
+    @classmethod
+    def state_shapes(cls, config):
+        c, f = (check_int(config[k], k, cls.__name__, minimum=1)
+                for k in ("in_channels", "out_channels"))
+        k = check_pair(config["kernel_size"], "kernel_size", cls.__name__, minimum=1)
+        return {"weight": (f, c) + k} | ({"bias": (f,)} if config.get("bias", True) else {})
+
     # -- forward: Eq. [1] -----------------------------------------------------
     def forward(self, x, training=True):
         x = self._as_input(x, ndim=4)
         n, f, ho, wo = self.output_shape(x.shape)            # checks C and the kernel fit
+        hp, wp = (size + sum(pad) for size, pad in zip(x.shape[2:], self.pads))
+        rows = self.in_channels * self.kernel_size[0] * self.kernel_size[1]   # of cols
+        chunk = min(n, max(1, self.max_im2col_bytes // (rows * ho * wo * x.dtype.itemsize or 1)))
+        for what, shape in (("output", (n, f, ho, wo)), ("padded input", (n, x.shape[1], hp, wp)),
+                            ("im2col columns", (rows, chunk * ho * wo))):   # of one chunk
+            check_allocation(shape, f"its {what}", "Conv2D", x.dtype.itemsize)
         x_pad_t = pad_channels_first(x, self.pads)            # A_pad, as (C, N, Hp, Wp)
         w2 = self.weight.data.reshape(f, -1)                  # W2: (F, C*k1*k2)
         z_t = conv_products.forward(w2, x_pad_t, self.columns, (ho, wo))   # Z2 = W2 @ cols

@@ -30,7 +30,7 @@ class Dense(Layer):
 
     def __init__(self, in_features, out_features, activation=None, bias=True,
                  dtype=backend.float32):
-        super().__init__(dtype)
+        super().__init__(backend.float32 if dtype is None else dtype)   # None: as torch
         name = type(self).__name__
         self.in_features = check_int(in_features, "in_features", name, minimum=1)
         self.out_features = check_int(out_features, "out_features", name, minimum=1)
@@ -49,6 +49,12 @@ class Dense(Layer):
             limit = math.sqrt(6.0 / (fan_in + fan_out))
             w = default_rng().uniform(-limit, limit, shape)
         return backend.to_device(w.astype(self.dtype), self.device)
+
+    @classmethod
+    def state_shapes(cls, config):
+        n_in, n_out = (check_int(config[k], k, cls.__name__, minimum=1)
+                       for k in ("in_features", "out_features"))
+        return {"weight": (n_in, n_out)} | ({"bias": (n_out,)} if config.get("bias", True) else {})
 
     def forward(self, x, training=True):
         x = self._as_input(x, ndim=2)

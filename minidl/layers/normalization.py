@@ -31,7 +31,7 @@ class _BatchNorm(Layer):
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, affine=True,
                  dtype=backend.float32):
-        super().__init__(dtype)
+        super().__init__(backend.float32 if dtype is None else dtype)   # None: as torch
         name = type(self).__name__
         self.num_features = check_int(num_features, "num_features", name, minimum=1)
         self.momentum = (None if momentum is None
@@ -45,6 +45,12 @@ class _BatchNorm(Layer):
         self.running_mean = xp.zeros((c,), dtype=self.dtype)
         self.running_var = xp.ones((c,), dtype=self.dtype)
         self.num_batches_tracked = xp.zeros((), dtype="int64")
+
+    @classmethod
+    def state_shapes(cls, config):
+        c = (check_int(config["num_features"], "num_features", cls.__name__, minimum=1),)
+        return ({"weight": c, "bias": c} if config.get("affine", True) else {}) | {
+            "running_mean": c, "running_var": c, "num_batches_tracked": ()}
 
     # -- forward: x_hat = (x - mu) s,  y = gamma x_hat + beta -----------------------
     def forward(self, x, training=True):

@@ -26,7 +26,7 @@ the slab x_pad[:, :, m::s1, l::s2] (cut to Ho x Wo, ``im2col.slab``) holds eleme
 a Conv2D). docs/performance.md says what each of these choices buys.
 """
 from .. import backend
-from ..checks import check_pair
+from ..checks import check_allocation, check_pair
 from .base import Layer
 from .registry import register_layer
 from .im2col import conv_output_size, slab
@@ -65,6 +65,8 @@ class _Pool2D(Layer):
         p1, p2 = self.padding
         if p1 == p2 == 0:
             return x
+        check_allocation(x.shape[:2] + (x.shape[2] + 2 * p1, x.shape[3] + 2 * p2),
+                         "its padded input", type(self).__name__, x.dtype.itemsize)
         xp = backend.get_array_module(x)
         return xp.pad(x, ((0, 0), (0, 0), (p1, p1), (p2, p2)), constant_values=value)
 

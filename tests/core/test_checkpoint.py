@@ -3,17 +3,23 @@ model from the file alone, and the refusal of mismatched, renamed, damaged or pi
 checkpoints, each naming the file."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import minidl
 from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                    GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Sequential, Sigmoid,
-                    Softmax, Tanh, load_model)
+                    GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual, Sequential,
+                    Sigmoid, Softmax, Tanh, load_model)
 from minidl.layers import Layer
+from minidl.serialization import CheckpointError
 
 from conftest import randn
+
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(minidl.__file__))
 
 
 def small_cnn(dtype=np.float32):
@@ -236,3 +242,83 @@ def test_metadata_is_saved_beside_the_model_and_read_back(tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match=r"its '__metadata__' entry is not valid JSON"):
         load_metadata(path)
+
+
+# -- a crafted config: its memory bounded before anything is built -------------------------
+_GIGABYTE_DENSE = {"class": "Dense", "config": {"in_features": 16000, "out_features": 16000}}
+
+
+def _measured_in_a_child(path):
+    """(what load_model(path) printed, its peak RSS in MB). It runs in a grandchild: a
+    process starts with the peak RSS of the one that forked it, so a small Python in
+    between starts it afresh, and reads the peak of its one child (KiB on Linux)."""
+    load = ("import sys, minidl\n"
+            "try:\n    minidl.load_model(sys.argv[1])\n    print('loaded')\n"
+            "except ValueError as exc:\n    print(type(exc).__name__, exc)\n")
+    between = ("import resource, subprocess, sys\n"
+               "subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]])\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    done = subprocess.run([sys.executable, "-c", between, load, str(path)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": PACKAGE_ROOT})
+    *printed, peak_kib = done.stdout.strip().splitlines()
+    return "\n".join(printed) + done.stderr, int(peak_kib) / 1024
+
+
+@pytest.mark.parametrize("where", ["a layer", "an activation", "a Residual's branch"])
+def test_a_3_kb_file_declaring_a_gigabyte_is_refused_in_under_200_mb(tmp_path, where):
+    small = {"class": "Dense", "config": {"in_features": 2, "out_features": 2}}
+    layer = {"a layer": _GIGABYTE_DENSE,
+             "an activation": {"class": "Dense", "config": {**small["config"],
+                                                            "activation": _GIGABYTE_DENSE}},
+             "a Residual's branch": {"class": "Residual", "config": {
+                 "block": small, "shortcut": _GIGABYTE_DENSE}}}[where]
+    state = {} if where == "a layer" else {
+        name: np.zeros(shape, np.float32) for name, shape in {
+            "0.weight": (2, 2), "0.bias": (2,), "0.block.weight": (2, 2),
+            "0.block.bias": (2,)}.items() if where == "an activation" or "block" in name}
+    path = _with_config(tmp_path / "crafted.npz", {"class": "Sequential",
+                                                   "config": {"layers": [layer]}}, state)
+    assert path.stat().st_size < 3000
+    printed, peak_mb = _measured_in_a_child(path)
+    assert printed.startswith(f"CheckpointError checkpoint '{path}'"), printed
+    assert {"a layer": "has no array '0.weight'",
+            "an activation": "Dense: its activation has arrays, which checkpoints omit",
+            "a Residual's branch": "has no array '0.shortcut.weight'"}[where] in printed
+    assert peak_mb < 200, peak_mb        # building the Dense alone would take 1 GB (3 to draw)
+
+
+def test_the_memory_of_every_layer_together_is_bounded_before_building(tmp_path, monkeypatch):
+    model = Sequential(Dense(300, 300), Residual(Dense(300, 300)), Dense(300, 10))
+    model.save(tmp_path / "m.npz")                       # 4 * (90300 + 90300 + 3010) bytes
+    monkeypatch.setattr(minidl.checkpoint, "machine_memory", lambda: 700_000)
+    draws = minidl.random.default_rng().bit_generator.state
+    with pytest.raises(CheckpointError, match=r"its layers would hold 0.000684 GiB, more "
+                                              r"than this machine's memory \(0.000652 GiB\)"):
+        load_model(tmp_path / "m.npz")
+    assert minidl.random.default_rng().bit_generator.state == draws     # nothing was built
+    monkeypatch.setattr(minidl.checkpoint, "machine_memory", lambda: 800_000)
+    np.testing.assert_array_equal(load_model(tmp_path / "m.npz").predict(np.ones((1, 300))),
+                                  model.predict(np.ones((1, 300))))
+
+
+def test_what_the_constructors_accept_loads_and_what_they_refuse_says_why(tmp_path):
+    model = Sequential(Conv2D(1, 2, 3, padding="same", activation="relu"), Flatten(),
+                       Dense(2 * 4 * 4, 3, dtype=np.float64))
+    model.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as data:
+        state = dict(data)
+    spec = json.loads(str(state.pop("__model__")[0]))
+    conv, _, dense = spec["config"]["layers"]
+    conv["config"].update(padding="SAME", activation="RELU")     # normalised by hand
+    dense["config"]["dtype"] = None                              # None: float32, as torch
+    x = np.random.default_rng(0).standard_normal((2, 1, 4, 4))
+    back = load_model(_with_config(tmp_path / "edited.npz", spec, state))
+    np.testing.assert_allclose(back.predict(x), model.predict(x), rtol=1e-6)
+    assert back[0].get_config() == model[0].get_config()    # as the constructor gives it
+    assert back[2].dtype == np.float32
+    assert Dense(2, 2, dtype=None).dtype == Conv2D(1, 1, 1, dtype=None).dtype == np.float32
+    assert BatchNorm2D(2, dtype=None).running_mean.dtype == np.float32
+    conv["config"]["padding"] = "FULL"
+    with pytest.raises(CheckpointError, match=r"cannot rebuild the model from its config: "
+                                              r"Sequential: Conv2D: Conv2D: padding must be"):
+        load_model(_with_config(tmp_path / "edited.npz", spec, state))

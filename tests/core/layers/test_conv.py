@@ -324,3 +324,19 @@ def test_conv_input_grad_false_gives_the_same_parameter_grads(xp, make):
 def test_flops_of_conv():
     conv = Conv2D(3, 8, 3, padding=1)
     assert conv.flops((1, 3, 10, 10)) == 2 * 3 * 9 * 8 * 100
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"padding": 20000}, r"Conv2D: its output of shape \(3, 4, 40026, 40026\) would hold "
+                         r"1.92e\+10 values \(71.6 GiB\), more than this machine's memory"),
+    ({"padding": 8000, "stride": 8000},                   # a 3x3 output, a huge padded input
+     r"Conv2D: its padded input of shape \(3, 1, 16028, 16028\)"),
+    ({"kernel_size": 400, "padding": 200, "max_im2col_bytes": 10 ** 15},     # in one chunk:
+     r"Conv2D: its im2col columns of shape \(160000, 2523\)"),    # 3 samples of 29x29
+])
+def test_forward_refuses_what_would_not_fit_in_memory(monkeypatch, config, message):
+    # loaded from a crafted config, a forward must not end in MemoryError or swap
+    monkeypatch.setattr(minidl.checks, "machine_memory", lambda: 2 ** 30)
+    layer = Conv2D.from_config({"in_channels": 1, "out_channels": 4, "kernel_size": 3, **config})
+    with pytest.raises(ValueError, match=message):
+        layer.forward(np.zeros((3, 1, 28, 28), np.float32))

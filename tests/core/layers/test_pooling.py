@@ -341,3 +341,12 @@ def test_maxpool_matches_reference_in_every_layout(xp, layout, threads):
         y_ref, dx_ref = maxpool_forward_backward(to_np(x), to_np(dy), kernel, stride, padding)
         numpy.testing.assert_allclose(to_np(y), y_ref, rtol=0, atol=1e-12)
         numpy.testing.assert_allclose(to_np(dx), dx_ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [MaxPool2D, minidl.AvgPool2D])
+def test_forward_refuses_a_padded_input_that_would_not_fit_in_memory(monkeypatch, cls):
+    monkeypatch.setattr(minidl.checks, "machine_memory", lambda: 2 ** 30)
+    layer = cls.from_config({"kernel_size": 4000, "padding": 2000})     # a crafted config
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: its padded input of shape "
+                                         rf"\(64, 32, 4028, 4028\) would hold 3.32e\+10 values"):
+        layer.forward(numpy.zeros((64, 32, 28, 28), numpy.float32))
