@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..serialization import atomic_write, sweep_temp_files
-from .idx import decode_idx, is_gzip, read_idx, read_idx_bytes
+from .idx import decode_idx, is_gzip, read_idx_bytes
 
 # Split -> (images file, labels file); the same names for both datasets.
 SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -75,17 +75,6 @@ def dataset_dir(dataset, root=None):
     if root is None:
         root = os.environ.get("MINIDL_DATA") or "~/.cache/minidl"
     return Path(root).expanduser() / dataset
-
-
-def load_idx_pair(images_path, labels_path):
-    """``(images as stored, labels as int64)`` from two IDX files of as many examples."""
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if labels.ndim != 1:
-        raise ValueError(f"{labels_path}: labels must be 1-D, got shape {labels.shape}")
-    if images.ndim < 1 or len(images) != len(labels):
-        raise ValueError(f"{images_path} holds {len(images) if images.ndim else 0} images "
-                         f"but {labels_path} holds {len(labels)} labels")
-    return images, labels.astype(np.int64)
 
 
 def _load(dataset, split, root, fallbacks):

@@ -24,16 +24,6 @@ from conftest import (TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, _all
 pytestmark = pytest.mark.usefixtures("offline")   # conftest: no network, no pip
 
 
-def test_load_idx_pair(tmp_path):
-    write_idx(tmp_path / "x", np.zeros((3, 2), np.uint8))
-    write_idx(tmp_path / "y", np.arange(3, dtype=np.uint8))
-    write_idx(tmp_path / "y4", np.arange(4, dtype=np.uint8))
-    images, labels = datasets.load_idx_pair(tmp_path / "x", tmp_path / "y")
-    assert images.shape == (3, 2) and labels.dtype == np.int64
-    with pytest.raises(ValueError, match="3 images .* 4 labels"):
-        datasets.load_idx_pair(tmp_path / "x", tmp_path / "y4")
-
-
 # ------------------------------------------------------- cached / by-hand files
 
 @pytest.mark.parametrize("gz", [True, False])
