@@ -8,9 +8,13 @@ Each bridge keeps its converter of each layer class in the layer registry
 """
 import importlib
 
-from ..layers import Conv2D, Dense, Identity, Layer
+from ..layers import Container, Conv2D, Dense, Identity, Layer
 from ..layers.activations import Activation
 from ..model import Sequential
+
+# Models nested deeper are refused: each level of nesting costs the converters (and
+# minidl's own passes) a few Python frames, and Python allows about a thousand.
+MAX_DEPTH = 100
 
 
 def as_sequential(model, caller):
@@ -18,6 +22,8 @@ def as_sequential(model, caller):
     if not isinstance(model, Layer):
         raise TypeError(f"{caller}: model must be a minidl Sequential or Layer, "
                         f"got {type(model).__name__}")
+    check_depth(model, lambda layer: [sub for _, sub in layer.named_layers()]
+                if isinstance(layer, Container) else [], caller)
     return model if isinstance(model, Sequential) else Sequential([model])
 
 
@@ -29,6 +35,21 @@ def add_layer(layers, layer, split_off):
         layers[-1].activation = layer
     else:
         layers.append(layer)
+
+
+def check_depth(root, children, caller):
+    """ValueError when layers (or modules) nest more than MAX_DEPTH levels below ``root``;
+    ``children(x)``: those right inside x. A loop, not a recursion, and a layer used
+    twice is walked once per depth: a crafted model cannot make it slow."""
+    todo, seen = [(root, 0)], set()
+    while todo:
+        item, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{caller}: layers nested more than {MAX_DEPTH} levels deep; "
+                             f"minidl converts at most {MAX_DEPTH}")
+        if (id(item), depth) not in seen:
+            seen.add((id(item), depth))
+            todo += [(child, depth + 1) for child in children(item)]
 
 
 def require(package, caller, install):

@@ -26,13 +26,14 @@ import json
 import os
 
 from .. import backend
-from ..checks import check_padding, is_int
+from ..checks import check_padding, check_real, is_int
 from ..layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
                       Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual,
                       Sigmoid, Softmax, Tanh)
 from ..layers.registry import converter, converters, register_converter
 from ..model import Sequential
-from .convert import add_layer, as_sequential, require
+from ..serialization import atomic_write, open_regular
+from .convert import MAX_DEPTH, add_layer, as_sequential, require
 
 OPSET = 17
 IR_VERSION = 8          # the IR version that came with opset 17: readable by older runtimes
@@ -65,8 +66,8 @@ def export(model, path, input_shape, metadata=None):
     onnx.helper.set_model_props(proto, {key: json.dumps(value)
                                         for key, value in (metadata or {}).items()})
     onnx.checker.check_model(proto, full_check=True)     # shapes inferred and checked too
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    onnx.save_model(proto, path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a full disk keeps the old file
+        onnx.save_model(proto, f)
     return proto
 
 
@@ -237,7 +238,8 @@ def _read_model(onnx, path):
         raise FileNotFoundError(f"minidl.ext.onnx.load: {path!r} does not exist")
     from google.protobuf.message import DecodeError
     try:
-        proto = onnx.load_model(path)
+        with open_regular(path) as f:          # ValueError for a FIFO or a device
+            proto = onnx.load_model(f, load_external_data=False)
         onnx.checker.check_model(proto)
     except (DecodeError, onnx.checker.ValidationError, ValueError) as exc:
         raise ValueError(f"minidl.ext.onnx.load: {path!r} is not a valid ONNX model "
@@ -254,9 +256,9 @@ def _input_shape(value_info, path):
     """(1, d1, d2, ...) from the graph input: a symbolic batch, fixed other sizes."""
     dims = value_info.type.tensor_type.shape.dim
     sizes = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    if len(sizes) < 2 or None in sizes[1:]:
+    if len(sizes) < 2 or None in sizes[1:] or min(sizes[1:]) < 1:
         raise ValueError(f"minidl.ext.onnx.load: {path!r}: the input needs a batch axis and "
-                         f"fixed sizes after it, got {sizes} (None: symbolic)")
+                         f"fixed positive sizes after it, got {sizes} (None: symbolic)")
     return (1, *sizes[1:])
 
 
@@ -268,7 +270,7 @@ class _Reader:
 
     def __init__(self, onnx, graph, path):
         self.onnx, self.path = onnx, path
-        self.weights = {w.name: onnx.numpy_helper.to_array(w) for w in graph.initializer}
+        self.weights = {w.name: _weight(onnx, w, path) for w in graph.initializer}
         inputs = [v for v in graph.input if v.name not in self.weights]
         if len(inputs) != 1 or len(graph.output) != 1:
             raise ValueError(f"minidl.ext.onnx.load: {path!r} has {len(inputs)} inputs and "
@@ -277,15 +279,26 @@ class _Reader:
         self.output = graph.output[0].name
         self.nodes = list(graph.node)
         self.producer = {t: node for node in self.nodes for t in node.output if t}
-        self.sources, self.loaded = {}, set()
+        self.loaded = set()
         # op -> the registered converter that loads it: joins (branches), other nodes
         found = {op: c for c in converters("onnx").values() if c.load for op in c.ops}
         self.joins = {op: c for op, c in found.items() if c.join}
         self.loaders = {op: c for op, c in found.items() if not c.join}
         for node in self.nodes:      # torch.onnx.export shares equal weights: Identity(w)
-            if node.op_type == "Identity" and node.input[0] in self.weights:
+            if node.op_type == "Identity" and node.input and node.input[0] in self.weights:
                 self.weights[node.output[0]] = self.weights[node.input[0]]
                 self.loaded.add(id(node))
+        # Every tensor's source, and its depth (steps up its sources to a root), in the
+        # graph's (topological) order. A join's split is a climb from its inputs; in a
+        # nesting of chains and joins no tensor is climbed twice: the walk is linear.
+        self.sources, self.depth, self.steps = {}, {}, len(self.producer)
+        for node in self.nodes:
+            inputs = self.data_inputs(node)
+            source = self.split(node, inputs) if self.is_join(node) else \
+                (inputs[0] if inputs else None)
+            for t in node.output:
+                self.sources[t] = source
+                self.depth[t] = 0 if source is None else self.depth.get(source, 0) + 1
 
     def where(self, node):
         name = node.name or node.op_type
@@ -298,49 +311,44 @@ class _Reader:
         return (node.op_type in self.joins and node.domain in ("", "ai.onnx")
                 and len(self.data_inputs(node)) > 1)
 
-    def source(self, t):
-        """The tensor ``t`` is computed from; None for the graph input (remembered:
-        nested joins ask again for the same tensors)."""
-        if t not in self.sources:
-            node = self.producer.get(t)
-            inputs = [] if node is None else self.data_inputs(node)
-            if node is not None and self.is_join(node):
-                self.sources[t] = self.split(inputs)
-            else:
-                self.sources[t] = inputs[0] if inputs else None
-        return self.sources[t]
+    def split(self, node, inputs):
+        """The nearest tensor on every input's chain of sources: where the branches of the
+        join ``node`` split (None when they come from different inputs or weights)."""
+        split = inputs[0]
+        for t in inputs[1:]:
+            while split != t and split is not None and t is not None:
+                self.steps -= 1
+                if self.steps < 0:
+                    raise ValueError(f"{self.where(node)}: its branches share nodes with "
+                                     f"another join's; minidl reads nestings of chains and "
+                                     f"joins")
+                if self.depth.get(split, 0) >= self.depth.get(t, 0):
+                    split = self.sources.get(split)
+                else:
+                    t = self.sources.get(t)
+            split = split if split == t else None
+        return split
 
-    def split(self, inputs):
-        """The nearest tensor on every input's chain of sources: where the branches split
-        (None when they come from different inputs or weights)."""
-        chains = [self.back_from(t) for t in inputs]
-        return next((t for t in chains[0] if all(t in chain for chain in chains[1:])), None)
-
-    def back_from(self, t):
-        """``t``, its source, the source's source, ... up to the graph input."""
-        chain = [t]
-        while self.source(chain[-1]) is not None:
-            chain.append(self.source(chain[-1]))
-        return chain
-
-    def layers(self, start, end, shape):
+    def layers(self, start, end, shape, depth=0):
         """The layers computing tensor ``end`` from tensor ``start`` of ``shape``, and
-        the shape of ``end``."""
-        chain = self.back_from(end)
-        if start not in chain:
-            raise ValueError(f"minidl.ext.onnx.load: {self.path!r}: tensor {end!r} is not "
-                             f"computed from {start!r}; minidl reads one input, chains of "
-                             f"nodes and branches that join at an Add or a Concat")
+        the shape of ``end``; ``depth``: how many joins they are nested in."""
+        chain = [end]
+        while chain[-1] != start:
+            chain.append(self.sources.get(chain[-1]))
+            if chain[-1] is None:
+                raise ValueError(f"minidl.ext.onnx.load: {self.path!r}: tensor {end!r} is not "
+                                 f"computed from {start!r}; minidl reads one input, chains of "
+                                 f"nodes and branches that join at an Add or a Concat")
         layers, previous = [], None
-        for t in reversed(chain[:chain.index(start)]):
+        for t in reversed(chain[:-1]):
             node = self.producer[t]
-            layer, shape = self.layer(node, self.source(t), shape)
+            layer, shape = self.layer(node, self.sources[t], shape, depth)
             add_layer(layers, layer,
                        previous is not None and node.name == f"{previous.name}.activation")
             previous = node
         return layers, shape
 
-    def layer(self, node, source, shape):
+    def layer(self, node, source, shape, depth):
         """The layer of one node that reads ``source`` of ``shape``, and its output shape.
         A join's loader takes the layers of each branch where a node's takes its weights."""
         where = self.where(node)
@@ -349,16 +357,20 @@ class _Reader:
                              f"minidl's Residual and Concat split at one and join at one")
         self.loaded.add(id(node))
         if self.is_join(node):
+            if depth >= MAX_DEPTH:
+                raise ValueError(f"{where}: joins nested more than {MAX_DEPTH} deep; minidl "
+                                 f"reads at most {MAX_DEPTH}")
             loader = self.joins[node.op_type].load
-            inputs = [self.layers(source, t, shape)[0] for t in node.input if t]
+            inputs = [self.layers(source, t, shape, depth + 1)[0] for t in node.input if t]
         else:
             loader, inputs = self.loader_and_weights(node, source, where)
-        attributes = {a.name: _attribute(self.onnx, a) for a in node.attribute}
         try:
+            attributes = {a.name: _attribute(self.onnx, a) for a in node.attribute}
             layer = loader(attributes, inputs, shape)
             return layer, layer.output_shape(shape)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}") from None
+        except (TypeError, ValueError, LookupError) as exc:     # a missing attribute: KeyError
+            raise ValueError(f"{where}: {exc!r}" if isinstance(exc, LookupError)
+                             else f"{where}: {exc}") from None
 
     def loader_and_weights(self, node, source, where):
         """The loader of a node that reads ``source`` as its first input, and the other
@@ -380,6 +392,18 @@ class _Reader:
                 raise ValueError(f"{self.where(node)}: its output is not on the way from "
                                  f"the input to the graph output; minidl reads graphs whose "
                                  f"every node is")
+
+
+def _weight(onnx, tensor, path):
+    """An initializer as a numpy array; ValueError naming it when it is not one."""
+    where = f"minidl.ext.onnx.load: {path!r}, initializer {tensor.name!r}"
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        raise ValueError(f"{where} keeps its data in another file; minidl reads models "
+                         f"held in one file")
+    try:
+        return onnx.numpy_helper.to_array(tensor)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _attribute(onnx, a):
@@ -414,7 +438,12 @@ def _window_arguments(attributes):
 
 def _load_conv(attributes, weights, shape):
     _expect(attributes, group=1, dilations=[1, 1])
-    f, c, k1, k2 = weights[0].shape
+    w = weights[0]
+    if w.ndim != 4 or list(attributes.get("kernel_shape", w.shape[2:])) != list(w.shape[2:]):
+        raise ValueError(f"a weight of shape {w.shape} and kernel_shape "
+                         f"{attributes.get('kernel_shape')}: expected a weight (F, C, k1, k2) "
+                         f"and kernel_shape [k1, k2]")
+    f, c, k1, k2 = w.shape
     stride = tuple(attributes.get("strides", [1, 1]))
     layer = Conv2D(c, f, (k1, k2), stride, _conv_padding(attributes, (k1, k2), stride),
                    bias=len(weights) > 1)
@@ -444,11 +473,12 @@ def _load_gemm(attributes, weights, shape):
     w = weights[0].T if attributes.get("transB", 0) else weights[0]
     if w.ndim != 2:
         raise ValueError(f"the weight must be 2-D, got shape {w.shape}")
-    w = w * attributes.get("alpha", 1.0)
+    alpha, beta = (check_real(attributes.get(k, 1.0), k, "Gemm") for k in ("alpha", "beta"))
+    w = w * alpha
     layer = Dense(w.shape[0], w.shape[1], bias=len(weights) > 1)
     state = {"weight": w}
     if len(weights) > 1:
-        bias = weights[1] * attributes.get("beta", 1.0)
+        bias = weights[1] * beta
         state["bias"] = backend.get_module("cpu").broadcast_to(bias, (w.shape[1],))
     layer.load_state_dict(state)
     return layer
@@ -498,6 +528,13 @@ def _load_dropout(attributes, weights, shape):
     return Dropout(_decimal(float(weights[0])) if weights else 0.5)
 
 
+def _load_softmax(attributes, weights, shape):
+    axis = attributes.get("axis", -1)
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis {axis} is out of range for a {len(shape)}-D input")
+    return Softmax(axis)
+
+
 def _load_elementwise(kind):
     return lambda attributes, weights, shape: kind()
 
@@ -537,6 +574,6 @@ for _cls, _op in ((ReLU, "Relu"), (Sigmoid, "Sigmoid"), (Tanh, "Tanh"), (Identit
     register(_cls, _export_op(_op), [_op], _load_elementwise(_cls))
 register(LeakyReLU, _export_leaky_relu, ["LeakyRelu"],
          lambda a, w, s: LeakyReLU(_decimal(a.get("alpha", 0.01))))
-register(Softmax, _export_softmax, ["Softmax"], lambda a, w, s: Softmax(a.get("axis", -1)))
+register(Softmax, _export_softmax, ["Softmax"], _load_softmax)
 register(Residual, _export_residual, ["Add"], _load_residual, join=True)
 register(Concat, _export_concat, ["Concat"], _load_concat, join=True)

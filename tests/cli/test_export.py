@@ -1,6 +1,7 @@
 """``minidl export``: a checkpoint written as ONNX (a trained model keeps its accuracy
 in ONNX Runtime; a resnet's layers come from the file), its output named and its
-metadata carried over, and errors without a traceback."""
+metadata carried over, errors without a traceback, and an earlier file kept when an
+export fails."""
 import json
 import sys
 
@@ -90,3 +91,33 @@ def test_export_names_the_output_and_carries_the_metadata(tmp_path):
     proto = onnx.load(tmp_path / "m.onnx")
     assert {p.key: json.loads(p.value) for p in proto.metadata_props} == metadata
     assert_close(run_onnx(tmp_path / "m.onnx", x), model.predict(x))
+
+
+@needs_onnx
+def test_cli_export_keeps_the_earlier_onnx_file_when_it_fails(tmp_path, capsys, monkeypatch):
+    import errno
+    import onnx
+    minidl.ext.zoo.lenet5().save(tmp_path / "model.npz")
+    export = ["export", "--checkpoint", str(tmp_path / "model.npz"),
+              "--onnx", str(tmp_path / "m.onnx")]
+    assert cli.main(export) == 0
+    before, printed = (tmp_path / "m.onnx").read_bytes(), capsys.readouterr()
+    # a crafted checkpoint: a 1 GB layer in a small file
+    np.savez(tmp_path / "model.npz", __model__=np.array([json.dumps({
+        "class": "Sequential", "config": {"layers": [{"class": "Dense", "config": {
+            "in_features": 16000, "out_features": 16000}}]}})]))
+    assert cli.main(export) == 1
+    err = capsys.readouterr().err
+    assert err == (f"minidl export: error: checkpoint {str(tmp_path / 'model.npz')!r}: has no "
+                   f"array '0.weight'\n")
+    # the disk fills up while the new file is written
+    minidl.ext.zoo.lenet5().save(tmp_path / "model.npz")
+
+    def full_disk(proto, f, *args, **kwargs):
+        f.write(proto.SerializeToString()[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(onnx, "save_model", full_disk)
+    assert cli.main(export) == 1
+    assert capsys.readouterr().err == "minidl export: error: [Errno 28] No space left on device\n"
+    assert (tmp_path / "m.onnx").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "model.npz"]

@@ -10,6 +10,7 @@ import minidl
 from minidl import Dense, Flatten, Layer, ReLU, Sequential
 from minidl.ext.pytorch import to_torch
 
+from conftest import fails_instead_of_hanging, special_files
 from interop_models import MODELS, assert_close, build, layer_kinds, needs_onnx, run_onnx
 
 
@@ -259,3 +260,113 @@ def test_export_without_onnx_says_how_to_install(monkeypatch, tmp_path):
         with pytest.raises(ImportError, match=r"needs the onnx package: pip install "
                                               r"'minidl\[onnx\]'"):
             call()
+
+
+# -- untrusted graphs: bounded work, clear refusals naming the node -----------------------
+@needs_onnx
+def test_a_long_graph_of_residual_blocks_loads_in_time_linear_in_its_nodes(tmp_path):
+    """62,000 nodes: 2,000 blocks of 30 activations, each joined to its input by an Add.
+    Finding each Add's split by walking back to the graph input, as minidl did, visits
+    2,000 x 31,000 tensors on average (minutes, and a RecursionError first); a walk
+    that stops at the split visits each tensor once."""
+    import onnx
+    from onnx import TensorProto, helper
+    nodes, x = [], "input"
+    for b in range(2000):
+        t = x
+        for i in range(30):
+            nodes.append(onnx.NodeProto(op_type=("Tanh", "Relu")[i % 2], input=[t],
+                                        output=[f"{b}.{i}"], name=f"{b}.{i}"))
+            t = f"{b}.{i}"
+        nodes.append(onnx.NodeProto(op_type="Add", input=[t, x], output=[str(b)], name=str(b)))
+        x = str(b)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "input", TensorProto.FLOAT, ["N", 4])], [helper.make_tensor_value_info(
+            x, TensorProto.FLOAT, ["N", 4])])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                    tmp_path / "long.onnx")
+    model = minidl.ext.onnx.load(tmp_path / "long.onnx")
+    assert len(model) == 2000 and len(model[-1].block) == 30 and model[-1].shortcut is None
+    x = expected = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+    for _ in range(2000):
+        y = expected
+        for i in range(30):
+            y = np.maximum(y, 0) if i % 2 else np.tanh(y)
+        expected = y + expected
+    assert_close(model.predict(x), expected)
+
+
+def _nested_joins(path, depth):
+    """y_k = Add(y_(k-1), input), y_0 = Relu(input): Residuals nested ``depth`` deep."""
+    from onnx.helper import make_node
+    nodes = [make_node("Relu", ["input"], ["y0"])]
+    nodes += [make_node("Add", [f"y{k - 1}", "input"], [f"y{k}"], name=f"add{k}")
+              for k in range(1, depth + 1)]
+    return save_graph(path, nodes, shape=(4,), output_rank=2)
+
+
+@needs_onnx
+def test_joins_nested_past_the_limit_are_refused_not_a_recursion_error(tmp_path):
+    from minidl.ext.convert import MAX_DEPTH
+    deepest = minidl.ext.onnx.load(_nested_joins(tmp_path / "100.onnx", MAX_DEPTH))
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(deepest.predict(x), x * (MAX_DEPTH + 1))
+    for depth in (MAX_DEPTH + 1, 400):
+        with pytest.raises(ValueError, match=rf"node 'add{depth - MAX_DEPTH}' \(Add\): joins "
+                                             rf"nested more than 100 deep; minidl reads at "
+                                             rf"most 100"):
+            minidl.ext.onnx.load(_nested_joins(tmp_path / f"{depth}.onnx", depth))
+    model = Dense(4, 4)
+    for _ in range(3000):
+        model = Sequential(model)
+    with pytest.raises(ValueError, match="export: layers nested more than 100 levels deep"):
+        minidl.ext.onnx.export(model, tmp_path / "deep.onnx", (4,))
+
+
+@needs_onnx
+def test_load_refuses_settings_that_contradict_or_cannot_be_computed(tmp_path):
+    from onnx.helper import make_node
+    gemm = [make_node("Flatten", ["input"], ["a"]), make_node("Gemm", ["a", "w"], ["y"],
+                                                               alpha=float("nan"))]
+    cases = [
+        ([make_node("Conv", ["input", "w"], ["y"], kernel_shape=[3, 3], name="c")],
+         [("w", np.ones((2, 1, 1, 1)))], {}, r"node 'c' \(Conv\): a weight of shape "
+                                             r"\(2, 1, 1, 1\) and kernel_shape \[3, 3\]"),
+        ([make_node("Conv", ["input", "w"], ["y"])], [("w", np.ones((2, 1)))], {},
+         r"node 'Conv' \(Conv\): a weight of shape \(2, 1\)"),
+        (gemm, [("w", np.ones((64, 2)))], {"output_rank": 2},
+         r"node 'Gemm' \(Gemm\): Gemm: alpha must be a finite number, got nan"),
+        ([make_node("Relu", ["input"], ["y"])], [], {"shape": (1, -8, 8)},
+         r"fixed positive sizes after it, got \[None, 1, -8, 8\]"),
+        ([make_node("Softmax", ["input"], ["y"], axis=7, name="s")], [], {},
+         r"node 's' \(Softmax\): axis 7 is out of range for a 4-D input"),
+    ]
+    for i, (nodes, weights, options, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message):
+            minidl.ext.onnx.load(save_graph(tmp_path / f"{i}.onnx", nodes, weights, **options))
+
+
+@needs_onnx
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs and /dev/zero are POSIX")
+def test_load_refuses_a_fifo_or_a_device(tmp_path):
+    for path in special_files(tmp_path, "model.onnx"):
+        with fails_instead_of_hanging(), pytest.raises(ValueError, match="not a regular file"):
+            minidl.ext.onnx.load(path)
+
+
+@needs_onnx
+def test_export_replaces_a_file_only_once_the_new_one_is_complete(tmp_path, monkeypatch):
+    import errno
+    import onnx
+    model, x = build("lenet5")
+    path = tmp_path / "m.onnx"
+    minidl.ext.onnx.export(model, path, x.shape[1:])
+    before = path.read_bytes()
+
+    def full_disk(proto, f, *args, **kwargs):
+        f.write(proto.SerializeToString()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(onnx, "save_model", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        minidl.ext.onnx.export(Sequential(Flatten(), Dense(784, 3)), path, x.shape[1:])
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
