@@ -28,7 +28,7 @@ from ..layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense
                       Residual, Sigmoid, Softmax, Tanh)
 from ..layers.registry import converter, converters, register_converter
 from ..model import Sequential
-from .convert import add_layer, as_sequential, require
+from .convert import add_layer, as_sequential, check_depth, require
 
 _INSTALL = "PyTorch: pip install torch"
 
@@ -171,7 +171,7 @@ def _activation_modules(torch, activation, name):
 
 
 def _torch_dtype(torch, dtype):
-    return {"float32": torch.float32, "float64": torch.float64}[dtype.name]
+    return getattr(torch, dtype.name)          # float16, float32, float64: the same names
 
 
 def _copy_into(torch, module, layer, transpose=None):
@@ -194,6 +194,7 @@ def from_torch(module):
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"minidl.ext.pytorch.from_torch: expected a torch.nn.Module, "
                         f"got {type(module).__name__}")
+    check_depth(module, lambda m: list(m.children()), "minidl.ext.pytorch.from_torch")
     return _sequential_from(torch, module, "").train(module.training)
 
 
@@ -208,7 +209,8 @@ def _sequential_from(torch, module, prefix):
         name, child = children[i]
         following = children[i + 1][1] if i + 1 < len(children) else None
         if (isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size in (1, (1, 1), [1, 1])
-                and isinstance(following, nn.Flatten)):
+                and isinstance(following, nn.Flatten) and following.start_dim == 1
+                and following.end_dim in (-1, 3)):       # (N, C, 1, 1) -> (N, C), no other
             layers.append(GlobalAvgPool2D())
             i += 2
             continue
@@ -232,8 +234,14 @@ def _layer_from(torch, child, name):
     found = _readers(torch).get(type(child))
     where = f"minidl.ext.pytorch.from_torch: module {name} ({type(child).__name__})"
     if found is None:
-        raise _located(TypeError(f"{where} has no minidl layer"))
+        raise _located(TypeError(f"{where} has no minidl layer" + (
+            "; AdaptiveAvgPool2d(1) is read when a Flatten() follows it (GlobalAvgPool2D)"
+            if isinstance(child, torch.nn.AdaptiveAvgPool2d) else "")))
     try:
+        if any(t.is_meta for t in [*child.parameters(False), *child.buffers(False)]):
+            raise ValueError("its parameters or buffers are meta tensors, which hold no "
+                             "values: materialise them first (module.to_empty(...), then "
+                             "load them)")
         return found.from_torch(torch, child, name)
     except (TypeError, ValueError) as exc:
         if getattr(exc, "located", False):      # from a module inside this one

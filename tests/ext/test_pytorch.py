@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minidl import Concat, Dense, Layer, ReLU, Residual, Sequential, Tanh
+from minidl import Concat, Conv2D, Dense, Flatten, Layer, ReLU, Residual, Sequential, Tanh
 from minidl.ext.pytorch import from_torch, to_torch
 from minidl.ext.zoo import resnet_small
 
@@ -172,3 +172,62 @@ def test_blocks_keep_their_branches_and_modes():
     assert not back.training and not back[2].block[0].training
     np.testing.assert_array_equal(back.predict(x), model.predict(x))
     assert from_torch(module.train())[2].block[1].training
+
+
+@needs_torch
+def test_a_float16_model_converts_both_ways():
+    import torch
+    model = Sequential(Conv2D(1, 2, 3, activation="relu", dtype="float16"), Flatten(),
+                       Dense(2 * 4 * 4, 3, dtype="float16"))
+    x = np.random.default_rng(0).standard_normal((2, 1, 6, 6)).astype(np.float16)
+    module = to_torch(model).eval()
+    assert {p.dtype for p in module.parameters()} == {torch.float16}
+    np.testing.assert_allclose(torch_output(module, x), model.predict(x), rtol=1e-2, atol=1e-2)
+    back = from_torch(module)
+    assert back[0].dtype == np.float16
+    np.testing.assert_array_equal(back.predict(x), model.predict(x))
+
+
+@needs_torch
+def test_only_a_flatten_that_gives_n_c_makes_a_global_pool():
+    import torch
+    nn = torch.nn
+    x = np.random.default_rng(0).standard_normal((2, 1, 5, 5)).astype(np.float32)
+    for flatten in (nn.Flatten(), nn.Flatten(1, 3)):           # (N, C, 1, 1) -> (N, C)
+        module = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), flatten).eval()
+        model = from_torch(module)
+        assert layer_kinds(model)[1] == ("GlobalAvgPool2D", "NoneType")
+        assert_close(model.predict(x), torch_output(module, x))
+    module = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(start_dim=2))
+    assert torch_output(module, x).shape == (2, 2, 1)      # not what GlobalAvgPool2D gives
+    with pytest.raises(TypeError, match=r"module 1 \(AdaptiveAvgPool2d\) has no minidl layer; "
+                                        r"AdaptiveAvgPool2d\(1\) is read when a Flatten\(\)"):
+        from_torch(module)
+
+
+@needs_torch
+def test_meta_tensors_are_refused():
+    import torch
+    with torch.device("meta"):
+        module = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        norm = torch.nn.BatchNorm1d(3, affine=False)          # meta buffers only
+    for module, where in ((module, r"module 1 \(Linear\)"), (norm, r"module 0 \(BatchNorm1d\)")):
+        with pytest.raises(ValueError, match=f"{where}: its parameters or buffers are meta"):
+            from_torch(module)
+
+
+@needs_torch
+def test_nesting_past_the_limit_is_refused_not_a_recursion_error():
+    import torch
+    from minidl.ext.convert import MAX_DEPTH
+    module, model = torch.nn.Linear(2, 2), Dense(2, 2)
+    for depth in range(1, 3001):
+        module, model = torch.nn.Sequential(module), Sequential(model)
+        if depth == MAX_DEPTH:
+            x = np.ones((1, 2), np.float32)
+            assert_close(from_torch(module).predict(x), torch_output(module, x))
+            assert_close(torch_output(to_torch(model), x), model.predict(x))
+    for convert, message in ((from_torch, "from_torch"), (to_torch, "to_torch")):
+        with pytest.raises(ValueError, match=f"{message}: layers nested more than 100 levels "
+                                             f"deep; minidl converts at most 100"):
+            convert(module if convert is from_torch else model)
