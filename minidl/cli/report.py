@@ -18,6 +18,7 @@ from ..checks import check_int, check_real
 from ..ext import plots
 from ..ext import report as page
 from ..ext.zoo import MODELS
+from ..serialization import open_regular
 from .recipe import (CLASS_NAMES, DATASETS, OPTIMIZERS, SCHEDULES, checked_legs, load_split,
                      read_json, scheduled_rates, split_validation, to_float, train_images,
                      use_device)
@@ -124,8 +125,8 @@ def read_history(path):
     """history.csv as {column: [float per epoch]} (an empty cell: NaN); the epoch column
     must count 1, 2, ..."""
     checked_file(path, "history.csv", MAX_HISTORY_BYTES)
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        rows = list(csv.reader(io.StringIO(f.read())))
+    with open_regular(path) as f:            # the one way minidl opens what it reads
+        rows = list(csv.reader(io.StringIO(f.read().decode("utf-8", errors="replace"))))
     if not rows or "epoch" not in rows[0] or len(rows) < 2:
         raise ValueError(f"{path}: expected a header with 'epoch' and a row per epoch, as "
                          f"'minidl train' writes it")
