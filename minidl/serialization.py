@@ -76,13 +76,13 @@ def atomic_write(path):
 def open_regular(path, error=ValueError):
     """``path`` opened to read, as every file minidl reads, once fstat shows a regular file
     (O_NONBLOCK: a FIFO opens at once); else ``error``: a FIFO or /dev/zero never ends."""
-    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0)))
-    kind = stat.S_IFMT(os.fstat(f.fileno()).st_mode)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    kind = stat.S_IFMT(os.fstat(fd).st_mode)
     if kind != stat.S_IFREG:
-        f.close()
-        raise error(f"{os.fspath(path)!r} is {'a FIFO' if kind == stat.S_IFIFO else 'a device'}"
-                    f", not a regular file")
-    return f
+        os.close(fd)
+        what = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a folder"}.get(kind, "a device")
+        raise error(f"{os.fspath(path)!r} is {what}, not a regular file")
+    return open(fd, "rb")
 
 
 def save_npz(path, arrays):

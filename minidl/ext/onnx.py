@@ -239,7 +239,7 @@ def _read_model(onnx, path):
     from google.protobuf.message import DecodeError
     try:
         with open_regular(path) as f:          # ValueError for a FIFO or a device
-            proto = onnx.load_model(f, load_external_data=False)
+            proto = onnx.load_model_from_string(f.read())   # and no external data
         onnx.checker.check_model(proto)
     except (DecodeError, onnx.checker.ValidationError, ValueError) as exc:
         raise ValueError(f"minidl.ext.onnx.load: {path!r} is not a valid ONNX model "

@@ -179,6 +179,9 @@ def test_a_fifo_or_a_device_is_refused_not_waited_on(tmp_path):
             with fails_instead_of_hanging(), \
                     pytest.raises(ValueError, match=f"'{path}' is {kind}, not a regular file"):
                 read(path)
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(CheckpointError, match="folder.npz' is a folder, not a regular file"):
+        load_model(tmp_path / "folder.npz")
     tiny().save(tmp_path / "model.npz")           # a link to a regular file is followed
     (tmp_path / "link.npz").symlink_to(tmp_path / "model.npz")
     load_model(tmp_path / "link.npz")
