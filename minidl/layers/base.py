@@ -58,6 +58,9 @@ class Layer:
     """
 
     buffer_names = ()
+    # The registered class a checkpoint names instead of this one (a stand-in such as
+    # minidl.ext's SyncBatchNorm, saved as the BatchNorm2D it is in one process).
+    saved_as = None
     # True when every output depends on every input position (Dense, GlobalAvgPool2D):
     # the summary's receptive field is "all" from such a layer on.
     sees_whole_input = False
@@ -315,4 +318,4 @@ def sub_layer_shapes(cls, config):
 
 def layer_spec(layer):
     """``{"class": name, "config": get_config()}``: a layer as a checkpoint stores it."""
-    return {"class": type(layer).__name__, "config": layer.get_config()}
+    return {"class": layer.saved_as or type(layer).__name__, "config": layer.get_config()}
