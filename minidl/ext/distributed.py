@@ -5,33 +5,44 @@ gradients are averaged over the p ranks in one allreduce of a flat buffer,
     g = (1/p) sum_r g_r,    g_r = dL_r/dtheta, L_r the mean loss of rank r's shard
 
 so with equal shards p ranks with batch B/p take the steps of one process with batch
-B. Host arrays travel through MPI, GPU arrays through NCCL.
+B. Host arrays travel through MPI, GPU arrays through NCCL (transport.py, where every
+MPI collective waits against a deadline). BatchNorm over the global batch:
+sync_batchnorm.py.
 
 It plugs into the core from outside, as ChainerMN does: ``DistributedOptimizer`` wraps
 the optimizer (the allreduce before each update), ``ShardedLoader`` gives each rank its
 share of every epoch, and the callback ``RankSync`` keeps the ranks in step (one
-batch count, one set of BatchNorm statistics, one set of logged numbers). The
-Trainer knows none of it.
+agreed set-up, a random stream per rank, one set of BatchNorm statistics, one set of
+logged numbers). The Trainer knows none of it.
 
     comm = distributed.init()
     broadcast_parameters(model, comm=comm)
     trainer = Trainer(model, loss, DistributedOptimizer(Adam(model.parameters()), comm))
     trainer.fit(ShardedLoader(x, y, 32, comm, seed=0), epochs=5, callbacks=[RankSync(comm)])
 """
+import json
+import os
+
 from .. import backend
 from ..callbacks import Callback
 from ..checks import check_int
 from ..data import DataLoader
+from ..layers import parallel
+from ..layers.base import Container, layer_spec
+from . import transport
+from .resume import _named_layers, generators
 
 _numpy = backend.get_module("cpu")    # host buffers: metric sums, MPI's arrays
+_host = None                          # this process's MPIHost, made by the first init()
 
 
 class Communicator:
     """The job's ranks: ``rank``, ``size`` and the collectives training needs.
 
-    ``host`` (MPI) does barriers and sums of Python numbers; ``device`` (NCCL on
-    GPUs; else ``host``) sums and broadcasts the model's arrays. Without ``host``
-    it is one process: rank 0 of 1, and every collective leaves its input as it is.
+    ``host`` (MPI) does barriers, sums of Python numbers and gathers of JSON values;
+    ``device`` (NCCL on GPUs; else ``host``) sums and broadcasts the model's arrays.
+    Without ``host`` it is one process: rank 0 of 1, and every collective leaves its
+    input as it is.
     """
 
     def __init__(self, host=None, device=None):
@@ -58,30 +69,61 @@ class Communicator:
             self.host.all_reduce(totals, totals)
         return totals.tolist()
 
-    def barrier(self):
+    def allgather(self, value):
+        """Every rank's ``value`` (JSON values: numbers, strings, lists, dicts), in rank order."""
+        return self.host.allgather_object(value) if self.size > 1 else [value]
+
+    def barrier(self, timeout=None):
+        """Wait for every rank (``timeout``: seconds, instead of the job's timeout)."""
         if self.size > 1:
-            self.host.barrier()
+            self.host.barrier(timeout=timeout)
 
     def __repr__(self):
         return f"Communicator(rank={self.rank}, size={self.size})"
 
 
-def init(device="cpu"):
+def init(device="cpu", timeout=None, threads=None):
     """The job's Communicator, from MPI when mpi4py is installed, else rank 0 of 1.
 
     ``device="gpu"``: one GPU per rank (rank i on its node takes GPU i), and the
-    model's arrays travel through NCCL. Start the job with ``mpiexec -n N python
-    -m mpi4py ...``, so that an error on one rank aborts all (none waits forever).
+    model's arrays travel through NCCL. ``timeout``: the seconds an MPI collective
+    waits for the slowest rank before CollectiveTimeout names the missing ones (300 by
+    default; the first init sets it, a later one may change it). With several ranks,
+    each takes ``threads`` threads for BLAS and minidl's memory passes (default: the
+    node's usable cores shared out, one per rank on a machine with as many cores as
+    ranks), so that ranks do not fight over cores. Start the job with ``mpiexec -n N
+    python -m mpi4py ...``, so that an error on one rank aborts all.
     """
+    global _host
     if device not in ("cpu", "gpu"):
         raise ValueError(f"distributed.init: device must be 'cpu' or 'gpu', got {device!r}")
     try:
         from mpi4py import MPI
     except ImportError:     # no MPI: a single process is a job of one
         return Communicator()
-    host = _MPI(MPI.COMM_WORLD, MPI)
-    gpu = device == "gpu" and host.size > 1
-    return Communicator(host, _NCCL(host, backend.get_module("gpu")) if gpu else None)
+    if _host is None:       # one host per process: making one is itself collective
+        _host = transport.MPIHost(MPI.COMM_WORLD, MPI, timeout or transport.DEFAULT_TIMEOUT)
+    elif timeout is not None:
+        _host.timeout = transport.check_timeout(timeout)
+    if _host.size > 1:
+        _share_cores(_host.local_size, threads)
+    gpu = device == "gpu" and _host.size > 1
+    return Communicator(_host, transport.NCCLDevice(_host, backend.get_module("gpu"))
+                        if gpu else None)
+
+
+def _share_cores(ranks_here, threads=None):
+    """Give this rank ``threads`` threads (default: its share of the node's cores) for
+    OpenBLAS (through threadpoolctl, of the dist extra) and minidl's memory passes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = (max(1, (cores or 1) // ranks_here) if threads is None
+               else check_int(threads, "threads", "distributed.init", minimum=1))
+    parallel.NUM_THREADS = threads
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:     # BLAS keeps its threads; the memory passes are shared out
+        return
+    threadpool_limits(threads, user_api="blas")
 
 
 def check_same_on_all_ranks(value, comm, what):
@@ -99,6 +141,112 @@ def check_same_on_all_ranks(value, comm, what):
                          f"others waiting; shard with ShardedLoader(..., comm)")
 
 
+# -- the ranks agree before they train ------------------------------------------------
+def check_same_training(trainer, comm):
+    """ValueError on every rank unless all ranks train alike: the same model structure,
+    parameter shapes and dtypes, optimizer and its settings, scheduler, loss, metrics,
+    epochs, batch size, batches per epoch and loader seed. One allgather of these few
+    values; the message names each difference and the ranks on each side."""
+    if comm.size > 1:
+        _agree(_training(trainer), comm, "RankSync")
+
+
+def _training(trainer):
+    """What every rank of a job must share to take the same steps, as JSON values."""
+    loader = trainer.train_loader
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # unwrapped
+    loss = trainer.loss
+    data = getattr(loader, "x", None)
+    return {**_structure(trainer.model),
+            "optimizer": {"class": type(optimizer).__name__,
+                          "settings": optimizer.hyperparameters()},
+            "scheduler": None if trainer.scheduler is None else type(trainer.scheduler).__name__,
+            "loss": {"class": type(loss).__name__, "settings": {
+                k: v for k, v in vars(loss).items() if isinstance(v, (bool, int, float, str))}},
+            "metrics": list(trainer.metrics), "clip_grad_norm": trainer.clip_grad_norm,
+            "epochs": trainer.epochs, "batches per epoch": len(loader),
+            **{what: getattr(loader, name, None) for what, name in (
+                ("batch size", "batch_size"), ("loader seed", "seed"),
+                ("shuffle", "shuffle"), ("drop_last", "drop_last"))},
+            "data": None if data is None else [len(data), data.shape[1:], str(data.dtype)]}
+
+
+def _structure(model):
+    """The model's layers (classes and settings, Dropout seeds aside) and arrays."""
+    arrays = [(n, p.data) for n, p in model.named_parameters()] + model.named_buffers()
+    layers = _named_layers(model, "model")
+    return {"model": {"layers": [f"{name} ({type(layer).__name__})" for name, layer in layers],
+                      "config": _without_seeds(layer_spec(model)),
+                      "arrays": [f"{name} {tuple(a.shape)} {a.dtype}" for name, a in arrays]}}
+
+
+def _without_seeds(spec):
+    if isinstance(spec, dict):
+        return {k: _without_seeds(v) for k, v in spec.items() if k != "seed"}
+    return [_without_seeds(v) for v in spec] if isinstance(spec, list) else spec
+
+
+def _agree(fields, comm, who):
+    """ValueError on every rank (all see every rank's ``fields``) unless all are equal."""
+    mine = json.loads(json.dumps(fields, default=str))   # as the others' arrive: JSON
+    every = comm.allgather(mine)
+    differences = []
+    for key in mine:
+        path, values = _first_difference([theirs.get(key) for theirs in every], key)
+        if path is not None:
+            groups = {}
+            for rank, value in enumerate(values):
+                groups.setdefault(json.dumps(value), []).append(str(rank))
+            differences.append(f"{path} (" + "; ".join(
+                f"rank {', '.join(ranks)}: {_short(text)}" for text, ranks in groups.items())
+                + ")")
+    if differences:
+        raise ValueError(f"{who}: the ranks must train alike, but they differ in "
+                         f"{', and in '.join(differences)}; every rank stops here rather than "
+                         f"wait for the others at a step that one of them never takes")
+
+
+def _first_difference(values, path):
+    """(where, the values there) of the first place the JSON ``values`` differ, going
+    into dicts with the same keys and into lists; (None, None) if they are equal."""
+    first = values[0]
+    if all(v == first for v in values):
+        return None, None
+    if all(isinstance(v, dict) and v.keys() == first.keys() for v in values):
+        inner = [(f"{path}.{k}", [v[k] for v in values]) for k in first]
+    elif all(isinstance(v, list) for v in values):     # the first item that differs
+        inner = [(f"{path}[{i}]", [v[i] for v in values])
+                 for i in range(min(map(len, values)))]
+    else:
+        inner = []
+    return next((_first_difference(vs, p) for p, vs in inner if any(v != vs[0] for v in vs)),
+                (path, values))
+
+
+def _short(text, limit=120):
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# -- a random stream per rank ---------------------------------------------------------
+def seed_per_rank(model, loader, comm):
+    """Give every random generator the run draws from (resume.generators: minidl's, the
+    transforms', each Dropout's), except the loader's shuffle that the ranks share, a
+    stream of this rank's own: seeded by a draw from the generator and the rank (the
+    spawn key of numpy's SeedSequence). So the ranks draw different masks and shifts
+    whatever order a script built, seeded and broadcast in, and the same ones in every
+    run. One process keeps its streams untouched."""
+    if comm.size == 1:
+        return
+    for name, rng in generators(model, loader).items():
+        if name != "loader":
+            seed = _numpy.random.SeedSequence(int(rng.integers(2**63)), spawn_key=(comm.rank,))
+            rng.bit_generator.state = type(rng.bit_generator)(seed).state
+    for _, layer in _named_layers(model, "model"):
+        if getattr(layer, "gpu_rng", None) is not None:
+            layer.gpu_rng = None        # a GPU stream is made again from the new one
+
+
+# -- averaging ------------------------------------------------------------------------
 def average_gradients(parameters, comm):
     """Replace each ``p.grad`` by its mean over the ranks: one allreduce of a flat buffer.
 
@@ -116,11 +264,15 @@ def average_gradients(parameters, comm):
 
 
 def broadcast_parameters(model, root=0, comm=None):
-    """Give every rank rank ``root``'s parameters and buffers (BatchNorm statistics)."""
+    """Give every rank rank ``root``'s parameters and buffers (BatchNorm statistics),
+    once the ranks have agreed on the model's structure (ValueError naming the
+    difference, rather than MPI's error about a message of the wrong size)."""
     comm = init() if comm is None else comm
     if not 0 <= root < comm.size:
         raise ValueError(f"broadcast_parameters: root must be a rank in [0, {comm.size}), "
                          f"got {root!r}")
+    if comm.size > 1:
+        _agree(_structure(model), comm, "broadcast_parameters")
     arrays = [p.data for p in model.parameters()] + [v for _, v in model.named_buffers()]
     for value in arrays:
         comm.broadcast_(value, root)
@@ -128,8 +280,12 @@ def broadcast_parameters(model, root=0, comm=None):
 
 def average_buffers(model, comm):
     """Average the floating-point buffers (BatchNorm running statistics) over the ranks;
-    integer buffers (batch counts) are equal on all ranks and stay as they are."""
-    buffers = [value for _, value in model.named_buffers() if value.dtype.kind == "f"]
+    integer buffers (batch counts) are equal on all ranks and stay as they are, as do
+    the buffers of layers that keep them equal themselves (``synchronized``:
+    SyncBatchNorm)."""
+    buffers = [value for _, layer in _named_layers(model, "model")
+               if not isinstance(layer, Container) and not getattr(layer, "synchronized", False)
+               for _, value in layer.named_buffers() if value.dtype.kind == "f"]
     if comm.size == 1 or not buffers:
         return
     for value, mean in zip(buffers, _mean_over_ranks(buffers, buffers, comm,
@@ -240,11 +396,13 @@ class ShardedLoader(DataLoader):
 
 
 class RankSync(Callback):
-    """Keeps the ranks of a job in step during ``fit``: every rank must have as many
-    batches per epoch (a rank with fewer would leave the others waiting); after each
-    epoch's last batch the BatchNorm statistics are averaged, so every rank evaluates
-    the same model; and the epoch's logged numbers become their mean over the ranks
-    (each rank's share is equally large). Progress bars only on rank 0."""
+    """Keeps the ranks of a job in step during ``fit``. When it begins, the ranks check
+    that they train alike (``check_same_training``: a rank with other epochs or fewer
+    batches would leave the others waiting) and each takes a random stream of its own
+    (``seed_per_rank``); after each epoch's last batch the BatchNorm statistics are
+    averaged, so every rank evaluates the same model; and the epoch's logged numbers
+    become their mean over the ranks (each rank's share is equally large). Progress
+    bars only on rank 0."""
 
     priority = 90       # after the scheduler, before the callbacks that read the logs
 
@@ -252,8 +410,8 @@ class RankSync(Callback):
         self.comm = comm
 
     def on_train_begin(self, trainer):
-        check_same_on_all_ranks(len(trainer.train_loader), self.comm,
-                                "Trainer.fit: batches per epoch")
+        check_same_training(trainer, self.comm)
+        seed_per_rank(trainer.model, trainer.train_loader, self.comm)
         if self.comm.rank != 0:
             trainer.verbose = 0
 
@@ -267,71 +425,3 @@ class RankSync(Callback):
         keys = [k for k in names + [f"val_{name}" for name in names] if k in logs]
         means = self.comm.sum([logs[k] for k in keys])
         logs.update({k: total / self.comm.size for k, total in zip(keys, means)})
-
-
-class _MPI:
-    """MPI's buffer-form collectives on host arrays (named as cupyx.distributed's)."""
-
-    def __init__(self, comm, MPI):
-        self.comm, self.MPI = comm, MPI
-        self.rank, self.size = comm.Get_rank(), comm.Get_size()
-
-    def all_reduce(self, a, out):
-        _check_host(a)
-        self.comm.Allreduce(self.MPI.IN_PLACE if a is out else a, out, op=self.MPI.SUM)
-
-    def broadcast(self, a, root):
-        _check_host(a)
-        self.comm.Bcast(a, root=root)
-
-    def barrier(self):
-        self.comm.Barrier()
-
-    def local_rank(self):
-        """This rank's index among the ranks on its node (which GPU it takes)."""
-        return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
-
-    def bcast_object(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
-
-
-def _check_host(a):
-    if not isinstance(a, _numpy.ndarray):
-        raise TypeError(f"distributed: MPI sums host (numpy) arrays, got "
-                        f"{type(a).__module__}.{type(a).__name__}; for a model on the GPU "
-                        f"use distributed.init(device='gpu'), which sums them with NCCL")
-
-
-class _NCCL:
-    """NCCL collectives on GPU arrays (``cupy.cuda.nccl``), one GPU per rank.
-
-    Rank 0 makes the communicator's id; MPI carries it to the others once.
-    """
-
-    def __init__(self, host, cupy):
-        cuda = cupy.cuda
-        cuda.Device(host.local_rank() % cuda.runtime.getDeviceCount()).use()
-        self.nccl, self.cuda = cuda.nccl, cuda
-        uid = self.nccl.get_unique_id() if host.rank == 0 else None
-        self.comm = self.nccl.NcclCommunicator(host.size, host.bcast_object(uid), host.rank)
-        self.types = {_numpy.dtype(name): getattr(self.nccl, f"NCCL_{name.upper()}")
-                      for name in ("float16", "float32", "float64", "int64")}
-
-    def all_reduce(self, a, out):
-        self.comm.allReduce(_device_pointer(a), _device_pointer(out), a.size, self._type(a),
-                            self.nccl.NCCL_SUM, self.cuda.get_current_stream().ptr)
-
-    def broadcast(self, a, root):
-        self.comm.bcast(_device_pointer(a), a.size, self._type(a), root,
-                        self.cuda.get_current_stream().ptr)
-
-    def _type(self, a):
-        if a.dtype not in self.types:
-            raise TypeError(f"distributed: NCCL sums {sorted(map(str, self.types))} arrays, "
-                            f"got {a.dtype}")
-        return self.types[a.dtype]
-
-
-def _device_pointer(a):
-    """The address of a cupy array's first element (what NCCL calls take)."""
-    return a.data.ptr
