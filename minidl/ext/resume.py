@@ -11,9 +11,12 @@ Keras's BackupAndRestore, or Chainer's snapshot extension).
 Keys: "model/<name>", "optimizer/<name>", "scheduler/<name>", "history/<metric>" (NaN
 for an epoch that did not log it), "epoch", "loader" (the training loader's batches per
 epoch and training samples) and "rng/<owner>": the state, as JSON text, of each
-generator the run draws from. A resume is all or nothing: every member's header is
-checked against what this run can hold before its data is read, then every value, on
-copies; only then do the model, optimizer, scheduler, generators and History change.
+generator the run draws from. A data-parallel job (``comm``) of N ranks adds "ranks"
+(N) and keeps one text per rank in each "rng/<owner>": every rank's streams are
+gathered into the one file, and each rank gets its own back. A resume is all or
+nothing: every member's header is checked against what this run can hold before its
+data is read, then every value, on copies; only then do the model, optimizer,
+scheduler, generators and History change.
 """
 import copy
 import json
@@ -32,32 +35,38 @@ MAX_HISTORY_VALUES = 2**24         # epochs x logged numbers (128 MB of float64)
 
 
 class TrainingState(Callback):
-    """Save the training state to ``path`` after every epoch (unless ``save`` is False:
-    in a data-parallel job one rank writes); with ``resume=True`` restore it first.
-    ``reschedule=True``: the scheduler keeps the hyper-parameters this run made it with
-    (a longer T_max or total_steps, to extend a run) and takes only its position from
-    the file."""
+    """Save the training state to ``path`` after every epoch (unless ``save`` is False);
+    with ``resume=True`` restore it first. ``reschedule=True``: the scheduler keeps the
+    hyper-parameters this run made it with (a longer T_max or total_steps, to extend a
+    run) and takes only its position from the file. In a data-parallel job pass ``comm``
+    (the job's Communicator) on every rank: each epoch gathers every rank's generators,
+    rank 0 writes (``save`` defaults to ``comm.rank == 0``), and a resume gives each rank
+    its own."""
 
     priority = -100     # last: it saves what every other callback did in the epoch
 
-    def __init__(self, path, resume=False, save=True, reschedule=False):
-        self.path, self.resume, self.save, self.reschedule = path, resume, save, reschedule
+    def __init__(self, path, resume=False, save=None, reschedule=False, comm=None):
+        self.path, self.resume, self.reschedule, self.comm = path, resume, reschedule, comm
+        self.save = (comm is None or comm.rank == 0) if save is None else save
 
     def on_train_begin(self, trainer):
         if self.resume:
             history = History()
             trainer.start_epoch = load_training_state(self.path, trainer, trainer.train_loader,
-                                                      history, self.reschedule)
+                                                      history, self.reschedule, self.comm)
             trainer.history = history
 
     def on_epoch_end(self, trainer, epoch, logs):
+        rng = generator_states(trainer.model, trainer.train_loader, self.comm)  # every rank
         if self.save:
             history = History(trainer.history.rows() + [logs])
-            save_training_state(self.path, trainer, trainer.train_loader, history, epoch + 1)
+            save_training_state(self.path, trainer, trainer.train_loader, history, epoch + 1,
+                                rng)
 
 
-def save_training_state(path, trainer, train, history, epoch):
-    """Write the state of ``trainer`` after ``epoch`` epochs over the DataLoader ``train``."""
+def save_training_state(path, trainer, train, history, epoch, rng=None):
+    """Write the state of ``trainer`` after ``epoch`` epochs over the DataLoader ``train``
+    (``rng``: what ``generator_states`` gathered; None: this process's generators)."""
     arrays = {"epoch": _cpu.int64(epoch), "loader": _cpu.array(_loader_size(train))}
     arrays.update(_prefixed("model/", trainer.model.state_dict()))
     arrays.update(_prefixed("optimizer/", trainer.optimizer.state_dict()))
@@ -65,17 +74,18 @@ def save_training_state(path, trainer, train, history, epoch):
         arrays.update(_prefixed("scheduler/", trainer.scheduler.state_dict()))
     arrays.update({f"history/{k}": _cpu.asarray(v, dtype=float)
                    for k, v in history.history.items()})
-    arrays.update({f"rng/{name}": _cpu.array(json.dumps(gen.bit_generator.state))
-                   for name, gen in generators(trainer.model, train).items()})
+    arrays.update(generator_states(trainer.model, train) if rng is None else rng)
     save_npz(path, arrays)
 
 
-def load_training_state(path, trainer, train, history, reschedule=False):
+def load_training_state(path, trainer, train, history, reschedule=False, comm=None):
     """Restore what ``save_training_state`` wrote into ``trainer``, ``train`` and the
-    (empty) ``history``; returns the number of epochs already done. All or nothing:
-    ValueError, with nothing changed, when the file was written for another model,
-    optimizer, scheduler or data pipeline, or holds a value this run cannot take."""
-    epochs, parts = _read_state(path, trainer, train)
+    (empty) ``history`` (this rank's generators with ``comm``); returns the number of
+    epochs already done. All or nothing: ValueError, with nothing changed, when the file
+    was written for another model, optimizer, scheduler or data pipeline, or by another
+    number of ranks than ``comm``'s, or holds a value this run cannot take."""
+    rank, size = _rank_and_size(train, comm, "resume")
+    epochs, parts = _read_state(path, trainer, train, size)
     scheduler, optimizer = trainer.scheduler, _inner(trainer.optimizer)
     if scheduler is not None and reschedule:
         parts["scheduler/"].update(scheduler.hyperparameters())
@@ -91,7 +101,7 @@ def load_training_state(path, trainer, train, history, reschedule=False):
             probe.load_state_dict(parts["scheduler/"])
         rows = [{k: float(v[i]) for k, v in parts["history/"].items() if not math.isnan(v[i])}
                 for i in range(epochs)]
-        states = {name: _generator_state(name, gen, parts["rng/"][name])
+        states = {name: _generator_state(name, gen, _this_ranks(parts["rng/"][name], rank))
                   for name, gen in generators(trainer.model, train).items()}
     except (TypeError, ValueError) as exc:
         raise ValueError(f"resume: {path!r}: {exc}") from None
@@ -114,12 +124,14 @@ def saved_epochs(path):
         return _epoch_count(npz)
 
 
-def _read_state(path, trainer, train):
+def _read_state(path, trainer, train, ranks=1):
     """(epochs, {part: {key: array}}) from the file, each member's header checked against
-    what this run can hold before any data is read; the model and optimizer finite."""
+    what this run of ``ranks`` ranks can hold before any data is read; the model and
+    optimizer finite."""
     with NpzReader(path) as npz:
         _require_epoch(npz, path)
         epochs = _epoch_count(npz)
+        _check_ranks(npz, path, ranks)
         if epochs > getattr(trainer, "epochs", epochs):     # the epochs of this fit
             raise npz.error(f"it holds {epochs} epochs done, more than this fit's "
                             f"epochs={trainer.epochs}")
@@ -137,7 +149,7 @@ def _read_state(path, trainer, train):
         if saved["rng/"] != ours:
             raise ValueError(f"resume: {path!r} holds random generators {saved['rng/']}, "
                              f"this run has {ours} (another model, loader or transform?)")
-        required, optional = _expected(trainer, train, epochs, history)
+        required, optional = _expected(trainer, train, epochs, history, ranks)
         unexpected = sorted(set(npz.headers) - set(required) - set(optional))
         missing = sorted(set(required) - set(npz.headers))
         if unexpected or missing:
@@ -159,10 +171,10 @@ def _read_state(path, trainer, train):
                     for prefix in ("model/", "optimizer/", "scheduler/", "history/", "rng/")}
 
 
-def _expected(trainer, train, epochs, history):
-    """({name: (shape, dtype)} of the members a state of this run must hold, and of
-    those it may hold: optimizer buffers appear with their first update, and the states
-    of older minidl versions have no "loader")."""
+def _expected(trainer, train, epochs, history, ranks=1):
+    """({name: (shape, dtype)} of the members a state of this run (of ``ranks`` ranks)
+    must hold, and of those it may hold: optimizer buffers appear with their first
+    update, and the states of older minidl versions have no "loader")."""
     required = {"epoch": ((), _cpu.int64)}
     required.update(_specs("model/", trainer.model.state_dict()))
     optimizer = _inner(trainer.optimizer)
@@ -171,8 +183,10 @@ def _expected(trainer, train, epochs, history):
     if trainer.scheduler is not None:
         required.update(_specs("scheduler/", trainer.scheduler.state_dict()))
     required.update({name: ((epochs,), _cpu.float64) for name in history})
-    required.update({f"rng/{name}": ((), f"<U{MAX_RNG_CHARS}")
+    required.update({f"rng/{name}": (() if ranks == 1 else (ranks,), f"<U{MAX_RNG_CHARS}")
                      for name in generators(trainer.model, train)})
+    if ranks > 1:
+        required["ranks"] = ((), _cpu.int64)
     optional = {"loader": ((2,), _cpu.int64)}
     for i, p in enumerate(optimizer.params):
         optional[f"optimizer/state.{i}.t"] = ((), _cpu.int64)
@@ -205,6 +219,51 @@ def _generator_state(name, gen, text):
         pass
     raise ValueError(f"'rng/{name}' is not a state of its {type(gen.bit_generator).__name__} "
                      f"generator: {str(text)[:200]!r}")
+
+
+# -- every rank's generators in one file ---------------------------------------------
+def generator_states(model, train, comm=None):
+    """{"rng/<owner>": the state of each generator the run draws from, as JSON text}. In
+    a job of several ranks (``comm``: a collective, every rank calls it) every rank's,
+    gathered: one text per rank, in rank order, and "ranks"."""
+    rank, size = _rank_and_size(train, comm, "TrainingState")
+    mine = {name: json.dumps(gen.bit_generator.state)
+            for name, gen in generators(model, train).items()}
+    if size == 1:
+        return {f"rng/{name}": _cpu.array(text) for name, text in mine.items()}
+    every = comm.allgather(mine)
+    if any(set(theirs) != set(mine) for theirs in every):
+        raise ValueError(f"TrainingState: the ranks draw from different generators "
+                         f"({[sorted(theirs) for theirs in every]}); give every rank the "
+                         f"same model, loader and transforms")
+    return {"ranks": _cpu.int64(size),
+            **{f"rng/{name}": _cpu.array([theirs[name] for theirs in every]) for name in mine}}
+
+
+def _check_ranks(npz, path, ranks):
+    """ValueError unless the state was written by ``ranks`` ranks (no "ranks": one): a
+    rank's streams cannot be dealt to another number of ranks."""
+    saved = npz.read("ranks", (), _cpu.int64).item() if "ranks" in npz.headers else 1
+    if saved != ranks:
+        raise ValueError(f"resume: {path!r} was written by a job of {saved} rank(s), this one "
+                         f"has {ranks}: each rank's random streams (dropout masks, "
+                         f"augmentation) belong to its rank; resume it on {saved} rank(s)")
+
+
+def _this_ranks(text, rank):
+    """This rank's text of an "rng/<owner>" member (one process's: the only one)."""
+    return text if text.ndim == 0 else text[rank]
+
+
+def _rank_and_size(train, comm, who):
+    """(rank, size) of ``comm`` (one process without it); ValueError for the shard of a
+    job of several ranks without ``comm``: its other ranks' streams would be lost."""
+    shards = getattr(train, "world_size", 1)
+    if comm is None and shards > 1:
+        raise ValueError(f"{who}: the loader is one shard of a job of {shards} ranks: pass "
+                         f"TrainingState(..., comm=comm) on every rank, so that each rank's "
+                         f"random streams are saved and restored")
+    return (0, 1) if comm is None else (comm.rank, comm.size)
 
 
 def _require_epoch(npz, path):
