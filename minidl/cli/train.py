@@ -3,6 +3,7 @@ accuracy; ``--resume`` continues a stopped run (or extends a finished one with a
 ``--epochs``); ``--distributed`` trains data-parallel over MPI ranks
 (minidl/ext/distributed.py). Every refusal: docs/training.md."""
 import argparse
+import math
 import os
 import shlex
 import signal
@@ -15,6 +16,7 @@ from ..data import DataLoader
 from ..ext import distributed, plots, resume
 from ..ext.recorder import GradientRecorder, grad_norms
 from ..ext.resume import TrainingState
+from ..ext.sync_batchnorm import convert_sync_batchnorm
 from ..ext.zoo import build_model
 from ..losses import SoftmaxCrossEntropy
 from ..random import manual_seed
@@ -33,6 +35,8 @@ RESULTS = ("curves.png", "filters.png", "feature_maps.png", "confusion_matrix.pn
 EARLIER_RUN = ("state.npz", "model.npz", "history.csv")
 # The settings --resume takes from the command line: where to run, not what to train.
 WHERE_TO_RUN = ("device", "data_root")
+
+DOWNLOAD_SECONDS = 3600     # the other ranks wait this long for rank 0 to fetch the data
 
 
 def add_parser(sub, parents):
@@ -54,10 +58,20 @@ def add_parser(sub, parents):
                        help="replace the earlier run in --out (default: refuse to)")
     train.add_argument("--quiet", action="store_true",
                        help="no progress bars, one line per epoch")
+    add_distributed_options(train)
+    train.set_defaults(func=run, parser=train)
+
+
+def add_distributed_options(train):
     train.add_argument("--distributed", action="store_true",
                        help="data-parallel over MPI ranks (mpiexec -n N python -m mpi4py -m "
                             "minidl train --distributed); --batch-size is the global batch")
-    train.set_defaults(func=run, parser=train)
+    train.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --distributed: BatchNorm statistics over the global batch "
+                            "(SyncBatchNorm), so N ranks train as one process (default: on)")
+    train.add_argument("--collective-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+                       help="with --distributed: how long a rank waits for the others before "
+                            "the job ends, naming the rank that did not arrive (default: 300)")
 
 
 def run(args):
@@ -86,20 +100,20 @@ def run(args):
 def train_and_test(args, out, comm, batch_size, legs):
     """Train, then (rank 0 only) write everything to ``out`` and print the test accuracy."""
     root = comm.rank == 0   # the one rank that prints and writes files
-    # Rank 0 loads first, so that only one rank downloads into the cache.
+    # Rank 0 loads first, so that only one rank downloads into the cache (for as long
+    # as a download may take).
     if not root:
-        comm.barrier()
+        comm.barrier(timeout=DOWNLOAD_SECONDS)
     x_train, y_train = train_images(args)
     x_test, y_test = load_split(args.dataset, "test", args.data_root)
     if root:
-        comm.barrier()
+        comm.barrier(timeout=DOWNLOAD_SECONDS)
     (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train)
 
     model = build_model(args.model)
     parallel = comm.size > 1
     if parallel:
-        distributed.broadcast_parameters(model, comm=comm)
-        manual_seed(args.seed + comm.rank)  # the weights are rank 0's; Dropout masks differ
+        model = data_parallel_model(model, args, comm)
     if root:
         model.summary(x_train.shape[1:])
     loader = dict(loader=distributed.ShardedLoader, comm=comm) if parallel else {}
@@ -115,8 +129,8 @@ def train_and_test(args, out, comm, batch_size, legs):
     recorder = GradientRecorder(model)
     saver = ModelCheckpoint(checkpoint, monitor="val_accuracy",
                             metadata=checkpoint_metadata(args.dataset))
-    callbacks = [TrainingState(state, resume=args.resume is not None, save=root,
-                               reschedule=legs is not None)]
+    callbacks = [TrainingState(state, resume=args.resume is not None,
+                               reschedule=legs is not None, comm=comm if parallel else None)]
     if parallel:
         callbacks.append(distributed.RankSync(comm))
     if root:    # the recorder first: it adds its statistics to the logs the others see
@@ -198,12 +212,30 @@ def refuse_earlier_run(out, overwrite):
                          f"or pass another --out")
 
 
+def _seconds(text):
+    """An argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def data_parallel_model(model, args, comm):
+    """Rank 0's weights on every rank, and (unless --no-sync-batchnorm) BatchNorm over
+    the global batch. Each rank's random streams are RankSync's business."""
+    distributed.broadcast_parameters(model, comm=comm)
+    return convert_sync_batchnorm(model, comm) if args.sync_batchnorm else model
+
+
 def communicator(args):
     """The job's ranks with --distributed (an error without MPI: N copies of one
     process would each train alone and overwrite each other's files), else one."""
     if not args.distributed:
         return distributed.Communicator()
-    comm = distributed.init(args.device)
+    comm = distributed.init(args.device, timeout=args.collective_timeout)
     if comm.host is None:
         raise ValueError("--distributed needs MPI: pip install 'minidl[dist]' (mpi4py, mpich)")
     if comm.size > 1 and comm.rank == 0 and "mpi4py.run" not in sys.modules:
