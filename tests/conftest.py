@@ -1,7 +1,7 @@
 """Shared fixtures and helpers of the tests: the numpy backend, a fixed seed, PyTorch's
 answers (live or recorded), layouts and threads for the layers' fast paths, Conv2D
 against the loop reference, a small learnable task for the training loop, fake dataset
-files, and a fake MNIST for the command line.
+files, a fake MNIST for the command line, and ranks of a data-parallel job as threads.
 
 The tests mirror the package: tests/core/ (minidl/, with layers/ and data/),
 tests/ext/ (minidl/ext/) and tests/cli/ (minidl/cli/); what spans the package stays
@@ -17,6 +17,7 @@ import hashlib
 import os
 import pathlib
 import signal
+import threading
 import urllib.error
 
 import numpy
@@ -325,3 +326,62 @@ def data_root(tmp_path, monkeypatch):
     root = tmp_path / "data"
     monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", n_train=600))
     return root
+
+
+# -- a data-parallel job inside this process: one thread per rank -------------------------
+class ThreadRanks:
+    """``size`` ranks of a data-parallel job as threads of this process: ``run(fn)`` calls
+    ``fn(comm)`` on every rank's thread, with a ``distributed.Communicator`` whose
+    collectives meet at a barrier (sums in rank order), and returns the results in rank
+    order; an error on one rank is raised here (the others are released)."""
+
+    def __init__(self, size):
+        self.size, self.slots = size, [None] * size
+        self.meeting = threading.Barrier(size)
+
+    def run(self, fn):
+        from minidl.ext.distributed import Communicator
+        results, errors = [None] * self.size, []
+
+        def rank_main(rank):
+            try:
+                results[rank] = fn(Communicator(_ThreadHost(self, rank)))
+            except BaseException as error:      # noqa: B036 (re-raised below)
+                errors.append(error)
+                self.meeting.abort()
+        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(self.size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+class _ThreadHost:
+    """One rank's collectives of a ThreadRanks job (MPIHost's methods)."""
+
+    def __init__(self, world, rank):
+        self.world, self.rank, self.size = world, rank, world.size
+
+    def _exchange(self, value):
+        """Every rank's ``value``, in rank order."""
+        self.world.slots[self.rank] = value
+        self.world.meeting.wait()
+        every = list(self.world.slots)
+        self.world.meeting.wait()       # nobody writes the next values before all have read
+        return every
+
+    def all_reduce(self, a, out, timeout=None):
+        every = self._exchange(a.copy())
+        out[...] = functools.reduce(numpy.add, every)
+
+    def broadcast(self, a, root, timeout=None):
+        a[...] = self._exchange(a.copy())[root]
+
+    def barrier(self, timeout=None):
+        self._exchange(None)
+
+    def allgather_object(self, value, timeout=None):
+        return self._exchange(value)
