@@ -15,8 +15,9 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.6"],
         "viz": ["matplotlib>=3.6"],
         "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
-        # MPI for data-parallel training; the mpich wheel brings mpiexec onto PATH
-        "dist": ["mpi4py>=4", "mpich"],
+        # MPI for data-parallel training; the mpich wheel brings mpiexec onto PATH;
+        # threadpoolctl gives each rank its share of the cores for BLAS
+        "dist": ["mpi4py>=4", "mpich", "threadpoolctl>=3"],
         "bench": ["threadpoolctl>=3"],
     },
     entry_points={"console_scripts": ["minidl=minidl.cli:main"]},

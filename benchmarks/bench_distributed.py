@@ -1,20 +1,28 @@
 #!/usr/bin/env python
-"""Images/s of data-parallel training of the default CNN on 1 and 2 MPI ranks, and
-the share of each step spent communicating (docs/distributed.md records a run).
+"""Images/s of data-parallel training on one machine: 1 process with 1 thread, 1 process
+with 2 threads, and 2 MPI ranks with 1 thread each, at the same global batch, and where
+each step's time goes (docs/distributed.md, "Speed", records a run).
 
-    python benchmarks/bench_distributed.py                  # 1 and 2 ranks, 3 rounds
-    python benchmarks/bench_distributed.py --ranks 1,2,4 --steps 40 --rounds 2
+    python benchmarks/bench_distributed.py              # 2 models x batch 64, 128; 5 rounds
+    python benchmarks/bench_distributed.py --quick      # a smoke run
+    python benchmarks/bench_distributed.py --models plain --batches 64 --rounds 3
 
-It starts ``mpiexec -n P python -m mpi4py`` on itself for each P, in alternating
-rounds (1 2 1 2 ...) so that a noisy machine's drift hits every P alike. Each rank
-trains minidl.ext.zoo.mnist_cnn() on synthetic 28x28 images with its own batch of
---batch (weak scaling, as Horovod and PyTorch DDP report), one thread per rank
-(OMP_NUM_THREADS=1), and times every step in three parts: compute (forward, loss,
-backward, Adam update), wait (a barrier: the time a rank waits for a slower one),
-and communication (distributed.average_gradients: pack, one allreduce, divide). The table gives medians over steps and rounds, then what
-the ring-allreduce model predicts for 8 and 64 ranks:
+Every run is ``mpiexec -n P python -m mpi4py`` of this file (P = 1 or 2), training as
+``minidl train --distributed`` does: the model (``mnist_cnn``, whose BatchNorm become
+SyncBatchNorm on 2 ranks; or ``plain``, the README's CNN without batch norm), Adam,
+batches from a ShardedLoader of synthetic uint8 images with the CLI's augmentation
+(random shifts, then /255), global batch --batch split over the ranks. BLAS (through
+threadpoolctl, the bench extra) and minidl's memory passes get --threads threads each.
+The configurations alternate within every round (1 2 3, then 3 2 1, ...), so the drift
+of a busy machine hits them alike; a cell is the median over rounds.
 
-    t_comm(p) = 2 (p - 1) / p * bytes / bandwidth + 2 (p - 1) * latency
+Each step is timed in phases, per rank: loader (the next batch, augmented), forward
+(with the loss; SyncBatchNorm's allreduces included), backward, allreduce (the
+gradients' average: waiting for the slower rank, then the transfer), update (Adam).
+The allreduce splits into its transfer (that of the rank that came last, which did
+not wait) and the wait (the rest). Images/s count the global batch over the wall time
+of the timed steps on rank 0. Last, an allreduce alone: MPI's blocking Allreduce
+against minidl's polled one (minidl/ext/transport.py), alternating.
 """
 import argparse
 import json
@@ -24,134 +32,190 @@ import subprocess
 import sys
 import time
 
-import numpy
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-LINKS = {   # bandwidth (bytes/s) and latency (s) per hop, nominal
-    "10 GbE": (1.25e9, 20e-6),
-    "100 Gb/s InfiniBand": (12.5e9, 2e-6),
-}
+CONFIGS = [("1 process, 1 thread", 1, 1), ("1 process, 2 threads", 1, 2),
+           ("2 ranks, 1 thread each", 2, 1)]
+PHASES = ("loader", "forward", "backward", "allreduce", "update")
 
 
 def worker(args):
+    """One run: train ``args.steps`` timed steps; rank 0 prints a JSON line."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    import numpy
+    from threadpoolctl import threadpool_limits
     import minidl
     from minidl.ext import distributed
+    from minidl.ext.sync_batchnorm import convert_sync_batchnorm
+    from minidl.ext.transforms import Compose, RandomShift
     from minidl.ext.zoo import mnist_cnn
+    from minidl.layers import parallel
 
-    comm = distributed.init()
+    comm = distributed.init(threads=args.threads)
+    parallel.NUM_THREADS = args.threads     # one process: init() leaves the threads alone
+    threadpool_limits(args.threads, user_api="blas")
     minidl.manual_seed(0)
-    model = mnist_cnn()
+    model = mnist_cnn() if args.model == "mnist_cnn" else plain_cnn(minidl)
     distributed.broadcast_parameters(model, comm=comm)
-    loss_fn = minidl.SoftmaxCrossEntropy()
-    optimizer = minidl.Adam(model.parameters(), lr=1e-3)
-    rng = numpy.random.default_rng(comm.rank)
-    x = rng.random((args.batch, 1, 28, 28), dtype=numpy.float32)
-    y = rng.integers(0, 10, args.batch)
-    compute, wait, communicate = [], [], []
+    if comm.size > 1:
+        model = convert_sync_batchnorm(model, comm)
+    loss = minidl.SoftmaxCrossEntropy()
+    optimizer = distributed.DistributedOptimizer(minidl.Adam(model.parameters()), comm)
+    rng = numpy.random.default_rng(0)
+    n = args.batch * (args.warmup + args.steps)
+    x = rng.integers(0, 256, (n, 1, 28, 28), dtype=numpy.uint8)
+    y = rng.integers(0, 10, n)
+    to_float = lambda images: images.astype(numpy.float32) * numpy.float32(1 / 255)  # noqa
+    loader = distributed.ShardedLoader(x, y, args.batch // comm.size, comm, seed=0,
+                                       transform=Compose([RandomShift(2), to_float]))
+    distributed.seed_per_rank(model, loader, comm)
+    model.train()
+    batches = iter(loader)
+    times = {phase: [] for phase in PHASES}
+    comm.barrier()
     for step in range(args.warmup + args.steps):
-        comm.barrier()      # every step starts together: a step's time is the slowest rank's
-        start = time.perf_counter()
-        logits = model.forward(x, training=True)
-        loss_fn.forward(logits, y)
-        model.backward(loss_fn.backward(), input_grad=False)
-        middle = time.perf_counter()
-        comm.barrier()      # waiting for a slower rank is imbalance, not communication
-        ready = time.perf_counter()
-        distributed.average_gradients(model.parameters(), comm)
-        after = time.perf_counter()
+        if step == args.warmup:
+            comm.barrier()
+            start = time.perf_counter()
+        t0 = time.perf_counter()
+        xb, yb = next(batches)
+        t1 = time.perf_counter()
+        loss.forward(model.forward(xb, training=True), yb)
+        t2 = time.perf_counter()
+        model.backward(loss.backward(), input_grad=False)
+        t3 = time.perf_counter()
+        optimizer.synchronize()
+        t4 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad()
-        end = time.perf_counter()
+        t5 = time.perf_counter()
         if step >= args.warmup:
-            compute.append((middle - start) + (end - after))
-            wait.append(ready - middle)
-            communicate.append(after - ready)
-    bytes_ = 4 * sum(p.size for p in model.parameters())
-    flat = numpy.ones(bytes_ // 4, numpy.float32)
-    allreduce = []
-    for _ in range(50):     # the collective alone, without packing
-        comm.barrier()
-        start = time.perf_counter()
-        comm.allreduce_(flat)
-        allreduce.append(time.perf_counter() - start)
-    # the slowest rank sets the pace: take the maximum over ranks of each median
-    medians = [statistics.median(t) for t in (compute, wait, communicate, allreduce)]
-    worst = _max_over_ranks(comm, medians)
+            for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                times[phase].append(seconds)
+    comm.barrier()
+    wall = time.perf_counter() - start
+    every = comm.allgather(times)       # each rank's phases, step by step
     if comm.rank == 0:
-        print(json.dumps({"ranks": comm.size, "batch": args.batch, "bytes": bytes_,
-                          "compute": worst[0], "wait": worst[1], "communicate": worst[2],
-                          "allreduce": worst[3]}), flush=True)
+        transfer = [min(rank["allreduce"][s] for rank in every) for s in range(args.steps)]
+        phases = {phase: statistics.mean(statistics.median(rank[phase]) for rank in every)
+                  for phase in PHASES}
+        phases["transfer"] = statistics.median(transfer)
+        phases["wait"] = phases["allreduce"] - phases["transfer"]
+        print(json.dumps({"images_per_s": args.batch * args.steps / wall,
+                          "step": wall / args.steps, **phases}), flush=True)
 
 
-def _max_over_ranks(comm, values):
-    """Each value's maximum over the ranks (a sum of slots, one slot per rank)."""
-    slots = [0.0] * (len(values) * comm.size)
-    slots[comm.rank * len(values):(comm.rank + 1) * len(values)] = values
-    every = comm.sum(slots)
-    return [max(every[r * len(values) + i] for r in range(comm.size))
-            for i in range(len(values))]
+def allreduce_worker(args):
+    """Blocking Allreduce against minidl's polled one (transport.MPIHost), alternating,
+    for the default CNN's gradients and for a few numbers; rank 0 prints a JSON line."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    import numpy
+    from mpi4py import MPI
+    from minidl.ext import distributed
+
+    host = distributed.init().host
+    found = {}
+    for n in (130, 421738):
+        a = numpy.ones(n, numpy.float32)
+        times = {"blocking": [], "polled": []}
+        for round_ in range(10):
+            for how in (("blocking", "polled") if round_ % 2 == 0 else ("polled", "blocking")):
+                for _ in range(20):
+                    host.barrier()
+                    start = time.perf_counter()
+                    if how == "blocking":
+                        host.comm.Allreduce(MPI.IN_PLACE, a)
+                    else:
+                        host.all_reduce(a, a)
+                    times[how].append(time.perf_counter() - start)
+        found[n] = {how: statistics.median(t) for how, t in times.items()}
+    if host.rank == 0:
+        print(json.dumps(found), flush=True)
 
 
-def launch(ranks, args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+def plain_cnn(minidl):
+    """The README's CNN: two conv blocks and an MLP head, no batch norm, no dropout."""
+    L = minidl
+    return L.Sequential([L.Conv2D(1, 32, 3, padding=1, activation="relu"), L.MaxPool2D(2),
+                         L.Conv2D(32, 64, 3, padding=1, activation="relu"), L.MaxPool2D(2),
+                         L.Flatten(), L.Dense(64 * 7 * 7, 128, activation="relu"),
+                         L.Dense(128, 10)])
+
+
+def launch(ranks, threads, model, batch, args, worker="--worker"):
+    """One run in fresh processes; its JSON line."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE),
                                            os.environ.get("PYTHONPATH", "")]))
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     command = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpi4py", __file__,
-               "--worker", "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+               worker, "--model", model, "--batch", str(batch), "--threads", str(threads),
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def report(results, args):
-    rows = {}
-    for r in results:
-        rows.setdefault(r["ranks"], []).append(r)
-    print(f"default CNN ({results[0]['bytes'] / 1e6:.2f} MB of float32 gradients), "
-          f"batch {args.batch} per rank, one thread per rank, medians of "
-          f"{len(results) // len(rows)} rounds x {args.steps} steps\n")
-    print("| ranks | step (ms) | compute (ms) | wait (ms) | communication (ms) | share | "
-          "images/s | allreduce alone (ms) |")
-    print("|---|---|---|---|---|---|---|---|")
-    one_step = None
-    for ranks, rs in sorted(rows.items()):
-        compute = statistics.median(r["compute"] for r in rs) * 1e3
-        wait = statistics.median(r["wait"] for r in rs) * 1e3
-        comm = statistics.median(r["communicate"] for r in rs) * 1e3
-        alone = statistics.median(r["allreduce"] for r in rs) * 1e3
-        step = compute + wait + comm
-        one_step = one_step or compute
-        print(f"| {ranks} | {step:.1f} | {compute:.1f} | {wait:.1f} | {comm:.2f} | "
-              f"{comm / step:.1%} | {ranks * args.batch / step * 1e3:.0f} | {alone:.2f} |")
-    nbytes = results[0]["bytes"]
-    print(f"\nring allreduce of {nbytes / 1e6:.2f} MB, compute {one_step:.1f} ms a step:")
-    print("| link | ranks | allreduce (ms) | share of a step |")
-    print("|---|---|---|---|")
-    for link, (bandwidth, latency) in LINKS.items():
-        for p in (8, 64):
-            t = (2 * (p - 1) / p * nbytes / bandwidth + 2 * (p - 1) * latency) * 1e3
-            print(f"| {link} | {p} | {t:.2f} | {t / (t + one_step):.1%} |")
+    print(f"{args.rounds} rounds x {args.steps} steps (after {args.warmup}), medians over "
+          f"rounds; phases in ms per step, averaged over the ranks\n")
+    print("| model | global batch | configuration | images/s | vs 1 thread | step (ms) | "
+          "loader | forward | backward | allreduce: wait | allreduce: transfer | update |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for model in args.models:
+        for batch in args.batches:
+            base = None
+            for name, _, _ in CONFIGS:
+                rows = results[model, batch, name]
+                cell = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+                base = base or cell["images_per_s"]
+                ms = {key: f"{cell[key] * 1e3:.1f}" for key in cell if key != "images_per_s"}
+                print(f"| {model} | {batch} | {name} | {cell['images_per_s']:.0f} | "
+                      f"{cell['images_per_s'] / base:.2f}x | {ms['step']} | {ms['loader']} | "
+                      f"{ms['forward']} | {ms['backward']} | {ms['wait']} | "
+                      f"{ms['transfer']} | {ms['update']} |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", default="1,2")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--models", nargs="+", default=["mnist_cnn", "plain"],
+                        choices=["mnist_cnn", "plain"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="1 round of 3 steps")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--allreduce-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    ranks = [int(r) for r in args.ranks.split(",")]
-    results = []
-    for _ in range(args.rounds):
-        for p in ranks:
-            results.append(launch(p, args))
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    if args.allreduce_worker:
+        return allreduce_worker(args)
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 1, 3, 1
+    print(f"machine: {os.cpu_count()} cores; load average before: "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    results = {}
+    for round_ in range(args.rounds):
+        configs = CONFIGS if round_ % 2 == 0 else CONFIGS[::-1]
+        for model in args.models:
+            for batch in args.batches:
+                for name, ranks, threads in configs:
+                    result = launch(ranks, threads, model, batch, args)
+                    results.setdefault((model, batch, name), []).append(result)
+                    print(json.dumps({"round": round_, "model": model, "batch": batch,
+                                      "config": name, **result}), file=sys.stderr, flush=True)
+    alone = launch(2, 1, "plain", 64, args, worker="--allreduce-worker")
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
     report(results, args)
+    print("\nan allreduce alone, 2 ranks, median of 200 calls (us): "
+          + "; ".join(f"{int(n):,} float32: blocking {t['blocking'] * 1e6:.1f}, polled "
+                      f"{t['polled'] * 1e6:.1f}" for n, t in alone.items()))
 
 
 if __name__ == "__main__":

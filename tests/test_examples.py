@@ -18,7 +18,7 @@ import minidl.layers.registry
 import minidl.summary
 from minidl.data import datasets
 from minidl.ext import (dataset_sources, distributed, explain, lr_finder, onnx, plots, pytorch,
-                        recorder, report, resume, zoo)
+                        recorder, report, resume, sync_batchnorm, transport, zoo)
 
 from conftest import write_fake_dataset
 
@@ -213,7 +213,8 @@ def public_names():
     names |= set(minidl.data.__all__)
     for module in (minidl.losses, minidl.optim, minidl.schedulers, minidl.summary,
                    minidl.checkpoint, minidl.layers.registry, recorder, plots, zoo, onnx,
-                   pytorch, distributed, resume, lr_finder, dataset_sources, explain, report):
+                   pytorch, distributed, sync_batchnorm, transport, resume, lr_finder,
+                   dataset_sources, explain, report):
         for name, value in vars(module).items():
             if name.startswith("_") or inspect.ismodule(value):
                 continue

@@ -4,6 +4,8 @@ imports (docs/architecture.md). Each module is imported on first use:
     onnx             export to and load from ONNX (needs the onnx extra)
     pytorch          to_torch / from_torch (needs torch)
     distributed      data-parallel training over MPI ranks (needs the dist extra)
+    sync_batchnorm   SyncBatchNorm: batch norm over the global batch of those ranks
+    transport        how the ranks talk: MPI with deadlines, NCCL on GPUs
     resume           TrainingState: the callback that makes a run resumable
     lr_finder        the learning-rate range test
     recorder         GradientRecorder: activation and gradient statistics through hooks
@@ -17,8 +19,9 @@ imports (docs/architecture.md). Each module is imported on first use:
 """
 import importlib
 
-_MODULES = ("onnx", "pytorch", "distributed", "resume", "lr_finder", "recorder", "plots",
-            "explain", "report", "zoo", "transforms", "dataset_sources", "convert")
+_MODULES = ("onnx", "pytorch", "distributed", "sync_batchnorm", "transport", "resume",
+            "lr_finder", "recorder", "plots", "explain", "report", "zoo", "transforms",
+            "dataset_sources", "convert")
 
 
 def __getattr__(name):

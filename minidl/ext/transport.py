@@ -10,6 +10,7 @@ the ranks that did not arrive and where the others wait. Under ``python -m mpi4p
 that error ends the whole job.
 """
 import json
+import os
 import time
 
 from .. import backend
@@ -18,8 +19,13 @@ from ..checks import check_real
 _numpy = backend.get_module("cpu")    # MPI's arrays live in host memory
 
 DEFAULT_TIMEOUT = 300.0     # seconds a collective may wait for the slowest rank
-_SPIN_SECONDS = 2e-3        # poll without a pause first: ranks in step finish within it
-_MAX_PAUSE = 1e-3           # then sleep between polls, up to this long, to free the core
+# Poll without sleeping first, yielding the core to any process that wants it: ranks a
+# step apart meet within this, and a sleeping rank would slow the transfer it is part
+# of (MPICH moves a non-blocking collective only inside MPI calls). Longer waits (rank 0
+# writing a checkpoint, downloading) sleep between polls, up to _MAX_PAUSE.
+_SPIN_SECONDS = 0.05
+_MAX_PAUSE = 1e-3
+_yield_core = getattr(os, "sched_yield", lambda: None)     # Unix
 _QUERY, _ANSWER = 1, 2      # the tags of the side channel's messages
 
 
@@ -92,6 +98,7 @@ class MPIHost:
             while not request.Test():
                 waited = time.monotonic() - start
                 if waited < _SPIN_SECONDS:
+                    _yield_core()
                     continue
                 self._answer()
                 if waited > limit:
@@ -122,8 +129,8 @@ class MPIHost:
                 f"#{call}) for the other ranks")
         silent = [rank for rank in range(self.size) if rank != self.rank and rank not in answers]
         if silent:
-            text += (f"; rank {_ranks(silent)} did not arrive and did not answer: stopped, "
-                     f"dead, or busy outside minidl's collectives (did it leave fit early?)")
+            text += (f"; {_ranks(silent)} did not arrive and did not answer: stopped, dead, "
+                     f"or busy outside minidl's collectives (did one leave fit early?)")
         for rank, (other_call, other) in sorted(answers.items()):
             if [other_call, other] != self.waiting:
                 text += (f"; rank {rank} waits in {other} (collective #{other_call}) instead: "
@@ -150,7 +157,7 @@ def check_timeout(seconds):
 
 
 def _ranks(ranks):
-    return str(ranks[0]) if len(ranks) == 1 else f"s {', '.join(map(str, ranks))}"
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
 
 
 def _check_host(a):
