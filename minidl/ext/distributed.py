@@ -22,6 +22,7 @@ logged numbers). The Trainer knows none of it.
 """
 import json
 import os
+from types import SimpleNamespace
 
 from .. import backend
 from ..callbacks import Callback
@@ -101,11 +102,12 @@ def init(device="cpu", timeout=None, threads=None):
         from mpi4py import MPI
     except ImportError:     # no MPI: a single process is a job of one
         return Communicator()
-    if _host is None:       # one host per process: making one is itself collective
+    first = _host is None
+    if first:               # one host per process: making one is itself collective
         _host = transport.MPIHost(MPI.COMM_WORLD, MPI, timeout or transport.DEFAULT_TIMEOUT)
     elif timeout is not None:
         _host.timeout = transport.check_timeout(timeout)
-    if _host.size > 1:
+    if _host.size > 1 and (first or threads is not None):
         _share_cores(_host.local_size, threads)
     gpu = device == "gpu" and _host.size > 1
     return Communicator(_host, transport.NCCLDevice(_host, backend.get_module("gpu"))
@@ -237,6 +239,8 @@ def seed_per_rank(model, loader, comm):
     run. One process keeps its streams untouched."""
     if comm.size == 1:
         return
+    if not hasattr(loader, "rng"):      # an iterable of batches of one's own: no shuffle
+        loader = SimpleNamespace(rng=None)
     for name, rng in generators(model, loader).items():
         if name != "loader":
             seed = _numpy.random.SeedSequence(int(rng.integers(2**63)), spawn_key=(comm.rank,))

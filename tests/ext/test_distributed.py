@@ -325,6 +325,8 @@ def test_seed_per_rank_gives_each_rank_its_own_streams_but_the_shuffle():
         after.append(streams(model, loader))
         assert model.layers[1].gpu_rng is None
     assert after[1] == after[2]                             # the same in every run
+    distributed.seed_per_rank(model, [(numpy.zeros((4, 3)), numpy.zeros(4))],   # any batches
+                              SimpleNamespace(rank=1, size=2))
     for name in before:
         if name == "loader":
             assert after[0][name] == after[1][name] == before[name]

@@ -142,7 +142,8 @@ def test_a_timeout_per_call_and_checked_values():
                                                 r"for the other ranks; ranks 1, 2 did not arrive"):
         h.barrier(timeout=0.01)
     for bad in (0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="distributed.init: timeout must be a finite number > 0"):
+        with pytest.raises(ValueError, match="distributed.init: timeout must be a finite "
+                                             "number > 0"):
             transport.check_timeout(bad)
 
 
