@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Images/s of data-parallel training on one machine: 1 process with 1 thread, 1 process
-with 2 threads, and 2 MPI ranks with 1 thread each, at the same global batch, and where
-each step's time goes (docs/distributed.md, "Speed", records a run).
+with 2 threads, and 2 MPI ranks with 1 thread each (the default since distributed.init
+shares the cores out) or 2 each (what they took before), at the same global batch, and
+where each step's time goes (docs/distributed.md, "Speed", records a run).
 
     python benchmarks/bench_distributed.py              # 2 models x batch 64, 128; 5 rounds
     python benchmarks/bench_distributed.py --quick      # a smoke run
@@ -13,7 +14,7 @@ SyncBatchNorm on 2 ranks; or ``plain``, the README's CNN without batch norm), Ad
 batches from a ShardedLoader of synthetic uint8 images with the CLI's augmentation
 (random shifts, then /255), global batch --batch split over the ranks. BLAS (through
 threadpoolctl, the bench extra) and minidl's memory passes get --threads threads each.
-The configurations alternate within every round (1 2 3, then 3 2 1, ...), so the drift
+The configurations alternate within every round (1 2 3 4, then 4 3 2 1, ...), so the drift
 of a busy machine hits them alike; a cell is the median over rounds.
 
 Each step is timed in phases, per rank: loader (the next batch, augmented), forward
@@ -34,7 +35,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = [("1 process, 1 thread", 1, 1), ("1 process, 2 threads", 1, 2),
-           ("2 ranks, 1 thread each", 2, 1)]
+           ("2 ranks, 1 thread each", 2, 1),
+           ("2 ranks, 2 threads each", 2, 2)]    # what each rank took before init() shared
 PHASES = ("loader", "forward", "backward", "allreduce", "update")
 
 

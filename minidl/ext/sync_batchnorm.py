@@ -84,16 +84,17 @@ class SyncBatchNorm(_BatchNorm):
         xc, s, m = cache["xc"], cache["s"], cache["m"]
         xp, (axes, shape) = backend.get_array_module(dy), self._per_channel(dy.ndim)
         c = self.num_features
-        sums = xp.empty(2 * c, dtype=s.dtype)            # [sum dy, sum dy x_hat] here
-        sums[:c] = dy.sum(axis=axes)
-        sums[c:] = _channel_dot(dy, xc) * s.reshape(-1)
+        sums = xp.empty(2 * c, dtype=s.dtype)
+        sums[:c] = dy.sum(axis=axes)                         # dbeta: sum_i dy_i
+        sums[c:] = _channel_dot(dy, xc) * s.reshape(-1)      # dgamma: sum_i dy_i x_hat_i
         dbeta, dgamma = sums[:c].copy(), sums[c:].copy()     # this rank's, for the grads
-        self.comm.allreduce_(sums)                           # the job's
+        self.comm.allreduce_(sums)                           # the job's: Dbeta, Dgamma
+        dbeta_job, dgamma_job = sums[:c].reshape(shape), sums[c:].reshape(shape)
         gamma, _ = self._affine(shape, xp)
         gamma_s = gamma * s
         dx = dy * gamma_s                                    # gamma s dy
-        dx -= xc * (gamma_s * s * sums[c:].reshape(shape) * (1.0 / m))  # - gamma s x_hat Dgamma/M
-        dx -= gamma_s * sums[:c].reshape(shape) * (1.0 / m)             # - gamma s Dbeta/M
+        dx -= xc * (gamma_s * s * dgamma_job * (1.0 / m))    # - gamma s x_hat Dgamma/M
+        dx -= gamma_s * dbeta_job * (1.0 / m)                # - gamma s Dbeta/M
         if self.affine:
             self.weight.accumulate_grad(dgamma)
             self.bias.accumulate_grad(dbeta)
