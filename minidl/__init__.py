@@ -23,9 +23,9 @@ from .callbacks import Callback, CSVLogger, EarlyStopping, LearningRateMonitor, 
 from .checkpoint import load_model
 from .data import DataLoader
 from .gradcheck import gradcheck
-from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
-                     Flatten, GlobalAvgPool2D, Identity, Layer, LeakyReLU, MaxPool2D, Parameter,
-                     ReLU, Residual, Sigmoid, Softmax, Tanh, register_layer)
+from .layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, ConvTranspose2D,
+                     Dense, Dropout, Flatten, GlobalAvgPool2D, Identity, Layer, LeakyReLU,
+                     MaxPool2D, Parameter, ReLU, Residual, Sigmoid, Softmax, Tanh, register_layer)
 from .losses import MSE, Loss, SoftmaxCrossEntropy
 from .model import Sequential
 from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm_

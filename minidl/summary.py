@@ -1,5 +1,6 @@
 """The summary table: each layer's output shape, parameters, receptive field and
 FLOPs (``Sequential.summary``; docs/architecture.md, "Inspection")."""
+import math
 
 from .layers.base import Container
 
@@ -23,7 +24,7 @@ def summary_table(model, input_shape):
         total_params += params
         total_flops += flops
         rows.append((f"{i}: {type(layer).__name__}", str(shape[1:]), f"{params:,}",
-                     "all" if rf is ALL else f"{rf[0]}x{rf[1]}",
+                     "all" if rf is ALL else "x".join(str(math.ceil(r)) for r in rf),
                      _human(flops) if flops else "-"))
     header = ("Layer", "Output shape", "Params", "Recept. field", "FLOPs/sample")
     widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header))]
@@ -41,8 +42,10 @@ def summary_table(model, input_shape):
 
 def receptive_field_step(layer, rf, jump):
     """(rf, jump) after ``layer``, whose input values are ``jump`` input pixels apart and
-    each see ``rf``: kernel k and stride s give ``rf + (k - 1) * jump`` and ``jump * s``;
-    ``ALL`` from a layer that ``sees_whole_input`` on; unchanged without a kernel. A
+    each see ``rf``: kernel k, dilation d and stride s give ``rf + (k - 1) * d * jump``
+    and ``jump * s``; a ``transposed`` layer (ConvTranspose2D, s outputs per input) gives
+    ``rf + floor((k - 1) * d / s) * jump`` and ``jump / s`` (a fraction: the table rounds
+    rf up); ``ALL`` from a layer that ``sees_whole_input`` on; unchanged without a kernel. A
     Container's sub-layers compose: one after another, or side by side (``in_parallel``:
     Residual, Concat), where the widest branch decides."""
     if rf is ALL or layer.sees_whole_input:
@@ -60,7 +63,11 @@ def receptive_field_step(layer, rf, jump):
     kernel, stride = getattr(layer, "kernel_size", None), getattr(layer, "stride", None)
     if kernel is None or stride is None:
         return rf, jump
-    return (tuple(r + (k - 1) * j for r, k, j in zip(rf, kernel, jump)),
+    reach = [(k - 1) * d for k, d in zip(kernel, getattr(layer, "dilation", (1, 1)))]
+    if getattr(layer, "transposed", False):
+        return (tuple(r + (e // s) * j for r, e, s, j in zip(rf, reach, stride, jump)),
+                tuple(j / s for j, s in zip(jump, stride)))
+    return (tuple(r + e * j for r, e, j in zip(rf, reach, jump)),
             tuple(j * s for j, s in zip(jump, stride)))
 
 

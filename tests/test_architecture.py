@@ -13,7 +13,9 @@ from minidl import trainer
 
 PACKAGE = Path(minidl.__file__).parent
 EDGES = ("ext", "cli")
-CORE_CAP = 3800     # non-blank lines of code, docstrings and comments
+# Non-blank lines of code, docstrings and comments. The convolution family (issue 24:
+# dilation, groups, ConvTranspose2D, pooling's ceil_mode) raised it from 3800.
+CORE_CAP = 4000
 
 
 def module_name(path):
@@ -54,7 +56,7 @@ def non_blank_lines(paths):
     return sum(1 for path in paths for line in path.read_text().splitlines() if line.strip())
 
 
-def test_the_core_is_at_most_3800_non_blank_lines():
+def test_the_core_is_at_most_4000_non_blank_lines():
     count = non_blank_lines(CORE.values())
     print(f"\nthe core (minidl/ outside ext/ and cli/): {count} non-blank lines "
           f"(cap {CORE_CAP}); the edges: "

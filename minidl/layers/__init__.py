@@ -2,7 +2,7 @@
 from .activations import Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh, get_activation
 from .base import Container, Layer, Parameter
 from .blocks import Concat, Residual
-from .conv import Conv2D
+from .conv import Conv2D, ConvTranspose2D
 from .dense import Dense
 from .dropout import Dropout
 from .normalization import BatchNorm1D, BatchNorm2D

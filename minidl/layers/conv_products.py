@@ -12,13 +12,17 @@ its row in docs/performance.md:
 * Up to ``SMALL_K`` rows of cols, the backward products run per sample: one product
   over all N*Ho*Wo positions is then thin and memory-bound in OpenBLAS (conv-A and
   the training steps, whose first layer has C*k1*k2 = 9).
+* A depthwise layer (G = C = F) builds no cols: it adds up W[c, m, l] times the slabs
+  of its input, channel by channel ("depthwise").
 
-The products, with cols (C*k1*k2, N*Ho*Wo) and W2 = W reshaped to (F, C*k1*k2):
+The products, with cols (C*k1*k2, N*Ho*Wo), rows (c, m, l), seen as (G, C/G*k1*k2, ...)
+(each group's rows), and W2 = W as (G, F/G, C/G*k1*k2), one batched product over groups:
 
     Z2 = W2 @ cols,   dW2 = dZ2 @ cols.T,   dcols = W2.T @ dZ2,   dA_pad = col2im(dcols)
 """
 from .. import backend
-from .im2col import col2im_add, im2col
+from .im2col import col2im_add, im2col, slab
+from .parallel import in_pieces
 
 # Up to this many rows of cols (C*k1*k2), one product over all positions is thin and
 # memory-bound in OpenBLAS: backward runs one small product per sample instead.
@@ -30,8 +34,9 @@ class Columns:
     ``max_bytes`` into a buffer kept between calls; the last one built in one piece is
     kept for backward (``kept``)."""
 
-    def __init__(self, kernel, stride, max_bytes):
-        self.kernel, self.stride, self.max_bytes = kernel, stride, max_bytes
+    def __init__(self, kernel, stride, dilation, groups, max_bytes):
+        self.kernel, self.stride, self.dilation = kernel, stride, dilation
+        self.groups, self.max_bytes = groups, max_bytes
         self.buffer = None
         self.kept = None        # (x_pad_t, cols) of the last single-chunk build
 
@@ -50,7 +55,7 @@ class Columns:
             return self.kept[1]
         rows = x_pad_t.shape[0] * self.kernel[0] * self.kernel[1]
         out = self.storage(rows * (n1 - n0) * out_hw[0] * out_hw[1], x_pad_t)
-        cols = im2col(x_pad_t[:, n0:n1], self.kernel, self.stride, out_hw, out=out)
+        cols = im2col(x_pad_t[:, n0:n1], self.kernel, self.stride, out_hw, self.dilation, out)
         self.kept = (x_pad_t, cols) if whole else None
         return cols
 
@@ -74,52 +79,117 @@ class Columns:
 def forward(w2, x_pad_t, columns, out_hw):
     """Z2 = W2 @ cols, as (F, N, Ho*Wo): channels first, chunk by chunk."""
     xp = backend.get_array_module(x_pad_t)
-    f, n = w2.shape[0], x_pad_t.shape[1]
-    z_t = xp.empty((f, n, out_hw[0] * out_hw[1]), dtype=w2.dtype)
+    g, fg = w2.shape[:2]
+    if _depthwise(columns, g * fg, x_pad_t.shape[0]):
+        return _depthwise_forward(w2, x_pad_t, columns, out_hw)
+    z_t = xp.empty((g * fg, x_pad_t.shape[1], out_hw[0] * out_hw[1]), dtype=w2.dtype)
     for n0, n1 in columns.chunks(x_pad_t, out_hw):
-        xp.matmul(w2, columns.of(x_pad_t, n0, n1, out_hw), out=z_t[:, n0:n1].reshape(f, -1))
+        cols = columns.of(x_pad_t, n0, n1, out_hw)
+        xp.matmul(w2, cols.reshape(g, -1, cols.shape[1]), out=z_t[:, n0:n1].reshape(g, fg, -1))
     return z_t
 
 
 def weight_grad(dz, x_pad_t, columns):
-    """dW2 = dZ2 @ cols.T, as (F, C*k1*k2), for dZ of shape (N, F, Ho, Wo)."""
+    """dW2 = dZ2 @ cols.T, as (G, F/G, C/G*k1*k2), for dZ of shape (N, F, Ho, Wo)."""
     xp = backend.get_array_module(dz)
     n, f, ho, wo = dz.shape
-    k = x_pad_t.shape[0] * columns.kernel[0] * columns.kernel[1]
-    dw_t = xp.zeros((k, f), dtype=dz.dtype)          # dW2 transposed
+    g, k = columns.groups, x_pad_t.shape[0] * columns.kernel[0] * columns.kernel[1]
+    if _depthwise(columns, f, x_pad_t.shape[0]):
+        return _depthwise_weight_grad(dz, x_pad_t, columns)
+    dw_t = xp.zeros((g, k // g, f // g), dtype=dz.dtype)       # dW2 transposed
     if k <= SMALL_K:
-        dz_s = dz.reshape(n, f, ho * wo)             # a view in NCHW or CNHW order
+        dz_s = dz.reshape(n, g, f // g, ho * wo)     # a view in NCHW or CNHW order
     else:
         dz_t = _channels_first(dz)
     for n0, n1 in columns.chunks(x_pad_t, (ho, wo)):
-        cols = columns.of(x_pad_t, n0, n1, (ho, wo))
+        cols = columns.of(x_pad_t, n0, n1, (ho, wo)).reshape(g, k // g, -1)
         if k <= SMALL_K:        # sum over samples of cols_n @ dZ_n.T
-            cols_s = cols.reshape(k, n1 - n0, -1).transpose(1, 0, 2)        # (m, k, Ho*Wo)
-            dw_t += xp.matmul(cols_s, dz_s[n0:n1].transpose(0, 2, 1)).sum(axis=0)
+            cols_s = cols.reshape(g, k // g, n1 - n0, -1).transpose(2, 0, 1, 3)  # (m, G, ., P)
+            dw_t += xp.matmul(cols_s, dz_s[n0:n1].transpose(0, 1, 3, 2)).sum(axis=0)
         else:                   # computed transposed: OpenBLAS runs cols @ dZ2.T faster
-            dw_t += cols @ dz_t[:, n0:n1].reshape(f, -1).T
-    return dw_t.T
+            dw_t += xp.matmul(cols, dz_t[:, n0:n1].reshape(g, f // g, -1).transpose(0, 2, 1))
+    return dw_t.transpose(0, 2, 1)
 
 
-def input_grad(w2, dz, x_pad_t, columns):
-    """dA_pad = col2im(W2.T @ dZ2), as (C, N, Hp, Wp), the shape of x_pad_t: Eq. [9]."""
+def input_grad(w2, dz, pad_shape, columns):
+    """dA_pad = col2im(W2.T @ dZ2), as (C, N, Hp, Wp) = ``pad_shape``: Eq. [9]."""
     xp = backend.get_array_module(dz)
     n, f, ho, wo = dz.shape
-    k = w2.shape[1]
-    dx_pad_t = xp.zeros(x_pad_t.shape, dtype=dz.dtype)
-    if k <= SMALL_K:
-        dz_s = dz.reshape(n, f, ho * wo)
+    dx_pad_t = xp.zeros(pad_shape, dtype=dz.dtype)
+    if _depthwise(columns, f, pad_shape[0]):
+        return _depthwise_input_grad(w2, dz, dx_pad_t, columns)
+    g, fg, kg = w2.shape
+    w2_t = w2.transpose(0, 2, 1)                    # W2.T of each group
+    if g * kg <= SMALL_K:
+        dz_s = dz.reshape(n, g, fg, ho * wo)
     else:
         dz_t = _channels_first(dz)
-    for n0, n1 in columns.chunks(x_pad_t, (ho, wo)):
-        if k <= SMALL_K:        # dcols_n = W2.T @ dZ_n, sample by sample
-            dcols = xp.matmul(w2.T, dz_s[n0:n1]).transpose(1, 0, 2)
+    for n0, n1 in columns.chunks(dx_pad_t, (ho, wo)):
+        if g * kg <= SMALL_K:   # dcols_n = W2.T @ dZ_n, sample by sample
+            dcols = xp.matmul(w2_t, dz_s[n0:n1]).transpose(1, 2, 0, 3)
         else:                   # into the cols buffer: its columns are used up
             columns.used_up()
-            out = columns.storage(k * (n1 - n0) * ho * wo, dz).reshape(k, -1)
-            dcols = xp.matmul(w2.T, dz_t[:, n0:n1].reshape(f, -1), out=out)
-        col2im_add(dcols, dx_pad_t[:, n0:n1], columns.kernel, columns.stride, (ho, wo))
+            out = columns.storage(g * kg * (n1 - n0) * ho * wo, dz).reshape(g, kg, -1)
+            dcols = xp.matmul(w2_t, dz_t[:, n0:n1].reshape(g, fg, -1), out=out)
+        col2im_add(dcols, dx_pad_t[:, n0:n1], columns.kernel, columns.stride, (ho, wo),
+                   columns.dilation)
     return dx_pad_t
+
+
+# -- depthwise: G = C = F, every sum over channels has one term --------------------------
+
+def _depthwise(columns, filters, channels):
+    """True when each group has one filter and one input channel."""
+    return columns.groups == filters == channels
+
+
+def _by_channel(fn, *arrays):
+    """fn(c, *arrays) for every channel c (axis 0 of each array): a channel's slabs stay
+    in cache; the channels are split over threads."""
+    in_pieces(lambda *parts: [fn(c, *parts) for c in range(len(parts[0]))], *arrays, axis=0)
+
+
+def _depthwise_forward(w2, x_pad_t, columns, out_hw):
+    """Z[c] = sum_{m,l} W[c, m, l] * (slab (m, l) of A_pad[c]), as (C, N, Ho*Wo)."""
+    xp = backend.get_array_module(x_pad_t)
+    z_t = xp.zeros(x_pad_t.shape[:2] + tuple(out_hw), dtype=w2.dtype)
+
+    def add_slabs(c, w2, x_pad_t, z_t):
+        for k, (m, l) in enumerate(_offsets(columns)):
+            z_t[c] += w2[c, 0, k] * slab(x_pad_t[c], m, l, columns.stride, out_hw,
+                                         columns.dilation)
+    _by_channel(add_slabs, w2, x_pad_t, z_t)
+    return z_t.reshape(len(z_t), z_t.shape[1], -1)
+
+
+def _depthwise_weight_grad(dz, x_pad_t, columns):
+    """dW[c, m, l] = sum_{n,i,j} dZ[n, c, i, j] * (slab (m, l) of A_pad[c])."""
+    xp = backend.get_array_module(dz)
+    dz_t = dz.swapaxes(0, 1)
+    dw = xp.empty((len(dz_t), 1, len(_offsets(columns))), dtype=dz.dtype)
+
+    def correlate(c, dz_t, x_pad_t, dw):
+        for k, (m, l) in enumerate(_offsets(columns)):
+            a = slab(x_pad_t[c], m, l, columns.stride, dz.shape[2:], columns.dilation)
+            dw[c, 0, k] = xp.einsum("nij,nij->", dz_t[c], a)
+    _by_channel(correlate, dz_t, x_pad_t, dw)
+    return dw
+
+
+def _depthwise_input_grad(w2, dz, dx_pad_t, columns):
+    """slab (m, l) of dA_pad[c] += W[c, m, l] * dZ[:, c]: Eq. [9] with one channel."""
+    dz_t = dz.swapaxes(0, 1)
+
+    def scatter(c, w2, dz_t, dx_pad_t):
+        for k, (m, l) in enumerate(_offsets(columns)):
+            dx_slab = slab(dx_pad_t[c], m, l, columns.stride, dz.shape[2:], columns.dilation)
+            dx_slab += w2[c, 0, k] * dz_t[c]
+    _by_channel(scatter, w2, dz_t, dx_pad_t)
+    return dx_pad_t
+
+
+def _offsets(columns):
+    return [(m, l) for m in range(columns.kernel[0]) for l in range(columns.kernel[1])]
 
 
 def _channels_first(dz):

@@ -2,9 +2,9 @@
 and im2col / col2im, which turn a convolution into one matrix product.
 
 The column matrix of an input x (N, C, H, W) is ``cols`` of shape (C*k1*k2, N*Ho*Wo),
-row (c, m, l), column (n, i, j):
+row (c, m, l), column (n, i, j), with dilation (d1, d2) (1: a dense window):
 
-    cols[(c, m, l), (n, i, j)] = x_pad[n, c, i*s1 + m, j*s2 + l]
+    cols[(c, m, l), (n, i, j)] = x_pad[n, c, i*s1 + m*d1, j*s2 + l*d2]
 
 x_pad is kept channels first, (C, N, Hp, Wp), so that both big products of Conv2D run
 on contiguous operands (docs/conv2d.md, "Layout"). im2col and col2im_add loop only over
@@ -15,15 +15,16 @@ from .parallel import in_pieces, num_threads
 
 
 def conv_output_size(size, k, s, pad_before, pad_after):
-    """floor((size + pads - k) / s) + 1: the number of window positions."""
+    """floor((size + pads - k) / s) + 1: the number of window positions (k: the span of a
+    dilated window, d*(k - 1) + 1)."""
     return (size + pad_before + pad_after - k) // s + 1
 
 
-def slab(a, m, l, stride, out_hw):
-    """a[..., i*s1 + m, j*s2 + l] for every output position (i, j): a strided view holding
-    element (m, l) of every window at once (windows run over a's last two axes)."""
-    (s1, s2), (ho, wo) = stride, out_hw
-    return a[..., m:m + s1 * (ho - 1) + 1:s1, l:l + s2 * (wo - 1) + 1:s2]
+def slab(a, m, l, stride, out_hw, dilation=(1, 1)):
+    """a[..., i*s1 + m*d1, j*s2 + l*d2] for every output position (i, j): a strided view
+    holding element (m, l) of every window at once (windows run over a's last two axes)."""
+    (s1, s2), (ho, wo), (r, q) = stride, out_hw, (m * dilation[0], l * dilation[1])
+    return a[..., r:r + s1 * (ho - 1) + 1:s1, q:q + s2 * (wo - 1) + 1:s2]
 
 
 def pad_channels_first(x, pads):
@@ -42,7 +43,7 @@ def pad_channels_first(x, pads):
     return x_pad_t
 
 
-def im2col(x_pad_t, kernel, stride, out_hw, out=None):
+def im2col(x_pad_t, kernel, stride, out_hw, dilation=(1, 1), out=None):
     """Column matrix (C*k1*k2, N*Ho*Wo) of a padded, channels-first input (C, N, Hp, Wp).
 
     ``out`` may be a reusable contiguous buffer of C*k1*k2*N*Ho*Wo elements, of any
@@ -58,12 +59,12 @@ def im2col(x_pad_t, kernel, stride, out_hw, out=None):
     def copy_slabs(x_pad_t, out):
         for m in range(k1):
             for l in range(k2):
-                out[:, m, l] = slab(x_pad_t, m, l, stride, out_hw)
+                out[:, m, l] = slab(x_pad_t, m, l, stride, out_hw, dilation)
     in_pieces(copy_slabs, x_pad_t, out6, axis=_split_axes(c))
     return out6.reshape(c * k1 * k2, n * ho * wo)
 
 
-def col2im_add(dcols, dx_pad_t, kernel, stride, out_hw):
+def col2im_add(dcols, dx_pad_t, kernel, stride, out_hw, dilation=(1, 1)):
     """The adjoint of im2col: add each column entry back where it was read from.
 
     dcols (C*k1*k2, N*Ho*Wo) is scattered into dx_pad_t (C, N, Hp, Wp) in place; windows
@@ -76,7 +77,7 @@ def col2im_add(dcols, dx_pad_t, kernel, stride, out_hw):
     def add_slabs(dx_pad_t, dcols):
         for m in range(k1):
             for l in range(k2):
-                dx_slab = slab(dx_pad_t, m, l, stride, out_hw)   # a view: += adds in place
+                dx_slab = slab(dx_pad_t, m, l, stride, out_hw, dilation)   # a view: += in place
                 dx_slab += dcols[:, m, l]
     in_pieces(add_slabs, dx_pad_t, dcols6, axis=_split_axes(c))
     return dx_pad_t

@@ -6,6 +6,10 @@ where x_pad has p1 rows above and below x and p2 columns left and right:
 
     Ho = floor((H + 2 p1 - k1) / s1) + 1,   Wo = floor((W + 2 p2 - k2) / s2) + 1
 
+With ``ceil_mode`` the floor is a ceiling, less one where the last window would start
+past the input and its left padding (PyTorch's rule); x_pad then gets the rows and
+columns that a last window reaching past the padding needs.
+
 MaxPool2D (x_pad padded with -inf, so padding never wins, as PyTorch):
 
     y[n, c, i, j] = max_{m, l} x_pad[n, c, i*s1 + m, j*s2 + l]
@@ -14,10 +18,11 @@ MaxPool2D (x_pad padded with -inf, so padding never wins, as PyTorch):
         among the real (not padding) elements; a window holding NaN has y = NaN and
         (m*, l*) its LAST NaN, as PyTorch, whose argmax moves on `val > max or isnan`
 
-AvgPool2D (x_pad padded with zeros that count in the divisor, count_include_pad=True):
+AvgPool2D (x_pad padded with zeros), D[i, j] the elements window (i, j) covers within
+the padding (``count_include_pad``, k1 k2 but for ceil_mode's last windows) or the input:
 
-    y[n, c, i, j] = 1/(k1 k2) sum_{m, l} x_pad[n, c, i*s1 + m, j*s2 + l]
-    dx_pad[n, c, i*s1 + m, j*s2 + l] += dy[n, c, i, j] / (k1 k2)
+    y[n, c, i, j] = 1/D[i, j] sum_{m, l} x_pad[n, c, i*s1 + m, j*s2 + l]
+    dx_pad[n, c, i*s1 + m, j*s2 + l] += dy[n, c, i, j] / D[i, j]
 
 dx is dx_pad with the padding cropped off. Both loop over the k1*k2 offsets (m, l):
 the slab x_pad[:, :, m::s1, l::s2] (cut to Ho x Wo, ``im2col.slab``) holds element
@@ -26,7 +31,7 @@ the slab x_pad[:, :, m::s1, l::s2] (cut to Ho x Wo, ``im2col.slab``) holds eleme
 a Conv2D). docs/performance.md says what each of these choices buys.
 """
 from .. import backend
-from ..checks import check_allocation, check_pair
+from ..checks import check_allocation, check_bool, check_pair
 from .base import Layer
 from .registry import register_layer
 from .im2col import conv_output_size, slab
@@ -36,7 +41,7 @@ from .parallel import in_pieces
 class _Pool2D(Layer):
     """What MaxPool2D and AvgPool2D share: arguments, output size and slabs."""
 
-    def __init__(self, kernel_size, stride=None, padding=0, dtype=None):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, dtype=None):
         super().__init__(dtype)
         name = type(self).__name__
         self.kernel_size = check_pair(kernel_size, "kernel_size", name, minimum=1)
@@ -46,6 +51,7 @@ class _Pool2D(Layer):
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError(f"{name}: padding must be at most half the kernel size, got "
                              f"padding={self.padding} for kernel_size={self.kernel_size}")
+        self.ceil_mode = check_bool(ceil_mode, "ceil_mode", name)
 
     def _offsets(self):
         """Window offsets (m, l) in row-major order: the order ties are broken in."""
@@ -61,14 +67,19 @@ class _Pool2D(Layer):
         else:
             dx_slab[...] = grad
 
-    def _pad(self, x, value):
-        p1, p2 = self.padding
-        if p1 == p2 == 0:
+    def _pads(self, input_shape, out_hw):
+        """((top, bottom), (left, right)): the padding, and at the bottom and right what a
+        last window reaching past it needs (ceil_mode)."""
+        return tuple((p, max(p, (o - 1) * s + k - size - p)) for size, o, k, s, p in zip(
+            input_shape[2:], out_hw, self.kernel_size, self.stride, self.padding))
+
+    def _pad(self, x, out_hw, value):
+        pads = self._pads(x.shape, out_hw)
+        if pads == ((0, 0), (0, 0)):
             return x
-        check_allocation(x.shape[:2] + (x.shape[2] + 2 * p1, x.shape[3] + 2 * p2),
+        check_allocation(x.shape[:2] + tuple(n + sum(p) for n, p in zip(x.shape[2:], pads)),
                          "its padded input", type(self).__name__, x.dtype.itemsize)
-        xp = backend.get_array_module(x)
-        return xp.pad(x, ((0, 0), (0, 0), (p1, p1), (p2, p2)), constant_values=value)
+        return backend.get_array_module(x).pad(x, ((0, 0), (0, 0)) + pads, constant_values=value)
 
     def _new_dx_pad(self, like, x_pad_shape, out_hw):
         """Zeros shaped like x_pad, in the memory order of ``like``; uninitialised when the
@@ -80,10 +91,9 @@ class _Pool2D(Layer):
             dx_pad[...] = 0
         return dx_pad
 
-    def _crop(self, dx_pad):
-        p1, p2 = self.padding
-        hp, wp = dx_pad.shape[2:]
-        return dx_pad[:, :, p1:hp - p1, p2:wp - p2]
+    def _crop(self, dx_pad, x_shape):
+        (p1, p2), (h, w) = self.padding, x_shape[2:]
+        return dx_pad[:, :, p1:p1 + h, p2:p2 + w]
 
     def output_shape(self, input_shape):
         name = type(self).__name__
@@ -91,18 +101,27 @@ class _Pool2D(Layer):
             raise ValueError(f"{name}: expected a 4-D input (N, C, H, W), "
                              f"got shape {tuple(input_shape)}")
         n, c, h, w = input_shape
-        (k1, k2), (s1, s2), (p1, p2) = self.kernel_size, self.stride, self.padding
+        (k1, k2), (p1, p2) = self.kernel_size, self.padding
         if h + 2 * p1 < k1 or w + 2 * p2 < k2:
             raise ValueError(f"{name}: the {k1}x{k2} window is larger than the input {h}x{w} "
                              f"(padding {self.padding}); got input of shape {tuple(input_shape)}")
-        return n, c, conv_output_size(h, k1, s1, p1, p1), conv_output_size(w, k2, s2, p2, p2)
+        return (n, c) + tuple(self._output_size(*a) for a in zip(
+            (h, w), self.kernel_size, self.stride, self.padding))
+
+    def _output_size(self, size, k, s, p):
+        if not self.ceil_mode:
+            return conv_output_size(size, k, s, p, p)
+        o = -(-(size + 2 * p - k) // s) + 1                # the ceiling
+        return o - 1 if (o - 1) * s >= size + p else o     # no window starts past the input
 
     def extra_repr(self):
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        text = f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        return text + (", ceil_mode=True" if self.ceil_mode else "")
 
     def get_config(self):
         return {**super().get_config(), "kernel_size": list(self.kernel_size),
-                "stride": list(self.stride), "padding": list(self.padding)}
+                "stride": list(self.stride), "padding": list(self.padding),
+                "ceil_mode": self.ceil_mode}
 
 
 @register_layer
@@ -118,7 +137,7 @@ class MaxPool2D(_Pool2D):
         x = self._as_input(x, ndim=4)
         xp = backend.get_array_module(x)
         out_hw = self.output_shape(x.shape)[2:]
-        x_pad = self._pad(x, float("-inf"))
+        x_pad = self._pad(x, out_hw, float("-inf"))
         offsets = self._offsets()
         y = _empty_in_layout_of(x, x.shape[:2] + out_hw)
 
@@ -132,12 +151,11 @@ class MaxPool2D(_Pool2D):
             # `slab == y`, and with y = -inf (all real elements -inf) a -inf padding
             # element would claim the gradient first and lose it to the crop. NaN equals
             # nothing, so as NaN the padding can never claim (PyTorch never reads it).
-            (p1, p2), (hp, wp) = self.padding, x_pad.shape[2:]
-            x_pad[:, :, :p1] = float("nan")
-            x_pad[:, :, hp - p1:] = float("nan")
-            x_pad[:, :, :, :p2] = float("nan")
-            x_pad[:, :, :, wp - p2:] = float("nan")
-        self.cache = {"x_pad": x_pad, "y": y, "out_hw": out_hw, "y_shape": y.shape}
+            (top, left), (h, w) = self.padding, x.shape[2:]
+            x_pad[:, :, :top] = x_pad[:, :, top + h:] = float("nan")
+            x_pad[:, :, :, :left] = x_pad[:, :, :, left + w:] = float("nan")
+        self.cache = {"x_pad": x_pad, "y": y, "out_hw": out_hw, "x_shape": x.shape,
+                      "y_shape": y.shape}
         return y
 
     # -- backward: dy to the first max of each window ------------------------------
@@ -166,22 +184,21 @@ class MaxPool2D(_Pool2D):
         # propagates NaN; about 0.5% of this backward on the CPU, one device sync on
         # the GPU); only then does the slower exact path run.
         if y.size and xp.isnan(y.min()):
-            self._route_nan_windows(x_pad, y, dy, dx_pad)
-        return self._crop(dx_pad)
+            self._route_nan_windows(x_pad, y, dy, dx_pad, cache["x_shape"])
+        return self._crop(dx_pad, cache["x_shape"])
 
-    def _route_nan_windows(self, x_pad, y, dy, dx_pad):
+    def _route_nan_windows(self, x_pad, y, dy, dx_pad, x_shape):
         """Add the gradient of each NaN window to its last NaN in row-major order (PyTorch's
         rule, see the module docstring), by index on the NaN windows only; padding, NaN in
         the cached x_pad, is excluded by position."""
         xp = backend.get_array_module(y)
         n, c, i, j = xp.nonzero(xp.isnan(y))
-        (s1, s2), (p1, p2) = self.stride, self.padding
-        hp, wp = x_pad.shape[2:]
+        (s1, s2), (p1, p2), (h, w) = self.stride, self.padding, x_shape[2:]
         offsets = self._offsets()
         last_nan = xp.zeros(n.shape, dtype=n.dtype)         # index into offsets
         for k, (m, l) in enumerate(offsets):
             r, q = i * s1 + m, j * s2 + l
-            real = (r >= p1) & (r < hp - p1) & (q >= p2) & (q < wp - p2)
+            real = (r >= p1) & (r < p1 + h) & (q >= p2) & (q < p2 + w)
             hit = real & xp.isnan(x_pad[n, c, r, q])
             last_nan[hit] = k                                 # later offsets win
         grads = dy[n, c, i, j]
@@ -206,33 +223,63 @@ def _empty_in_layout_of(a, shape):
 class AvgPool2D(_Pool2D):
     """Mean over each k1 x k2 window; ``stride`` defaults to ``kernel_size``; int or pair.
 
-    Padding, at most half the kernel, is zeros counted in the divisor (PyTorch's
-    count_include_pad=True): every window divides by k1*k2.
+    Padding, at most half the kernel, is zeros, counted in the divisor with
+    ``count_include_pad`` (as PyTorch); what a ceil_mode window covers past it never is.
     """
 
-    # -- forward: y = window sum / (k1 k2) -----------------------------------------
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
+                 count_include_pad=True, dtype=None):
+        super().__init__(kernel_size, stride, padding, ceil_mode, dtype)
+        self.count_include_pad = check_bool(count_include_pad, "count_include_pad",
+                                            type(self).__name__)
+
+    # -- forward: y = window sum / D -----------------------------------------------
     def forward(self, x, training=True):
         x = self._as_input(x, ndim=4)
         out_hw = self.output_shape(x.shape)[2:]
-        x_pad = self._pad(x, 0.0)
+        x_pad = self._pad(x, out_hw, 0.0)
         offsets = self._offsets()
         y = slab(x_pad, *offsets[0], self.stride, out_hw).copy()
         for m, l in offsets[1:]:
             y += slab(x_pad, m, l, self.stride, out_hw)
-        y *= 1.0 / len(offsets)
-        self.cache = {"x_pad_shape": x_pad.shape, "out_hw": out_hw, "y_shape": y.shape}
+        scale = self._reciprocal_divisor(x, out_hw)
+        y *= scale
+        self.cache = {"x_pad_shape": x_pad.shape, "x_shape": x.shape, "out_hw": out_hw,
+                      "scale": scale, "y_shape": y.shape}
         return y
 
-    # -- backward: every window element gets dy / (k1 k2) ---------------------------
+    # -- backward: every window element gets dy / D ------------------------------------
     def backward(self, dy):
         cache = self._checked_cache(dy)
         out_hw = cache["out_hw"]
-        offsets = self._offsets()
-        share = dy * (1.0 / len(offsets))
+        share = dy * cache["scale"]
         dx_pad = self._new_dx_pad(dy, cache["x_pad_shape"], out_hw)
-        for m, l in offsets:
+        for m, l in self._offsets():
             self._write_grad(dx_pad, m, l, out_hw, share)
-        return self._crop(dx_pad)
+        return self._crop(dx_pad, cache["x_shape"])
+
+    def _reciprocal_divisor(self, x, out_hw):
+        """1 / D: a number when every window divides by k1*k2, else an (Ho, Wo) array
+        (D = the rows a window covers times its columns)."""
+        cpu, counts = backend.get_module("cpu"), []
+        for size, o, k, s, p in zip(x.shape[2:], out_hw, self.kernel_size, self.stride,
+                                    self.padding):
+            start = cpu.arange(o) * s - p
+            end = cpu.minimum(start + k, size + p)           # past the padding: never
+            if not self.count_include_pad:
+                start, end = cpu.maximum(start, 0), cpu.minimum(end, size)
+            counts.append(end - start)
+        divisor = cpu.outer(*counts)
+        if (divisor == len(self._offsets())).all():
+            return 1.0 / len(self._offsets())
+        return backend.to_device((1.0 / divisor).astype(x.dtype), backend.device_of(x))
+
+    def extra_repr(self):
+        return super().extra_repr() + ("" if self.count_include_pad
+                                       else ", count_include_pad=False")
+
+    def get_config(self):
+        return {**super().get_config(), "count_include_pad": self.count_include_pad}
 
 
 @register_layer
