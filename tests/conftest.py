@@ -195,15 +195,17 @@ def conv64(xp, c, f, kernel, stride=1, padding=0, **kwargs):
 
 
 def check_against_reference(layer, x, dz, stride, padding, dx=True):
-    """Forward, backward and all three gradients against the loop reference."""
+    """Forward, backward and all three gradients against the loop reference (with the
+    layer's dilation and groups)."""
     w = to_np(layer.weight.data)
     b = to_np(layer.bias.data) if layer.bias is not None else numpy.zeros(w.shape[0])
+    geometry = (stride, padding, layer.dilation, layer.groups)
     z = layer.forward(x)
-    numpy.testing.assert_allclose(to_np(z), conv_forward(to_np(x), w, b, stride, padding),
+    numpy.testing.assert_allclose(to_np(z), conv_forward(to_np(x), w, b, *geometry),
                                   rtol=0, atol=1e-10)
     layer.zero_grad()
     got_dx = layer.backward(dz)
-    dw_ref, db_ref, dx_ref = conv_backward(to_np(dz), to_np(x), w, stride, padding)
+    dw_ref, db_ref, dx_ref = conv_backward(to_np(dz), to_np(x), w, *geometry)
     numpy.testing.assert_allclose(to_np(layer.weight.grad), dw_ref, rtol=0, atol=1e-10)
     if layer.bias is not None:
         numpy.testing.assert_allclose(to_np(layer.bias.grad), db_ref, rtol=0, atol=1e-10)

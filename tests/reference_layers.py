@@ -11,15 +11,23 @@ import numpy
 
 # -- pooling -----------------------------------------------------------------------
 
-def _pool_geometry(x, kernel, stride, padding):
-    """Output size for an (N, C, H, W) input: floor((H + 2p - k) / s) + 1."""
+def _pool_geometry(x, kernel, stride, padding, ceil_mode=False):
+    """Output size for an (N, C, H, W) input: floor((H + 2p - k) / s) + 1, or with
+    ceil_mode the ceiling, less one if the last window would start past the input and
+    its left padding (PyTorch's rule)."""
+    def size(n, k, s, p):
+        if not ceil_mode:
+            return (n + 2 * p - k) // s + 1
+        out = math.ceil((n + 2 * p - k) / s) + 1
+        return out - 1 if (out - 1) * s >= n + p else out
     (k1, k2), (s1, s2), (p1, p2) = kernel, stride, padding
     _, _, h, w = x.shape
-    return (h + 2 * p1 - k1) // s1 + 1, (w + 2 * p2 - k2) // s2 + 1
+    return size(h, k1, s1, p1), size(w, k2, s2, p2)
 
 
 def _window(i, j, kernel, stride, padding, h, w):
-    """Input positions (r, q) of window (i, j) in row-major order, None where padded.
+    """Window (i, j)'s positions (r, q) in row-major order, each with where it lies:
+    "input", "padding", or "beyond" the padding (a ceil_mode window's overhang).
 
     Window (i, j) covers rows i*s1 - p1 + m and columns j*s2 - p2 + l, 0 <= m < k1,
     0 <= l < k2, in unpadded coordinates."""
@@ -27,14 +35,19 @@ def _window(i, j, kernel, stride, padding, h, w):
     for m in range(k1):
         for l in range(k2):
             r, q = i * s1 - p1 + m, j * s2 - p2 + l
-            yield (r, q) if 0 <= r < h and 0 <= q < w else None
+            if 0 <= r < h and 0 <= q < w:
+                yield (r, q), "input"
+            elif -p1 <= r < h + p1 and -p2 <= q < w + p2:
+                yield (r, q), "padding"
+            else:
+                yield (r, q), "beyond"
 
 
-def maxpool_forward_backward(x, dy, kernel, stride, padding):
+def maxpool_forward_backward(x, dy, kernel, stride, padding, ceil_mode=False):
     """y[n,c,i,j] = max over window (i, j) (padding = -inf);
     dx[n,c,r,q] = sum over windows whose FIRST maximum (row-major) is (r, q) of dy."""
     n_, c_, h, w = x.shape
-    ho, wo = _pool_geometry(x, kernel, stride, padding)
+    ho, wo = _pool_geometry(x, kernel, stride, padding, ceil_mode)
     y = numpy.zeros((n_, c_, ho, wo))
     dx = numpy.zeros_like(x, dtype=numpy.float64)
     for n in range(n_):
@@ -42,8 +55,8 @@ def maxpool_forward_backward(x, dy, kernel, stride, padding):
             for i in range(ho):
                 for j in range(wo):
                     best, where = -math.inf, None
-                    for pos in _window(i, j, kernel, stride, padding, h, w):
-                        value = -math.inf if pos is None else x[n, c, pos[0], pos[1]]
+                    for pos, kind in _window(i, j, kernel, stride, padding, h, w):
+                        value = x[n, c, pos[0], pos[1]] if kind == "input" else -math.inf
                         if value > best:              # strictly: ties keep the first
                             best, where = value, pos
                     y[n, c, i, j] = best
@@ -52,21 +65,26 @@ def maxpool_forward_backward(x, dy, kernel, stride, padding):
     return y, dx
 
 
-def avgpool_forward_backward(x, dy, kernel, stride, padding):
-    """y[n,c,i,j] = (sum of window (i, j), padding = 0) / (k1 k2);
-    dx[n,c,r,q] = sum over windows containing (r, q) of dy / (k1 k2)."""
+def avgpool_forward_backward(x, dy, kernel, stride, padding, ceil_mode=False,
+                             count_include_pad=True):
+    """y[n,c,i,j] = (sum of window (i, j), padding = 0) / D[i, j];
+    dx[n,c,r,q] = sum over windows containing (r, q) of dy / D.
+    D counts the window's positions in the input, and in the padding when
+    count_include_pad; never those beyond the padding."""
     n_, c_, h, w = x.shape
-    ho, wo = _pool_geometry(x, kernel, stride, padding)
-    size = kernel[0] * kernel[1]
+    ho, wo = _pool_geometry(x, kernel, stride, padding, ceil_mode)
+    counted = ("input", "padding") if count_include_pad else ("input",)
     y = numpy.zeros((n_, c_, ho, wo))
     dx = numpy.zeros_like(x, dtype=numpy.float64)
     for n in range(n_):
         for c in range(c_):
             for i in range(ho):
                 for j in range(wo):
+                    window = list(_window(i, j, kernel, stride, padding, h, w))
+                    size = sum(kind in counted for _, kind in window)
                     total = 0.0
-                    for pos in _window(i, j, kernel, stride, padding, h, w):
-                        if pos is not None:
+                    for pos, kind in window:
+                        if kind == "input":
                             total += x[n, c, pos[0], pos[1]]
                             if dy is not None:
                                 dx[n, c, pos[0], pos[1]] += dy[n, c, i, j] / size

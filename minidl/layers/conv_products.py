@@ -159,7 +159,7 @@ def _depthwise_forward(w2, x_pad_t, columns, out_hw):
             z_t[c] += w2[c, 0, k] * slab(x_pad_t[c], m, l, columns.stride, out_hw,
                                          columns.dilation)
     _by_channel(add_slabs, w2, x_pad_t, z_t)
-    return z_t.reshape(len(z_t), z_t.shape[1], -1)
+    return z_t.reshape(len(z_t), z_t.shape[1], out_hw[0] * out_hw[1])
 
 
 def _depthwise_weight_grad(dz, x_pad_t, columns):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import minidl
-from minidl import Conv2D, Dense, Flatten, GlobalAvgPool2D, MaxPool2D, ReLU, Sequential, Tanh
+from minidl import (Conv2D, ConvTranspose2D, Dense, Flatten, GlobalAvgPool2D, MaxPool2D, ReLU,
+                    Sequential, Tanh)
 from minidl.summary import receptive_field_step
 
 from conftest import randn, to_np
@@ -107,3 +108,33 @@ def test_summary_between_forward_and_backward_keeps_gradients(xp):
     reference.forward(x)
     model.summary((3,), print_fn=None)
     np.testing.assert_allclose(to_np(model.backward(dy)), to_np(reference.backward(dy)))
+
+
+def test_summary_of_the_convolution_family_by_hand():
+    """Dilation widens the receptive field ((k - 1) * d * jump), groups divide the FLOPs,
+    a ConvTranspose2D adds floor((k - 1) * d / s) input positions and divides the jump."""
+    model = Sequential(Conv2D(2, 4, 3, padding=2, dilation=2),            # rf 1 + 2*2 = 5
+                       Conv2D(4, 4, 3, stride=2, padding=1, groups=4),    # 5 + 2 = 7, jump 2
+                       Conv2D(4, 8, 3, padding=2, dilation=2, groups=2),  # 7 + 2*2*2 = 15
+                       ConvTranspose2D(8, 2, 4, stride=2, padding=1),     # 15 + 1*2 = 17, jump 1
+                       Conv2D(2, 1, 3, padding=1))                        # 17 + 2 = 19
+    text, rows = summary_rows(model, (2, 16, 16))
+    assert [rows[i][3] for i in range(5)] == ["5x5", "7x7", "15x15", "17x17", "19x19"]
+    assert [rows[i][1] for i in range(5)] == ["(4, 16, 16)", "(4, 8, 8)", "(8, 8, 8)",
+                                              "(2, 16, 16)", "(1, 16, 16)"]
+    # 2 * C/G*k1*k2 * F * Ho * Wo; the transposed one: 2 * C_out/G*k1*k2 * C_in * H * W
+    flops = [2 * 2 * 9 * 4 * 256, 2 * 1 * 9 * 4 * 64, 2 * 2 * 9 * 8 * 64,
+             2 * 2 * 16 * 8 * 64, 2 * 2 * 9 * 1 * 256]
+    assert [layer.flops(shape) for layer, shape in zip(
+        model, [(1, 2, 16, 16), (1, 4, 16, 16), (1, 4, 8, 8), (1, 8, 8, 8), (1, 2, 16, 16)])] \
+        == flops
+    assert rows[1][2] == str(4 * 9 + 4) and rows[3][2] == str(8 * 2 * 16 + 2)   # parameters
+
+
+def test_receptive_field_after_upsampling_is_rounded_up():
+    """ConvTranspose2D(k=2, s=2) first: each output sees one input and outputs are half
+    an input pixel apart, so a 2x2 window after it sees 1 + 0.5 -> 2 input pixels."""
+    model = Sequential(ConvTranspose2D(1, 1, 2, stride=2), MaxPool2D(2, stride=1))
+    _, rows = summary_rows(model, (1, 4, 4))
+    assert [rows[i][3] for i in range(2)] == ["1x1", "2x2"]
+    assert receptive_field_step(model[0], (1, 1), (1, 1)) == ((1, 1), (0.5, 0.5))

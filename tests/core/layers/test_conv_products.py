@@ -2,13 +2,17 @@
 
 Every path the products take for speed (the im2col buffer kept between calls and reused
 for dcols, chunked im2col, per-sample backward products up to SMALL_K rows of cols and
-one product above, dz in either layout, a 1x1 conv on a channels-first input) must give
-the numbers of tests/reference_conv.py. Timing lives in benchmarks/bench_conv.py, never
+one product above, dz in either layout, a 1x1 conv on a channels-first input, one product
+per group, depthwise without cols, ConvTranspose2D in chunks) must give the numbers of
+tests/reference_conv.py. Timing lives in benchmarks/bench_conv.py, never
 here."""
 import numpy as np
 import pytest
 
+from minidl import ConvTranspose2D
+
 from conftest import channels_first_view, check_against_reference, conv64, randn, to_np
+from reference_conv import conv_transpose_backward, conv_transpose_forward
 
 # -- 1x1 convolution ------------------------------------------------------------------
 
@@ -93,3 +97,68 @@ def test_backward_matches_reference(xp, c, dz_layout, chunk_samples, input_grad)
         dz = channels_first_view(xp, n, f, ho, wo, seed=2)
     check_against_reference(layer, randn(xp, n, c, h, w, seed=1), dz, stride, padding,
                             dx=input_grad)
+
+
+# -- the convolution family: groups and dilation in every path --------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("config", [
+    (5, 4, 8, 7, 6, (3, 3), (1, 1), (2, 2), (2, 2), 2),     # dilated and grouped
+    (5, 6, 9, 8, 6, (3, 2), (2, 1), (1, 1), (1, 2), 6),     # depthwise: builds no cols
+    (7, 8, 7, 7, 8, (3, 3), (1, 1), (1, 1), (1, 1), 4),     # groups, many rows of cols
+], ids=str)
+def test_chunked_family_matches_reference(xp, config, bias):
+    """Two samples per chunk with dilation and groups."""
+    n, c, h, w, f, kernel, stride, padding, dilation, groups = config
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    ho, wo = conv64(xp, c, f, kernel, **geometry).output_shape((n, c, h, w))[2:]
+    layer = conv64(xp, c, f, kernel, bias=bias, **geometry,
+                   max_im2col_bytes=2 * c * kernel[0] * kernel[1] * ho * wo * 8)
+    check_against_reference(layer, randn(xp, n, c, h, w, seed=1),
+                            randn(xp, n, f, ho, wo, seed=2), stride, padding)
+
+
+@pytest.mark.parametrize("c, groups", [(2, 2), (8, 2), (8, 4)],
+                         ids=["few-rows", "many-rows", "groups4"])     # C*k1*k2: 12, 48, 48
+@pytest.mark.parametrize("dz_layout", ["nchw", "channels_first"])
+@pytest.mark.parametrize("chunk_samples", [None, 2])
+def test_grouped_backward_matches_reference(xp, c, groups, dz_layout, chunk_samples):
+    """The per-sample products (few rows) and the one product per chunk, per group."""
+    n, h, w, f, kernel, stride, padding = 5, 7, 6, 4, (3, 2), (2, 1), (1, 1)
+    geometry = dict(stride=stride, padding=padding, groups=groups)
+    ho, wo = conv64(xp, c, f, kernel, **geometry).output_shape((n, c, h, w))[2:]
+    budget = {} if chunk_samples is None else {
+        "max_im2col_bytes": chunk_samples * c * kernel[0] * kernel[1] * ho * wo * 8}
+    layer = conv64(xp, c, f, kernel, **geometry, **budget)
+    if dz_layout == "nchw":
+        dz = randn(xp, n, f, ho, wo, seed=2)
+    else:
+        dz = channels_first_view(xp, n, f, ho, wo, seed=2)
+    check_against_reference(layer, randn(xp, n, c, h, w, seed=1), dz, stride, padding)
+
+
+@pytest.mark.parametrize("c_out, groups", [(2, 1), (6, 2), (4, 4)],
+                         ids=["few-rows", "many-rows", "depthwise"])
+def test_chunked_transposed_matches_reference(xp, c_out, groups):
+    """ConvTranspose2D's products in chunks of two samples: its forward (col2im of
+    W2.T @ X2), its dx (W2 @ cols(dY_pad)) and its dW, which reuses those cols."""
+    n, c_in, h, w, kernel, stride, padding, output_padding = 5, 4, 3, 4, 3, 2, 1, 1
+    probe = ConvTranspose2D(c_in, c_out, kernel, stride, padding, output_padding,
+                            groups=groups)
+    ho, wo = probe.output_shape((n, c_in, h, w))[2:]
+    layer = ConvTranspose2D(c_in, c_out, kernel, stride, padding, output_padding,
+                            groups=groups, dtype=np.float64,
+                            max_im2col_bytes=2 * c_out * kernel * kernel * h * w * 8)
+    layer.bias.data = randn(xp, c_out, seed=7)
+    x, dy = randn(xp, n, c_in, h, w, seed=1), randn(xp, n, c_out, ho, wo, seed=2)
+    weight, bias = to_np(layer.weight.data), to_np(layer.bias.data)
+    geometry = ((stride, stride), (padding, padding))
+    np.testing.assert_allclose(
+        to_np(layer.forward(x)),
+        conv_transpose_forward(to_np(x), weight, bias, *geometry,
+                               (output_padding, output_padding), groups=groups),
+        rtol=0, atol=1e-10)
+    dx_ref, dw_ref, _ = conv_transpose_backward(to_np(dy), to_np(x), weight, *geometry,
+                                                groups=groups)
+    np.testing.assert_allclose(to_np(layer.backward(dy)), dx_ref, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(to_np(layer.weight.grad), dw_ref, rtol=0, atol=1e-10)

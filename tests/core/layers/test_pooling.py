@@ -350,3 +350,123 @@ def test_forward_refuses_a_padded_input_that_would_not_fit_in_memory(monkeypatch
     with pytest.raises(ValueError, match=rf"{cls.__name__}: its padded input of shape "
                                          rf"\(64, 32, 4028, 4028\) would hold 3.32e\+10 values"):
         layer.forward(numpy.zeros((64, 32, 28, 28), numpy.float32))
+
+
+# -- ceil_mode and count_include_pad: partial last windows, as PyTorch -----------------------
+
+# (kernel_size, stride, padding, (H, W)), each with a last window that ceil_mode keeps
+# although it reaches past the input (or the padding)
+CEIL_CASES = [
+    pytest.param(2, 2, 0, (7, 9), id="2x2-odd-sizes"),
+    pytest.param(3, 2, 1, (8, 7), id="overlap-and-padding"),
+    pytest.param(3, 3, 1, (7, 8), id="tiles-with-padding"),
+    pytest.param(2, 3, 0, (8, 7), id="gaps-stride>kernel"),
+    pytest.param((2, 3), (1, 2), (1, 1), (6, 7), id="rectangular"),
+    pytest.param(2, 2, 1, (5, 5), id="last-window-would-start-in-the-padding"),
+    pytest.param(4, 3, 2, (5, 6), id="padding-half-the-kernel"),
+]
+
+
+@pytest.mark.parametrize("kernel, stride, padding, hw", CEIL_CASES)
+@pytest.mark.parametrize("values", [distinct_values, tied_values], ids=["distinct", "tied"])
+def test_maxpool_ceil_mode_matches_loop_reference(xp, kernel, stride, padding, hw, values):
+    pool = minidl.MaxPool2D(kernel, stride, padding, ceil_mode=True, dtype=F64)
+    x = values(xp, (2, 3) + hw)
+    dy = randn(xp, *pool.output_shape(x.shape), seed=1)
+    y, dx = run(pool, x, dy)
+    y_ref, dx_ref = maxpool_forward_backward(to_np(x), to_np(dy), as_pair(kernel),
+                                             as_pair(stride), as_pair(padding), ceil_mode=True)
+    numpy.testing.assert_allclose(to_np(y), y_ref, rtol=0, atol=1e-10)
+    numpy.testing.assert_allclose(to_np(dx), dx_ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("ceil_mode, count_include_pad", [(True, True), (True, False),
+                                                          (False, False)])
+@pytest.mark.parametrize("kernel, stride, padding, hw", CEIL_CASES + CASES)
+def test_avgpool_divisors_match_loop_reference(xp, kernel, stride, padding, hw, ceil_mode,
+                                              count_include_pad):
+    pool = minidl.AvgPool2D(kernel, stride, padding, ceil_mode, count_include_pad, dtype=F64)
+    x = randn(xp, 2, 3, *hw)
+    dy = randn(xp, *pool.output_shape(x.shape), seed=1)
+    y, dx = run(pool, x, dy)
+    y_ref, dx_ref = avgpool_forward_backward(to_np(x), to_np(dy), as_pair(kernel),
+                                             as_pair(stride or kernel), as_pair(padding),
+                                             ceil_mode, count_include_pad)
+    numpy.testing.assert_allclose(to_np(y), y_ref, rtol=0, atol=1e-10)
+    numpy.testing.assert_allclose(to_np(dx), dx_ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, hw", CEIL_CASES)
+def test_ceil_mode_gradcheck(xp, kernel, stride, padding, hw):
+    x = distinct_values(xp, (2, 2) + hw)
+    assert minidl.gradcheck(minidl.MaxPool2D(kernel, stride, padding, True, dtype=F64), x) < 1e-6
+    avg = minidl.AvgPool2D(kernel, stride, padding, True, count_include_pad=False, dtype=F64)
+    assert minidl.gradcheck(avg, x) < 1e-6
+
+
+def torch_pool_modes(kind, x, dy, kernel, stride, padding, ceil_mode, count_include_pad=True):
+    """PyTorch's y and dx for max_pool2d or avg_pool2d with ceil_mode (and
+    count_include_pad)."""
+    def compute(torch):
+        xt = torch.tensor(to_np(x), requires_grad=True)
+        if kind == "max":
+            yt = torch.nn.functional.max_pool2d(xt, kernel, stride, padding, ceil_mode=ceil_mode)
+        else:
+            yt = torch.nn.functional.avg_pool2d(xt, kernel, stride, padding, ceil_mode,
+                                                count_include_pad)
+        yt.backward(torch.tensor(to_np(dy)))
+        return {"y": yt.detach().numpy(), "dx": xt.grad.numpy()}
+    return compute
+
+
+@pytest.mark.parametrize("kernel, stride, padding, hw", CEIL_CASES)
+def test_maxpool_ceil_mode_matches_torch(xp, kernel, stride, padding, hw, torch_reference):
+    x = tied_values(xp, (2, 3) + hw, seed=5)
+    pool = minidl.MaxPool2D(kernel, stride, padding, ceil_mode=True, dtype=F64)
+    dy = randn(xp, *pool.output_shape(x.shape), seed=2)
+    y, dx = run(pool, x, dy)
+    theirs = torch_reference(torch_pool_modes("max", x, dy, kernel, stride, padding, True))
+    assert y.shape == theirs["y"].shape
+    numpy.testing.assert_allclose(to_np(y), theirs["y"], rtol=0, atol=1e-9)
+    numpy.testing.assert_allclose(to_np(dx), theirs["dx"], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("ceil_mode, count_include_pad", [(True, True), (True, False),
+                                                          (False, False)])
+@pytest.mark.parametrize("kernel, stride, padding, hw", CEIL_CASES)
+def test_avgpool_modes_match_torch(xp, kernel, stride, padding, hw, ceil_mode,
+                                   count_include_pad, torch_reference):
+    x = randn(xp, 2, 3, *hw, seed=5)
+    pool = minidl.AvgPool2D(kernel, stride, padding, ceil_mode, count_include_pad, dtype=F64)
+    dy = randn(xp, *pool.output_shape(x.shape), seed=2)
+    y, dx = run(pool, x, dy)
+    theirs = torch_reference(torch_pool_modes("avg", x, dy, kernel, stride, padding,
+                                              ceil_mode, count_include_pad))
+    assert y.shape == theirs["y"].shape
+    numpy.testing.assert_allclose(to_np(y), theirs["y"], rtol=0, atol=1e-9)
+    numpy.testing.assert_allclose(to_np(dx), theirs["dx"], rtol=0, atol=1e-9)
+
+
+def test_maxpool_ceil_mode_with_nan_and_inf(xp, torch_reference):
+    """The extra -inf rows of ceil_mode never take a gradient, NaN windows as before."""
+    x = with_nan_and_inf(xp, (2, 3, 7, 8), seed=4)
+    pool = minidl.MaxPool2D(3, 2, 1, ceil_mode=True, dtype=F64)
+    dy = randn(xp, *pool.output_shape(x.shape), seed=2)
+    y, dx = run(pool, x, dy)
+    theirs = torch_reference(torch_pool_modes("max", x, dy, 3, 2, 1, True))
+    numpy.testing.assert_array_equal(to_np(y), theirs["y"])
+    numpy.testing.assert_allclose(to_np(dx), theirs["dx"], rtol=0, atol=1e-12)
+
+
+def test_modes_in_repr_config_and_output_shape():
+    pool = minidl.AvgPool2D(3, 2, 1, ceil_mode=True, count_include_pad=False)
+    assert repr(pool) == ("AvgPool2D(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), "
+                          "ceil_mode=True, count_include_pad=False)")
+    assert pool.get_config()["ceil_mode"] is True
+    assert minidl.AvgPool2D(**pool.get_config()).get_config() == pool.get_config()
+    assert pool.output_shape((1, 1, 8, 8)) == (1, 1, 5, 5)           # floor mode: 4
+    assert minidl.MaxPool2D(2, 2, 1, ceil_mode=True).output_shape((1, 1, 5, 5)) == (1, 1, 3, 3)
+    with pytest.raises(TypeError, match="MaxPool2D: ceil_mode must be True or False"):
+        minidl.MaxPool2D(2, ceil_mode=1)
+    with pytest.raises(TypeError, match="AvgPool2D: count_include_pad must be True or False"):
+        minidl.AvgPool2D(2, count_include_pad="no")
