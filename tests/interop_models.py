@@ -1,15 +1,16 @@
 """Models for the ONNX and PyTorch interop tests (tests/ext/test_onnx.py,
 tests/ext/test_pytorch.py, tests/cli/test_export.py): every exportable layer, with odd
-kernels, strides, uneven "same" padding, overlapping padded pools, and batch norms
-whose statistics are not the initial ones; and ONNX Runtime to run what was exported."""
+kernels, strides, uneven "same" padding, overlapping padded pools, batch norms whose
+statistics are not the initial ones, and the convolution family (dilation, groups,
+ConvTranspose2D, ceil_mode, count_include_pad); and ONNX Runtime to run what was exported."""
 import importlib.util
 
 import numpy as np
 import pytest
 
-from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout, Flatten,
-                    GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual, Sequential,
-                    Softmax, Tanh)
+from minidl import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, ConvTranspose2D, Dense,
+                    Dropout, Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU,
+                    Residual, Sequential, Softmax, Tanh)
 from minidl.ext.zoo import lenet5, mnist_cnn, resnet_small
 
 
@@ -56,9 +57,29 @@ def branches_model():
     ])
 
 
+def conv_family(dtype="float32"):
+    """(4, 13, 12) -> 5 classes through every case of the convolution family: dilation
+    (with "same"), groups, depthwise with and without bias, ConvTranspose2D (stride 2,
+    padding 1, output_padding 1, dilation 2, groups 2), pools with ceil_mode whose last
+    window reaches past the input and the padding, count_include_pad False and True."""
+    return Sequential([
+        Conv2D(4, 8, 3, padding=2, dilation=2, activation="relu", dtype=dtype),  # (8, 13, 12)
+        Conv2D(8, 8, 3, stride=2, padding=1, groups=8, dtype=dtype),            # (8, 7, 6)
+        Conv2D(8, 8, 3, padding=1, groups=8, bias=False, dtype=dtype),
+        Conv2D(8, 6, 3, padding="same", dilation=(2, 1), groups=2, dtype=dtype),  # (6, 7, 6)
+        ConvTranspose2D(6, 4, 3, stride=2, padding=1, output_padding=1, dilation=2, groups=2,
+                        activation="tanh", dtype=dtype),                        # (4, 16, 14)
+        MaxPool2D(3, 2, ceil_mode=True),                                        # (4, 8, 7)
+        AvgPool2D(2, 2, 1, ceil_mode=True, count_include_pad=False),            # (4, 5, 4)
+        AvgPool2D(3, 2, 1, ceil_mode=True),                                     # (4, 3, 3)
+        Flatten(), Dense(4 * 3 * 3, 5, dtype=dtype),
+    ])
+
+
 MODELS = {"cnn": (mnist_cnn, (1, 28, 28)), "lenet5": (lenet5, (1, 28, 28)),
           "every_layer": (every_layer, (3, 13, 11)), "sequence": (sequence_model, (4, 9)),
-          "resnet": (resnet_small, (1, 28, 28)), "branches": (branches_model, (3, 12, 10))}
+          "resnet": (resnet_small, (1, 28, 28)), "branches": (branches_model, (3, 12, 10)),
+          "conv_family": (conv_family, (4, 13, 12))}
 
 
 def build(name, **kwargs):

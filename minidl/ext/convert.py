@@ -1,6 +1,6 @@
 """What the two bridges, minidl/ext/onnx.py and minidl/ext/pytorch.py, share: the model
-check, the optional package, and the activation a Conv2D or Dense carries inside that
-both formats write as a node (a module) of its own.
+check, the optional package, and the activation a Conv2D, ConvTranspose2D or Dense carries
+inside that both formats write as a node (a module) of its own.
 
 Each bridge keeps its converter of each layer class in the layer registry
 (``register_converter``), so a user's own layer plugs in as a built-in one does
@@ -8,7 +8,7 @@ Each bridge keeps its converter of each layer class in the layer registry
 """
 import importlib
 
-from ..layers import Container, Conv2D, Dense, Identity, Layer
+from ..layers import Container, Conv2D, ConvTranspose2D, Dense, Identity, Layer
 from ..layers.activations import Activation
 from ..model import Sequential
 
@@ -30,7 +30,8 @@ def as_sequential(model, caller):
 def add_layer(layers, layer, split_off):
     """Append ``layer``; or, when it is an activation that to_torch or onnx.export split off
     the Conv2D or Dense before it (``split_off``: named so), put it back inside that layer."""
-    if (split_off and isinstance(layer, Activation) and isinstance(layers[-1], (Conv2D, Dense))
+    if (split_off and isinstance(layer, Activation)
+            and isinstance(layers[-1], (Conv2D, ConvTranspose2D, Dense))
             and type(layers[-1].activation) is Identity):
         layers[-1].activation = layer
     else:

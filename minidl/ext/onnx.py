@@ -8,10 +8,13 @@ The graph has one input "input" of shape (N, *input_shape), N symbolic, and one 
 rounded); ``metadata`` (a checkpoint's: preprocessing, class names) goes into the
 model's metadata_props, each value as JSON text. Each layer maps to one op:
 
-    Conv2D -> Conv              pads [top, left, bottom, right]: "same" may be uneven
+    Conv2D -> Conv              pads [top, left, bottom, right]: "same" may be uneven;
+                                dilations, group
+    ConvTranspose2D -> ConvTranspose   weight (C_in, C_out/G, k1, k2) in both; pads,
+                                output_padding, dilations, group
     Dense -> Gemm               y = x @ W + b with W stored (in, out), so transB = 0
-    MaxPool2D -> MaxPool        padding never wins a max, in both
-    AvgPool2D -> AveragePool    count_include_pad = 1: minidl divides by k1*k2 always
+    MaxPool2D -> MaxPool        padding never wins a max, in both; ceil_mode
+    AvgPool2D -> AveragePool    ceil_mode, count_include_pad (ONNX's default is 0)
     GlobalAvgPool2D -> ReduceMean over axes (2, 3), keepdims = 0: (N, C) as minidl
     Flatten -> Flatten (axis 1)   BatchNorm1D/2D -> BatchNormalization (running stats)
     Dropout -> Dropout (identity at inference)   activations -> Relu, LeakyRelu, ...
@@ -27,9 +30,9 @@ import os
 
 from .. import backend
 from ..checks import check_padding, check_real, is_int
-from ..layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
-                      Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU, Residual,
-                      Sigmoid, Softmax, Tanh)
+from ..layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, ConvTranspose2D,
+                      Dense, Dropout, Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D,
+                      ReLU, Residual, Sigmoid, Softmax, Tanh)
 from ..layers.registry import converter, converters, register_converter
 from ..model import Sequential
 from ..serialization import atomic_write, open_regular
@@ -145,9 +148,13 @@ def _export_sequential(graph, model, x, name):
 
 
 def _export_conv(graph, layer, x, name):
+    """A Conv or, with ``output_padding``, a ConvTranspose node: the same attributes."""
     (top, bottom), (left, right) = layer.pads
-    return _export_weighted(graph, layer, x, name, "Conv", kernel_shape=list(layer.kernel_size),
-                            strides=list(layer.stride), pads=[top, left, bottom, right])
+    transposed = {"output_padding": list(layer.output_padding)} if layer.transposed else {}
+    return _export_weighted(graph, layer, x, name, "ConvTranspose" if transposed else "Conv",
+                            kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
+                            pads=[top, left, bottom, right], dilations=list(layer.dilation),
+                            group=layer.groups, **transposed)
 
 
 def _export_dense(graph, layer, x, name):
@@ -165,12 +172,15 @@ def _export_weighted(graph, layer, x, name, op, **attributes):
     return _export_layer(graph, layer.activation, z, f"{name}.activation")
 
 
-def _export_pool(op, **attributes):
+def _export_pool(op):
     """The exporter of a MaxPool2D or AvgPool2D: a node with its window, padded evenly."""
     def export(graph, layer, x, name):
         p1, p2 = layer.padding
+        average = {"count_include_pad": int(layer.count_include_pad)} if op == "AveragePool" \
+            else {}
         return graph.node(op, [x], name, kernel_shape=list(layer.kernel_size),
-                          strides=list(layer.stride), pads=[p1, p2, p1, p2], **attributes)
+                          strides=list(layer.stride), pads=[p1, p2, p1, p2],
+                          ceil_mode=int(layer.ceil_mode), **average)
     return export
 
 
@@ -426,27 +436,54 @@ def _decimal(value):
 
 
 def _window_arguments(attributes):
-    """(kernel, stride, padding) of a pooling node with even padding."""
-    _expect(attributes, auto_pad="NOTSET", ceil_mode=0, dilations=[1, 1], storage_order=0)
+    """(kernel, stride, padding, ceil_mode) of a pooling node with even padding."""
+    _expect(attributes, auto_pad="NOTSET", dilations=[1, 1], storage_order=0)
     kernel = tuple(attributes["kernel_shape"])
     top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
     if (top, left) != (bottom, right):
         raise ValueError(f"uneven pads {[top, left, bottom, right]}: minidl pools pad "
                          f"both sides alike")
-    return kernel, tuple(attributes.get("strides", [1, 1])), (top, left)
+    return (kernel, tuple(attributes.get("strides", [1, 1])), (top, left),
+            bool(attributes.get("ceil_mode", 0)))
 
 
 def _load_conv(attributes, weights, shape):
-    _expect(attributes, group=1, dilations=[1, 1])
+    f, c, k1, k2 = _conv_weight_shape(attributes, weights, "(F, C/group, k1, k2)")
+    stride, dilation, groups = _conv_geometry(attributes)
+    span = tuple(d * (k - 1) + 1 for d, k in zip(dilation, (k1, k2)))
+    layer = Conv2D(c * groups, f, (k1, k2), stride, _conv_padding(attributes, span, stride),
+                   dilation, groups, bias=len(weights) > 1)
+    layer.load_state_dict(dict(zip(("weight", "bias"), weights)))
+    return layer
+
+
+def _conv_weight_shape(attributes, weights, expected):
+    """The shape of a Conv or ConvTranspose node's 4-D weight, whose kernel is kernel_shape."""
     w = weights[0]
     if w.ndim != 4 or list(attributes.get("kernel_shape", w.shape[2:])) != list(w.shape[2:]):
         raise ValueError(f"a weight of shape {w.shape} and kernel_shape "
-                         f"{attributes.get('kernel_shape')}: expected a weight (F, C, k1, k2) "
+                         f"{attributes.get('kernel_shape')}: expected a weight {expected} "
                          f"and kernel_shape [k1, k2]")
-    f, c, k1, k2 = w.shape
-    stride = tuple(attributes.get("strides", [1, 1]))
-    layer = Conv2D(c, f, (k1, k2), stride, _conv_padding(attributes, (k1, k2), stride),
-                   bias=len(weights) > 1)
+    return w.shape
+
+
+def _conv_geometry(attributes):
+    """(strides, dilations, group) of a Conv or ConvTranspose node."""
+    return (tuple(attributes.get("strides", [1, 1])), tuple(attributes.get("dilations", [1, 1])),
+            attributes.get("group", 1))
+
+
+def _load_conv_transpose(attributes, weights, shape):
+    _expect(attributes, auto_pad="NOTSET", output_shape=None)
+    c, f, k1, k2 = _conv_weight_shape(attributes, weights, "(C, F/group, k1, k2)")
+    stride, dilation, groups = _conv_geometry(attributes)
+    top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
+    if (top, left) != (bottom, right):
+        raise ValueError(f"uneven pads {[top, left, bottom, right]}: minidl's ConvTranspose2D "
+                         f"crops both sides alike")
+    layer = ConvTranspose2D(c, f * groups, (k1, k2), stride, (top, left),
+                            tuple(attributes.get("output_padding", [0, 0])), dilation, groups,
+                            bias=len(weights) > 1)
     layer.load_state_dict(dict(zip(("weight", "bias"), weights)))
     return layer
 
@@ -489,11 +526,8 @@ def _load_max_pool(attributes, weights, shape):
 
 
 def _load_avg_pool(attributes, weights, shape):
-    kernel, stride, padding = _window_arguments(attributes)
-    if padding != (0, 0) and attributes.get("count_include_pad", 0) != 1:
-        raise ValueError("count_include_pad=0 with padding: minidl's AvgPool2D counts "
-                         "the padding in the divisor")
-    return AvgPool2D(kernel, stride, padding)
+    return AvgPool2D(*_window_arguments(attributes),
+                     count_include_pad=bool(attributes.get("count_include_pad", 0)))
 
 
 def _load_reduce_mean(attributes, weights, shape):
@@ -560,10 +594,10 @@ def _branch(layers):
 # -- the converters, kept in the layer registry --------------------------------------
 register(Sequential, _export_sequential)
 register(Conv2D, _export_conv, ["Conv"], _load_conv)
+register(ConvTranspose2D, _export_conv, ["ConvTranspose"], _load_conv_transpose)
 register(Dense, _export_dense, ["Gemm"], _load_gemm)
 register(MaxPool2D, _export_pool("MaxPool"), ["MaxPool"], _load_max_pool)
-register(AvgPool2D, _export_pool("AveragePool", count_include_pad=1), ["AveragePool"],
-         _load_avg_pool)
+register(AvgPool2D, _export_pool("AveragePool"), ["AveragePool"], _load_avg_pool)
 register(GlobalAvgPool2D, _export_op("ReduceMean", axes=[2, 3], keepdims=0), ["ReduceMean"],
          _load_reduce_mean)
 register(Flatten, _export_op("Flatten", axis=1), ["Flatten"], _load_flatten)

@@ -4,9 +4,11 @@
     module = minidl.ext.pytorch.to_torch(model)    # torch.nn.Sequential, weights copied
     model = minidl.ext.pytorch.from_torch(module)  # minidl Sequential, weights copied
 
-    Conv2D <-> nn.Conv2d            padding "same" <-> padding="same" (uneven alike)
+    Conv2D <-> nn.Conv2d            padding "same" <-> padding="same" (uneven alike);
+                                    dilation, groups
+    ConvTranspose2D <-> nn.ConvTranspose2d   output_padding, dilation, groups
     Dense <-> nn.Linear             weight (in, out) <-> weight (out, in): transposed
-    MaxPool2D <-> nn.MaxPool2d      AvgPool2D <-> nn.AvgPool2d(count_include_pad=True)
+    MaxPool2D <-> nn.MaxPool2d      AvgPool2D <-> nn.AvgPool2d; ceil_mode, count_include_pad
     GlobalAvgPool2D <-> nn.AdaptiveAvgPool2d(1) followed by nn.Flatten()
     BatchNorm1D/2D <-> nn.BatchNorm1d/2d with running_mean, running_var,
                        num_batches_tracked; momentum and eps as they are (same meaning)
@@ -23,9 +25,9 @@ import functools
 from collections import OrderedDict
 from types import SimpleNamespace
 
-from ..layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, Dense, Dropout,
-                      Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D, ReLU,
-                      Residual, Sigmoid, Softmax, Tanh)
+from ..layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, ConvTranspose2D,
+                      Dense, Dropout, Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D,
+                      ReLU, Residual, Sigmoid, Softmax, Tanh)
 from ..layers.registry import converter, converters, register_converter
 from ..model import Sequential
 from .convert import add_layer, as_sequential, check_depth, require
@@ -82,8 +84,17 @@ def _conv_to_torch(torch, layer, name):
     (top, bottom), (left, right) = layer.pads
     padding = (top, left) if (top, left) == (bottom, right) else "same"
     module = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                             layer.stride, padding, bias=layer.bias is not None,
-                             dtype=_torch_dtype(torch, layer.dtype))
+                             layer.stride, padding, layer.dilation, layer.groups,
+                             bias=layer.bias is not None, dtype=_torch_dtype(torch, layer.dtype))
+    _copy_into(torch, module, layer)
+    return [("", module)] + _activation_modules(torch, layer.activation, name)
+
+
+def _conv_transpose_to_torch(torch, layer, name):
+    module = torch.nn.ConvTranspose2d(
+        layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+        layer.output_padding, layer.groups, layer.bias is not None, layer.dilation,
+        dtype=_torch_dtype(torch, layer.dtype))
     _copy_into(torch, module, layer)
     return [("", module)] + _activation_modules(torch, layer.activation, name)
 
@@ -189,7 +200,7 @@ def from_torch(module):
     single module of the table in this module's docstring) computes, with copies of
     its weights, in the module's dtype (float32 or float64) and train/eval mode.
     Raises ImportError without torch, TypeError for a module minidl has no layer for,
-    ValueError for settings minidl does not have (dilation, groups, ceil_mode, ...)."""
+    ValueError for settings minidl does not have (padding_mode, a pool's dilation, ...)."""
     torch = require("torch", "minidl.ext.pytorch.from_torch", _INSTALL)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"minidl.ext.pytorch.from_torch: expected a torch.nn.Module, "
@@ -263,11 +274,20 @@ def _readers(torch):
 
 
 def _conv_from_torch(torch, child, name):
-    _expect(child, groups=1, dilation=(1, 1), padding_mode="zeros")
+    _expect(child, padding_mode="zeros")
     padding = child.padding if isinstance(child.padding, str) else tuple(child.padding)
     layer = Conv2D(child.in_channels, child.out_channels, tuple(child.kernel_size),
-                   tuple(child.stride), padding, bias=child.bias is not None,
-                   dtype=_numpy_dtype(child.weight))
+                   tuple(child.stride), padding, tuple(child.dilation), child.groups,
+                   bias=child.bias is not None, dtype=_numpy_dtype(child.weight))
+    return _loaded(layer, child)
+
+
+def _conv_transpose_from_torch(torch, child, name):
+    _expect(child, padding_mode="zeros")
+    layer = ConvTranspose2D(child.in_channels, child.out_channels, tuple(child.kernel_size),
+                            tuple(child.stride), tuple(child.padding),
+                            tuple(child.output_padding), tuple(child.dilation), child.groups,
+                            bias=child.bias is not None, dtype=_numpy_dtype(child.weight))
     return _loaded(layer, child)
 
 
@@ -287,15 +307,14 @@ def _batch_norm_from_torch(torch, child, name):
 
 
 def _max_pool_from_torch(torch, child, name):
-    _expect(child, ceil_mode=False, dilation=1, return_indices=False)
-    return MaxPool2D(child.kernel_size, child.stride, child.padding)
+    _expect(child, dilation=1, return_indices=False)
+    return MaxPool2D(child.kernel_size, child.stride, child.padding, child.ceil_mode)
 
 
 def _avg_pool_from_torch(torch, child, name):
-    _expect(child, ceil_mode=False, divisor_override=None)
-    if child.padding not in (0, (0, 0)):
-        _expect(child, count_include_pad=True)
-    return AvgPool2D(child.kernel_size, child.stride, child.padding)
+    _expect(child, divisor_override=None)
+    return AvgPool2D(child.kernel_size, child.stride, child.padding, child.ceil_mode,
+                     child.count_include_pad)
 
 
 def _flatten_from_torch(torch, child, name):
@@ -354,6 +373,8 @@ register(Sequential, lambda torch, layer, name: [("", _torch_sequential(torch, l
                                                                          f"{name}."))],
          ["Sequential"], lambda torch, child, name: _sequential_from(torch, child, f"{name}."))
 register(Conv2D, _conv_to_torch, ["Conv2d"], _conv_from_torch)
+register(ConvTranspose2D, _conv_transpose_to_torch, ["ConvTranspose2d"],
+         _conv_transpose_from_torch)
 register(Dense, _dense_to_torch, ["Linear"], _dense_from_torch)
 register(BatchNorm1D, _batch_norm_to_torch, ["BatchNorm1d"], _batch_norm_from_torch)
 register(BatchNorm2D, _batch_norm_to_torch, ["BatchNorm2d"], _batch_norm_from_torch)
@@ -361,11 +382,11 @@ register(Residual, _residual_to_torch, ["Residual"], _residual_from_torch)
 register(Concat, _concat_to_torch, ["Concat"], _concat_from_torch)
 register(GlobalAvgPool2D, lambda torch, layer, name: [
     ("", torch.nn.AdaptiveAvgPool2d(1)), ("_flatten", torch.nn.Flatten())])
-register(MaxPool2D, _module(lambda nn, layer: nn.MaxPool2d(layer.kernel_size, layer.stride,
-                                                            layer.padding)),
-         ["MaxPool2d"], _max_pool_from_torch)
+register(MaxPool2D, _module(lambda nn, layer: nn.MaxPool2d(
+    layer.kernel_size, layer.stride, layer.padding, ceil_mode=layer.ceil_mode)),
+    ["MaxPool2d"], _max_pool_from_torch)
 register(AvgPool2D, _module(lambda nn, layer: nn.AvgPool2d(
-    layer.kernel_size, layer.stride, layer.padding, count_include_pad=True)),
+    layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode, layer.count_include_pad)),
     ["AvgPool2d"], _avg_pool_from_torch)
 register(Flatten, _module(lambda nn, layer: nn.Flatten()), ["Flatten"], _flatten_from_torch)
 register(Dropout, _module(lambda nn, layer: nn.Dropout(layer.p)), ["Dropout"],

@@ -168,14 +168,16 @@ def test_load_names_what_minidl_cannot_express(tmp_path):
          [], r"\(Concat\): Concat: axis must be a non-zero int"),
         ([make_node("MaxPool", ["input"], ["y"], kernel_shape=[3, 3], pads=[0, 0, 1, 1])], [],
          r"uneven pads \[0, 0, 1, 1\]"),
-        ([make_node("MaxPool", ["input"], ["y"], kernel_shape=[2, 2], ceil_mode=1)], [],
-         "ceil_mode=1 is not supported"),
-        ([make_node("Conv", ["input", "w"], ["y"], kernel_shape=[3, 3], dilations=[2, 2])],
-         [("w", np.ones((2, 1, 3, 3)))], r"dilations=\[2, 2\] is not supported"),
+        ([make_node("MaxPool", ["input"], ["y"], kernel_shape=[2, 2], dilations=[2, 2])], [],
+         r"dilations=\[2, 2\] is not supported"),
+        ([make_node("ConvTranspose", ["input", "w"], ["y"], output_shape=[9, 9])],
+         [("w", np.ones((1, 2, 2, 2)))], r"output_shape=\[9, 9\] is not supported"),
+        ([make_node("ConvTranspose", ["input", "w"], ["y"], pads=[1, 1, 0, 0])],
+         [("w", np.ones((1, 2, 3, 3)))], "ConvTranspose2D crops both sides alike"),
+        ([make_node("Conv", ["input", "w"], ["y"], group=3)], [("w", np.ones((4, 1, 3, 3)))],
+         r"Conv2D: in_channels \(3\) and out_channels \(4\) must be divisible by groups"),
         ([make_node("Conv", ["input", "w"], ["y"], strides=[2, 2], pads=[0, 0, 1, 1])],
          [("w", np.ones((2, 1, 2, 2)))], "pads both sides alike, or as 'same' at stride 1"),
-        ([make_node("AveragePool", ["input"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
-         [], "count_include_pad=0 with padding"),
         ([make_node("Flatten", ["input"], ["a"]), make_node("Gemm", ["a", "w"], ["y"])],
          [("w", np.ones((65, 2)))], r"Dense: expected input of shape \(N, 65\)"),
     ]
@@ -242,8 +244,16 @@ def test_load_reads_what_torch_onnx_export_writes(tmp_path):
     blocks, _ = build("branches")
     with_branches = to_torch(Sequential(blocks.layers[:3]
                                         + [Flatten(), Dense(28 * 12 * 10, 3)])).eval()
-    for i, module in enumerate([module, with_branches]):
-        x = np.random.default_rng(0).standard_normal((3, 1 + 2 * i, 8 + 4 * i, 8 + 2 * i))
+    # the convolution family: (2, 9, 10) -> (4, 9, 10) -> (2, 18, 20) -> (2, 9, 10) -> (2, 5, 6)
+    family = nn.Sequential(nn.Conv2d(2, 4, 3, padding=2, dilation=2, groups=2), nn.ReLU(),
+                           nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                           nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1),
+                           nn.MaxPool2d(3, 2, ceil_mode=True),
+                           nn.AvgPool2d(2, 2, 1, ceil_mode=True, count_include_pad=False),
+                           nn.Flatten(), nn.Linear(2 * 5 * 6, 3)).eval()
+    shapes = [(1, 8, 8), (3, 12, 10), (2, 9, 10)]
+    for i, module in enumerate([module, with_branches, family]):
+        x = np.random.default_rng(0).standard_normal((3,) + shapes[i])
         path = str(tmp_path / f"{i}.onnx")
         torch.onnx.export(module, (torch.randn(2, *x.shape[1:]),), path, dynamo=False,
                           opset_version=17, input_names=["input"],

@@ -80,6 +80,26 @@ def test_a_torch_model_written_by_hand():
     assert int(model[1].num_batches_tracked) == 3
 
 
+@needs_torch
+def test_the_convolution_family_written_by_hand():
+    """Dilation, groups, depthwise, ConvTranspose2d and the pools' modes, as a torch user
+    writes them, come over with their settings and compute the same."""
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 6, 3, padding="same", dilation=2, groups=3),
+                           nn.Conv2d(6, 6, 3, stride=2, groups=6, bias=False),
+                           nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1, dilation=1, groups=2),
+                           nn.Sigmoid(), nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+                           nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)).eval()
+    model = from_torch(module)
+    assert (model[0].dilation, model[0].groups, model[1].groups) == ((2, 2), 3, 6)
+    assert model[2].weight.shape == (6, 2, 4, 4) and model[2].output_padding == (0, 0)
+    assert model[4].ceil_mode and not model[5].count_include_pad
+    x = np.random.default_rng(0).standard_normal((2, 3, 13, 11)).astype(np.float32)
+    assert_close(model.predict(x), torch_output(module, x))
+
+
 class Square(Layer):
     def forward(self, x, training=True):
         return x * x
@@ -110,10 +130,10 @@ def test_errors_name_the_layer_or_module():
     residual[0].shortcut = nn.GELU()
     with pytest.raises(TypeError, match=r"module 0\.shortcut \(GELU\) has no minidl layer"):
         from_torch(residual)
-    cases = [(nn.Conv2d(1, 2, 3, dilation=2), r"module 0 \(Conv2d\): dilation=\(2, 2\)"),
-             (nn.Conv2d(2, 2, 3, groups=2), "groups=2 is not supported"),
-             (nn.MaxPool2d(2, ceil_mode=True), "ceil_mode=True is not supported"),
-             (nn.AvgPool2d(3, padding=1, count_include_pad=False), "count_include_pad=False"),
+    cases = [(nn.Conv2d(1, 2, 3, padding_mode="reflect"),
+              r"module 0 \(Conv2d\): padding_mode='reflect' is not supported"),
+             (nn.MaxPool2d(2, dilation=2), "dilation=2 is not supported"),
+             (nn.AvgPool2d(3, divisor_override=4), "divisor_override=4 is not supported"),
              (nn.BatchNorm1d(3, track_running_stats=False), "track_running_stats=False"),
              (nn.Softmax(), "dim=None"), (nn.Flatten(0), "start_dim=0")]
     for module, message in cases:
