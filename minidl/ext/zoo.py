@@ -57,7 +57,31 @@ def resnet_small(num_classes=10, width=16, in_channels=1):
     return Sequential(layers + [GlobalAvgPool2D(), Dense(channels, num_classes)])
 
 
-MODELS = {"cnn": mnist_cnn, "lenet5": lenet5, "resnet": resnet_small}
+def separable_block(in_channels, out_channels, stride=1):
+    """A depthwise-separable convolution (MobileNet, Howard et al., 2017): a 3x3 depthwise
+    conv (``groups=in_channels``: one filter per channel) filters space, then a 1x1 conv
+    mixes the channels, each followed by batch norm and ReLU. Per output pixel that is
+    9*C + C*F multiply-adds, against 9*C*F for a full 3x3 conv."""
+    return Sequential(
+        Conv2D(in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels,
+               bias=False), BatchNorm2D(in_channels), ReLU(),
+        Conv2D(in_channels, out_channels, 1, bias=False), BatchNorm2D(out_channels), ReLU())
+
+
+def mobilenet_small(num_classes=10, width=16, in_channels=1):
+    """A small MobileNet: a 3x3 stem, five depthwise-separable blocks (``width`` -> 2, 4,
+    4, 8, 8 ``width`` channels; the second and fourth with stride 2: 28 -> 14 -> 7),
+    global average pooling and one Dense layer."""
+    layers = [Conv2D(in_channels, width, 3, padding=1, bias=False), BatchNorm2D(width), ReLU()]
+    channels = width
+    for factor, stride in ((2, 1), (4, 2), (4, 1), (8, 2), (8, 1)):
+        layers.append(separable_block(channels, factor * width, stride))
+        channels = factor * width
+    return Sequential(layers + [GlobalAvgPool2D(), Dense(channels, num_classes)])
+
+
+MODELS = {"cnn": mnist_cnn, "lenet5": lenet5, "resnet": resnet_small,
+          "mobilenet": mobilenet_small}
 
 
 def build_model(name, num_classes=10):
