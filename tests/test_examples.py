@@ -135,6 +135,20 @@ def test_fashion_mnist(data_root, tmp_path, capsys):
         assert_png(out / name)
 
 
+def test_autoencoder_mnist(data_root, tmp_path, capsys):
+    """The reconstruction loss falls, and the PNG of inputs above reconstructions is written."""
+    out = tmp_path / "autoencoder"
+    before, after = load_example("autoencoder_mnist").main(
+        ["--epochs", "2", "--limit", "256", "--data-root", str(data_root), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "ConvTranspose2D" in printed and "(4, 7, 7)" in printed     # the summary: the code
+    assert after < 0.8 * before, (before, after)
+    assert printed.strip().splitlines()[-1] == (
+        f"reconstruction loss (test MSE per pixel): {before:.4f} before training, "
+        f"{after:.4f} after")
+    assert_png(out / "reconstructions.png")
+
+
 def test_examples_have_main_and_options():
     for path in sorted(EXAMPLES.glob("*.py")):
         text = path.read_text()
