@@ -195,6 +195,17 @@ def test_quoted_code_still_appears_in_its_source_file():
     assert marked >= 5
 
 
+def test_the_check_in_conv2d_md_runs(capsys):
+    """conv2d.md's check that ConvTranspose2D is Conv2D's backward: the transpose
+    identity to rounding, each forward the other's backward exactly."""
+    blocks = [code for before, code in code_blocks((DOCS / "conv2d.md").read_text())
+              if "<!-- from" not in before]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "conv2d.md", "exec"), {})
+    printed = [float(line) for line in capsys.readouterr().out.split()]
+    assert len(printed) == 3 and printed[0] < 1e-12 and printed[1:] == [0.0, 0.0]
+
+
 def test_relative_links_in_docs_resolve():
     for doc in [ROOT / "README.md", EXAMPLES / "README.md", *sorted(DOCS.glob("*.md"))]:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
