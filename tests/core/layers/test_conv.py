@@ -417,28 +417,27 @@ def torch_conv(x, weight, bias, dz, **geometry):
     return compute
 
 
-def assert_matches(layer, y, dx, theirs, atol=1e-9):
-    """y, dx, dW (and db) against PyTorch's, float64."""
+def assert_matches_torch(layer, x, torch_reference, **geometry):
+    """The layer's y, dx, dW (and db) against PyTorch's, float64, to 1e-9."""
+    y = layer.forward(x)
+    dy = randn(np, *y.shape, seed=12)
+    dx = layer.backward(dy)
+    bias = None if layer.bias is None else layer.bias.data
+    theirs = torch_reference(torch_conv(x, layer.weight.data, bias, dy, **geometry))
     assert y.shape == theirs["y"].shape
-    np.testing.assert_allclose(to_np(y), theirs["y"], rtol=0, atol=atol)
-    np.testing.assert_allclose(to_np(dx), theirs["dx"], rtol=0, atol=atol)
-    np.testing.assert_allclose(to_np(layer.weight.grad), theirs["dw"], rtol=0, atol=atol)
-    if layer.bias is not None:
-        np.testing.assert_allclose(to_np(layer.bias.grad), theirs["db"], rtol=0, atol=atol)
+    np.testing.assert_allclose(y, theirs["y"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(dx, theirs["dx"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(layer.weight.grad, theirs["dw"], rtol=0, atol=1e-9)
+    if bias is not None:
+        np.testing.assert_allclose(layer.bias.grad, theirs["db"], rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("config", FAMILY)
 def test_family_matches_torch(config, bias, torch_reference):
     layer, x = make_family(np, config, bias)
-    y = layer.forward(x)
-    dz = randn(np, *y.shape, seed=12)
-    dx = layer.backward(dz)
-    b = layer.bias.data if bias else None
-    theirs = torch_reference(torch_conv(x, layer.weight.data, b, dz, stride=layer.stride,
-                                        padding=pads_of(layer), dilation=layer.dilation,
-                                        groups=layer.groups))
-    assert_matches(layer, y, dx, theirs)
+    assert_matches_torch(layer, x, torch_reference, stride=layer.stride,
+                         padding=pads_of(layer), dilation=layer.dilation, groups=layer.groups)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -446,13 +445,8 @@ def test_family_matches_torch(config, bias, torch_reference):
 def test_same_padding_with_dilation_matches_torch(kernel, dilation, torch_reference):
     """padding="same" pads d*(k - 1) in all, the odd one at the bottom or right."""
     layer, x = make_family(np, (2, 2, 7, 6, 3, kernel, 1, "same", dilation, 1))
-    y = layer.forward(x)
-    assert y.shape == (2, 3, 7, 6)
-    dz = randn(np, *y.shape, seed=12)
-    dx = layer.backward(dz)
-    theirs = torch_reference(torch_conv(x, layer.weight.data, layer.bias.data, dz,
-                                        padding="same", dilation=dilation))
-    assert_matches(layer, y, dx, theirs)
+    assert layer.output_shape(x.shape) == (2, 3, 7, 6)
+    assert_matches_torch(layer, x, torch_reference, padding="same", dilation=dilation)
 
 
 def test_depthwise_over_many_channels_in_threads(xp, threads):
@@ -557,15 +551,10 @@ def test_transposed_gradcheck(xp, config):
 @pytest.mark.parametrize("config", TRANSPOSED)
 def test_transposed_matches_torch(config, bias, torch_reference):
     layer, x = make_transposed(np, config, bias)
-    y = layer.forward(x)
-    dy = randn(np, *y.shape, seed=12)
-    dx = layer.backward(dy)
     stride, padding, dilation, groups = transposed_geometry(layer)
-    theirs = torch_reference(torch_conv(
-        x, layer.weight.data, layer.bias.data if bias else None, dy, transposed=True,
-        stride=stride, padding=padding, output_padding=layer.output_padding, groups=groups,
-        dilation=dilation))
-    assert_matches(layer, y, dx, theirs)
+    assert_matches_torch(layer, x, torch_reference, transposed=True, stride=stride,
+                         padding=padding, output_padding=layer.output_padding, groups=groups,
+                         dilation=dilation)
 
 
 @pytest.mark.parametrize("config", [c for c in TRANSPOSED
