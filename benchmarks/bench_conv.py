@@ -9,7 +9,9 @@ an older commit of minidl.
 
 Needs the ``bench`` extra (threadpoolctl); torch, when importable, adds its column.
 Rows: Conv2D forward + grads of x, W and b on the shapes A-D of docs/performance.md
-(and C again with im2col in 16 MiB chunks); MaxPool2D 2x2/2 forward + backward; one
+(and C again with im2col in 16 MiB chunks); the convolution family: a dilated 3x3
+(d = 2) on shape B, a depthwise 3x3 (groups = channels) on N64 C64 28x28, and a
+ConvTranspose2D 4x4/2 from N64 C32 7x7 to F16 14x14; MaxPool2D 2x2/2 forward + backward; one
 training step (forward, loss, backward, SGD update) of ``minidl.ext.zoo.mnist_cnn()``
 (the CLI's default model) and of a plain CNN without batch norm, at batch 64.
 
@@ -61,15 +63,18 @@ try:
 except ImportError:           # torch is only ever a comparison, never a dependency
     torch = None
 
-CONV_CASES = {  # name: N, C, H, W, F, k, s, p, target ratio to torch
+CONV_CASES = {  # name: N, C, H, W, F, k, s, p, target ratio to torch[, options]
     "A": (64, 1, 28, 28, 32, 3, 1, 1, 1.0),
     "B": (64, 32, 14, 14, 64, 3, 1, 1, 1.5),
     "C": (32, 64, 32, 32, 128, 3, 1, 1, 1.5),
     "D": (32, 16, 32, 32, 32, 5, 2, 2, 1.5),
+    "dilated": (64, 32, 14, 14, 64, 3, 1, 2, 1.5, {"dilation": 2}),      # shape B, d = 2
+    "depthwise": (64, 64, 28, 28, 64, 3, 1, 1, 1.5, {"groups": 64}),
+    "transpose": (64, 32, 7, 7, 16, 4, 2, 1, 1.5, {"transposed": True}),  # 7x7 -> 14x14
 }
 CHUNKED_BYTES = 16 * 2**20    # the "C, chunked" row: im2col in 16 MiB batch chunks
-ROWS = ["conv-A", "conv-B", "conv-C", "conv-D", "conv-C-chunked", "pool", "step-mnist_cnn",
-        "step-plain"]
+ROWS = ["conv-A", "conv-B", "conv-C", "conv-D", "conv-C-chunked", "conv-dilated",
+        "conv-depthwise", "conv-transpose", "pool", "step-mnist_cnn", "step-plain"]
 STEP_TARGET = 1.3
 POOL_TARGET = 1.5
 GPU = False                   # --device gpu: minidl on cupy, torch on CUDA (set once by main)
@@ -115,19 +120,30 @@ def _rng():
 
 
 def conv_row(key):
-    """(title, target, make_minidl, make_torch) of a Conv2D row."""
+    """(title, target, make_minidl, make_torch) of a Conv2D or ConvTranspose2D row."""
     name = key.split("-")[1]
-    n, c, h, w, f, k, s, p, target = CONV_CASES[name]
-    kwargs = {"max_im2col_bytes": CHUNKED_BYTES} if key.endswith("chunked") else {}
+    n, c, h, w, f, k, s, p, target, *options = CONV_CASES[name]
+    kwargs = dict(options[0]) if options else {}
+    transposed = kwargs.pop("transposed", False)
+    d, g = kwargs.get("dilation", 1), kwargs.get("groups", 1)
+    if key.endswith("chunked"):
+        kwargs["max_im2col_bytes"] = CHUNKED_BYTES
     rng = _rng()
     x = rng.standard_normal((n, c, h, w), dtype=np.float32)
-    weight = rng.standard_normal((f, c, k, k), dtype=np.float32) * np.float32((c * k * k) ** -0.5)
+    shape = (c, f // g, k, k) if transposed else (f, c // g, k, k)
+    weight = rng.standard_normal(shape, dtype=np.float32) * np.float32((c // g * k * k) ** -0.5)
     bias = rng.standard_normal(f, dtype=np.float32)
-    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    if transposed:
+        ho, wo = (h - 1) * s - 2 * p + k, (w - 1) * s - 2 * p + k
+    else:
+        ho, wo = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
     dz = rng.standard_normal((n, f, ho, wo), dtype=np.float32)
+    layer = minidl.ConvTranspose2D if transposed else minidl.Conv2D
+    torch_op = (lambda *a: TF.conv_transpose2d(*a, stride=s, padding=p)) if transposed else \
+        (lambda *a: TF.conv2d(*a, stride=s, padding=p, dilation=d, groups=g))
 
     def make_minidl():
-        conv = minidl.Conv2D(c, f, k, stride=s, padding=p, **kwargs)
+        conv = layer(c, f, k, stride=s, padding=p, **kwargs)
         conv.weight.data[...] = to_minidl(weight)
         conv.bias.data[...] = to_minidl(bias)
         xd, dzd = to_minidl(x), to_minidl(dz)
@@ -146,13 +162,16 @@ def conv_row(key):
 
         def run():
             xt.grad = wt.grad = bt.grad = None
-            yt = TF.conv2d(xt, wt, bt, stride=s, padding=p)
+            yt = torch_op(xt, wt, bt)
             yt.backward(dzt)
             return yt, xt.grad, wt.grad, bt.grad
         return run
 
-    title = f"Conv2D {name}: N{n} C{c} {h}x{w} F{f} k{k} s{s} p{p}"
-    if kwargs:
+    shape = f"N{n} C{c} {h}x{w} F{f} k{k} s{s} p{p}"
+    extras = (f" d{d}" if d > 1 else "") + (f" groups {g}" if g > 1 else "")
+    title = (f"ConvTranspose2D: {shape} (to {ho}x{wo})" if transposed
+             else f"Conv2D {name}: {shape}{extras}")
+    if key.endswith("chunked"):
         title = f"Conv2D C, im2col in {CHUNKED_BYTES // 2**20} MiB chunks"
     return title, target, make_minidl, make_torch
 
@@ -441,8 +460,8 @@ def markdown(rows, baseline):
         cells = [row["title"], _ms(q["minidl"])]
         if "torch" in q:
             ratio = mine / q["torch"][1]
-            cells += [_ms(q["torch"]), f"**{ratio:.2f}x**" + ("" if ratio <= row["target"] else " (over)"),
-                      f"<= {row['target']:.1f}x"]
+            over = "" if ratio <= row["target"] else " (over)"
+            cells += [_ms(q["torch"]), f"**{ratio:.2f}x**{over}", f"<= {row['target']:.1f}x"]
         else:
             cells += ["-", "-", "-"]
         if single in q:

@@ -69,6 +69,30 @@ def test_fit_gives_the_numbers_of_the_cpu():
                                    err_msg=key)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: minidl.Conv2D(4, 6, 3, padding=2, dilation=2, groups=2, dtype=np.float64),
+    lambda: minidl.Conv2D(4, 4, 3, stride=2, padding=1, groups=4, dtype=np.float64),
+    lambda: minidl.ConvTranspose2D(4, 6, 3, stride=2, padding=1, output_padding=1,
+                                   dilation=2, groups=2, dtype=np.float64),
+    lambda: minidl.MaxPool2D(3, 2, 1, ceil_mode=True),
+    lambda: minidl.AvgPool2D(3, 2, 1, ceil_mode=True, count_include_pad=False),
+], ids=["dilated-groups", "depthwise", "transposed", "max-ceil", "avg-ceil-no-pad"])
+def test_the_convolution_family_gives_the_numbers_of_the_cpu(make):
+    """Forward, dx and every parameter's gradient of each new case, float64."""
+    x = np.random.default_rng(0).standard_normal((3, 4, 9, 8))
+    results = {}
+    for name, device in (("numpy", "cpu"), ("cupy", "gpu")):
+        with minidl.set_backend(name):
+            minidl.manual_seed(0)
+            layer = make()
+            y = layer.forward(minidl.to_device(x, device))
+            dx = layer.backward(y * 0.5 + 1.0)
+            results[name] = [minidl.to_numpy(a) for a in [y, dx] + [p.grad for p in
+                                                                    layer.parameters()]]
+    for cpu, gpu in zip(results["numpy"], results["cupy"]):
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("pool", [False, True], ids=["no-pool", "MaxPool2D"])
 def test_a_training_step_waits_for_the_device_once(monkeypatch, pool):
     """Everything but the Trainer's one read runs with synchronisation forbidden:
