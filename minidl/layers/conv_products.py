@@ -170,8 +170,8 @@ def _depthwise_weight_grad(dz, x_pad_t, columns):
 
     def correlate(c, dz_t, x_pad_t, dw):
         for k, (m, l) in enumerate(_offsets(columns)):
-            a = slab(x_pad_t[c], m, l, columns.stride, dz.shape[2:], columns.dilation)
-            dw[c, 0, k] = xp.einsum("nij,nij->", dz_t[c], a)
+            a_slab = slab(x_pad_t[c], m, l, columns.stride, dz.shape[2:], columns.dilation)
+            dw[c, 0, k] = xp.einsum("nij,nij->", dz_t[c], a_slab)
     _by_channel(correlate, dz_t, x_pad_t, dw)
     return dw
 
