@@ -21,12 +21,13 @@ The products, with cols (C*k1*k2, N*Ho*Wo), rows (c, m, l), seen as (G, C/G*k1*k
     Z2 = W2 @ cols,   dW2 = dZ2 @ cols.T,   dcols = W2.T @ dZ2,   dA_pad = col2im(dcols)
 """
 from .. import backend
-from .im2col import col2im_add, im2col, slab
+from .im2col import col2im_add, im2col, slab, window_offsets
 from .parallel import in_pieces
 
 # Up to this many rows of cols (C*k1*k2), one product over all positions is thin and
 # memory-bound in OpenBLAS: backward runs one small product per sample instead.
 SMALL_K = 32
+BLOCK_BYTES = 512 * 2**10   # a depthwise layer's blocks of channels: cached, yet few calls
 
 
 class Columns:
@@ -143,22 +144,24 @@ def _depthwise(columns, filters, channels):
     return columns.groups == filters == channels
 
 
-def _by_channel(fn, *arrays):
-    """fn(c, *arrays) for every channel c (axis 0 of each array): a channel's slabs stay
-    in cache; the channels are split over threads."""
-    in_pieces(lambda *parts: [fn(c, *parts) for c in range(len(parts[0]))], *arrays, axis=0)
+def _by_block(fn, *arrays):
+    """fn(block, *arrays) for blocks of channels (slices of axis 0), about BLOCK_BYTES of
+    the largest array each, so that a block's slabs stay in cache; split over threads."""
+    step = max(1, BLOCK_BYTES * len(arrays[0]) // max(max(a.nbytes for a in arrays), 1))
+    in_pieces(lambda *parts: [fn(slice(c, c + step), *parts)
+                              for c in range(0, len(parts[0]), step)], *arrays, axis=0)
 
 
 def _depthwise_forward(w2, x_pad_t, columns, out_hw):
     """Z[c] = sum_{m,l} W[c, m, l] * (slab (m, l) of A_pad[c]), as (C, N, Ho*Wo)."""
     xp = backend.get_array_module(x_pad_t)
     z_t = xp.zeros(x_pad_t.shape[:2] + tuple(out_hw), dtype=w2.dtype)
+    w = w2.reshape(len(w2), -1, 1, 1, 1)          # W[c, (m, l)], broadcast over (N, Ho, Wo)
 
-    def add_slabs(c, w2, x_pad_t, z_t):
-        for k, (m, l) in enumerate(_offsets(columns)):
-            z_t[c] += w2[c, 0, k] * slab(x_pad_t[c], m, l, columns.stride, out_hw,
-                                         columns.dilation)
-    _by_channel(add_slabs, w2, x_pad_t, z_t)
+    def add_slabs(b, w, x_pad_t, z_t):
+        for k, (m, l) in enumerate(window_offsets(columns.kernel)):
+            z_t[b] += w[b, k] * slab(x_pad_t[b], m, l, columns.stride, out_hw, columns.dilation)
+    _by_block(add_slabs, w, x_pad_t, z_t)
     return z_t.reshape(len(z_t), z_t.shape[1], out_hw[0] * out_hw[1])
 
 
@@ -166,30 +169,27 @@ def _depthwise_weight_grad(dz, x_pad_t, columns):
     """dW[c, m, l] = sum_{n,i,j} dZ[n, c, i, j] * (slab (m, l) of A_pad[c])."""
     xp = backend.get_array_module(dz)
     dz_t = dz.swapaxes(0, 1)
-    dw = xp.empty((len(dz_t), 1, len(_offsets(columns))), dtype=dz.dtype)
+    dw = xp.empty((len(dz_t), 1, len(window_offsets(columns.kernel))), dtype=dz.dtype)
 
-    def correlate(c, dz_t, x_pad_t, dw):
-        for k, (m, l) in enumerate(_offsets(columns)):
-            a_slab = slab(x_pad_t[c], m, l, columns.stride, dz.shape[2:], columns.dilation)
-            dw[c, 0, k] = xp.einsum("nij,nij->", dz_t[c], a_slab)
-    _by_channel(correlate, dz_t, x_pad_t, dw)
+    def correlate(b, dz_t, x_pad_t, dw):
+        for k, (m, l) in enumerate(window_offsets(columns.kernel)):
+            a_slab = slab(x_pad_t[b], m, l, columns.stride, dz.shape[2:], columns.dilation)
+            dw[b, 0, k] = xp.einsum("cnij,cnij->c", dz_t[b], a_slab)
+    _by_block(correlate, dz_t, x_pad_t, dw)
     return dw
 
 
 def _depthwise_input_grad(w2, dz, dx_pad_t, columns):
     """slab (m, l) of dA_pad[c] += W[c, m, l] * dZ[:, c]: Eq. [9] with one channel."""
-    dz_t = dz.swapaxes(0, 1)
+    dz_t, w = dz.swapaxes(0, 1), w2.reshape(len(w2), -1, 1, 1, 1)
 
-    def scatter(c, w2, dz_t, dx_pad_t):
-        for k, (m, l) in enumerate(_offsets(columns)):
-            dx_slab = slab(dx_pad_t[c], m, l, columns.stride, dz.shape[2:], columns.dilation)
-            dx_slab += w2[c, 0, k] * dz_t[c]
-    _by_channel(scatter, w2, dz_t, dx_pad_t)
+    def scatter(b, w, dz_t, dx_pad_t):
+        for k, (m, l) in enumerate(window_offsets(columns.kernel)):
+            dx_slab = slab(dx_pad_t[b], m, l, columns.stride, dz.shape[2:], columns.dilation)
+            dx_slab += w[b, k] * dz_t[b]
+    _by_block(scatter, w, dz_t, dx_pad_t)
     return dx_pad_t
 
-
-def _offsets(columns):
-    return [(m, l) for m in range(columns.kernel[0]) for l in range(columns.kernel[1])]
 
 
 def _channels_first(dz):

@@ -15,9 +15,13 @@ from .parallel import in_pieces, num_threads
 
 
 def conv_output_size(size, k, s, pad_before, pad_after):
-    """floor((size + pads - k) / s) + 1: the number of window positions (k: the span of a
-    dilated window, d*(k - 1) + 1)."""
+    """floor((size + pads - k) / s) + 1 window positions (k: a dilated window's span)."""
     return (size + pad_before + pad_after - k) // s + 1
+
+
+def window_offsets(kernel):
+    """The kernel offsets (m, l) in row-major order (the order pooling breaks ties in)."""
+    return [(m, l) for m in range(kernel[0]) for l in range(kernel[1])]
 
 
 def slab(a, m, l, stride, out_hw, dilation=(1, 1)):
@@ -57,9 +61,8 @@ def im2col(x_pad_t, kernel, stride, out_hw, dilation=(1, 1), out=None):
     out6 = out.reshape(c, k1, k2, n, ho, wo)
 
     def copy_slabs(x_pad_t, out):
-        for m in range(k1):
-            for l in range(k2):
-                out[:, m, l] = slab(x_pad_t, m, l, stride, out_hw, dilation)
+        for m, l in window_offsets(kernel):
+            out[:, m, l] = slab(x_pad_t, m, l, stride, out_hw, dilation)
     in_pieces(copy_slabs, x_pad_t, out6, axis=_split_axes(c))
     return out6.reshape(c * k1 * k2, n * ho * wo)
 
@@ -75,10 +78,9 @@ def col2im_add(dcols, dx_pad_t, kernel, stride, out_hw, dilation=(1, 1)):
     dcols6 = dcols.reshape(c, k1, k2, n, ho, wo)
 
     def add_slabs(dx_pad_t, dcols):
-        for m in range(k1):
-            for l in range(k2):
-                dx_slab = slab(dx_pad_t, m, l, stride, out_hw, dilation)   # a view: += in place
-                dx_slab += dcols[:, m, l]
+        for m, l in window_offsets(kernel):
+            dx_slab = slab(dx_pad_t, m, l, stride, out_hw, dilation)   # a view: += in place
+            dx_slab += dcols[:, m, l]
     in_pieces(add_slabs, dx_pad_t, dcols6, axis=_split_axes(c))
     return dx_pad_t
 

@@ -34,7 +34,7 @@ from .. import backend
 from ..checks import check_allocation, check_bool, check_pair
 from .base import Layer
 from .registry import register_layer
-from .im2col import conv_output_size, slab
+from .im2col import conv_output_size, slab, window_offsets
 from .parallel import in_pieces
 
 
@@ -53,11 +53,6 @@ class _Pool2D(Layer):
                              f"padding={self.padding} for kernel_size={self.kernel_size}")
         self.ceil_mode = check_bool(ceil_mode, "ceil_mode", name)
 
-    def _offsets(self):
-        """Window offsets (m, l) in row-major order: the order ties are broken in."""
-        k1, k2 = self.kernel_size
-        return [(m, l) for m in range(k1) for l in range(k2)]
-
     def _write_grad(self, dx_pad, m, l, out_hw, grad):
         """Put ``grad`` into the slab (m, l) of dx_pad: added when an input element can sit
         in two windows, assigned when windows do not overlap (each is written once)."""
@@ -67,14 +62,11 @@ class _Pool2D(Layer):
         else:
             dx_slab[...] = grad
 
-    def _pads(self, input_shape, out_hw):
-        """((top, bottom), (left, right)): the padding, and at the bottom and right what a
-        last window reaching past it needs (ceil_mode)."""
-        return tuple((p, max(p, (o - 1) * s + k - size - p)) for size, o, k, s, p in zip(
-            input_shape[2:], out_hw, self.kernel_size, self.stride, self.padding))
-
     def _pad(self, x, out_hw, value):
-        pads = self._pads(x.shape, out_hw)
+        """x padded: p on each side, more at the bottom and right where a ceil_mode window
+        reaches past the padding."""
+        pads = tuple((p, max(p, (o - 1) * s + k - size - p)) for size, o, k, s, p in zip(
+            x.shape[2:], out_hw, self.kernel_size, self.stride, self.padding))
         if pads == ((0, 0), (0, 0)):
             return x
         check_allocation(x.shape[:2] + tuple(n + sum(p) for n, p in zip(x.shape[2:], pads)),
@@ -138,7 +130,7 @@ class MaxPool2D(_Pool2D):
         xp = backend.get_array_module(x)
         out_hw = self.output_shape(x.shape)[2:]
         x_pad = self._pad(x, out_hw, float("-inf"))
-        offsets = self._offsets()
+        offsets = window_offsets(self.kernel_size)
         y = _empty_in_layout_of(x, x.shape[:2] + out_hw)
 
         def max_over_windows(x_pad, y):
@@ -164,7 +156,7 @@ class MaxPool2D(_Pool2D):
         x_pad, y, out_hw = cache["x_pad"], cache["y"], cache["out_hw"]
         xp = backend.get_array_module(dy)
         dx_pad = self._new_dx_pad(x_pad, x_pad.shape, out_hw)
-        offsets = self._offsets()
+        offsets = window_offsets(self.kernel_size)
 
         def route_to_first_max(x_pad, y, dy, dx_pad):
             unclaimed = None                         # windows whose max is not found yet
@@ -194,7 +186,7 @@ class MaxPool2D(_Pool2D):
         xp = backend.get_array_module(y)
         n, c, i, j = xp.nonzero(xp.isnan(y))
         (s1, s2), (p1, p2), (h, w) = self.stride, self.padding, x_shape[2:]
-        offsets = self._offsets()
+        offsets = window_offsets(self.kernel_size)
         last_nan = xp.zeros(n.shape, dtype=n.dtype)         # index into offsets
         for k, (m, l) in enumerate(offsets):
             r, q = i * s1 + m, j * s2 + l
@@ -238,7 +230,7 @@ class AvgPool2D(_Pool2D):
         x = self._as_input(x, ndim=4)
         out_hw = self.output_shape(x.shape)[2:]
         x_pad = self._pad(x, out_hw, 0.0)
-        offsets = self._offsets()
+        offsets = window_offsets(self.kernel_size)
         y = slab(x_pad, *offsets[0], self.stride, out_hw).copy()
         for m, l in offsets[1:]:
             y += slab(x_pad, m, l, self.stride, out_hw)
@@ -254,7 +246,7 @@ class AvgPool2D(_Pool2D):
         out_hw = cache["out_hw"]
         share = dy * cache["scale"]
         dx_pad = self._new_dx_pad(dy, cache["x_pad_shape"], out_hw)
-        for m, l in self._offsets():
+        for m, l in window_offsets(self.kernel_size):
             self._write_grad(dx_pad, m, l, out_hw, share)
         return self._crop(dx_pad, cache["x_shape"])
 
@@ -270,8 +262,9 @@ class AvgPool2D(_Pool2D):
                 start, end = cpu.maximum(start, 0), cpu.minimum(end, size)
             counts.append(end - start)
         divisor = cpu.outer(*counts)
-        if (divisor == len(self._offsets())).all():
-            return 1.0 / len(self._offsets())
+        k1, k2 = self.kernel_size
+        if (divisor == k1 * k2).all():
+            return 1.0 / (k1 * k2)
         return backend.to_device((1.0 / divisor).astype(x.dtype), backend.device_of(x))
 
     def extra_repr(self):
