@@ -75,13 +75,17 @@ class _Convolution(Layer):
 
     @classmethod
     def state_shapes(cls, config):
-        """The shapes of weight and bias that ``config`` (a checkpoint's) implies."""
-        name = cls.__name__
-        c, f = (check_int(config[k], k, name, minimum=1) for k in ("in_channels", "out_channels"))
+        config, name = {"groups": 1, **config}, cls.__name__
+        c, f, g = (check_int(config[k], k, name, minimum=1)
+                   for k in ("in_channels", "out_channels", "groups"))
         k = check_pair(config["kernel_size"], "kernel_size", name, minimum=1)
-        g = check_int(config.get("groups", 1), "groups", name, minimum=1)
-        return {"weight": cls.weight_shape(c, f, k, g)} | (
-            {"bias": (f,)} if config.get("bias", True) else {})
+        bias = {"bias": (f,)} if config.get("bias", True) else {}
+        return {"weight": cls.weight_shape(c, f, k, g)} | bias
+
+    @classmethod
+    def weight_shape(cls, c, f, kernel, groups):
+        """Conv2D's (F, C/G, k1, k2); ConvTranspose2D's (C_in, C_out/G, k1, k2), as PyTorch."""
+        return ((c, f // groups) if cls.transposed else (f, c // groups)) + kernel
 
     def span(self):
         """(d1*(k1 - 1) + 1, d2*(k2 - 1) + 1): the rows and columns a dilated window covers."""
@@ -129,8 +133,8 @@ class _Convolution(Layer):
         return {**super().get_config(), "in_channels": self.in_channels,
                 "out_channels": self.out_channels, "kernel_size": list(self.kernel_size),
                 "stride": list(self.stride), "padding": padding,
-                "dilation": list(self.dilation), "groups": self.groups,
-                "activation": activation_spec(self.activation), "bias": self.bias is not None}
+                "activation": activation_spec(self.activation), "bias": self.bias is not None,
+                "dilation": list(self.dilation), "groups": self.groups}
 
 
 @register_layer
@@ -156,10 +160,6 @@ class Conv2D(_Convolution):
                          activation, bias, dtype, max_im2col_bytes)
         self.padding = padding
         self.pads = check_padding(padding, self.span(), self.stride, type(self).__name__)
-
-    @staticmethod
-    def weight_shape(c, f, kernel, groups):
-        return (f, c // groups) + kernel
 
     # -- forward: Eq. [1] -----------------------------------------------------
     def forward(self, x, training=True):
@@ -233,15 +233,10 @@ class ConvTranspose2D(_Convolution):
         self.padding = check_pair(padding, "padding", name, minimum=0)
         self.pads = tuple((p, p) for p in self.padding)
         self.output_padding = check_pair(output_padding, "output_padding", name, minimum=0)
-        if any(o >= max(s, d) for o, s, d in zip(self.output_padding, self.stride,
-                                                 self.dilation)):
+        if any(o >= max(s, d) for o, s, d in zip(self.output_padding, self.stride, self.dilation)):
             raise ValueError(f"{name}: output_padding must be smaller than the stride or the "
                              f"dilation, got output_padding={self.output_padding} for "
                              f"stride={self.stride}, dilation={self.dilation}")
-
-    @staticmethod
-    def weight_shape(c, f, kernel, groups):
-        return (c, f // groups) + kernel
 
     # -- forward: Conv2D's Eq. [9], the input in the place of dZ ------------------
     def forward(self, x, training=True):

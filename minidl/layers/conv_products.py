@@ -81,7 +81,7 @@ def forward(w2, x_pad_t, columns, out_hw):
     """Z2 = W2 @ cols, as (F, N, Ho*Wo): channels first, chunk by chunk."""
     xp = backend.get_array_module(x_pad_t)
     g, fg = w2.shape[:2]
-    if _depthwise(columns, g * fg, x_pad_t.shape[0]):
+    if columns.groups == g * fg == x_pad_t.shape[0]:         # depthwise: G = F = C
         return _depthwise_forward(w2, x_pad_t, columns, out_hw)
     z_t = xp.empty((g * fg, x_pad_t.shape[1], out_hw[0] * out_hw[1]), dtype=w2.dtype)
     for n0, n1 in columns.chunks(x_pad_t, out_hw):
@@ -95,7 +95,7 @@ def weight_grad(dz, x_pad_t, columns):
     xp = backend.get_array_module(dz)
     n, f, ho, wo = dz.shape
     g, k = columns.groups, x_pad_t.shape[0] * columns.kernel[0] * columns.kernel[1]
-    if _depthwise(columns, f, x_pad_t.shape[0]):
+    if g == f == x_pad_t.shape[0]:                             # depthwise: G = F = C
         return _depthwise_weight_grad(dz, x_pad_t, columns)
     dw_t = xp.zeros((g, k // g, f // g), dtype=dz.dtype)       # dW2 transposed
     if k <= SMALL_K:
@@ -117,7 +117,7 @@ def input_grad(w2, dz, pad_shape, columns):
     xp = backend.get_array_module(dz)
     n, f, ho, wo = dz.shape
     dx_pad_t = xp.zeros(pad_shape, dtype=dz.dtype)
-    if _depthwise(columns, f, pad_shape[0]):
+    if columns.groups == f == pad_shape[0]:                    # depthwise: G = F = C
         return _depthwise_input_grad(w2, dz, dx_pad_t, columns)
     g, fg, kg = w2.shape
     w2_t = w2.transpose(0, 2, 1)                    # W2.T of each group
@@ -138,11 +138,6 @@ def input_grad(w2, dz, pad_shape, columns):
 
 
 # -- depthwise: G = C = F, every sum over channels has one term --------------------------
-
-def _depthwise(columns, filters, channels):
-    """True when each group has one filter and one input channel."""
-    return columns.groups == filters == channels
-
 
 def _by_block(fn, *arrays):
     """fn(block, *arrays) for blocks of channels (slices of axis 0), about BLOCK_BYTES of
