@@ -230,7 +230,7 @@ _DROP = object()
     ({"batch_size": 0}, "'batch_size' is 0, which --batch-size does not take (must be a "
                         "positive integer, got 0)"),
     ({"model": "vgg"}, "'model' is 'vgg', which --model does not take (one of cnn, lenet5, "
-                       "resnet)"),
+                       "mobilenet, resnet)"),
     ({"lr": float("nan")}, "'lr' is nan, which --lr does not take"),
     ({"limit": 60}, "saved by a run of 2 batches per epoch over 72 training samples; this one "
                     "has 2 over 54"),
