@@ -70,7 +70,8 @@ def test_bad_run_json_is_a_clear_error(tmp_path, capsys, text, message):
 
 
 @pytest.mark.parametrize("text, message", [
-    ('{"model": {"a": 1}}', "unknown model {'a': 1}; pass --model (cnn, lenet5, mobilenet, resnet)"),
+    ('{"model": {"a": 1}}',
+     "unknown model {'a': 1}; pass --model (cnn, lenet5, mobilenet, resnet)"),
     ('{"dataset": ["mnist"]}', "unknown dataset ['mnist']; pass --dataset"),
     (b'{"dataset": "\xff"}', "is not valid JSON"),
 ])
