@@ -27,7 +27,7 @@ from .parallel import in_pieces
 # Up to this many rows of cols (C*k1*k2), one product over all positions is thin and
 # memory-bound in OpenBLAS: backward runs one small product per sample instead.
 SMALL_K = 32
-BLOCK_BYTES = 512 * 2**10   # a depthwise layer's blocks of channels: cached, yet few calls
+BLOCK_BYTES = 2**20   # a depthwise layer works on blocks of samples of this size (per thread)
 
 
 class Columns:
@@ -139,12 +139,14 @@ def input_grad(w2, dz, pad_shape, columns):
 
 # -- depthwise: G = C = F, every sum over channels has one term --------------------------
 
-def _by_block(fn, *arrays):
-    """fn(block, *arrays) for blocks of channels (slices of axis 0), about BLOCK_BYTES of
-    the largest array each, so that a block's slabs stay in cache; split over threads."""
-    step = max(1, BLOCK_BYTES * len(arrays[0]) // max(max(a.nbytes for a in arrays), 1))
-    in_pieces(lambda *parts: [fn(slice(c, c + step), *parts)
-                              for c in range(0, len(parts[0]), step)], *arrays, axis=0)
+def _in_blocks(fn, n, *arrays):
+    """fn(samples, *arrays) for blocks of the n samples (axis 1), BLOCK_BYTES of the largest
+    array each: a block's slabs stay in cache. Each thread takes a share of the channels."""
+    def run(*parts):
+        step = max(1, BLOCK_BYTES * n // max(max(a.nbytes for a in parts), 1))
+        for n0 in range(0, n, step):
+            fn(slice(n0, n0 + step), *parts)
+    in_pieces(run, *arrays, axis=0)
 
 
 def _depthwise_forward(w2, x_pad_t, columns, out_hw):
@@ -155,8 +157,9 @@ def _depthwise_forward(w2, x_pad_t, columns, out_hw):
 
     def add_slabs(b, w, x_pad_t, z_t):
         for k, (m, l) in enumerate(window_offsets(columns.kernel)):
-            z_t[b] += w[b, k] * slab(x_pad_t[b], m, l, columns.stride, out_hw, columns.dilation)
-    _by_block(add_slabs, w, x_pad_t, z_t)
+            a_slab = slab(x_pad_t[:, b], m, l, columns.stride, out_hw, columns.dilation)
+            z_t[:, b] += w[:, k] * a_slab
+    _in_blocks(add_slabs, x_pad_t.shape[1], w, x_pad_t, z_t)
     return z_t.reshape(len(z_t), z_t.shape[1], out_hw[0] * out_hw[1])
 
 
@@ -164,13 +167,13 @@ def _depthwise_weight_grad(dz, x_pad_t, columns):
     """dW[c, m, l] = sum_{n,i,j} dZ[n, c, i, j] * (slab (m, l) of A_pad[c])."""
     xp = backend.get_array_module(dz)
     dz_t = dz.swapaxes(0, 1)
-    dw = xp.empty((len(dz_t), 1, len(window_offsets(columns.kernel))), dtype=dz.dtype)
+    dw = xp.zeros((len(dz_t), 1, len(window_offsets(columns.kernel))), dtype=dz.dtype)
 
     def correlate(b, dz_t, x_pad_t, dw):
         for k, (m, l) in enumerate(window_offsets(columns.kernel)):
-            a_slab = slab(x_pad_t[b], m, l, columns.stride, dz.shape[2:], columns.dilation)
-            dw[b, 0, k] = xp.einsum("cnij,cnij->c", dz_t[b], a_slab)
-    _by_block(correlate, dz_t, x_pad_t, dw)
+            a_slab = slab(x_pad_t[:, b], m, l, columns.stride, dz.shape[2:], columns.dilation)
+            dw[:, 0, k] += xp.einsum("cnij,cnij->c", dz_t[:, b], a_slab)
+    _in_blocks(correlate, len(dz), dz_t, x_pad_t, dw)
     return dw
 
 
@@ -180,11 +183,10 @@ def _depthwise_input_grad(w2, dz, dx_pad_t, columns):
 
     def scatter(b, w, dz_t, dx_pad_t):
         for k, (m, l) in enumerate(window_offsets(columns.kernel)):
-            dx_slab = slab(dx_pad_t[b], m, l, columns.stride, dz.shape[2:], columns.dilation)
-            dx_slab += w[b, k] * dz_t[b]
-    _by_block(scatter, w, dz_t, dx_pad_t)
+            dx_slab = slab(dx_pad_t[:, b], m, l, columns.stride, dz.shape[2:], columns.dilation)
+            dx_slab += w[:, k] * dz_t[:, b]
+    _in_blocks(scatter, len(dz), w, dz_t, dx_pad_t)
     return dx_pad_t
-
 
 
 def _channels_first(dz):
