@@ -64,11 +64,9 @@ def receptive_field_step(layer, rf, jump):
     if kernel is None or stride is None:
         return rf, jump
     reach = [(k - 1) * d for k, d in zip(kernel, getattr(layer, "dilation", (1, 1)))]
-    if getattr(layer, "transposed", False):
-        return (tuple(r + (e // s) * j for r, e, s, j in zip(rf, reach, stride, jump)),
-                tuple(j / s for j, s in zip(jump, stride)))
-    return (tuple(r + e * j for r, e, j in zip(rf, reach, jump)),
-            tuple(j * s for j, s in zip(jump, stride)))
+    up = getattr(layer, "transposed", False)                 # s outputs per input
+    return (tuple(r + (e // s if up else e) * j for r, e, s, j in zip(rf, reach, stride, jump)),
+            tuple(j / s if up else j * s for j, s in zip(jump, stride)))
 
 
 def _human(flops):

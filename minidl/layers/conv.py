@@ -106,8 +106,7 @@ class _Convolution(Layer):
         return input_shape
 
     def flops(self, input_shape):
-        """2 * C/G*k1*k2 multiply-adds for each output of Conv2D (ConvTranspose2D: of the
-        Conv2D it is the backward of, whose output is its input), for one sample."""
+        """2 * C/G*k1*k2 multiply-adds per output of Conv2D (ConvTranspose2D: per input)."""
         output_shape = self.output_shape(input_shape)            # checks the input too
         _, _, h, w = input_shape if self.transposed else output_shape
         return 2 * self.weight.size * h * w
@@ -244,6 +243,9 @@ class ConvTranspose2D(_Convolution):
         n, f, ho, wo = self.output_shape(x.shape)
         (top, bottom), (left, right) = self.pads
         y_pad_shape = (f, n, ho + top + bottom, wo + left + right)    # Y_pad, channels first
+        cols = (f * math.prod(self.kernel_size), x.shape[2] * x.shape[3])   # of one sample
+        for what, shape in (("padded output", y_pad_shape), ("im2col columns", cols)):
+            check_allocation(shape, f"its {what}", type(self).__name__, x.dtype.itemsize)
         y_pad_t = conv_products.input_grad(self.w2(), x, y_pad_shape, self.columns)
         y_t = y_pad_t[:, :, top:top + ho, left:left + wo]             # crop the padding
         if self.bias is not None:

@@ -673,3 +673,16 @@ def test_load_model_rebuilds_the_family(tmp_path):
     rebuilt = minidl.load_model(tmp_path / "family.npz")
     assert [layer.get_config() for layer in rebuilt] == [layer.get_config() for layer in model]
     np.testing.assert_array_equal(rebuilt.predict(x), model.predict(x))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"stride": 5000}, r"ConvTranspose2D: its padded output of shape \(4, 3, 135003, 135003\)"),
+    ({"kernel_size": 400}, r"ConvTranspose2D: its im2col columns of shape \(640000, 784\)"),
+])
+def test_transposed_forward_refuses_what_would_not_fit_in_memory(monkeypatch, config, message):
+    """As Conv2D's: a crafted config must not end in MemoryError or swap."""
+    monkeypatch.setattr(minidl.checks, "machine_memory", lambda: 2 ** 30)
+    layer = ConvTranspose2D.from_config({"in_channels": 1, "out_channels": 4, "kernel_size": 3,
+                                         **config})
+    with pytest.raises(ValueError, match=message):
+        layer.forward(np.zeros((3, 1, 28, 28), np.float32))
