@@ -44,10 +44,11 @@ def load_metadata(path):
 
 def load_weights(model, path):
     """Load the checkpoint at ``path`` into ``model``, whose structure must be the saved
-    one (dtypes and Dropout seeds aside); all or nothing."""
+    one (dtypes and Dropout seeds aside) as the constructors read it ("SAME" is "same");
+    all or nothing."""
     with NpzReader(path) as npz:
-        saved, mine = _read_config(npz), json.loads(_config_text(model))
-        if _comparable(saved) != _comparable(mine):
+        saved, mine = _read_config(npz), _comparable(json.loads(_config_text(model)))
+        if _comparable(saved) != mine and not _built_alike(npz, mine):
             raise npz.error(f"it was saved from a different model structure "
                             f"({_difference(saved, mine)})")
         _load_into(model, npz)
@@ -59,23 +60,39 @@ def load_model(path):
     (registered classes only; nothing is unpickled), then loaded. Nothing is built before
     its arrays are known to fit in memory and to be in the file."""
     with NpzReader(path) as npz:
-        spec, total = _read_config(npz), [0]
-        try:
-            planned = _planned(spec, total)
-            if total[0] > (machine_memory() or math.inf):
-                raise ValueError(f"its layers would hold {total[0] / 2**30:.3g} GiB, more than "
-                                 f"this machine's memory ({machine_memory() / 2**30:.3g} GiB)")
-            for name, (shape, dtype) in planned.items():
-                npz.check(name, shape, dtype)
-            model = build_layer(spec)
-        except CheckpointError:
-            raise
-        except (TypeError, ValueError, KeyError, MemoryError, RecursionError) as exc:
-            raise npz.error(f"cannot rebuild the model from its config: {exc}") from None
-        if type(model) is not layer_class("Sequential"):
-            raise npz.error(f"its config describes a {spec['class']}, not a Sequential")
+        model = _rebuilt(npz)
         _load_into(model, npz)
     return model
+
+
+def _rebuilt(npz):
+    """The Sequential the checkpoint's config describes, built once its arrays are known
+    to fit in memory and to be in the file (``state_shapes``)."""
+    spec, total = _read_config(npz), [0]
+    try:
+        planned = _planned(spec, total)
+        if total[0] > (machine_memory() or math.inf):
+            raise ValueError(f"its layers would hold {total[0] / 2**30:.3g} GiB, more than "
+                             f"this machine's memory ({machine_memory() / 2**30:.3g} GiB)")
+        for name, (shape, dtype) in planned.items():
+            npz.check(name, shape, dtype)
+        model = build_layer(spec)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError, MemoryError, RecursionError) as exc:
+        raise npz.error(f"cannot rebuild the model from its config: {exc}") from None
+    if type(model) is not layer_class("Sequential"):
+        raise npz.error(f"its config describes a {spec['class']}, not a Sequential")
+    return model
+
+
+def _built_alike(npz, mine):
+    """Whether the saved config, spelled otherwise, builds the structure ``mine``
+    (False when it cannot be built: a class of one's own, unregistered)."""
+    try:
+        return _comparable(json.loads(_config_text(_rebuilt(npz)))) == mine
+    except ValueError:
+        return False
 
 
 def build_layer(spec):

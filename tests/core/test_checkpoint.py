@@ -316,6 +316,13 @@ def test_what_the_constructors_accept_loads_and_what_they_refuse_says_why(tmp_pa
     np.testing.assert_allclose(back.predict(x), model.predict(x), rtol=1e-6)
     assert back[0].get_config() == model[0].get_config()    # as the constructor gives it
     assert back[2].dtype == np.float32
+    # loaded into a model of that structure too, dtypes aside; another structure is not
+    into = model.load(tmp_path / "edited.npz")
+    np.testing.assert_allclose(into.predict(x), model.predict(x), rtol=1e-6)
+    other = Sequential(Conv2D(1, 2, 3, padding="same"), Flatten(), Dense(2 * 4 * 4, 3))
+    with pytest.raises(CheckpointError, match=r"different model structure \(layer 0: saved "
+                                              r".*\"RELU\""):
+        other.load(tmp_path / "edited.npz")
     assert Dense(2, 2, dtype=None).dtype == Conv2D(1, 1, 1, dtype=None).dtype == np.float32
     assert BatchNorm2D(2, dtype=None).running_mean.dtype == np.float32
     conv["config"]["padding"] = "FULL"
