@@ -28,7 +28,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Train a CNN on Fashion-MNIST.")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N images")
-    parser.add_argument("--data-root", default=None, help="default: $MINIDL_DATA or ~/.cache/minidl")
+    parser.add_argument("--data-root", default=None,
+                        help="default: $MINIDL_DATA or ~/.cache/minidl")
     parser.add_argument("--out", default="runs/fashion_mnist")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -45,7 +45,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Train briefly and write inspection plots.")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit", type=int, default=10000, help="training images used")
-    parser.add_argument("--data-root", default=None, help="default: $MINIDL_DATA or ~/.cache/minidl")
+    parser.add_argument("--data-root", default=None,
+                        help="default: $MINIDL_DATA or ~/.cache/minidl")
     parser.add_argument("--out", default="runs/inspect_mnist")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -40,7 +40,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Train a CNN on MNIST.")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N images")
-    parser.add_argument("--data-root", default=None, help="default: $MINIDL_DATA or ~/.cache/minidl")
+    parser.add_argument("--data-root", default=None,
+                        help="default: $MINIDL_DATA or ~/.cache/minidl")
     parser.add_argument("--out", default="runs/train_mnist", help="where model.npz goes")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     args = parser.parse_args(argv)

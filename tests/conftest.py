@@ -12,6 +12,7 @@ without a GPU or torch still runs them all.
 """
 import contextlib
 import functools
+import io
 import gzip
 import hashlib
 import os
@@ -387,3 +388,55 @@ class _ThreadHost:
 
     def allgather_object(self, value, timeout=None):
         return self._exchange(value)
+
+
+# -- small pieces several test files share ------------------------------------------------
+def small_model():
+    """A conv, pool and two Dense layers on 6x6 images of one channel, 4 classes."""
+    return minidl.Sequential(
+        minidl.Conv2D(1, 3, 3, padding=1, activation="relu"), minidl.MaxPool2D(2),
+        minidl.Flatten(), minidl.Dense(3 * 3 * 3, 8), minidl.ReLU(), minidl.Dense(8, 4))
+
+
+def small_batch(n=8, seed=0):
+    """(x, y) for small_model: n images of 1x6x6, labels in [0, 4)."""
+    rng = numpy.random.default_rng(seed)
+    return (rng.standard_normal((n, 1, 6, 6)).astype(numpy.float32),
+            rng.integers(0, 4, n).astype(numpy.int64))
+
+
+def fake_images(n=48):
+    """n uint8 images of 1x8x8 whose class (of 3) is the row of one bright line."""
+    rng = numpy.random.default_rng(0)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 60, (n, 1, 8, 8)).astype(numpy.uint8)
+    for image, label in zip(x, y):
+        image[0, 2 * label + 1] = 255
+    return x, y
+
+
+def npz_round_trip(state):
+    """Save with numpy.savez and load without pickle, as a checkpoint would."""
+    buffer = io.BytesIO()
+    numpy.savez(buffer, **state)
+    buffer.seek(0)
+    with numpy.load(buffer, allow_pickle=False) as loaded:
+        return dict(loaded)
+
+
+@pytest.fixture
+def quiet_data_root(tmp_path, monkeypatch):
+    """200 generated MNIST images for the command, whose recorder samples activations
+    rarely (faster tests, the same code)."""
+    from minidl.cli import train
+    from minidl.data import datasets
+    from minidl.ext.recorder import GradientRecorder
+
+    class QuietRecorder(GradientRecorder):
+        def __init__(self, model):
+            super().__init__(model, every=1000)
+
+    root = tmp_path / "data"
+    monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", n_train=200))
+    monkeypatch.setattr(train, "GradientRecorder", QuietRecorder)
+    return root

@@ -6,41 +6,23 @@ import pytest
 from minidl import cli
 from minidl.cli import lr_find as cli_lr_find
 from minidl.cli import train as cli_train
-from minidl.data import datasets
-from minidl.ext.recorder import GradientRecorder
 
-from conftest import write_fake_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def data_root(tmp_path, monkeypatch):
-    root = tmp_path / "data"
-    monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", n_train=200))
-    monkeypatch.setattr(cli_train, "GradientRecorder", _QuietRecorder)
-    return root
-
-
-class _QuietRecorder(GradientRecorder):
-    """The CLI's recorder, sampling activations rarely (faster tests, same code)."""
-
-    def __init__(self, model):
-        super().__init__(model, every=1000)
-
-
 @pytest.mark.slow
-def test_cli_onecycle_plots_the_rate_and_lr_find_plots_the_loss(data_root, tmp_path, capsys,
-                                                                monkeypatch):
+def test_cli_onecycle_plots_the_rate_and_lr_find_plots_the_loss(quiet_data_root, tmp_path,
+                                                                capsys, monkeypatch):
     monkeypatch.setattr(cli_train, "write_plots", lambda *args: None)   # test_train.py's job
     out = tmp_path / "run"
     assert cli.main(["train", "--limit", "80", "--epochs", "1", "--batch-size", "40",
-                     "--schedule", "onecycle", "--data-root", str(data_root), "--out", str(out),
-                     "--quiet"]) == 0
+                     "--schedule", "onecycle", "--data-root", str(quiet_data_root),
+                     "--out", str(out), "--quiet"]) == 0
     assert (out / "lr.png").read_bytes().startswith(PNG_MAGIC)
     capsys.readouterr()
     assert cli.main(["lr-find", "--limit", "80", "--steps", "12", "--batch-size", "16",
-                     "--data-root", str(data_root), "--out", str(out)]) == 0
+                     "--data-root", str(quiet_data_root), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "steps from lr 1e-07 to" in printed and "the loss fell fastest at lr" in printed
     assert (out / "lr_find.png").read_bytes().startswith(PNG_MAGIC)
@@ -53,11 +35,11 @@ def test_cli_onecycle_plots_the_rate_and_lr_find_plots_the_loss(data_root, tmp_p
     (["--start-lr", "0"], 1, "with 0 < --start-lr < --end-lr"),
     (["--steps", "1"], 2, "argument --steps: must be at least 2, got 1"),
 ])
-def test_a_refused_option_leaves_no_output_folder(data_root, tmp_path, capsys, options, code,
+def test_a_refused_option_leaves_no_output_folder(quiet_data_root, tmp_path, capsys, options, code,
                                                   message):
     """lr-find used to create --out first, and leave it empty after the error."""
     out = tmp_path / "new" / "deeper"
-    argv = ["lr-find", *options, "--data-root", str(data_root), "--out", str(out)]
+    argv = ["lr-find", *options, "--data-root", str(quiet_data_root), "--out", str(out)]
     if code == 2:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
@@ -68,14 +50,14 @@ def test_a_refused_option_leaves_no_output_folder(data_root, tmp_path, capsys, o
     assert not (tmp_path / "new").exists()
 
 
-def test_out_of_memory_is_one_line_and_leaves_no_folder(data_root, tmp_path, capsys,
+def test_out_of_memory_is_one_line_and_leaves_no_folder(quiet_data_root, tmp_path, capsys,
                                                        monkeypatch):
     """A huge --batch-size used to end in a MemoryError traceback."""
     def too_big(*args, **kwargs):
         raise MemoryError("Unable to allocate 183. GiB for an array")
 
     monkeypatch.setattr(cli_lr_find, "lr_find", too_big)
-    assert cli.main(["lr-find", "--batch-size", "100000000", "--data-root", str(data_root),
+    assert cli.main(["lr-find", "--batch-size", "100000000", "--data-root", str(quiet_data_root),
                      "--out", str(tmp_path / "run")]) == 1
     assert capsys.readouterr().err == (
         "minidl lr-find: error: out of memory (Unable to allocate 183. GiB for an array); a "

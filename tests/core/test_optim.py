@@ -3,7 +3,6 @@
 Hand-computed cases pin each update rule on small numbers; when torch is installed the
 optimizers are also compared with torch.optim in float64 (else with its answers recorded
 in tests/golden/optim.npz). The schedulers: test_schedulers.py."""
-import io
 import math
 
 import numpy as np
@@ -13,6 +12,8 @@ import minidl
 from minidl import backend
 from minidl.layers.base import Parameter
 from minidl.optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm_
+
+from conftest import npz_round_trip
 
 
 def scalar_param(value, grad=None):
@@ -312,15 +313,6 @@ STATEFUL_OPTIMIZERS = [
 
 
 STATEFUL_IDS = [f"{cls.__name__}-{'-'.join(kw)}" for cls, kw in STATEFUL_OPTIMIZERS]
-
-
-def npz_round_trip(state):
-    """Save with numpy.savez and load without pickle, as a checkpoint would."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **state)
-    buffer.seek(0)
-    with np.load(buffer, allow_pickle=False) as loaded:
-        return dict(loaded)
 
 
 def random_grads(shapes, steps, seed):

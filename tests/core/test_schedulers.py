@@ -4,7 +4,6 @@ and ChainedScheduler against PyTorch (golden file and live); state dicts, argume
 checks, one scheduler per optimizer, and how the Trainer steps them: once per epoch,
 or per batch between the batch callbacks."""
 import importlib.util
-import io
 import math
 import os
 
@@ -19,7 +18,7 @@ from minidl.schedulers import (ChainedScheduler, CosineAnnealingLR, ExponentialL
                                LRScheduler, MultiStepLR, OneCycleLR, ReduceLROnPlateau,
                                SequentialLR, StepLR)
 
-from conftest import GOLDEN_DIR, bar_model, oriented_bars
+from conftest import GOLDEN_DIR, bar_model, npz_round_trip, oriented_bars
 
 GOLDEN = os.fspath(GOLDEN_DIR)
 
@@ -39,15 +38,6 @@ def scalar_param(value, grad=None):
 
 def P():
     return scalar_param(0.0)
-
-
-def npz_round_trip(state):
-    """Save with numpy.savez and load without pickle, as a checkpoint would."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **state)
-    buffer.seek(0)
-    with np.load(buffer, allow_pickle=False) as loaded:
-        return dict(loaded)
 
 
 # -- StepLR, ExponentialLR, CosineAnnealingLR ----------------------------------------------

@@ -7,14 +7,7 @@ import pytest
 from minidl import Adam, DataLoader, Dense, Flatten, Sequential, SoftmaxCrossEntropy, Trainer
 from minidl.ext.lr_finder import lr_find, suggest_lr
 
-
-def fake_images(n=48):
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, n)
-    x = rng.integers(0, 60, (n, 1, 8, 8)).astype(np.uint8)
-    for image, label in zip(x, y):
-        image[0, 2 * label + 1] = 255
-    return x, y
+from conftest import fake_images
 
 
 def test_lr_find_grows_the_rate_and_leaves_the_model_as_it_was():

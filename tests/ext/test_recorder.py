@@ -10,16 +10,7 @@ from minidl import (SGD, BatchNorm2D, Conv2D, DataLoader, Dense, Flatten, MaxPoo
                     Sequential, SoftmaxCrossEntropy, Trainer)
 from minidl.ext.recorder import GradientRecorder, activation_table, grad_norms
 
-
-def small_model():
-    return Sequential(Conv2D(1, 3, 3, padding=1, activation="relu"), MaxPool2D(2),
-                      Flatten(), Dense(3 * 3 * 3, 8), ReLU(), Dense(8, 4))
-
-
-def batch(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, 1, 6, 6)).astype(np.float32),
-            rng.integers(0, 4, n).astype(np.int64))
+from conftest import small_batch, small_model
 
 
 def fit(model, x, y, recorder, batch_size=None, lr=0.1, epochs=1, val=None):
@@ -42,7 +33,7 @@ def manual_grad_norms(model, x, y):
 # -- GradientRecorder: gradients --------------------------------------------------
 def test_recorded_grad_norm_equals_norm_of_grad_for_one_step():
     model = small_model()
-    x, y = batch()
+    x, y = small_batch()
     expected = manual_grad_norms(model, x, y)   # same weights the first step will see
     recorder = GradientRecorder(model, every=1)
     history = fit(model, x, y, recorder)
@@ -57,7 +48,7 @@ def test_recorded_grad_norm_is_the_mean_over_the_epochs_batches():
     model = small_model()
     minidl.manual_seed(7)
     twin = small_model()                          # same weights, trained by hand below
-    x, y = batch(12)
+    x, y = small_batch(12)
     history = fit(model, x, y, GradientRecorder(model), batch_size=4, lr=0.05)
     optimizer = SGD(twin.parameters(), lr=0.05)
     per_batch = []
@@ -85,7 +76,7 @@ def manual_forward(model, x):
 
 def test_activation_statistics_match_a_manual_forward():
     model = small_model()
-    x, y = batch()
+    x, y = small_batch()
     outputs = [out.astype(np.float64) for out in manual_forward(model, x)]
     history = fit(model, x, y, GradientRecorder(model, every=1), lr=0.0)
     for i, (layer, out) in enumerate(zip(model, outputs)):
@@ -113,7 +104,7 @@ def test_dead_relu_fraction_on_a_constructed_input():
 
 def test_activations_are_sampled_every_n_batches():
     model = small_model()
-    x, y = batch(12)
+    x, y = small_batch(12)
     sampled = []
     model[0].register_hook(lambda lay, a, b: sampled.append(float(b.mean())))
     history = fit(model, x, y, GradientRecorder(model, every=2), batch_size=2, lr=0.0)
@@ -125,7 +116,7 @@ def test_activations_are_sampled_every_n_batches():
 def test_every_epoch_logs_the_same_keys():
     """Sampling restarts each epoch, so History's lists stay one entry per epoch."""
     model = small_model()
-    x, y = batch(12)
+    x, y = small_batch(12)
     history = fit(model, x, y, GradientRecorder(model, every=10), batch_size=4, epochs=4)
     lengths = {key: len(values) for key, values in history.history.items()}
     assert set(lengths.values()) == {4}, lengths
@@ -133,7 +124,7 @@ def test_every_epoch_logs_the_same_keys():
 
 def test_evaluation_is_not_recorded_and_hooks_are_removed_after_fit():
     model = small_model()
-    x, y = batch()
+    x, y = small_batch()
     outputs = manual_forward(model, x)
     val = DataLoader(x * 100.0, y, 4, shuffle=False)  # very different activations
     history = fit(model, x, y, GradientRecorder(model, every=1), lr=0.0, val=val)
@@ -163,7 +154,7 @@ def test_conv_bias_before_batch_norm_records_a_zero_gradient():
     """What docs/architecture.md tells readers to expect in gradients.png."""
     model = Sequential(Conv2D(1, 3, 3, padding=1), BatchNorm2D(3), ReLU(), MaxPool2D(2),
                        Flatten(), Dense(27, 4))
-    x, y = batch()
+    x, y = small_batch()
     history = fit(model, x, y, GradientRecorder(model), lr=0.0)
     assert history["grad_norm/0.bias"][0] < 1e-5 * history["grad_norm/0.weight"][0]
     assert history["grad_norm/1.bias"][0] > 1e-3 * history["grad_norm/1.weight"][0]
@@ -172,7 +163,7 @@ def test_conv_bias_before_batch_norm_records_a_zero_gradient():
 def test_grad_norms_come_from_a_history_too():
     """A resumed run's plot used to show the resumed epochs only: the norms are in the
     History, which holds the earlier epochs as well."""
-    x, y = batch(16)
+    x, y = small_batch(16)
     recorder = GradientRecorder(small_model())
     history = fit(recorder.model, x, y, recorder, batch_size=8, epochs=2)
     earlier = minidl.History([{"grad_norm/0.weight": 5.0, "grad_norm/10.bias": 1.0}])

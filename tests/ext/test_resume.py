@@ -10,24 +10,12 @@ import pytest
 import minidl
 from minidl import (Adam, BatchNorm2D, Callback, Conv2D, DataLoader, Dense, Dropout, Flatten,
                     MaxPool2D, ReLU, Residual, Sequential, SoftmaxCrossEntropy, Trainer, cli)
-from minidl.cli import train as cli_train
-from minidl.data import datasets
 from minidl.ext.transforms import Compose, RandomHorizontalFlip, RandomShift
 from minidl.ext import plots, resume
-from minidl.ext.recorder import GradientRecorder
 from minidl.ext.resume import TrainingState
 from minidl.schedulers import CosineAnnealingLR, OneCycleLR
 
-from conftest import fails_instead_of_hanging, special_files, write_fake_dataset
-
-
-def fake_images(n=48):
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, n)
-    x = rng.integers(0, 60, (n, 1, 8, 8)).astype(np.uint8)
-    for image, label in zip(x, y):
-        image[0, 2 * label + 1] = 255
-    return x, y
+from conftest import fails_instead_of_hanging, fake_images, special_files
 
 
 def to_float(images):
@@ -148,26 +136,11 @@ def test_resume_refuses_a_fifo_or_a_device_as_its_state(tmp_path):
             run(path, epochs=1, resume=True)
 
 
-@pytest.fixture
-def data_root(tmp_path, monkeypatch):
-    root = tmp_path / "data"
-    monkeypatch.setitem(datasets.CHECKSUMS, "mnist", write_fake_dataset(root, "mnist", n_train=200))
-    monkeypatch.setattr(cli_train, "GradientRecorder", _QuietRecorder)
-    return root
-
-
-class _QuietRecorder(GradientRecorder):
-    """The CLI's recorder, sampling activations rarely (faster tests, same code)."""
-
-    def __init__(self, model):
-        super().__init__(model, every=1000)
-
-
 @pytest.mark.slow
-def test_cli_resume_continues_a_killed_run(data_root, tmp_path, monkeypatch, capsys):
+def test_cli_resume_continues_a_killed_run(quiet_data_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(plots, "available", lambda: False)
     common = ["train", "--limit", "120", "--epochs", "2", "--batch-size", "40", "--data-root",
-              str(data_root), "--quiet", "--schedule", "onecycle"]
+              str(quiet_data_root), "--quiet", "--schedule", "onecycle"]
     assert cli.main(common + ["--out", str(tmp_path / "full")]) == 0
     full = capsys.readouterr().out.strip().splitlines()[-1]
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import minidl
-from minidl import (BatchNorm2D, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU,
+from minidl import (BatchNorm2D, Conv2D, Dense, Dropout, Layer, ReLU,
                     Sequential, Sigmoid, SoftmaxCrossEntropy, Tanh)
 
-from conftest import randn, to_np
+from conftest import randn, small_batch, small_model, to_np
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[3] / "examples"
 
@@ -245,17 +245,6 @@ def test_loaded_arrays_are_c_contiguous_copies():
 
 
 # -- hooks ---------------------------------------------------------------------------------
-def small_model():
-    return Sequential(Conv2D(1, 3, 3, padding=1, activation="relu"), MaxPool2D(2),
-                      Flatten(), Dense(3 * 3 * 3, 8), ReLU(), Dense(8, 4))
-
-
-def batch(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, 1, 6, 6)).astype(np.float32),
-            rng.integers(0, 4, n).astype(np.int64))
-
-
 def test_forward_hook_gets_layer_input_and_output_and_can_be_removed():
     layer = Dense(3, 2)
     calls = []
@@ -273,7 +262,7 @@ def test_forward_hook_gets_layer_input_and_output_and_can_be_removed():
 
 def test_hooks_fire_in_forward_order_then_reverse_with_dy_and_dx():
     model = small_model()
-    x, y = batch()
+    x, y = small_batch()
     events = []
     for i, layer in enumerate(model):
         layer.register_hook(lambda lay, a, b, i=i: events.append(("fwd", i, a, b)))
