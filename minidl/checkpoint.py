@@ -48,9 +48,14 @@ def load_weights(model, path):
     all or nothing."""
     with NpzReader(path) as npz:
         saved, mine = _read_config(npz), _comparable(json.loads(_config_text(model)))
-        if _comparable(saved) != mine and not _built_alike(npz, mine):
-            raise npz.error(f"it was saved from a different model structure "
-                            f"({_difference(saved, mine)})")
+        if _comparable(saved) != mine:
+            try:    # spelled otherwise ("SAME")? the structure as the constructors read it
+                built = _comparable(json.loads(_config_text(_rebuilt(npz))))
+            except ValueError:      # a class of one's own, unregistered: as it was saved
+                built = None
+            if built != mine:
+                raise npz.error(f"it was saved from a different model structure "
+                                f"({_difference(saved, mine)})")
         _load_into(model, npz)
     return model
 
@@ -84,15 +89,6 @@ def _rebuilt(npz):
     if type(model) is not layer_class("Sequential"):
         raise npz.error(f"its config describes a {spec['class']}, not a Sequential")
     return model
-
-
-def _built_alike(npz, mine):
-    """Whether the saved config, spelled otherwise, builds the structure ``mine``
-    (False when it cannot be built: a class of one's own, unregistered)."""
-    try:
-        return _comparable(json.loads(_config_text(_rebuilt(npz)))) == mine
-    except ValueError:
-        return False
 
 
 def build_layer(spec):

@@ -33,7 +33,7 @@ from ..checks import check_padding, check_real, is_int
 from ..layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, ConvTranspose2D,
                       Dense, Dropout, Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D,
                       ReLU, Residual, Sigmoid, Softmax, Tanh)
-from ..layers.registry import converter, converters, register_converter
+from ..layers.registry import converters, register_converter
 from ..model import Sequential
 from ..serialization import atomic_write, open_regular
 from .convert import MAX_DEPTH, add_layer, as_sequential, require
@@ -133,7 +133,7 @@ def register(cls, export, ops=(), load=None, join=False):
 
 # -- export: one function per layer type: (graph, layer, input name, layer name) -> output
 def _export_layer(graph, layer, x, name):
-    found = converter("onnx", type(layer))
+    found = converters("onnx").get(type(layer))
     if found is None:
         exportable = sorted(cls.__name__ for cls in converters("onnx"))
         raise TypeError(f"minidl.ext.onnx.export: layer {name} ({type(layer).__name__}) has no "

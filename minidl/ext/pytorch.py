@@ -28,7 +28,7 @@ from types import SimpleNamespace
 from ..layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Concat, Conv2D, ConvTranspose2D,
                       Dense, Dropout, Flatten, GlobalAvgPool2D, Identity, LeakyReLU, MaxPool2D,
                       ReLU, Residual, Sigmoid, Softmax, Tanh)
-from ..layers.registry import converter, converters, register_converter
+from ..layers.registry import converters, register_converter
 from ..model import Sequential
 from .convert import add_layer, as_sequential, check_depth, require
 
@@ -73,7 +73,7 @@ def _torch_sequential(torch, model, prefix):
 
 def _torch_modules(torch, layer, name):
     """[(name suffix, module)] for one layer, from its class's converter."""
-    found = converter("torch", type(layer))
+    found = converters("torch").get(type(layer))
     if found is None:
         raise TypeError(f"minidl.ext.pytorch.to_torch: layer {name} ({type(layer).__name__}) "
                         f"has no PyTorch equivalent")

@@ -34,7 +34,7 @@ from .. import backend
 from ..checks import check_allocation, check_bool, check_pair
 from .base import Layer
 from .registry import register_layer
-from .im2col import conv_output_size, slab, window_offsets
+from .im2col import conv_output_size, slab
 from .parallel import in_pieces
 
 
@@ -52,6 +52,14 @@ class _Pool2D(Layer):
             raise ValueError(f"{name}: padding must be at most half the kernel size, got "
                              f"padding={self.padding} for kernel_size={self.kernel_size}")
         self.ceil_mode = check_bool(ceil_mode, "ceil_mode", name)
+
+    def _offsets(self, in_hw, out_hw):
+        """The offsets (m, l), row-major, that read the input in some window: one that reads
+        only padding adds nothing (-inf to a max, 0 to a sum) and takes no gradient."""
+        live = [[m for m in range(k) if any(p <= i * s + m < p + n for i in range(o))]
+                for n, o, k, s, p in zip(in_hw, out_hw, self.kernel_size, self.stride,
+                                         self.padding)]
+        return [(m, l) for m in live[0] for l in live[1]]
 
     def _write_grad(self, dx_pad, m, l, out_hw, grad):
         """Put ``grad`` into the slab (m, l) of dx_pad: added when an input element can sit
@@ -130,7 +138,7 @@ class MaxPool2D(_Pool2D):
         xp = backend.get_array_module(x)
         out_hw = self.output_shape(x.shape)[2:]
         x_pad = self._pad(x, out_hw, float("-inf"))
-        offsets = window_offsets(self.kernel_size)
+        offsets = self._offsets(x.shape[2:], out_hw)
         y = _empty_in_layout_of(x, x.shape[:2] + out_hw)
 
         def max_over_windows(x_pad, y):
@@ -139,10 +147,9 @@ class MaxPool2D(_Pool2D):
                 xp.maximum(y, slab(x_pad, m, l, self.stride, out_hw), out=y)
         in_pieces(max_over_windows, x_pad, y)                 # channels split over threads
         if x_pad is not x:
-            # The -inf padding has done its job. Backward finds each window's max by
-            # `slab == y`, and with y = -inf (all real elements -inf) a -inf padding
-            # element would claim the gradient first and lose it to the crop. NaN equals
-            # nothing, so as NaN the padding can never claim (PyTorch never reads it).
+            # Backward finds each window's max by `slab == y`. With y = -inf (all real
+            # elements -inf) a -inf padding element would claim the gradient and lose it to
+            # the crop; as NaN, which equals nothing, the padding never claims (as PyTorch).
             (top, left), (h, w) = self.padding, x.shape[2:]
             x_pad[:, :, :top] = x_pad[:, :, top + h:] = float("nan")
             x_pad[:, :, :, :left] = x_pad[:, :, :, left + w:] = float("nan")
@@ -156,7 +163,7 @@ class MaxPool2D(_Pool2D):
         x_pad, y, out_hw = cache["x_pad"], cache["y"], cache["out_hw"]
         xp = backend.get_array_module(dy)
         dx_pad = self._new_dx_pad(x_pad, x_pad.shape, out_hw)
-        offsets = window_offsets(self.kernel_size)
+        offsets = self._offsets(cache["x_shape"][2:], out_hw)
 
         def route_to_first_max(x_pad, y, dy, dx_pad):
             unclaimed = None                         # windows whose max is not found yet
@@ -186,7 +193,7 @@ class MaxPool2D(_Pool2D):
         xp = backend.get_array_module(y)
         n, c, i, j = xp.nonzero(xp.isnan(y))
         (s1, s2), (p1, p2), (h, w) = self.stride, self.padding, x_shape[2:]
-        offsets = window_offsets(self.kernel_size)
+        offsets = self._offsets((h, w), y.shape[2:])
         last_nan = xp.zeros(n.shape, dtype=n.dtype)         # index into offsets
         for k, (m, l) in enumerate(offsets):
             r, q = i * s1 + m, j * s2 + l
@@ -230,7 +237,7 @@ class AvgPool2D(_Pool2D):
         x = self._as_input(x, ndim=4)
         out_hw = self.output_shape(x.shape)[2:]
         x_pad = self._pad(x, out_hw, 0.0)
-        offsets = window_offsets(self.kernel_size)
+        offsets = self._offsets(x.shape[2:], out_hw)
         y = slab(x_pad, *offsets[0], self.stride, out_hw).copy()
         for m, l in offsets[1:]:
             y += slab(x_pad, m, l, self.stride, out_hw)
@@ -246,7 +253,7 @@ class AvgPool2D(_Pool2D):
         out_hw = cache["out_hw"]
         share = dy * cache["scale"]
         dx_pad = self._new_dx_pad(dy, cache["x_pad_shape"], out_hw)
-        for m, l in window_offsets(self.kernel_size):
+        for m, l in self._offsets(cache["x_shape"][2:], out_hw):
             self._write_grad(dx_pad, m, l, out_hw, share)
         return self._crop(dx_pad, cache["x_shape"])
 

@@ -59,11 +59,6 @@ def register_converter(fmt, cls, converter):
     _CONVERTERS.setdefault(fmt, {})[cls] = converter
 
 
-def converter(fmt, cls):
-    """The converter of format ``fmt`` for ``cls``, or None."""
-    return _CONVERTERS.get(fmt, {}).get(cls)
-
-
 def converters(fmt):
     """{layer class: converter} of format ``fmt`` (a copy)."""
     return dict(_CONVERTERS.get(fmt, {}))

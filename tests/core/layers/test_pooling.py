@@ -470,3 +470,25 @@ def test_modes_in_repr_config_and_output_shape():
         minidl.MaxPool2D(2, ceil_mode=1)
     with pytest.raises(TypeError, match="AvgPool2D: count_include_pad must be True or False"):
         minidl.AvgPool2D(2, count_include_pad="no")
+
+
+def test_a_crafted_kernel_visits_only_the_offsets_that_read_the_input():
+    """MaxPool2D(4000, padding=2000) from a crafted config: its one window holds 16
+    million offsets, all but 28 x 28 of them padding; looping over all of them took 19 s
+    per forward of one image (a kernel of 1000 here: a million offsets, the same logic).
+    Skipping those that only ever read padding changes nothing: -inf adds nothing to a
+    max, 0 nothing to a sum, and they take no gradient."""
+    x = numpy.random.default_rng(0).standard_normal((2, 3, 28, 28))
+    big = minidl.MaxPool2D(1000, padding=500, dtype=F64)
+    assert len(big._offsets((28, 28), (1, 1))) == 28 * 28
+    y, dx = run(big, x, numpy.ones((2, 3, 1, 1)))
+    numpy.testing.assert_array_equal(y[..., 0, 0], x.max(axis=(2, 3)))
+    numpy.testing.assert_array_equal(dx, x == x.max(axis=(2, 3), keepdims=True))
+    for include, divisor in ((False, 28 * 28), (True, 1000 * 1000)):
+        mean = minidl.AvgPool2D(1000, padding=500, count_include_pad=include, dtype=F64)
+        y, dx = run(mean, x, numpy.ones((2, 3, 1, 1)))
+        numpy.testing.assert_allclose(y[..., 0, 0], x.sum(axis=(2, 3)) / divisor, rtol=1e-12)
+        numpy.testing.assert_allclose(dx, numpy.full(x.shape, 1 / divisor), rtol=1e-12)
+    # an ordinary pool visits every offset, in row-major order
+    assert minidl.MaxPool2D(3, 2, 1)._offsets((7, 7), (4, 4)) == [
+        (m, l) for m in range(3) for l in range(3)]

@@ -87,12 +87,12 @@ def test_registering_is_checked():
 
 def test_converters_live_beside_the_class():
     from minidl.ext import onnx, pytorch  # importing a bridge registers its converters
-    assert registry.converter("onnx", minidl.Conv2D).ops == ("Conv",)
-    assert registry.converter("torch", minidl.Dense).torch_classes == ("Linear",)
-    assert registry.converter("onnx", Scale) is None
+    assert registry.converters("onnx").get(minidl.Conv2D).ops == ("Conv",)
+    assert registry.converters("torch").get(minidl.Dense).torch_classes == ("Linear",)
+    assert registry.converters("onnx").get(Scale) is None
     onnx.register(Scale, lambda graph, layer, x, name: graph.node("Mul", [x], name))
     try:
-        assert registry.converter("onnx", Scale).export is not None
+        assert registry.converters("onnx").get(Scale).export is not None
     finally:
         del registry._CONVERTERS["onnx"][Scale]
     assert json.dumps(minidl.layers.base.layer_spec(Scale(2)))
