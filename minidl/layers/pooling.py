@@ -24,8 +24,8 @@ the padding (``count_include_pad``, k1 k2 but for ceil_mode's last windows) or t
     y[n, c, i, j] = 1/D[i, j] sum_{m, l} x_pad[n, c, i*s1 + m, j*s2 + l]
     dx_pad[n, c, i*s1 + m, j*s2 + l] += dy[n, c, i, j] / D[i, j]
 
-dx is dx_pad with the padding cropped off. Both loop over the k1*k2 offsets (m, l):
-the slab x_pad[:, :, m::s1, l::s2] (cut to Ho x Wo, ``im2col.slab``) holds element
+dx is dx_pad with the padding cropped off. Both loop over the offsets (m, l) that read
+the input: the slab x_pad[:, :, m::s1, l::s2] (cut to Ho x Wo, ``im2col.slab``) holds element
 (m, l) of every window. On the CPU, channels are split between threads
 (``parallel.in_pieces``); y and dx keep the input's memory order (channels first after
 a Conv2D). docs/performance.md says what each of these choices buys.
