@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import tempfile
-from pathlib import Path
 
 import numpy
 
